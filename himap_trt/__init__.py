@@ -1,0 +1,15 @@
+"""himap-trt: LLaVA-style multimodal LLMs with in-decoder image-token pruning, as a chain of
+ONNX graphs / TensorRT engines driven by a KV-cache runtime.
+
+See ``docs/ARCHITECTURE.md`` for the graph I/O contract and ``../shared/METHODS.md`` (in the
+project's workspace) for the pruning semantics this package implements.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("himap-trt")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,240 @@
+"""The graphs as PyTorch modules: what the torch backend runs and what the ONNX export traces.
+
+Every module's ``forward`` takes its :class:`~himap_trt.graphs.spec.GraphSpec` inputs
+positionally, in spec order, and returns its outputs as a tuple in spec order. The modules share
+their parameters with the Hugging Face model they were built from (no copies).
+
+Decoder-segment data flow (one segment, layers [a, b))::
+
+    hidden_states [B,S,D] ──► layer a ──► ... ──► layer b-1 ──► last_hidden_state [B,S,D]
+    position_ids [B,S] ──► RoPE cos/sin            │            (final segment: norm + lm_head on
+    attention_mask [B,P+S] ──► causal+pad bias     │             the last position -> logits [B,V])
+    past_key_values.{l}.key/value [B,Hkv,P,Dh] ──► concat ──► present.{l}.key/value [B,Hkv,P+S,Dh]
+                                                   └─► query.{b-1} [B,H,S,Dh] (if a stage follows)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from himap_trt.graphs.spec import GraphSpec
+from himap_trt.prompt import TOKEN_IMAGE, TOKEN_INSTRUCTION
+
+_MASKED = torch.finfo(torch.float32).min
+
+
+def attention_bias(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Additive causal + padding bias for queries at the last ``query_length`` cache positions.
+
+    Args:
+        attention_mask: [batch, total] integer, 1 for real tokens, 0 for padding (total = P + S).
+        query_length: S, the number of query positions (the last S of the ``total`` keys).
+
+    Returns:
+        [batch, 1, S, total] float32: 0 where key j is visible to query i (j <= P + i and not
+        padding), the most negative float32 elsewhere (finite, so fully masked padding rows give a
+        uniform softmax instead of NaN).
+    """
+    total = attention_mask.shape[-1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & attention_mask[:, None, :].bool()
+    return torch.where(allowed, 0.0, _MASKED)[:, None]
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [B,3,H,W] -> image_features [B, |V|, D]: CLIP up to the feature layer,
+    feature selection (drop CLS for ``default``), multimodal projector."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        config = llava.config
+        tower = llava.model.vision_tower
+        vision = getattr(tower, "vision_model", tower)  # transformers < 5.x nests the transformer
+        layer = config.vision_feature_layer
+        used = layer if layer >= 0 else len(vision.encoder.layers) + 1 + layer
+        self.embeddings = vision.embeddings
+        self.pre_layrnorm = vision.pre_layrnorm
+        self.layers = nn.ModuleList(vision.encoder.layers[:used])
+        self.projector = llava.model.multi_modal_projector
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=None)
+        if self.drop_cls:
+            hidden = hidden[:, 1:]
+        return (self.projector(hidden),)
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids [B,S] int64 -> inputs_embeds [B,S,D]."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.embed_tokens = llava.model.language_model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.embed_tokens(input_ids),)
+
+
+class DecoderSegment(nn.Module):
+    """Decoder layers [start, end) with an explicit KV cache (see the module diagram).
+
+    Attention is computed here (not by transformers' attention dispatch) so that the graph is the
+    same on every backend: scores in the model dtype, bias and softmax in float32 (as transformers'
+    eager attention), grouped-query heads repeated with ``repeat_kv``.
+    """
+
+    def __init__(self, llava: nn.Module, start: int, end: int, *, final: bool, emit_query: bool):
+        super().__init__()
+        lm = llava.model.language_model
+        self.layers = nn.ModuleList(lm.layers[start:end])
+        self.rotary_emb = lm.rotary_emb
+        self.final = final
+        self.emit_query = emit_query
+        if final:
+            self.norm = lm.norm
+            self.lm_head = llava.lm_head
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, seq, _ = hidden_states.shape
+        cos, sin = self.rotary_emb(hidden_states, position_ids)
+        bias = attention_bias(attention_mask, seq)
+        presents: list[torch.Tensor] = []
+        query = hidden_states
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden_states)
+            shape = (batch, seq, -1, attn.head_dim)
+            query = attn.q_proj(x).view(shape).transpose(1, 2)          # [B,H,S,Dh]
+            key = attn.k_proj(x).view(shape).transpose(1, 2)            # [B,Hkv,S,Dh]
+            value = attn.v_proj(x).view(shape).transpose(1, 2)          # [B,Hkv,S,Dh]
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            key = torch.cat([past_key_values[2 * i], key], dim=2)       # [B,Hkv,P+S,Dh]
+            value = torch.cat([past_key_values[2 * i + 1], value], dim=2)
+            presents += [key, value]
+            groups = attn.num_key_value_groups
+            scores = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * attn.scaling
+            probs = torch.softmax(scores.float() + bias, dim=-1).to(value.dtype)   # [B,H,S,P+S]
+            out = torch.matmul(probs, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, seq, -1)
+            hidden_states = hidden_states + attn.o_proj(out)
+            hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+        if self.final:
+            first = (self.lm_head(self.norm(hidden_states[:, -1])),)     # [B,V]
+        else:
+            first = (hidden_states,)
+        extra = (query,) if self.emit_query else ()
+        return (*first, *presents, *extra)
+
+
+def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor,
+                 token_type_ids: torch.Tensor, criterion: str, scaling: float) -> torch.Tensor:
+    """Score every position by a stage's criterion (METHODS.md; HiMAP Eq. 8/9, FastV).
+
+    ``A = softmax(Q K^T * scaling + causal/padding bias)`` over *all* keys, averaged over heads
+    (``Ā``, [B,S,S]); then ``score(v) = sum_{i in rows} Ā[i, v]`` with rows = instruction tokens
+    (``img2txt``), image tokens (``img2img``) or the last position (``last_row``). Computed in
+    float32 whatever the input dtype.
+
+    Args:
+        query: [B,H,S,Dh] query states of layer K-1 after RoPE.
+        key: [B,Hkv,S,Dh] key states of layer K-1 after RoPE (its present at prefill).
+        attention_mask: [B,S] int64 padding mask.
+        token_type_ids: [B,S] int64 (``himap_trt.prompt.TOKEN_*``).
+        criterion: ``img2txt`` | ``img2img`` | ``last_row``.
+        scaling: the attention scale, 1/sqrt(Dh).
+
+    Returns:
+        [B,S] float32 scores (meaningful at image positions only).
+    """
+    if criterion == "last_row":
+        query = query[:, :, -1:]                                            # only the last row is needed
+    q_len = query.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query.float(), repeat_kv(key.float(), groups).transpose(2, 3)) * scaling
+    probs = torch.softmax(scores + attention_bias(attention_mask, q_len), dim=-1)   # [B,H,q,S]
+    mean = probs.mean(dim=1)                                                # [B,q,S]
+    if criterion == "last_row":
+        return mean[:, 0]
+    row_type = TOKEN_INSTRUCTION if criterion == "img2txt" else TOKEN_IMAGE
+    rows = (token_type_ids == row_type).float()                             # [B,S]
+    return torch.matmul(rows[:, None, :], mean)[:, 0]                       # [B,S]
+
+
+def kept_indices(scores: torch.Tensor, token_type_ids: torch.Tensor, keep: int, drop: int) -> torch.Tensor:
+    """Indices of the positions that survive a stage, ascending.
+
+    Every non-image position survives, plus the ``keep`` image positions of highest score. Ties
+    are broken deterministically: higher score first, then lower index (METHODS.md). Built from
+    comparisons, cumulative sums and reductions only (no TopK), so every backend agrees.
+
+    Args:
+        scores: [B,S] float32 (see :func:`stage_scores`), >= 0 at image positions.
+        token_type_ids: [B,S] int64; each row holds ``keep + drop`` image positions.
+        keep: image tokens kept.
+        drop: image tokens dropped; the output length is ``S - drop``.
+
+    Returns:
+        [B, S - drop] int64, sorted ascending per row.
+    """
+    seq = scores.shape[1]
+    image = token_type_ids == TOKEN_IMAGE
+    score = torch.where(image, scores, -1.0)                          # non-image positions never win
+    index = torch.arange(seq, device=scores.device)
+    beats = score[:, None, :] > score[:, :, None]                     # [B,v,u]: u outranks v
+    ties = (score[:, None, :] == score[:, :, None]) & (index[None, :] < index[:, None])[None]
+    rank = (beats | ties).sum(-1)                                     # [B,S]: 0 for the best
+    survives = ~image | (rank < keep)
+    cumulative = survives.long().cumsum(-1)                           # [B,S]
+    slots = torch.arange(seq - drop, device=scores.device)            # [S']
+    # The (t+1)-th survivor sits at the number of positions whose running count is still <= t.
+    return (cumulative[:, None, :] <= slots[None, :, None]).sum(-1)  # [B,S']
+
+
+class StageScorer(nn.Module):
+    """A scoring graph: criterion scores of layer K-1, top ``keep`` image tokens, gather.
+
+    Inputs (spec order): ``query.{K-1}`` [B,H,S,Dh], ``present.{K-1}.key`` [B,Hkv,S,Dh],
+    attention_mask [B,S], token_type_ids [B,S], hidden_states [B,S,D], position_ids [B,S].
+    Outputs: kept_indices [B,S'] and the kept hidden states, position ids (original, not
+    renumbered), attention mask and token types, S' = S - (entering - keep).
+    """
+
+    def __init__(self, criterion: str, keep: int, entering: int, scaling: float):
+        super().__init__()
+        self.criterion, self.keep, self.drop, self.scaling = criterion, keep, entering - keep, scaling
+
+    def forward(self, query, key, attention_mask, token_type_ids, hidden_states, position_ids):
+        scores = stage_scores(query, key, attention_mask, token_type_ids, self.criterion, self.scaling)
+        index = kept_indices(scores, token_type_ids, self.keep, self.drop)
+        gathered = torch.gather(hidden_states, 1, index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
+        return (
+            index,
+            gathered,
+            torch.gather(position_ids, 1, index),
+            torch.gather(attention_mask, 1, index),
+            torch.gather(token_type_ids, 1, index),
+        )
+
+
+def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
+    """The torch module implementing ``spec`` on the parameters of ``llava`` (in eval mode)."""
+    if spec.kind == "vision":
+        module = VisionEncoder(llava)
+    elif spec.kind == "embed":
+        module = TokenEmbedding(llava)
+    elif spec.kind == "segment":
+        start, end = spec.layers
+        module = DecoderSegment(llava, start, end, final=spec.attrs["final"],
+                                emit_query=not spec.attrs["final"])
+    elif spec.kind == "scoring":
+        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
+        module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling)
+    else:
+        raise ValueError(f"unknown graph kind {spec.kind!r}")
+    return module.eval()

@@ -1,0 +1,204 @@
+"""The pruning plan: which image tokens survive where in the decoder.
+
+A plan is an ordered list of stages ``(layer K, criterion, keep)`` (METHODS.md, "A pruning
+stage"). Stage j's scores come from the head-mean attention of layer ``K_j - 1``; layers
+``K_j .. K_{j+1}-1`` then run on the shortened sequence. The stages split the decoder into
+``len(stages) + 1`` *segments*, each exported as one graph with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from himap_trt.errors import HimapError
+
+Criterion = Literal["img2txt", "img2img", "last_row"]
+Method = Literal["himap", "fastv", "none"]
+
+METHODS: tuple[str, ...] = ("himap", "fastv", "none")
+CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row")
+
+#: CLI defaults (HiMAP paper Sec. 5.1, short-answer QA; FastV K=2 R=50% for 7B).
+DEFAULT_K1, DEFAULT_R1, DEFAULT_K2, DEFAULT_R2 = 2, 0.5, 8, 0.75
+DEFAULT_K, DEFAULT_R = 2, 0.5
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning stage.
+
+    Attributes:
+        layer: K, the first decoder layer that runs on the shortened sequence (1 <= K <= L-1).
+            Scores come from the attention of layer K-1.
+        criterion: ``img2txt`` (HiMAP Eq. 8: attention all instruction tokens pay to each image
+            token), ``img2img`` (HiMAP Eq. 9: attention the surviving image tokens pay to each
+            other), ``last_row`` (FastV: attention the last prompt token pays).
+        keep: image tokens kept after this stage (tokens).
+        ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
+            the stage that is dropped), kept for display.
+    """
+
+    layer: int
+    criterion: Criterion
+    keep: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """A method as an ordered list of stages, for a decoder of ``num_layers`` layers.
+
+    Attributes:
+        method: ``himap``, ``fastv`` or ``none``.
+        num_layers: L, decoder layers of the model (tokens of the plan are tied to it).
+        num_image_tokens: |V|, image tokens per prompt before pruning (576 for LLaVA-1.5).
+        stages: the stages in layer order (empty for ``none``).
+    """
+
+    method: Method
+    num_layers: int
+    num_image_tokens: int
+    stages: tuple[Stage, ...] = ()
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """Decoder layer ranges ``[start, end)`` of the segments, in order (len(stages) + 1)."""
+        bounds = [0, *(s.layer for s in self.stages), self.num_layers]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    @property
+    def image_tokens_per_segment(self) -> list[int]:
+        """Image tokens each segment sees (tokens): |V|, then each stage's keep count."""
+        return [self.num_image_tokens, *(s.keep for s in self.stages)]
+
+    def describe(self) -> str:
+        """One human-readable line, e.g. ``himap: K1=2 keep 288/576 (img2txt), K2=8 keep 72 (img2img)``."""
+        if not self.stages:
+            return f"{self.method}: no pruning, {self.num_image_tokens} image tokens in all {self.num_layers} layers"
+        parts = []
+        entering = self.num_image_tokens
+        for i, s in enumerate(self.stages, 1):
+            name = "K" if len(self.stages) == 1 else f"K{i}"
+            parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({s.criterion})")
+            entering = s.keep
+        return f"{self.method}: " + ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (see :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            HimapError: if ``data`` is not a valid plan (the plan is re-validated).
+        """
+        try:
+            stages = tuple(Stage(**s) for s in data["stages"])
+            plan = cls(
+                method=data["method"],
+                num_layers=int(data["num_layers"]),
+                num_image_tokens=int(data["num_image_tokens"]),
+                stages=stages,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HimapError(f"invalid pruning plan {data!r}: {exc}") from None
+        validate_plan(plan)
+        return plan
+
+
+def keep_count(ratio: float, tokens: int) -> int:
+    """Image tokens kept when a fraction ``ratio`` of ``tokens`` is dropped.
+
+    ``round((1 - R) * n)`` with halves rounded up (METHODS.md: HiMAP keeps 288 then 72 of 576 with
+    R1=0.5, R2=0.75, the absolute counts the reference scripts pass).
+    """
+    return math.floor((1.0 - ratio) * tokens + 0.5)
+
+
+def _check_ratio(flag: str, ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise HimapError(f"{flag} must be in [0, 1) (a fraction of image tokens to drop), got {ratio}")
+
+
+def _check_layer(flag: str, layer: int, num_layers: int) -> None:
+    if not 1 <= layer <= num_layers - 1:
+        raise HimapError(
+            f"{flag} must be between 1 and {num_layers - 1} (the model has {num_layers} decoder layers), got {layer}"
+        )
+
+
+def _stage(flag_k: str, flag_r: str, layer: int, ratio: float, criterion: Criterion, entering: int,
+           num_layers: int) -> Stage:
+    _check_layer(flag_k, layer, num_layers)
+    _check_ratio(flag_r, ratio)
+    keep = keep_count(ratio, entering)
+    if keep < 1:
+        raise HimapError(f"{flag_r} {ratio} keeps {keep} of {entering} image tokens; it must keep at least one")
+    if keep > entering:
+        raise HimapError(f"{flag_r} {ratio} keeps {keep} image tokens, more than the {entering} there are")
+    return Stage(layer=layer, criterion=criterion, keep=keep, ratio=float(ratio))
+
+
+def build_plan(
+    method: str,
+    *,
+    num_layers: int,
+    num_image_tokens: int,
+    k1: int = DEFAULT_K1,
+    r1: float = DEFAULT_R1,
+    k2: int = DEFAULT_K2,
+    r2: float = DEFAULT_R2,
+    k: int = DEFAULT_K,
+    r: float = DEFAULT_R,
+) -> PruningPlan:
+    """Build and validate a plan from the CLI options.
+
+    Args:
+        method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r) or ``none``.
+        num_layers: L, decoder layers of the target model.
+        num_image_tokens: |V|, image tokens per prompt of the target model.
+
+    Returns:
+        The plan; HiMAP keeps ``n1 = round((1-r1)|V|)`` then ``n2 = round((1-r2) n1)`` (METHODS.md).
+
+    Raises:
+        HimapError: naming the flag, for K2 <= K1, K outside [1, L-1], a ratio outside [0, 1),
+            or a keep count that rounds to 0.
+    """
+    if method not in METHODS:
+        raise HimapError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if num_image_tokens < 1:
+        raise HimapError(f"the model has {num_image_tokens} image tokens per prompt; pruning needs at least one")
+    if method == "none":
+        return PruningPlan("none", num_layers, num_image_tokens, ())
+    if method == "fastv":
+        stage = _stage("--k", "--r", k, r, "last_row", num_image_tokens, num_layers)
+        return PruningPlan("fastv", num_layers, num_image_tokens, (stage,))
+    first = _stage("--k1", "--r1", k1, r1, "img2txt", num_image_tokens, num_layers)
+    if k2 <= k1:
+        raise HimapError(f"--k2 must be greater than --k1 (got --k1 {k1}, --k2 {k2})")
+    second = _stage("--k2", "--r2", k2, r2, "img2img", first.keep, num_layers)
+    return PruningPlan("himap", num_layers, num_image_tokens, (first, second))
+
+
+def validate_plan(plan: PruningPlan) -> None:
+    """Check a plan built elsewhere (e.g. read from a manifest).
+
+    Raises:
+        HimapError: if the stages are out of order, out of range, or keep counts grow or reach 0.
+    """
+    if plan.method not in METHODS:
+        raise HimapError(f"unknown method {plan.method!r} (expected one of {', '.join(METHODS)})")
+    entering, previous = plan.num_image_tokens, 0
+    for s in plan.stages:
+        if s.criterion not in CRITERIA:
+            raise HimapError(f"unknown criterion {s.criterion!r} (expected one of {', '.join(CRITERIA)})")
+        if not previous < s.layer <= plan.num_layers - 1:
+            raise HimapError(f"stage layers must increase within [1, {plan.num_layers - 1}], got {s.layer}")
+        if not 1 <= s.keep <= entering:
+            raise HimapError(f"a stage keeps {s.keep} image tokens of {entering}; expected 1..{entering}")
+        entering, previous = s.keep, s.layer

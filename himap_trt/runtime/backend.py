@@ -1,0 +1,102 @@
+"""The backend interface: one object runs one graph.
+
+Backends exchange ``torch.Tensor`` objects with the pipeline (on CPU for ONNX Runtime's CPU
+provider, on the GPU for CUDA backends), so the pipeline never copies between host and device
+itself. A backend is a context manager; ``close`` releases its session / engine / memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from himap_trt.graphs.spec import GraphSpec, TensorSpec
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs one graph of the chain.
+
+    Attributes:
+        spec: the graph's declaration (name, inputs, outputs).
+    """
+
+    spec: GraphSpec
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The graph's inputs (names, dtypes, symbolic shapes), in spec order."""
+        ...
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """The graph's outputs, in spec order."""
+        ...
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the graph once.
+
+        Args:
+            feeds: one tensor per input name, on the backend's device, in the spec's dtype.
+
+        Returns:
+            One tensor per output name. The caller owns them (they are not overwritten by the next
+            call).
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the backend's resources; ``run`` must not be called afterwards."""
+        ...
+
+
+class BackendBase:
+    """Shared plumbing: spec-derived ``inputs``/``outputs`` and the context-manager protocol."""
+
+    spec: GraphSpec
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.spec.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.spec.outputs
+
+    def close(self) -> None:  # pragma: no cover - overridden where there is something to release
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TorchBackend(BackendBase):
+    """Runs a graph's PyTorch module (:func:`himap_trt.graphs.modules.build_module`) in inference mode.
+
+    This is the PyTorch reference of the pipeline, on CPU or CUDA in any dtype the model was
+    loaded in.
+    """
+
+    def __init__(self, spec: GraphSpec, module: torch.nn.Module):
+        self.spec = spec
+        self.module = module
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            results = self.module(*(feeds[name] for name in self.spec.input_names))
+        return dict(zip(self.spec.output_names, results))
+
+    def close(self) -> None:
+        self.module = None
+
+
+def torch_backends(llava: torch.nn.Module, specs: list[GraphSpec]) -> dict[str, TorchBackend]:
+    """One :class:`TorchBackend` per spec, sharing ``llava``'s parameters."""
+    from himap_trt.graphs.modules import build_module
+
+    return {spec.name: TorchBackend(spec, build_module(llava, spec)) for spec in specs}

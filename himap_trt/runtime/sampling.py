@@ -1,0 +1,85 @@
+"""Choosing the next token: greedy, or sampled with temperature / top-k / top-p and a seed.
+
+The logits warpers are transformers' own (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``TopPLogitsWarper``), applied in that order, as ``model.generate`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from himap_trt.errors import HimapError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate.
+
+    Attributes:
+        max_new_tokens: most tokens generated per prompt (tokens).
+        temperature: 0 for greedy decoding; > 0 samples from softmax(logits / temperature).
+        top_k: keep the k most likely tokens before sampling (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches top_p (1.0: all).
+        seed: seed of the sampling generator (None: nondeterministic).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise HimapError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise HimapError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise HimapError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise HimapError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+class TokenChooser:
+    """Picks next tokens from logits according to a :class:`GenerationConfig`."""
+
+    def __init__(self, config: GenerationConfig, device: torch.device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.config = config
+        self.warpers = []
+        if config.do_sample:
+            self.warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                self.warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(config.top_p))
+        self.generator = torch.Generator(device=device)
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next tokens.
+
+        Args:
+            logits: [batch, vocab], any float dtype (computed on in float32).
+            input_ids: [batch, tokens] so far (only some warpers look at it).
+
+        Returns:
+            [batch] int64 token ids.
+        """
+        logits = logits.float()
+        if not self.config.do_sample:
+            return logits.argmax(dim=-1)
+        for warper in self.warpers:
+            logits = warper(input_ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]

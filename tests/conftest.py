@@ -1,0 +1,80 @@
+"""Shared fixtures: built-in tiny models in a per-session cache, the sample photo, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Built-in models are written under HIMAP_TRT_CACHE; give the test session its own, so tests
+# exercise the build-on-first-use path and never depend on a user's cache. CLI subprocesses inherit it.
+os.environ.setdefault("HIMAP_TRT_CACHE", tempfile.mkdtemp(prefix="himap-trt-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _gpu_skip_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU; none is visible to torch on this machine"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "needs TensorRT; the 'tensorrt' Python package is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def photo_path() -> Path:
+    """A real photo shipped with matplotlib (Grace Hopper, 512x600 JPEG)."""
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture(scope="session")
+def photo(photo_path):
+    from himap_trt.prompt import load_image
+
+    return load_image(photo_path)
+
+
+_MODELS: dict[str, object] = {}
+
+
+def tiny(name: str):
+    """A loaded built-in model (cached for the session), eager attention for attention read-outs."""
+    if name not in _MODELS:
+        from himap_trt.models import load_model
+
+        _MODELS[name] = load_model(name)
+    return _MODELS[name]
+
+
+@pytest.fixture(scope="session", params=["tiny", "tiny-gqa"])
+def tiny_model(request):
+    """Each built-in tiny configuration: multi-head and grouped-query attention."""
+    return tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def requests_3(photo):
+    """Three (image, question) pairs with different question lengths (a padded batch)."""
+    return (
+        [photo, photo.rotate(90), photo.convert("L")],
+        ["What is shown?", "Describe the person in this photo in detail, please.", "Who?"],
+    )

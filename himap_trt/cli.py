@@ -132,6 +132,248 @@ def flops(
     out.print(table)
 
 
+# -- export ---------------------------------------------------------------------------------------
+def _progress():
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=False)
+
+
+@app.command()
+@user_errors
+def export(
+    model: ModelOpt = "llava-hf/llava-1.5-7b-hf",
+    method: MethodOpt = "himap",
+    k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
+    k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
+    dtype: Annotated[str, typer.Option("--dtype", help="Graph precision: fp32, fp16 or bf16 (TensorRT builds "
+                                                       "strongly typed networks from it).")] = "fp32",
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles "
+                              "[default: the model's positions, at most 2048].")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20.")] = 18,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate",
+                                           help="Compare every graph with PyTorch in ONNX Runtime after export.")] = True,
+    as_json: JsonOpt = False,
+):
+    """Export a LLaVA checkpoint as a chain of ONNX graphs for a pruning plan.
+
+    Writes vision.onnx, embed.onnx, one segment_<j>.onnx per decoder segment of the plan (each with
+    KV-cache inputs/outputs and dynamic sequence length), one scoring_<j>.onnx per pruning stage, the
+    processor and manifest.json. A failed export leaves an existing export at --out untouched.
+    """
+    from himap_trt.export import ExportOptions, export_model
+    from himap_trt.models import load_model
+    from himap_trt.models.loading import DTYPES, canonical_dtype
+
+    options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
+                            validate=validate)
+    err.print(f"loading {model} ({options.dtype})")
+    loaded = load_model(model, dtype=DTYPES[options.dtype])
+    plan = _plan(loaded.model.config, method, k1, r1, k2, r2, k, r)
+    err.print(f"plan: {plan.describe()}")
+    with _progress() as progress:
+        task = progress.add_task("export", total=None)
+
+        def report(text: str, done: int, total: int) -> None:
+            progress.update(task, description=text, completed=done, total=total)
+
+        manifest, checks = export_model(loaded, plan, options, progress=report)
+        progress.update(task, description="export complete", completed=progress.tasks[0].total)
+    files = sorted(p for p in out_dir.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    if as_json:
+        print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
+                          "checks": [c.__dict__ for c in checks]}, indent=2))
+        return
+    _print_checks(checks)
+    out.print(f"exported {len(manifest.graphs)} graphs to {out_dir}/ ({size / 1e6:.1f} MB): "
+              + ", ".join(p.name for p in files if p.suffix == ".onnx"))
+
+
+def _print_checks(checks) -> None:
+    if not checks:
+        out.print("validation skipped (--no-validate)")
+        return
+    from rich.table import Table
+
+    table = Table(title="validation against PyTorch (ONNX Runtime)", title_justify="left")
+    for column in ("graph", "phase", "outputs", "worst output", "max abs diff", "status"):
+        table.add_column(column, justify="right" if column in ("outputs", "max abs diff") else "left")
+    groups: dict[tuple[str, str], list] = {}
+    for check in checks:
+        groups.setdefault((check.graph, check.phase), []).append(check)
+    for (graph, phase), items in groups.items():
+        worst = max(items, key=lambda c: c.max_abs_diff)
+        status = "ok" if all(c.ok for c in items) else "[red]FAIL[/]"
+        table.add_row(graph, phase, str(len(items)), worst.output, f"{worst.max_abs_diff:.2e}", status)
+    out.print(table)
+
+
+# -- run --------------------------------------------------------------------------------------------
+def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
+    """(image paths, questions) from the arguments or a JSONL file."""
+    if batch is not None:
+        if image is not None or question is not None:
+            raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
+        if not batch.is_file():
+            raise HimapError(f"--batch file {str(batch)!r} does not exist")
+        images, questions = [], []
+        for number, line in enumerate(batch.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                path, text = item["image"], item["question"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise HimapError(f"{batch}:{number}: expected a JSON object with \"image\" and \"question\"") from None
+            path = Path(path)
+            images.append(path if path.is_absolute() else batch.parent / path)
+            questions.append(str(text))
+        if not images:
+            raise HimapError(f"--batch file {str(batch)!r} holds no requests")
+        return images, questions
+    if image is None or question is None:
+        raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
+    return [image], [question]
+
+
+@app.command()
+@user_errors
+def run(
+    image: Annotated[Optional[Path], typer.Argument(help="Image file (JPEG, PNG, ...).", show_default=False)] = None,
+    question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
+    batch: Annotated[Optional[Path], typer.Option(
+        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
+                        "padded batch (relative paths are relative to the file).")] = None,
+    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")] = Path("export"),
+    engines_dir: Annotated[Optional[Path], typer.Option(
+        "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")] = None,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime), "
+                          "onnxruntime, tensorrt, or torch (the PyTorch reference).")] = "auto",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="With --backend torch: run the reference straight from this checkpoint (no export).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda for the torch / onnxruntime backends.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="With --model: fp32, fp16 or bf16.")] = "fp32",
+    method: Annotated[Optional[str], typer.Option("--method", help="Expected plan (checked against the export): "
+                                                                   "himap, fastv or none.", show_default=False)] = None,
+    k1: Annotated[Optional[int], typer.Option("--k1", show_default=False, help="Expected HiMAP K1.")] = None,
+    r1: Annotated[Optional[float], typer.Option("--r1", show_default=False, help="Expected HiMAP R1.")] = None,
+    k2: Annotated[Optional[int], typer.Option("--k2", show_default=False, help="Expected HiMAP K2.")] = None,
+    r2: Annotated[Optional[float], typer.Option("--r2", show_default=False, help="Expected HiMAP R2.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", show_default=False, help="Expected FastV K.")] = None,
+    r: Annotated[Optional[float], typer.Option("--r", show_default=False, help="Expected FastV R.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
+                                                                      "(one request, no --json).")] = True,
+    as_json: JsonOpt = False,
+):
+    """Answer a question about an image with the exported pipeline.
+
+    Prints the answer, the image tokens kept by each pruning stage, TTFT, TPOT, tokens/s and the
+    KV-cache size. --json prints everything (and the kept tokens' positions) as JSON.
+    """
+    import time
+
+    from himap_trt.prompt import load_image
+    from himap_trt.runtime.loader import open_pipeline
+    from himap_trt.runtime.sampling import GenerationConfig
+
+    paths, questions = _requests(image, question, batch)
+    for q in questions:
+        if not q.strip():
+            raise HimapError("the question is empty; pass a non-empty question")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed)
+    images = [load_image(p) for p in paths]
+    requested = None
+    if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):
+        from himap_trt.plan import build_plan
+
+        def requested(num_layers: int, num_image_tokens: int):
+            return build_plan(method or "himap", num_layers=num_layers, num_image_tokens=num_image_tokens,
+                              k1=DEFAULT_K1 if k1 is None else k1, r1=DEFAULT_R1 if r1 is None else r1,
+                              k2=DEFAULT_K2 if k2 is None else k2, r2=DEFAULT_R2 if r2 is None else r2,
+                              k=DEFAULT_K if k is None else k, r=DEFAULT_R if r is None else r)
+
+    opened = open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
+                           engines_dir=engines_dir, device=device, dtype=dtype)
+    pipeline = opened.pipeline
+    try:
+        started = time.perf_counter()
+        prepared = pipeline.prepare(images, questions)
+        preprocess_s = time.perf_counter() - started
+        streamer = None
+        streaming = stream and not as_json and len(images) == 1
+        if streaming:
+            from transformers import TextStreamer
+
+            out.print("[bold]answer:[/] ", end="")
+            streamer = TextStreamer(pipeline.processor.tokenizer, skip_special_tokens=True)
+        result = pipeline.generate(prepared, config, streamer=streamer, preprocess_s=preprocess_s)
+    finally:
+        pipeline.close()
+    report = _run_report(opened, paths, questions, result)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if not streaming:
+        for i, request in enumerate(report["requests"]):
+            prefix = f"[{i}] " if len(report["requests"]) > 1 else ""
+            out.print(f"[bold]{prefix}answer:[/] {request['answer']}")
+    _print_run_stats(report)
+
+
+def _run_report(opened, paths, questions, result) -> dict:
+    plan = opened.pipeline.plan
+    requests = []
+    for row, (path, question) in enumerate(zip(paths, questions)):
+        kept_positions = [stage.kept_image_positions[row] for stage in result.stages]
+        requests.append({
+            "image": str(path), "question": question, "answer": result.texts[row], "tokens": result.tokens[row],
+            "finish_reason": result.finish_reasons[row], "prompt_tokens": result.prompt_tokens[row],
+            "new_tokens": len(result.tokens[row]),
+            "image_tokens_per_segment": result.image_tokens_per_segment,
+            "kept_image_positions": kept_positions,
+        })
+    return {
+        "backend": opened.backend, "device": opened.device, "model": opened.source, "plan": plan.to_dict(),
+        "plan_description": plan.describe(), "segments": [list(s) for s in plan.segments],
+        "requests": requests,
+        "stats": {"batch_size": len(requests), "ttft_s": result.ttft_s, "tpot_s": result.tpot_s,
+                  "tokens_per_s": result.tokens_per_s, "kv_cache_bytes": result.kv_cache_bytes,
+                  "timings_s": result.timings},
+    }
+
+
+def _print_run_stats(report: dict) -> None:
+    from rich.table import Table
+
+    stats = report["stats"]
+    first = report["requests"][0]
+    segments = report["segments"]
+    kept = " -> ".join(f"{n} (layers {a}-{b - 1})" for n, (a, b) in zip(first["image_tokens_per_segment"], segments))
+    table = Table(show_header=False, title=f"{report['backend']} on {report['device']}: {report['plan_description']}",
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("image tokens per segment", kept)
+    table.add_row("prompt tokens", ", ".join(str(r["prompt_tokens"]) for r in report["requests"]))
+    table.add_row("new tokens", ", ".join(f"{r['new_tokens']} ({r['finish_reason']})" for r in report["requests"]))
+    table.add_row("TTFT", f"{stats['ttft_s'] * 1e3:.1f} ms")
+    table.add_row("TPOT", f"{stats['tpot_s'] * 1e3:.1f} ms")
+    table.add_row("tokens/s", f"{stats['tokens_per_s']:.1f}")
+    table.add_row("KV cache", f"{stats['kv_cache_bytes'] / 1e6:.2f} MB ({stats['batch_size']} request(s))")
+    out.print(table)
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

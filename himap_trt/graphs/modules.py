@@ -81,13 +81,65 @@ class TokenEmbedding(nn.Module):
         return (self.embed_tokens(input_ids),)
 
 
-class DecoderSegment(nn.Module):
-    """Decoder layers [start, end) with an explicit KV cache (see the module diagram).
+def rope_and_bias(rotary_emb: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of a segment shares: RoPE tables and the attention bias.
 
-    Attention is computed here (not by transformers' attention dispatch) so that the graph is the
-    same on every backend: scores in the model dtype, bias and softmax in float32 (as transformers'
-    eager attention), grouped-query heads repeated with ``repeat_kv``.
+    Args:
+        rotary_emb: the decoder's rotary embedding module.
+        hidden_states: [B,S,D] (for its dtype and S).
+        position_ids: [B,S] int64 RoPE positions.
+        attention_mask: [B,P+S] int64 padding mask of cache + new tokens.
+
+    Returns:
+        cos, sin: [B,S,Dh] in the hidden dtype; bias: [B,1,S,P+S] float32 (:func:`attention_bias`).
     """
+    cos, sin = rotary_emb(hidden_states, position_ids)
+    return cos, sin, attention_bias(attention_mask, hidden_states.shape[1])
+
+
+def decoder_layer(layer: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  bias: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor):
+    """One Llama decoder layer with an explicit KV cache, on a transformers ``LlamaDecoderLayer``'s weights.
+
+    Attention is computed here (not through transformers' attention dispatch) so the graph is the
+    same on every backend: scores in the model dtype, bias and softmax in float32 (as
+    transformers' eager attention), grouped-query heads repeated with ``repeat_kv``.
+
+    Args:
+        hidden_states: [B,S,D]. cos, sin: [B,S,Dh]. bias: [B,1,S,P+S] float32.
+        past_key, past_value: [B,Hkv,P,Dh].
+
+    Returns:
+        hidden_states [B,S,D], present_key and present_value [B,Hkv,P+S,Dh], query [B,H,S,Dh]
+        (after RoPE; what a scoring graph needs).
+    """
+    attn = layer.self_attn
+    batch, seq, _ = hidden_states.shape
+    x = layer.input_layernorm(hidden_states)
+    shape = (batch, seq, -1, attn.head_dim)
+    query = attn.q_proj(x).view(shape).transpose(1, 2)          # [B,H,S,Dh]
+    key = attn.k_proj(x).view(shape).transpose(1, 2)            # [B,Hkv,S,Dh]
+    value = attn.v_proj(x).view(shape).transpose(1, 2)          # [B,Hkv,S,Dh]
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    key = torch.cat([past_key, key], dim=2)                     # [B,Hkv,P+S,Dh]
+    value = torch.cat([past_value, value], dim=2)
+    groups = attn.num_key_value_groups
+    scores = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * attn.scaling
+    probs = torch.softmax(scores.float() + bias, dim=-1).to(value.dtype)   # [B,H,S,P+S]
+    out = torch.matmul(probs, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, seq, -1)
+    hidden_states = hidden_states + attn.o_proj(out)
+    hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+    return hidden_states, key, value, query
+
+
+def last_token_logits(norm: nn.Module, lm_head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Final norm and lm_head on the last position: [B,S,D] -> logits [B,V]."""
+    return lm_head(norm(hidden_states[:, -1]))
+
+
+class DecoderSegment(nn.Module):
+    """Decoder layers [start, end) with an explicit KV cache (see the module diagram)."""
 
     def __init__(self, llava: nn.Module, start: int, end: int, *, final: bool, emit_query: bool):
         super().__init__()
@@ -102,34 +154,63 @@ class DecoderSegment(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch, seq, _ = hidden_states.shape
-        cos, sin = self.rotary_emb(hidden_states, position_ids)
-        bias = attention_bias(attention_mask, seq)
+        cos, sin, bias = rope_and_bias(self.rotary_emb, hidden_states, position_ids, attention_mask)
         presents: list[torch.Tensor] = []
         query = hidden_states
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden_states)
-            shape = (batch, seq, -1, attn.head_dim)
-            query = attn.q_proj(x).view(shape).transpose(1, 2)          # [B,H,S,Dh]
-            key = attn.k_proj(x).view(shape).transpose(1, 2)            # [B,Hkv,S,Dh]
-            value = attn.v_proj(x).view(shape).transpose(1, 2)          # [B,Hkv,S,Dh]
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            key = torch.cat([past_key_values[2 * i], key], dim=2)       # [B,Hkv,P+S,Dh]
-            value = torch.cat([past_key_values[2 * i + 1], value], dim=2)
+            hidden_states, key, value, query = decoder_layer(
+                layer, hidden_states, cos, sin, bias, past_key_values[2 * i], past_key_values[2 * i + 1])
             presents += [key, value]
-            groups = attn.num_key_value_groups
-            scores = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * attn.scaling
-            probs = torch.softmax(scores.float() + bias, dim=-1).to(value.dtype)   # [B,H,S,P+S]
-            out = torch.matmul(probs, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, seq, -1)
-            hidden_states = hidden_states + attn.o_proj(out)
-            hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
-        if self.final:
-            first = (self.lm_head(self.norm(hidden_states[:, -1])),)     # [B,V]
-        else:
-            first = (hidden_states,)
+        first = last_token_logits(self.norm, self.lm_head, hidden_states) if self.final else hidden_states
         extra = (query,) if self.emit_query else ()
-        return (*first, *presents, *extra)
+        return (first, *presents, *extra)
+
+
+# -- the pieces a segment graph is composed from at export (see himap_trt/export/compose.py) --------
+class SegmentPrelude(nn.Module):
+    """(hidden_states, position_ids, attention_mask) -> (cos, sin, bias): :func:`rope_and_bias`."""
+
+    def __init__(self, rotary_emb: nn.Module):
+        super().__init__()
+        self.rotary_emb = rotary_emb
+
+    def forward(self, hidden_states, position_ids, attention_mask):
+        return rope_and_bias(self.rotary_emb, hidden_states, position_ids, attention_mask)
+
+
+class _LayerStep(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, cos, sin, bias, past_key, past_value):
+        return decoder_layer(self.layer, hidden_states, cos, sin, bias, past_key, past_value)
+
+
+class LayerTemplate(nn.Module):
+    """:func:`decoder_layer` with the layer's weights as *inputs* (after the six activations, in
+    :attr:`weight_names` order), so one exported graph serves every layer of the decoder."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.step = _LayerStep(layer)
+        self.weight_names = [name for name, _ in layer.named_parameters()]
+
+    def forward(self, hidden_states, cos, sin, bias, past_key, past_value, *weights):
+        params = {f"layer.{name}": w for name, w in zip(self.weight_names, weights)}
+        return torch.func.functional_call(self.step, params, (hidden_states, cos, sin, bias, past_key, past_value))
+
+
+class SegmentHead(nn.Module):
+    """hidden_states [B,S,D] -> logits [B,V]: :func:`last_token_logits`."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.norm = llava.model.language_model.norm
+        self.lm_head = llava.lm_head
+
+    def forward(self, hidden_states):
+        return last_token_logits(self.norm, self.lm_head, hidden_states)
 
 
 def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor,

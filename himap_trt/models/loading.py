@@ -33,8 +33,8 @@ def _model_choices() -> str:
     return ", ".join([*TINY_MODELS, *KNOWN_MODELS])
 
 
-def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
-    """``fp32``/``fp16``/``bf16`` (or ``float32``... ) -> torch dtype.
+def canonical_dtype(name: str, flag: str = "--dtype") -> str:
+    """``fp32``/``fp16``/``bf16`` (also accepts ``float32``, ``float16``, ``half``, ``bfloat16``).
 
     Raises:
         HimapError: naming ``flag`` for any other value.
@@ -43,7 +43,12 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     key = aliases.get(name, name)
     if key not in DTYPES:
         raise HimapError(f"{flag} must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[key]
+    return key
+
+
+def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    """Like :func:`canonical_dtype`, returning the torch dtype."""
+    return DTYPES[canonical_dtype(name, flag)]
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,9 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | 
         HimapError: unknown model, hub unreachable, unsupported architecture, broken files.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our commands show their own progress
     config = load_config(model)  # fails fast on unsupported architectures
     source, is_local = _resolve(model)
     processor = _from_pretrained(AutoProcessor.from_pretrained, source, is_local, "processor")

@@ -160,7 +160,9 @@ def tiny_model_dir(name: str) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -1,0 +1,171 @@
+"""Validation after export: every graph, in ONNX Runtime, against the PyTorch reference.
+
+Like optimum's exporters: the reference pipeline runs a small real request (two synthetic
+images, two questions of different lengths, so the batch is padded) through prefill and two
+decode steps; every graph call is recorded; each exported graph then runs on the recorded inputs
+of its prefill and decode calls, and each output's max abs difference is reported. All failures
+are collected and raised once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from himap_trt.errors import HimapError
+from himap_trt.graphs.spec import GraphSpec
+from himap_trt.runtime.backend import Backend, TorchBackend
+
+#: (atol, rtol) per dtype: |ours - reference| <= atol + rtol * |reference|, elementwise. Integer
+#: outputs (kept indices, positions, masks) must match exactly. fp32: the tiny model's residual
+#: stream reaches |x| ~ 50, where ORT and PyTorch differ by ~6e-5 (float32 rounding).
+TOLERANCES = {"float32": (1e-4, 1e-4)}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one graph call compared with PyTorch."""
+
+    graph: str
+    phase: str
+    output: str
+    max_abs_diff: float
+    max_abs_ref: float
+    ok: bool
+
+
+class RecordingBackend:
+    """Wraps a backend and keeps the first prefill and first decode call's feeds and outputs."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.spec = inner.spec
+        self.calls: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+
+    @property
+    def inputs(self):
+        return self.inner.inputs
+
+    @property
+    def outputs(self):
+        return self.inner.outputs
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        result = self.inner.run(feeds)
+        phase = call_phase(self.spec, feeds)
+        if phase not in self.calls:
+            self.calls[phase] = ({k: v.clone() for k, v in feeds.items()}, {k: v.clone() for k, v in result.items()})
+        return result
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def call_phase(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> str:
+    """``prefill`` or ``decode`` for a call of graph ``spec`` with ``feeds``."""
+    if spec.kind == "segment":
+        first_past = spec.inputs[3].name
+        return "prefill" if feeds[first_past].shape[2] == 0 else "decode"
+    if spec.kind == "embed":
+        return "prefill" if feeds["input_ids"].shape[1] > 1 else "decode"
+    return "prefill"
+
+
+def sample_requests() -> tuple[list[Image.Image], list[str]]:
+    """Two deterministic synthetic images (different sizes and content) and questions of
+    different lengths."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:240, 0:320]
+    gradient = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.float64)
+    first = np.clip(gradient + rng.normal(0, 20, gradient.shape), 0, 255).astype(np.uint8)
+    second = rng.integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    return ([Image.fromarray(first), Image.fromarray(second)],
+            ["What is in this picture?", "Describe the colours of this image in a few words, please."])
+
+
+def record_reference(pipeline_factory, specs: list[GraphSpec], torch_modules: dict[str, TorchBackend]):
+    """Run the sample request through a reference pipeline whose backends record their calls.
+
+    Args:
+        pipeline_factory: ``backends -> Pipeline`` (so the caller decides processor, ids, plan).
+        specs: the graphs.
+        torch_modules: name -> torch backend.
+
+    Returns:
+        name -> {phase: (feeds, outputs)}.
+    """
+    from himap_trt.runtime.sampling import GenerationConfig
+
+    recorders = {name: RecordingBackend(backend) for name, backend in torch_modules.items()}
+    pipeline = pipeline_factory(recorders)
+    images, questions = sample_requests()
+    batch = pipeline.prepare(images, questions)
+    pipeline.generate(batch, GenerationConfig(max_new_tokens=3))
+    return {name: rec.calls for name, rec in recorders.items()}
+
+
+def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+            dtype: str, tolerances: Mapping[str, tuple[float, float]] | None = None) -> list[OutputCheck]:
+    """Compare one call's outputs (see :data:`TOLERANCES`)."""
+    atol, rtol = (tolerances or TOLERANCES)[dtype]
+    checks = []
+    for name in spec.output_names:
+        ref = expected[name].detach().cpu()
+        ours = got[name].detach().cpu()
+        if ours.shape != ref.shape:
+            checks.append(OutputCheck(spec.name, phase, name, float("inf"), 0.0, False))
+            continue
+        if not ref.is_floating_point():
+            diff = float((ours != ref).sum())
+            checks.append(OutputCheck(spec.name, phase, name, diff, float(ref.abs().max()) if ref.numel() else 0.0,
+                                      diff == 0))
+            continue
+        ref64, ours64 = ref.double(), ours.double()
+        err = (ours64 - ref64).abs()
+        ok = bool(torch.isfinite(ours64).all()) and bool((err <= atol + rtol * ref64.abs()).all())
+        checks.append(OutputCheck(spec.name, phase, name, float(err.max()) if err.numel() else 0.0,
+                                  float(ref64.abs().max()) if ref64.numel() else 0.0, ok))
+    return checks
+
+
+def validate_graphs(export_dir: Path, specs: list[GraphSpec], recorded: dict[str, Any], dtype: str,
+                    open_backend, on_graph=None) -> list[OutputCheck]:
+    """Run every exported graph on its recorded inputs and compare with the recorded outputs.
+
+    Args:
+        export_dir: where the graph files are.
+        specs: graphs with ``file`` set.
+        recorded: from :func:`record_reference`.
+        dtype: the graphs' floating dtype (selects the tolerance).
+        open_backend: ``(spec, path) -> Backend`` for the backend under test.
+        on_graph: optional callback ``(spec) -> None`` called before each graph.
+
+    Returns:
+        Every output check (pass or fail); see :func:`raise_on_failures`.
+    """
+    checks: list[OutputCheck] = []
+    for spec in specs:
+        if on_graph:
+            on_graph(spec)
+        backend = open_backend(spec, Path(export_dir) / spec.file)
+        try:
+            for phase, (feeds, outputs) in sorted(recorded[spec.name].items(), key=lambda item: item[0] != "prefill"):
+                checks += compare(spec, phase, outputs, backend.run(feeds), dtype)
+        finally:
+            backend.close()
+    return checks
+
+
+def raise_on_failures(checks: list[OutputCheck]) -> None:
+    """Raise one :class:`HimapError` listing every failed check, if any."""
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        lines = "; ".join(f"{c.graph}/{c.phase}/{c.output}: max abs diff {c.max_abs_diff:.3g} (|ref| <= {c.max_abs_ref:.3g})"
+                          for c in failed)
+        raise HimapError(f"validation against PyTorch failed for {len(failed)} output(s): {lines}")

@@ -1,0 +1,152 @@
+"""Opening a pipeline for ``himap-trt run``: which backend, which graphs, which checks.
+
+- ``onnxruntime``: the export directory's graphs (CPU, or CUDA with onnxruntime-gpu).
+- ``tensorrt``: the engines built from the export (``himap-trt build``).
+- ``torch``: the PyTorch reference, from ``--model`` directly or from the export's source model.
+- ``auto``: TensorRT if engines for this export are on disk and TensorRT and a GPU are usable,
+  else ONNX Runtime (on the GPU if onnxruntime-gpu and a GPU are there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from himap_trt.errors import HimapError
+from himap_trt.plan import PruningPlan
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+
+
+@dataclass(frozen=True)
+class OpenedPipeline:
+    """A pipeline and what was chosen to build it."""
+
+    pipeline: object
+    backend: str
+    device: str
+    source: str
+
+
+def check_plan(manifest_plan: PruningPlan, requested: PruningPlan | None, where: str) -> None:
+    """Raise if a plan was requested on the command line and the export implements another."""
+    if requested is not None and requested != manifest_plan:
+        raise HimapError(
+            f"{where} implements '{manifest_plan.describe()}', but the options request '{requested.describe()}'; "
+            "re-export with those options, or drop --method/--k*/--r* to use the export's plan"
+        )
+
+
+def _tensorrt_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None = None,
+                  requested_plan=None, engines_dir: Path | None = None, device: str | None = None,
+                  dtype: str | None = None) -> OpenedPipeline:
+    """Build the pipeline ``run`` uses.
+
+    Args:
+        export_dir: the export directory (unused for ``torch`` with ``model``).
+        backend: one of :data:`BACKENDS`.
+        model: with ``backend='torch'``: run the reference from this checkpoint, no export needed.
+        requested_plan: ``(num_layers, num_image_tokens) -> PruningPlan`` or None: the plan the user
+            asked for, checked against the export's (or used directly with ``model``; default HiMAP).
+        engines_dir: TensorRT engines directory (default ``<export_dir>/../engines``... see CLI).
+        device: ``cpu``/``cuda`` for torch and onnxruntime (default: cuda if usable, else cpu).
+        dtype: ``fp32``/``fp16``/``bf16`` for the torch backend with ``model``.
+
+    Raises:
+        HimapError: unknown backend, missing/incompatible export or engines, plan mismatch.
+    """
+    from himap_trt.runtime import Pipeline, reference_pipeline
+
+    if backend not in BACKENDS:
+        raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if model is not None and backend != "torch":
+        raise HimapError("--model runs the PyTorch reference without an export; pass --backend torch with it "
+                         "(other backends read the export directory given by --export-dir)")
+    if backend == "torch" and model is not None:
+        from himap_trt.models import load_model
+        from himap_trt.models.loading import parse_dtype
+        from himap_trt.plan import build_plan
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(model, dtype=parse_dtype(dtype or "fp32"), device=dev)
+        dims = loaded.dims
+        if requested_plan is not None:
+            plan = requested_plan(dims.num_layers, dims.num_image_tokens)
+        else:
+            plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
+        return OpenedPipeline(reference_pipeline(loaded, plan), "torch", dev, model)
+
+    from himap_trt.export.manifest import load_manifest
+
+    manifest = load_manifest(export_dir)
+    export_dir = Path(export_dir)
+    if requested_plan is not None:
+        requested = requested_plan(manifest.dims.num_layers, manifest.dims.num_image_tokens)
+        check_plan(manifest.plan, requested, f"the export in {str(export_dir)!r}")
+    if backend == "auto":
+        from himap_trt.engines.manifest import engines_present
+
+        engines = engines_dir or default_engines_dir(export_dir)
+        if engines_present(engines) and _tensorrt_usable():
+            backend = "tensorrt"
+        else:
+            backend = "onnxruntime"
+
+    if backend == "torch":
+        from himap_trt.export.manifest import model_hash
+        from himap_trt.models import load_model
+        from himap_trt.models.loading import parse_dtype
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(manifest.source_model, dtype=parse_dtype(manifest.dtype), device=dev)
+        if model_hash(loaded.model) != manifest.model_hash:
+            raise HimapError(f"the model {manifest.source_model!r} loaded for --backend torch differs from the one "
+                             f"exported to {str(export_dir)!r} (content hash mismatch)")
+        return OpenedPipeline(reference_pipeline(loaded, manifest.plan, max_seq_len=manifest.max_seq_len),
+                              "torch", dev, manifest.source_model)
+
+    processor = _load_processor(export_dir / manifest.processor_dir)
+    if backend == "onnxruntime":
+        from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
+
+        dev = device or ("cuda" if cuda_provider_available() else "cpu")
+        backends = {spec.name: OnnxRuntimeBackend(spec, export_dir / spec.file, device=dev) for spec in manifest.graphs}
+    else:  # tensorrt
+        from himap_trt.engines.manifest import load_engines_manifest
+        from himap_trt.runtime.tensorrt import tensorrt_backends
+
+        engines = engines_dir or default_engines_dir(export_dir)
+        engines_manifest = load_engines_manifest(engines, export=manifest)
+        dev = "cuda"
+        backends = tensorrt_backends(engines, engines_manifest)
+    pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
+                        image_token_id=manifest.image_token_id, device=dev,
+                        eos_token_ids=list(manifest.eos_token_ids), pad_token_id=manifest.pad_token_id,
+                        max_seq_len=manifest.max_seq_len)
+    return OpenedPipeline(pipeline, backend, dev, manifest.source_model)
+
+
+def default_engines_dir(export_dir: Path) -> Path:
+    """Engines live beside the export by default: ``engines/`` next to ``export/``."""
+    return Path(export_dir).absolute().parent / "engines"
+
+
+def _load_processor(path: Path):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise HimapError(f"cannot load the processor saved in {str(path)!r}: {exc}") from None

@@ -170,9 +170,14 @@ def export(
 
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate)
+    from himap_trt.export.manifest import MANIFEST_NAME
+    from himap_trt.fsutil import check_target
+    from himap_trt.models import load_config
+
+    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)  # bad options fail before any work
+    check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
     err.print(f"loading {model} ({options.dtype})")
     loaded = load_model(model, dtype=DTYPES[options.dtype])
-    plan = _plan(loaded.model.config, method, k1, r1, k2, r2, k, r)
     err.print(f"plan: {plan.describe()}")
     with _progress() as progress:
         task = progress.add_task("export", total=None)

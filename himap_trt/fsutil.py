@@ -34,6 +34,24 @@ def _remove_stale(parent: Path, name: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_target(target: Path, *, marker: str, flag: str) -> Path:
+    """Refuse a ``target`` that :func:`atomic_directory` must not replace; returns it absolute.
+
+    Raises:
+        HimapError: if ``target`` is a file, or a non-empty directory without ``marker``.
+    """
+    target = Path(target).absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise HimapError(f"{flag} {str(target)!r} exists and is not a directory")
+        if any(target.iterdir()) and not (target / marker).is_file():
+            raise HimapError(
+                f"{flag} {str(target)!r} is a non-empty directory that himap-trt did not write (no {marker}); "
+                "choose another path or empty it"
+            )
+    return target
+
+
 @contextmanager
 def atomic_directory(target: Path, *, marker: str, flag: str) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success replace ``target`` by it.
@@ -50,15 +68,7 @@ def atomic_directory(target: Path, *, marker: str, flag: str) -> Iterator[Path]:
     Raises:
         HimapError: if ``target`` is a file, or a non-empty directory this tool did not write.
     """
-    target = Path(target).absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise HimapError(f"{flag} {str(target)!r} exists and is not a directory")
-        if any(target.iterdir()) and not (target / marker).is_file():
-            raise HimapError(
-                f"{flag} {str(target)!r} is a non-empty directory that himap-trt did not write (no {marker}); "
-                "choose another path or empty it"
-            )
+    target = check_target(target, marker=marker, flag=flag)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(parent, target.name)

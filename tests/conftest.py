@@ -78,3 +78,29 @@ def requests_3(photo):
         [photo, photo.rotate(90), photo.convert("L")],
         ["What is shown?", "Describe the person in this photo in detail, please.", "Who?"],
     )
+
+
+_EXPORTS: dict[tuple, tuple] = {}
+
+
+def exported(tmp_path_factory, name: str, method: str, dtype: str = "fp32", validate: bool = True, **plan_kw):
+    """Export a built-in model under a plan once per session (Python API, the CLI's code path).
+
+    Returns:
+        (export_dir, manifest, validation checks).
+    """
+    key = (name, method, dtype, validate, tuple(sorted(plan_kw.items())))
+    if key not in _EXPORTS:
+        from himap_trt.export import ExportOptions, export_model
+        from himap_trt.models.loading import DTYPES
+        from himap_trt.plan import build_plan
+
+        loaded = tiny(name) if dtype == "fp32" else __import__("himap_trt.models", fromlist=["load_model"]).load_model(
+            name, dtype=DTYPES[dtype])
+        dims = loaded.dims
+        plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens, **plan_kw)
+        label = "-".join([name, method, dtype, *(f"{k}{v}" for k, v in sorted(plan_kw.items()))])
+        out = tmp_path_factory.mktemp("exports") / label
+        manifest, checks = export_model(loaded, plan, ExportOptions(out=out, dtype=dtype, validate=validate))
+        _EXPORTS[key] = (out, manifest, checks)
+    return _EXPORTS[key]

@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (export the built-in tiny model and run it on a real photo)
+# and `make test`. Each creates .venv if missing and installs the CPU build of torch before
+# anything that depends on it (an unpinned torch requirement would pull the CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# On a machine without a local CPU wheel, e.g.: make demo TORCH_PIP_FLAGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_FLAGS ?=
+PHOTO = $$($(BIN)/python -c 'import matplotlib.cbook as c; print(c.get_sample_data("grace_hopper.jpg", asfileobj=False))')
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/himap-trt export --model tiny --out export
+	$(BIN)/himap-trt run "$(PHOTO)" "What is the woman in the photo wearing?" --export-dir export
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf export engines .pytest_cache

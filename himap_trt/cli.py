@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from himap_trt.errors import HimapError
 from himap_trt.plan import DEFAULT_K, DEFAULT_K1, DEFAULT_K2, DEFAULT_R, DEFAULT_R1, DEFAULT_R2
@@ -30,6 +32,11 @@ err = Console(stderr=True)
 out = Console(highlight=False)
 
 
+def _plain(line: str) -> None:
+    """Print a line as is (no rich markup: '[I]' and user text stay literal)."""
+    out.print(escape(line), soft_wrap=True, highlight=False)
+
+
 def user_errors(func):
     """Turn a :class:`HimapError` into a one-line message on stderr and exit status 1."""
 
@@ -38,7 +45,7 @@ def user_errors(func):
         try:
             return func(*args, **kwargs)
         except HimapError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -156,6 +163,8 @@ def export(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20.")] = 18,
     validate: Annotated[bool, typer.Option("--validate/--no-validate",
                                            help="Compare every graph with PyTorch in ONNX Runtime after export.")] = True,
+    build_engines_too: Annotated[bool, typer.Option(
+        "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
     as_json: JsonOpt = False,
 ):
     """Export a LLaVA checkpoint as a chain of ONNX graphs for a pruning plan.
@@ -176,6 +185,11 @@ def export(
 
     plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)  # bad options fail before any work
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
+    if build_engines_too:
+        from himap_trt.engines.build import gpu_identity, import_tensorrt
+
+        import_tensorrt()
+        gpu_identity()
     err.print(f"loading {model} ({options.dtype})")
     loaded = load_model(model, dtype=DTYPES[options.dtype])
     err.print(f"plan: {plan.describe()}")
@@ -189,6 +203,10 @@ def export(
         progress.update(task, description="export complete", completed=progress.tasks[0].total)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    if build_engines_too:
+        build(export_dir=out_dir, engines_dir=None, max_batch=1, max_seq_len=None, workspace=None,
+              timing_cache=None, dry_run=False, model=None, method=method, k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r,
+              dtype=dtype, as_json=False)
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
                           "checks": [c.__dict__ for c in checks]}, indent=2))
@@ -204,8 +222,8 @@ def _print_checks(checks) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="validation against PyTorch (ONNX Runtime)", title_justify="left")
-    for column in ("graph", "phase", "outputs", "worst output", "max abs diff", "status"):
+    table = Table(title="validation against PyTorch", title_justify="left")
+    for column in ("graph", "phase", "backend", "outputs", "worst output", "max abs diff", "status"):
         table.add_column(column, justify="right" if column in ("outputs", "max abs diff") else "left")
     groups: dict[tuple[str, str], list] = {}
     for check in checks:
@@ -213,7 +231,7 @@ def _print_checks(checks) -> None:
     for (graph, phase), items in groups.items():
         worst = max(items, key=lambda c: c.max_abs_diff)
         status = "ok" if all(c.ok for c in items) else "[red]FAIL[/]"
-        table.add_row(graph, phase, str(len(items)), worst.output, f"{worst.max_abs_diff:.2e}", status)
+        table.add_row(graph, phase, worst.backend, str(len(items)), worst.output, f"{worst.max_abs_diff:.2e}", status)
     out.print(table)
 
 
@@ -332,7 +350,7 @@ def run(
     if not streaming:
         for i, request in enumerate(report["requests"]):
             prefix = f"[{i}] " if len(report["requests"]) > 1 else ""
-            out.print(f"[bold]{prefix}answer:[/] {request['answer']}")
+            out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
     _print_run_stats(report)
 
 
@@ -377,6 +395,222 @@ def _print_run_stats(report: dict) -> None:
     table.add_row("tokens/s", f"{stats['tokens_per_s']:.1f}")
     table.add_row("KV cache", f"{stats['kv_cache_bytes'] / 1e6:.2f} MB ({stats['batch_size']} request(s))")
     out.print(table)
+
+
+# -- build ----------------------------------------------------------------------------------------
+def _parse_bytes(text: str) -> int:
+    """``4294967296``, ``4G``, ``512MiB`` -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise HimapError(f"--workspace must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
+    return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
+
+
+def _profile_rows(spec, profiles):
+    """(profile, inputs, min, opt, max) rows, grouping inputs whose ranges are identical."""
+    rows = []
+    for profile in profiles:
+        groups: dict[tuple, list[str]] = {}
+        for name, shape in profile.shapes.items():
+            groups.setdefault((shape.min, shape.opt, shape.max), []).append(name)
+        for (low, opt, high), names in groups.items():
+            prefix = os.path.commonprefix(names)
+            label = f"{prefix}* ({len(names)})" if len(names) > 2 and len(prefix) >= 4 else ", ".join(names)
+            rows.append((profile.name, label, *("x".join(map(str, shape)) for shape in (low, opt, high))))
+    return rows
+
+
+def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
+    from himap_trt.engines.profiles import graph_profiles, kv_cache_bytes
+
+    profiles = {spec.name: graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
+    per_segment = [max_seq_len - 1 - (plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
+    kv = kv_cache_bytes(specs, max_batch, per_segment)
+    if as_json:
+        print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len,
+                          "kv_cache_bytes_at_max": kv,
+                          "profiles": {name: [p.to_dict() for p in items] for name, items in profiles.items()}}, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("graph", "profile", "input", "min", "opt", "max"):
+        table.add_column(column)
+    for spec in specs:
+        for i, (profile, label, low, opt, high) in enumerate(_profile_rows(spec, profiles[spec.name])):
+            table.add_row(spec.name if i == 0 else "", profile, label, low, opt, high,
+                          end_section=i == len(_profile_rows(spec, profiles[spec.name])) - 1)
+    out.print(table)
+    out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
+              f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
+
+
+@app.command()
+@user_errors
+def build(
+    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory to build from.")] = Path("export"),
+    engines_dir: Annotated[Optional[Path], typer.Option(
+        "--engines", help="Engines directory (replaced atomically) [default: engines/ beside the export].")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts per batch (profile maximum).")] = 1,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens per sequence (profile maxima) [default: the export's].")] = None,
+    workspace: Annotated[Optional[str], typer.Option(
+        "--workspace", help="Builder workspace limit in bytes (e.g. 4G) [default: TensorRT's].")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(
+        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing.cache].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
+                                                            "(needs no TensorRT or GPU).")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="With --dry-run: profiles for this model and plan without an export "
+                        "(e.g. llava-1.5-7b, tiny).")] = None,
+    method: MethodOpt = "himap",
+    k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
+    k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    dtype: Annotated[str, typer.Option("--dtype", help="With --dry-run --model: graph dtype.")] = "fp16",
+    as_json: JsonOpt = False,
+):
+    """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
+
+    Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
+    for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
+    they were built with; `run` refuses others.
+    """
+    from himap_trt.engines.build import build_engines
+    from himap_trt.export.manifest import load_manifest
+    from himap_trt.graphs.spec import DTYPE_NAMES, graph_specs
+    from himap_trt.models.loading import canonical_dtype
+    from himap_trt.runtime.loader import default_engines_dir
+
+    if model is not None:
+        if not dry_run:
+            raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
+        from himap_trt.models import load_config, model_dims
+
+        config = load_config(model)
+        dims = model_dims(config)
+        plan = _plan(config, method, k1, r1, k2, r2, k, r)
+        specs = graph_specs(dims, plan, DTYPE_NAMES[canonical_dtype(dtype)])
+        length = max_seq_len or min(dims.max_position_embeddings, 2048)
+        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
+        return
+    manifest = load_manifest(export_dir)
+    length = max_seq_len or manifest.max_seq_len
+    if length > manifest.dims.max_position_embeddings:
+        raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")
+    if dry_run:
+        _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
+                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
+        return
+    engines = engines_dir or default_engines_dir(export_dir)
+    from himap_trt.engines.build import gpu_identity, import_tensorrt
+
+    import_tensorrt()  # fail before any progress display
+    gpu_identity()
+    with _progress() as progress:
+        task = progress.add_task("build", total=len(manifest.graphs))
+
+        def report(text: str, done: int, total: int) -> None:
+            progress.update(task, description=text, completed=done, total=total)
+
+        built = build_engines(export_dir, engines, manifest, max_batch=max_batch, max_seq_len=length,
+                              workspace=_parse_bytes(workspace) if workspace else 0, timing_cache=timing_cache,
+                              progress=report)
+    if as_json:
+        print(json.dumps(built.to_dict(), indent=1))
+        return
+    out.print(f"built {len(built.engines)} engines in {engines}/ with TensorRT {built.tensorrt_version} for "
+              f"{built.gpu_name} (compute capability {built.compute_capability}), batch <= {max_batch}, "
+              f"<= {length} tokens")
+
+
+# -- check ----------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def check(
+    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory to check.")] = Path("export"),
+    engines_dir: Annotated[Optional[Path], typer.Option(
+        "--engines", help="TensorRT engines to compare too [default: engines/ beside the export].")] = None,
+    tensorrt_compat: Annotated[bool, typer.Option(
+        "--tensorrt-compat", help="Only the static check: every node's operator, input dtypes and constant inputs "
+                                  "against TensorRT's ONNX parser support table (no TensorRT needed).")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated end to end.")] = 8,
+    as_json: JsonOpt = False,
+):
+    """Compare backends graph by graph (ONNX Runtime vs PyTorch; TensorRT vs PyTorch where engines,
+    TensorRT and a GPU are available) and end to end (kept indices and tokens), or with
+    --tensorrt-compat statically check the graphs against TensorRT's ONNX parser."""
+    import time
+
+    started = time.perf_counter()
+    if tensorrt_compat:
+        from himap_trt.engines.compat import check_export, support_table
+        from himap_trt.export.manifest import load_manifest
+
+        manifest = load_manifest(export_dir)
+        reports = check_export(export_dir, manifest)
+        offenses = [o for r in reports for o in r.offenses]
+        if as_json:
+            print(json.dumps({"ok": not offenses, "source": support_table()["source"],
+                              "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
+                                          "unchecked_types": r.unchecked_types,
+                                          "offenses": [o.__dict__ for o in r.offenses]} for r in reports]}, indent=1))
+        else:
+            source = support_table()["source"]
+            _plain(f"[I] TensorRT ONNX parser support table: {source['repository']} {source['path']} @ {source['ref']}")
+            for r in reports:
+                status = "PASSED" if not r.offenses else "FAILED"
+                _plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset}")
+                for o in r.offenses:
+                    _plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
+            _plain(f"[I] {'PASSED' if not offenses else 'FAILED'} | {len(reports)} graphs, "
+                      f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending | "
+                      f"Runtime: {time.perf_counter() - started:.3f}s")
+        if offenses:
+            raise HimapError(f"{len(offenses)} node(s) in {export_dir} would be rejected by TensorRT's ONNX parser")
+        return
+
+    from himap_trt.check import run_check
+    from himap_trt.export.validate import TOLERANCES
+
+    report = run_check(export_dir, engines_dir=engines_dir, max_new_tokens=max_new_tokens,
+                       on_step=lambda text: err.print(f"[dim]{text}[/]"))
+    if as_json:
+        print(json.dumps({"ok": report.ok, "dtype": report.dtype, "skipped": report.skipped,
+                          "graphs": {b: [c.__dict__ for c in checks] for b, checks in report.graph_checks.items()},
+                          "end_to_end": [e.__dict__ | {"ok": e.ok} for e in report.end_to_end]}, indent=1))
+    else:
+        atol, rtol = TOLERANCES[report.dtype]
+        for backend, checks in report.graph_checks.items():
+            groups: dict[tuple[str, str], list] = {}
+            for c in checks:
+                groups.setdefault((c.graph, c.phase), []).append(c)
+            for (graph, phase), items in groups.items():
+                _plain(f"[I] {graph} ({phase}) | {items[0].backend} vs torch")
+                for c in items:
+                    status = "PASSED" if c.ok else "FAILED"
+                    if c.exact:
+                        _plain(f"[I]     {status} | Output: '{c.output}' | {int(c.max_abs_diff)} mismatching elements "
+                               "(integer output: must be 0)")
+                    else:
+                        _plain(f"[I]     {status} | Output: '{c.output}' | max abs diff {c.max_abs_diff:.2e} "
+                               f"(<= {atol + rtol * c.max_abs_ref:.2e})")
+        for e in report.end_to_end:
+            _plain(f"[I] end to end | {e.backend} vs torch")
+            _plain(f"[I]     {'PASSED' if e.kept_indices_equal else 'FAILED'} | kept indices of {e.stages} stage(s) "
+                      f"{'equal' if e.kept_indices_equal else 'differ'}")
+            tag = "PASSED" if e.tokens_equal == e.tokens_total else ("FAILED" if e.tokens_required else "WARNING")
+            _plain(f"[I]     {tag} | tokens equal: {e.tokens_equal}/{e.tokens_total}"
+                      + ("" if e.tokens_required else f" (reported, not required, in {report.dtype})"))
+        for line in report.skipped:
+            _plain(f"[W] skipped {line}")
+        total = sum(len(c) for c in report.graph_checks.values())
+        _plain(f"[I] {'PASSED' if report.ok else 'FAILED'} | {total} output comparisons, "
+                  f"{len(report.end_to_end)} end-to-end | tolerance {report.dtype}: atol {atol:g} + rtol {rtol:g} x max|ref| "
+                  f"| Runtime: {time.perf_counter() - started:.3f}s")
+    if not report.ok:
+        raise HimapError("backends disagree; see the FAILED lines above")
 
 
 def main() -> None:  # pragma: no cover - the console-script entry point

@@ -152,15 +152,27 @@ def _stamp(target: ir.Graph, template: ir.Graph, prefix: str, bindings: dict[str
         ir.convenience.replace_all_uses_with(value, bindings[value.name])
     results = {value.name: value for value in clone.outputs}
     clone.outputs.clear()
+    used: set[str] = set()
+
+    def unique(name: str) -> str:
+        # The exporter may give two values one name before it serialises (e.g. a Cos output and
+        # the Cast of it that is the graph output "cos"); ONNX needs SSA names.
+        candidate, n = prefix + name, 0
+        while candidate in used:
+            n += 1
+            candidate = f"{prefix}{name}.{n}"
+        used.add(candidate)
+        return candidate
+
     for name in list(clone.initializers):
         value = clone.initializers.pop(name)
-        value.name = prefix + name
+        value.name = unique(name)
         target.register_initializer(value)
     for node in list(clone):
         clone.remove(node, safe=False)
         node.name = prefix + (node.name or node.op_type)
         for value in node.outputs:
-            value.name = prefix + (value.name or "out")
+            value.name = unique(value.name or "out")
             value.shape = None
         target.append(node)
     return results

@@ -271,8 +271,10 @@ def kept_indices(scores: torch.Tensor, token_type_ids: torch.Tensor, keep: int, 
     ties = (score[:, None, :] == score[:, :, None]) & (index[None, :] < index[:, None])[None]
     rank = (beats | ties).sum(-1)                                     # [B,S]: 0 for the best
     survives = ~image | (rank < keep)
-    cumulative = survives.long().cumsum(-1)                           # [B,S]
-    slots = torch.arange(seq - drop, device=scores.device)            # [S']
+    # Running count of survivors in float32 (exact below 2**24 tokens): TensorRT's CumSum takes
+    # floating-point inputs only.
+    cumulative = survives.float().cumsum(-1)                           # [B,S]
+    slots = torch.arange(seq - drop, device=scores.device).float()     # [S']
     # The (t+1)-th survivor sits at the number of positions whose running count is still <= t.
     return (cumulative[:, None, :] <= slots[None, :, None]).sum(-1)  # [B,S']
 

@@ -56,6 +56,8 @@ class BackendBase:
     """Shared plumbing: spec-derived ``inputs``/``outputs`` and the context-manager protocol."""
 
     spec: GraphSpec
+    #: Short name of the backend kind, for reports.
+    label = "backend"
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -81,6 +83,8 @@ class TorchBackend(BackendBase):
     This is the PyTorch reference of the pipeline, on CPU or CUDA in any dtype the model was
     loaded in.
     """
+
+    label = "torch"
 
     def __init__(self, spec: GraphSpec, module: torch.nn.Module):
         self.spec = spec

@@ -123,18 +123,20 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
 
         dev = device or ("cuda" if cuda_provider_available() else "cpu")
         backends = {spec.name: OnnxRuntimeBackend(spec, export_dir / spec.file, device=dev) for spec in manifest.graphs}
+        max_seq_len = manifest.max_seq_len
     else:  # tensorrt
         from himap_trt.engines.manifest import load_engines_manifest
         from himap_trt.runtime.tensorrt import tensorrt_backends
 
         engines = engines_dir or default_engines_dir(export_dir)
-        engines_manifest = load_engines_manifest(engines, export=manifest)
+        engines_manifest = load_engines_manifest(engines, export=manifest, export_dir=export_dir)
         dev = "cuda"
-        backends = tensorrt_backends(engines, engines_manifest)
+        backends = tensorrt_backends(engines, engines_manifest, manifest)
+        max_seq_len = engines_manifest.max_seq_len
     pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
                         image_token_id=manifest.image_token_id, device=dev,
                         eos_token_ids=list(manifest.eos_token_ids), pad_token_id=manifest.pad_token_id,
-                        max_seq_len=manifest.max_seq_len)
+                        max_seq_len=max_seq_len)
     return OpenedPipeline(pipeline, backend, dev, manifest.source_model)
 
 

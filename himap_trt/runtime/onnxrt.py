@@ -44,6 +44,8 @@ class OnnxRuntimeBackend(BackendBase):
             spec, or the dtype (bfloat16) has no ONNX Runtime binding here.
     """
 
+    label = "onnxruntime"
+
     def __init__(self, spec: GraphSpec, path: Path, *, device: str = "cpu"):
         import onnxruntime as ort
 

@@ -1,0 +1,132 @@
+"""``himap-trt build``: one TensorRT engine per exported graph, through Polygraphy's loaders.
+
+Each network is parsed *strongly typed* from the exported ONNX graph (TensorRT 11 removed weak
+typing: precision comes from the graph, exported in fp32/fp16/bf16), gets the optimization
+profiles of :mod:`himap_trt.engines.profiles`, and is built with a timing cache that is reused
+across builds. Engines are written into a temporary directory swapped into place when all are
+built (:func:`himap_trt.fsutil.atomic_directory`).
+
+TensorRT is imported lazily: everything else in the package works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from himap_trt.engines.manifest import ENGINES_FORMAT_VERSION, ENGINES_MANIFEST, EngineEntry, EnginesManifest, export_fingerprint
+from himap_trt.engines.profiles import graph_profiles
+from himap_trt.errors import HimapError
+
+INSTALL_HINT = ("install TensorRT 10.x or 11.x for Python (`pip install 'himap-trt[tensorrt]'`, wheels from "
+                "pypi.nvidia.com) on a machine with an NVIDIA GPU and driver")
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module.
+
+    Raises:
+        HimapError: if it is not installed, saying what to install.
+    """
+    try:
+        import tensorrt
+    except ImportError:
+        raise HimapError(f"TensorRT is not installed: {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(GPU name, compute capability ``major.minor``) of the current CUDA device.
+
+    Raises:
+        HimapError: if no CUDA GPU is visible.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HimapError(f"no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines are built "
+                         f"and run on an NVIDIA GPU: {INSTALL_HINT}")
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def default_timing_cache() -> Path:
+    """``$HIMAP_TRT_CACHE/timing.cache`` (or ``~/.cache/himap-trt/timing.cache``): outside the engines
+    directory, so rebuilds reuse it."""
+    from himap_trt.models.tiny import cache_root
+
+    return cache_root() / "timing.cache"
+
+
+def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
+                  workspace: int = 0, timing_cache: Path | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
+    """Build one engine per graph of the export.
+
+    Args:
+        export_dir: the export directory; ``manifest`` is its loaded manifest.
+        engines_dir: where to write the engines (replaced atomically on success).
+        max_batch: most prompts per batch (profile maximum).
+        max_seq_len: most tokens per sequence (profile maxima, see :mod:`himap_trt.engines.profiles`).
+        workspace: builder workspace limit in bytes (0: TensorRT's default, the GPU's memory).
+        timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`).
+        progress: optional ``(description, step, total)`` callback.
+
+    Returns:
+        The written :class:`EnginesManifest`.
+
+    Raises:
+        HimapError: without TensorRT or a GPU (saying what to install), or if a graph fails to parse
+            or build (naming the graph); an existing engines directory is then left untouched.
+    """
+    trt = import_tensorrt()
+    gpu_name, capability = gpu_identity()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.backend.trt import Profile as PolygraphyProfile
+    from polygraphy.exception import PolygraphyException
+
+    from himap_trt import __version__
+    from himap_trt.fsutil import atomic_directory
+
+    timing_cache = Path(timing_cache or default_timing_cache())
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    entries = []
+    total = len(manifest.graphs)
+    with atomic_directory(engines_dir, marker=ENGINES_MANIFEST, flag="--engines") as tmp:
+        for step, spec in enumerate(manifest.graphs):
+            if progress:
+                progress(f"building {spec.name}.engine", step, total)
+            profiles = graph_profiles(spec, manifest.plan, max_batch=max_batch, max_seq_len=max_seq_len)
+            trt_profiles = []
+            for profile in profiles:
+                pg = PolygraphyProfile()
+                for name, shape in profile.shapes.items():
+                    pg.add(name, min=shape.min, opt=shape.opt, max=shape.max)
+                trt_profiles.append(pg)
+            network = NetworkFromOnnxPath(str(Path(export_dir) / spec.file), strongly_typed=True)
+            config = CreateConfig(
+                profiles=trt_profiles,
+                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
+                load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+            )
+            try:
+                engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+            except PolygraphyException as exc:
+                raise HimapError(f"TensorRT could not build graph {spec.name!r} ({spec.file}): {exc}") from None
+            engine_file = f"{spec.name}.engine"
+            with open(tmp / engine_file, "wb") as handle:
+                handle.write(engine_bytes)
+                handle.flush()
+                os.fsync(handle.fileno())
+            entries.append(EngineEntry(spec.name, engine_file, tuple(profiles)))
+        engines = EnginesManifest(
+            format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
+            export_fingerprint=export_fingerprint(export_dir), plan=manifest.plan, dtype=manifest.dtype,
+            tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+            max_batch=max_batch, max_seq_len=max_seq_len, workspace_bytes=workspace, engines=tuple(entries),
+        )
+        engines.save(tmp)
+    if progress:
+        progress("engines complete", total, total)
+    return engines

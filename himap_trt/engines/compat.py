@@ -1,0 +1,143 @@
+"""Static TensorRT compatibility check, runnable without TensorRT or a GPU.
+
+Every node of every exported graph must use an operator TensorRT's ONNX parser supports, with
+input element types it supports for that operator, constant inputs where the parser needs
+constants (``axes`` of Slice/Squeeze/Reduce*, ``axis`` of CumSum), and the default-domain opset
+must be in the parser's range. The table is ``tensorrt_onnx_support.json`` beside this file; it
+cites its source (onnx-tensorrt's support matrix) and the TensorRT versions it covers.
+
+This cannot prove a build will succeed (shape constraints, tactics and memory are only known to
+the builder) but it catches the common failure early: an exporter choosing an operator or a dtype
+the parser rejects (e.g. ``CumSum`` on int64).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from himap_trt.errors import HimapError
+
+TABLE_PATH = Path(__file__).with_name("tensorrt_onnx_support.json")
+
+
+@dataclass(frozen=True)
+class Offense:
+    """A node TensorRT's ONNX parser would reject.
+
+    Attributes:
+        graph: the ONNX file's name.
+        node: the node's name ('' for graph-level problems such as the opset).
+        op_type: the node's operator.
+        reason: what is wrong, with the expected value.
+    """
+
+    graph: str
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    """Result of checking one graph."""
+
+    graph: str
+    nodes: int
+    opset: int
+    offenses: tuple[Offense, ...]
+    unchecked_types: int
+
+
+@lru_cache(maxsize=1)
+def support_table() -> dict[str, Any]:
+    """The parsed ``tensorrt_onnx_support.json``."""
+    return json.loads(TABLE_PATH.read_text())
+
+
+def _type_name(elem_type: int) -> str:
+    import onnx
+
+    return onnx.TensorProto.DataType.Name(elem_type)
+
+
+def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> CompatReport:
+    """Check one ONNX file (weights are not loaded).
+
+    Raises:
+        HimapError: if the file cannot be read as ONNX.
+    """
+    import onnx
+
+    table = table or support_table()
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have several types
+        raise HimapError(f"cannot read {str(path)!r} as ONNX: {exc}") from None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is best effort; unknown types are counted, not guessed
+        inferred = model
+    graph = inferred.graph
+    offenses: list[Offense] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    low, high = table["opset"]["min"], table["opset"]["max"]
+    if not low <= opset <= high:
+        offenses.append(Offense(path.name, "", "", f"opset {opset} is outside TensorRT's parser range {low}..{high}"))
+
+    types: dict[str, int] = {}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    constants = {init.name for init in graph.initializer}
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constants.update(node.output)
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+
+    allowed_names = table["type_names"]
+    unchecked = 0
+    for node in graph.node:
+        name = node.name or f"<{node.op_type}>"
+        if node.domain not in ("", "ai.onnx"):
+            offenses.append(Offense(path.name, name, node.op_type,
+                                    f"custom domain {node.domain!r}: TensorRT needs a plugin for it"))
+            continue
+        if node.op_type in table["unsupported"]:
+            offenses.append(Offense(path.name, name, node.op_type, "operator not supported by TensorRT's ONNX parser"))
+            continue
+        if node.op_type not in table["supported"]:
+            offenses.append(Offense(path.name, name, node.op_type, "operator not in TensorRT's ONNX parser support table"))
+            continue
+        allowed = {allowed_names[t] for t in table["supported"][node.op_type] if t in allowed_names}
+        spec = table["typed_inputs"].get(node.op_type, [0])
+        indices = range(len(node.input)) if spec == "all" else spec
+        checked = [(f"input {i}", node.input[i]) for i in indices if i < len(node.input) and node.input[i]]
+        if node.op_type in table["typed_outputs"]:
+            checked += [("output 0", node.output[0])]
+        for where, value in checked:
+            if value not in types:
+                unchecked += 1
+                continue
+            type_name = _type_name(types[value])
+            if allowed and type_name not in allowed:
+                offenses.append(Offense(path.name, name, node.op_type,
+                                        f"{where} ({value}) is {type_name}; TensorRT supports {', '.join(sorted(allowed))}"))
+        for index in table["constant_inputs"].get(node.op_type, []):
+            if index < len(node.input) and node.input[index] and node.input[index] not in constants:
+                offenses.append(Offense(path.name, name, node.op_type,
+                                        f"input {index} ({node.input[index]}) must be a constant (initializer)"))
+    return CompatReport(path.name, len(graph.node), opset, tuple(offenses), unchecked)
+
+
+def check_export(export_dir: Path, manifest) -> list[CompatReport]:
+    """Check every graph of an export (see :func:`check_onnx_file`)."""
+    return [check_onnx_file(Path(export_dir) / spec.file) for spec in manifest.graphs]

@@ -1,0 +1,144 @@
+"""TensorRT optimization profiles, derived from the graph declarations and the plan.
+
+One profile per phase per graph (TensorRT engines carry several; the runtime keeps one execution
+context per profile):
+
+==========  ===========  ==========================================  ===============================
+graph       profile      ``sequence``                                ``past_sequence``
+==========  ===========  ==========================================  ===============================
+segment j   prefill      1 .. max_seq_len - 1 - dropped_j            0
+segment j   decode       1                                           1 .. max_seq_len - 2 - dropped_j
+scoring j   prefill      entering_j + 1 .. max_seq_len - 1 - dropped_j   --
+embed       prefill      1 .. max_seq_len - 1                        --
+embed       decode       1                                           --
+vision      prefill      --                                          --
+==========  ===========  ==========================================  ===============================
+
+``dropped_j`` is the number of image tokens the stages before segment j removed
+(|V| - image tokens of segment j), which is why pruned segments have smaller maxima. A prompt
+holds at most ``max_seq_len - 1`` tokens (one must remain for the answer). A decode step feeds a
+token at cache position at most ``max_seq_len - 2`` (the last generated token is never fed back),
+so its ``past_sequence`` is at most ``max_seq_len - 2`` and the present it returns holds at most
+``max_seq_len - 1`` tokens. ``batch`` is 1 .. max_batch
+everywhere. ``opt`` is a typical LLaVA request: |V| image tokens plus :data:`OPT_TEXT_TOKENS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from himap_trt.errors import HimapError
+from himap_trt.graphs.spec import GraphSpec
+from himap_trt.plan import PruningPlan
+
+#: Text tokens (system + instruction) of the prompt the profiles are tuned for.
+OPT_TEXT_TOKENS = 64
+#: Generated tokens the decode profiles are tuned for.
+OPT_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max shape of one input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: a shape range for every input of a graph."""
+
+    name: str
+    shapes: dict[str, ShapeRange]
+
+    def covers(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether every given input shape lies within this profile's ranges."""
+        for name, shape in shapes.items():
+            r = self.shapes.get(name)
+            if r is None or len(shape) != len(r.min):
+                return False
+            if any(not lo <= s <= hi for s, lo, hi in zip(shape, r.min, r.max)):
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shapes": {k: {"min": list(v.min), "opt": list(v.opt), "max": list(v.max)}
+                                             for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        return cls(data["name"], {k: ShapeRange(tuple(v["min"]), tuple(v["opt"]), tuple(v["max"]))
+                                  for k, v in data["shapes"].items()})
+
+
+def _profile(spec: GraphSpec, name: str, ranges: dict[str, tuple[int, int, int]]) -> Profile:
+    """Evaluate every input's symbolic shape at the min, opt and max of the named sizes."""
+    at = [{key: value[i] for key, value in ranges.items()} for i in range(3)]
+    return Profile(name, {t.name: ShapeRange(t.concrete(at[0]), t.concrete(at[1]), t.concrete(at[2]))
+                          for t in spec.inputs})
+
+
+def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_seq_len: int,
+                   opt_batch: int = 1) -> list[Profile]:
+    """The optimization profiles of one graph (see the module table).
+
+    Args:
+        spec: the graph's declaration.
+        plan: the plan of the export (keep counts set the pruned segments' maxima).
+        max_batch: most prompts per batch.
+        max_seq_len: most tokens (prompt + generated) per sequence.
+        opt_batch: batch size to tune for.
+
+    Raises:
+        HimapError: if ``max_seq_len`` cannot hold the image tokens and one text token, or
+            ``max_batch`` < 1.
+    """
+    n_img = plan.num_image_tokens
+    if max_batch < 1:
+        raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_seq_len < n_img + 2:
+        raise HimapError(f"--max-seq-len {max_seq_len} cannot hold the {n_img} image tokens, a text token "
+                         "and an answer token")
+    opt_batch = min(max(opt_batch, 1), max_batch)
+    batch = (1, opt_batch, max_batch)
+    longest = max_seq_len - 1
+    opt_prompt = min(n_img + OPT_TEXT_TOKENS, longest)
+    if spec.kind == "vision":
+        return [_profile(spec, "prefill", {"batch": batch})]
+    if spec.kind == "embed":
+        return [_profile(spec, "prefill", {"batch": batch, "sequence": (1, opt_prompt, longest)}),
+                _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
+    if spec.kind == "scoring":
+        dropped = n_img - spec.attrs["entering"]
+        top = longest - dropped
+        low = spec.attrs["entering"] + 1
+        return [_profile(spec, "prefill", {"batch": batch, "sequence": (low, max(low, opt_prompt - dropped), top)})]
+    if spec.kind == "segment":
+        dropped = n_img - spec.attrs["image_tokens"]
+        top = longest - dropped
+        prompt = opt_prompt - dropped
+        cache = min(prompt + OPT_NEW_TOKENS, top - 1)
+        return [
+            _profile(spec, "prefill", {"batch": batch, "sequence": (1, prompt, top), "past_sequence": (0, 0, 0)}),
+            _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (1, cache, top - 1)}),
+        ]
+    raise HimapError(f"graph {spec.name!r}: no profiles for kind {spec.kind!r}")
+
+
+def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:
+    """Bytes of every segment's KV cache for ``batch`` sequences holding ``tokens_per_segment[j]``
+    tokens in segment j."""
+    from himap_trt.runtime.kv_cache import torch_dtype
+
+    total = 0
+    for spec, tokens in zip([s for s in specs if s.kind == "segment"], tokens_per_segment):
+        for tensor in spec.inputs[3:]:
+            size = tensor.concrete({"batch": batch, "past_sequence": tokens})
+            count = 1
+            for dim in size:
+                count *= dim
+            total += count * torch_dtype(tensor.dtype).itemsize
+    return total

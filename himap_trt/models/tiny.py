@@ -182,3 +182,31 @@ def tiny_model_dir(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def random_model(config, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A random-weight model with any LLaVA config (e.g. LLaVA-1.5-7B's dimensions), with the
+    built-in byte-level tokenizer and a processor sized to the config's vision tower. In memory
+    only: for benchmarks, where weights do not matter but shapes do.
+
+    transformers' own init (``initializer_range``) is used, so activations stay in range at any
+    width. The config's image token id is set to the built-in tokenizer's ``<image>``.
+
+    Returns:
+        A :class:`himap_trt.models.LoadedModel`.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from himap_trt.models.loading import LoadedModel
+
+    vision = config.vision_config
+    spec = TinySpec("random", num_key_value_heads=config.text_config.num_key_value_heads,
+                    image_size=vision.image_size, patch_size=vision.patch_size)
+    tokenizer = _tokenizer()
+    config.image_token_index = IMAGE_ID
+    config.text_config.pad_token_id, config.text_config.eos_token_id = PAD_ID, EOS_ID
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return LoadedModel(model=model, processor=_processor(spec, tokenizer), source="random", path="(in memory)")

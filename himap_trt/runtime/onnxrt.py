@@ -61,6 +61,9 @@ class OnnxRuntimeBackend(BackendBase):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Each graph has its own session and thread pool; a pool whose threads spin after a run steals
+        # cores from the next graph's pool (measured: docs/PERFORMANCE.md, "ONNX Runtime threads").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" \
             else ["CPUExecutionProvider"]
         try:

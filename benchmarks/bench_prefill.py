@@ -63,6 +63,18 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def _timed_run(run, times: list[float], device: str):
+    """Wrap a backend's ``run`` to append each call's duration (seconds) to ``times``."""
+    def wrapper(feeds):
+        start_ = time.perf_counter()
+        result = run(feeds)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start_)
+        return result
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="medium")
@@ -73,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--per-graph", action="store_true", help="also print the median time of each graph's prefill call")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -98,16 +111,23 @@ def main() -> None:
                 str(loaded.model.dtype).split(".")[1]], validate=False))
             pipe = open_pipeline(export_dir=out, backend="onnxruntime", device=args.device).pipeline
         batch = pipe.prepare([image], [question])
+        per_graph: dict[str, list[float]] = {}
         with torch.inference_mode():
             pipe.prefill(batch)  # warm-up
+            if args.per_graph:
+                for name, backend in pipe.backends.items():
+                    backend.run = _timed_run(backend.run, per_graph.setdefault(name, []), args.device)
             prefill = [timed(lambda: pipe.prefill(batch), args.device) for _ in range(args.repeats)]
+            for name, backend in pipe.backends.items():
+                backend.__dict__.pop("run", None)
             runs = [pipe.generate(batch, GenerationConfig(max_new_tokens=args.new_tokens))
                     for _ in range(max(1, min(3, args.repeats)))]
         rows.append({"plan": key, "describe": plan.describe(), "prompt_tokens": batch.prompt_lengths[0],
                      "prefill_s": statistics.median(prefill), "prefill_min_s": min(prefill),
                      "ttft_s": statistics.median(r.ttft_s for r in runs),
                      "tpot_s": statistics.median(r.tpot_s for r in runs),
-                     "kv_cache_bytes": runs[0].kv_cache_bytes})
+                     "kv_cache_bytes": runs[0].kv_cache_bytes,
+                     "per_graph_ms": {k: statistics.median(v) * 1e3 for k, v in per_graph.items() if v}})
     base = next((r["prefill_s"] for r in rows if r["plan"] == "none"), None)
     for row in rows:
         row["prefill_speedup"] = base / row["prefill_s"] if base else None
@@ -124,6 +144,9 @@ def main() -> None:
         speed = f"{r['prefill_speedup']:.2f}x" if r["prefill_speedup"] else "-"
         print(f"{r['plan']:6} {r['prompt_tokens']:6d} {r['prefill_s'] * 1e3:11.1f} {speed:>8} {r['ttft_s'] * 1e3:8.1f} "
               f"{r['tpot_s'] * 1e3:8.2f} {r['kv_cache_bytes'] / 2**20:7.2f}")
+    for r in rows:
+        if r["per_graph_ms"]:
+            print(f"  {r['plan']}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["per_graph_ms"].items()))
 
 
 if __name__ == "__main__":

@@ -349,8 +349,12 @@ def run(
         return
     if not streaming:
         for i, request in enumerate(report["requests"]):
-            prefix = f"[{i}] " if len(report["requests"]) > 1 else ""
+            prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
             out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
+    from himap_trt.models.tiny import TINY_MODELS
+
+    if report["model"] in TINY_MODELS:
+        out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
     _print_run_stats(report)
 
 

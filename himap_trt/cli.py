@@ -82,6 +82,9 @@ R2Opt = Annotated[float, typer.Option("--r2", help="HiMAP: fraction of the remai
 KOpt = Annotated[int, typer.Option("--k", help="FastV: layer of the stage (last-token scores of layer K-1).")]
 ROpt = Annotated[float, typer.Option("--r", help="FastV: fraction of image tokens dropped at K.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
+EnginesOpt = Annotated[Optional[Path], typer.Option(
+    "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")]
 
 
 def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float):
@@ -161,8 +164,9 @@ def export(
         "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles "
                               "[default: the model's positions, at most 2048].")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20.")] = 18,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate",
-                                           help="Compare every graph with PyTorch in ONNX Runtime after export.")] = True,
+    validate: Annotated[bool, typer.Option(
+        "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
+                                         "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
     as_json: JsonOpt = False,
@@ -174,22 +178,18 @@ def export(
     processor and manifest.json. A failed export leaves an existing export at --out untouched.
     """
     from himap_trt.export import ExportOptions, export_model
-    from himap_trt.models import load_model
-    from himap_trt.models.loading import DTYPES, canonical_dtype
-
-    options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
-                            validate=validate)
     from himap_trt.export.manifest import MANIFEST_NAME
     from himap_trt.fsutil import check_target
-    from himap_trt.models import load_config
+    from himap_trt.models import load_config, load_model
+    from himap_trt.models.loading import DTYPES, canonical_dtype
 
-    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)  # bad options fail before any work
+    # bad options, a foreign --out, or (with --build) a missing TensorRT fail before any work
+    options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
+                            validate=validate)
+    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
     if build_engines_too:
-        from himap_trt.engines.build import gpu_identity, import_tensorrt
-
-        import_tensorrt()
-        gpu_identity()
+        _require_tensorrt()
     err.print(f"loading {model} ({options.dtype})")
     loaded = load_model(model, dtype=DTYPES[options.dtype])
     err.print(f"plan: {plan.describe()}")
@@ -203,17 +203,18 @@ def export(
         progress.update(task, description="export complete", completed=progress.tasks[0].total)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    if build_engines_too:
-        build(export_dir=out_dir, engines_dir=None, max_batch=1, max_seq_len=None, workspace=None,
-              timing_cache=None, dry_run=False, model=None, method=method, k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r,
-              dtype=dtype, as_json=False)
+    built = _build_engines(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
+                           timing_cache=None) if build_engines_too else None
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
-                          "checks": [c.__dict__ for c in checks]}, indent=2))
+                          "checks": [c.__dict__ for c in checks],
+                          "engines": built.to_dict() if built else None}, indent=2))
         return
     _print_checks(checks)
     out.print(f"exported {len(manifest.graphs)} graphs to {out_dir}/ ({size / 1e6:.1f} MB): "
               + ", ".join(p.name for p in files if p.suffix == ".onnx"))
+    if built:
+        _print_built(built)
 
 
 def _print_checks(checks) -> None:
@@ -271,9 +272,8 @@ def run(
     batch: Annotated[Optional[Path], typer.Option(
         "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
                         "padded batch (relative paths are relative to the file).")] = None,
-    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")] = Path("export"),
-    engines_dir: Annotated[Optional[Path], typer.Option(
-        "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")] = None,
+    export_dir: ExportDirOpt = Path("export"),
+    engines_dir: EnginesOpt = None,
     backend: Annotated[str, typer.Option(
         "--backend", help="auto (TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime), "
                           "onnxruntime, tensorrt, or torch (the PyTorch reference).")] = "auto",
@@ -412,7 +412,38 @@ def _parse_bytes(text: str) -> int:
     return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
 
 
-def _profile_rows(spec, profiles):
+def _require_tensorrt() -> None:
+    from himap_trt.engines.build import gpu_identity, import_tensorrt
+
+    import_tensorrt()
+    gpu_identity()
+
+
+def _build_engines(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
+                   workspace: int, timing_cache: Optional[Path]):
+    """Build engines with a progress display (TensorRT and a GPU are checked first)."""
+    from himap_trt.engines.build import build_engines
+    from himap_trt.runtime.loader import default_engines_dir
+
+    _require_tensorrt()
+    with _progress() as progress:
+        task = progress.add_task("build", total=len(manifest.graphs))
+
+        def report(text: str, done: int, total: int) -> None:
+            progress.update(task, description=text, completed=done, total=total)
+
+        return build_engines(export_dir, engines_dir or default_engines_dir(export_dir), manifest,
+                             max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
+                             timing_cache=timing_cache, progress=report)
+
+
+def _print_built(built) -> None:
+    out.print(f"built {len(built.engines)} engines with TensorRT {built.tensorrt_version} for {built.gpu_name} "
+              f"(compute capability {built.compute_capability}), batch <= {built.max_batch}, "
+              f"<= {built.max_seq_len} tokens")
+
+
+def _profile_rows(profiles):
     """(profile, inputs, min, opt, max) rows, grouping inputs whose ranges are identical."""
     rows = []
     for profile in profiles:
@@ -443,9 +474,9 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
     for column in ("graph", "profile", "input", "min", "opt", "max"):
         table.add_column(column)
     for spec in specs:
-        for i, (profile, label, low, opt, high) in enumerate(_profile_rows(spec, profiles[spec.name])):
-            table.add_row(spec.name if i == 0 else "", profile, label, low, opt, high,
-                          end_section=i == len(_profile_rows(spec, profiles[spec.name])) - 1)
+        rows = _profile_rows(profiles[spec.name])
+        for i, (profile, label, low, opt, high) in enumerate(rows):
+            table.add_row(spec.name if i == 0 else "", profile, label, low, opt, high, end_section=i == len(rows) - 1)
     out.print(table)
     out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
               f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
@@ -454,9 +485,8 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
 @app.command()
 @user_errors
 def build(
-    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory to build from.")] = Path("export"),
-    engines_dir: Annotated[Optional[Path], typer.Option(
-        "--engines", help="Engines directory (replaced atomically) [default: engines/ beside the export].")] = None,
+    export_dir: ExportDirOpt = Path("export"),
+    engines_dir: EnginesOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts per batch (profile maximum).")] = 1,
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="Most tokens per sequence (profile maxima) [default: the export's].")] = None,
@@ -481,11 +511,9 @@ def build(
     for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
     they were built with; `run` refuses others.
     """
-    from himap_trt.engines.build import build_engines
     from himap_trt.export.manifest import load_manifest
     from himap_trt.graphs.spec import DTYPE_NAMES, graph_specs
     from himap_trt.models.loading import canonical_dtype
-    from himap_trt.runtime.loader import default_engines_dir
 
     if model is not None:
         if not dry_run:
@@ -507,35 +535,20 @@ def build(
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
-    engines = engines_dir or default_engines_dir(export_dir)
-    from himap_trt.engines.build import gpu_identity, import_tensorrt
-
-    import_tensorrt()  # fail before any progress display
-    gpu_identity()
-    with _progress() as progress:
-        task = progress.add_task("build", total=len(manifest.graphs))
-
-        def report(text: str, done: int, total: int) -> None:
-            progress.update(task, description=text, completed=done, total=total)
-
-        built = build_engines(export_dir, engines, manifest, max_batch=max_batch, max_seq_len=length,
-                              workspace=_parse_bytes(workspace) if workspace else 0, timing_cache=timing_cache,
-                              progress=report)
+    built = _build_engines(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
+                           workspace=_parse_bytes(workspace) if workspace else 0, timing_cache=timing_cache)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return
-    out.print(f"built {len(built.engines)} engines in {engines}/ with TensorRT {built.tensorrt_version} for "
-              f"{built.gpu_name} (compute capability {built.compute_capability}), batch <= {max_batch}, "
-              f"<= {length} tokens")
+    _print_built(built)
 
 
 # -- check ----------------------------------------------------------------------------------------
 @app.command()
 @user_errors
 def check(
-    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory to check.")] = Path("export"),
-    engines_dir: Annotated[Optional[Path], typer.Option(
-        "--engines", help="TensorRT engines to compare too [default: engines/ beside the export].")] = None,
+    export_dir: ExportDirOpt = Path("export"),
+    engines_dir: EnginesOpt = None,
     tensorrt_compat: Annotated[bool, typer.Option(
         "--tensorrt-compat", help="Only the static check: every node's operator, input dtypes and constant inputs "
                                   "against TensorRT's ONNX parser support table (no TensorRT needed).")] = False,

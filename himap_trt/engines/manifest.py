@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
+from himap_trt.export.manifest import read_versioned_json
 from himap_trt.plan import PruningPlan
 
 ENGINES_MANIFEST = "manifest.json"
@@ -79,15 +80,7 @@ class EnginesManifest:
         raise HimapError(f"the engines manifest has no engine for graph {graph!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version, "package_version": self.package_version,
-            "export_fingerprint": self.export_fingerprint, "plan": self.plan.to_dict(), "dtype": self.dtype,
-            "tensorrt_version": self.tensorrt_version, "gpu_name": self.gpu_name,
-            "compute_capability": self.compute_capability, "max_batch": self.max_batch,
-            "max_seq_len": self.max_seq_len, "workspace_bytes": self.workspace_bytes,
-            "engines": [{"graph": e.graph, "file": e.file, "profiles": [p.to_dict() for p in e.profiles]}
-                        for e in self.engines],
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnginesManifest:
@@ -121,13 +114,7 @@ def read_engines_manifest(directory: Path) -> EnginesManifest:
     path = directory / ENGINES_MANIFEST
     if not path.is_file():
         raise HimapError(f"--engines {str(directory)!r} holds no {ENGINES_MANIFEST}; build engines with `himap-trt build`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HimapError(f"cannot read {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format_version") != ENGINES_FORMAT_VERSION:
-        raise HimapError(f"{str(path)!r} has engines format version {data.get('format_version') if isinstance(data, dict) else None!r}, "
-                         f"this himap-trt reads {ENGINES_FORMAT_VERSION}; rebuild with `himap-trt build`")
+    data = read_versioned_json(path, ENGINES_FORMAT_VERSION, "engines manifest", "rebuild with `himap-trt build`")
     return EnginesManifest.from_dict(data)
 
 

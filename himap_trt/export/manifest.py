@@ -67,10 +67,7 @@ class Manifest:
         raise HimapError(f"the manifest has no graph {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["plan"] = self.plan.to_dict()
-        data["graphs"] = [g.to_dict() for g in self.graphs]
-        return data
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -106,6 +103,26 @@ class Manifest:
         return path
 
 
+def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dict[str, Any]:
+    """Read a manifest file that must be a JSON object with ``format_version == version``.
+
+    Raises:
+        HimapError: unreadable file or JSON, not an object, or another format version (the message
+            names ``what`` and the ``remedy``).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HimapError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict):
+        raise HimapError(f"{str(path)!r} is not a himap-trt {what} (expected a JSON object)")
+    found = data.get("format_version")
+    if found != version:
+        raise HimapError(f"{str(path)!r} has {what} format version {found!r}, this himap-trt reads version "
+                         f"{version}; {remedy}")
+    return data
+
+
 def load_manifest(directory: str | Path, flag: str = "--export-dir") -> Manifest:
     """Read and check an export directory's manifest.
 
@@ -119,18 +136,7 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir") -> Manifest
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise HimapError(f"{flag} {str(directory)!r} holds no {MANIFEST_NAME}; it is not a himap-trt export")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HimapError(f"cannot read {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict):
-        raise HimapError(f"{str(path)!r} is not a himap-trt manifest (expected a JSON object)")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise HimapError(
-            f"{str(path)!r} has format version {version!r}, this himap-trt reads version {FORMAT_VERSION}; "
-            "re-export with this version"
-        )
+    data = read_versioned_json(path, FORMAT_VERSION, "manifest", "re-export with this version")
     manifest = Manifest.from_dict(data)
     for spec in manifest.graphs:
         if not spec.file or not (directory / spec.file).is_file():

@@ -60,12 +60,14 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         model: with ``backend='torch'``: run the reference from this checkpoint, no export needed.
         requested_plan: ``(num_layers, num_image_tokens) -> PruningPlan`` or None: the plan the user
             asked for, checked against the export's (or used directly with ``model``; default HiMAP).
-        engines_dir: TensorRT engines directory (default ``<export_dir>/../engines``... see CLI).
+        engines_dir: TensorRT engines directory (default: :func:`default_engines_dir`).
         device: ``cpu``/``cuda`` for torch and onnxruntime (default: cuda if usable, else cpu).
         dtype: ``fp32``/``fp16``/``bf16`` for the torch backend with ``model``.
 
     Raises:
-        HimapError: unknown backend, missing/incompatible export or engines, plan mismatch.
+        HimapError: unknown backend, missing/incompatible export or engines, plan mismatch. With
+            ``auto``, engines that are present but stale (another export, TensorRT or GPU) are an
+            error, not a silent fall-back to ONNX Runtime.
     """
     from himap_trt.runtime import Pipeline, reference_pipeline
 

@@ -166,7 +166,7 @@ def test_engines_of_another_export_plan_version_or_gpu_are_refused(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     data["format_version"] = 7
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(HimapError, match="engines format version 7"):
+    with pytest.raises(HimapError, match="engines manifest format version 7"):
         read_engines_manifest(tmp_path)
 
 

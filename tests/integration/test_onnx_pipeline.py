@@ -78,3 +78,28 @@ def test_segment_caches_have_different_lengths(tmp_path_factory, requests_3):
     assert [c.length for c in state.caches] == [prompt, prompt - 72, prompt - 126]
     pipe.decode_one_token(torch.tensor([5]), state.next_positions, state.caches)
     assert [c.length for c in state.caches] == [prompt + 1, prompt - 71, prompt - 125]
+
+
+def test_external_weight_files(tmp_path, monkeypatch, requests_3):
+    """Large models store weights in <graph>.onnx.data; force that path on the tiny model."""
+    import onnx
+
+    from himap_trt.export import ExportOptions, export_model, onnx_export
+    from himap_trt.plan import build_plan
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    loaded = tiny("tiny")
+    plan = build_plan("fastv", num_layers=12, num_image_tokens=144)
+    manifest, checks = export_model(loaded, plan, ExportOptions(out=tmp_path / "export"))
+    assert checks and all(c.ok for c in checks)
+    for spec in (s for s in manifest.graphs if s.kind != "scoring"):   # scoring graphs hold no weights
+        data = tmp_path / "export" / f"{spec.file}.data"
+        assert data.is_file() and data.stat().st_size > 0, spec.name
+        model = onnx.load(str(tmp_path / "export" / spec.file), load_external_data=False)
+        assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    images, questions = requests_3
+    pipe = open_pipeline(export_dir=tmp_path / "export", backend="onnxruntime").pipeline
+    ref = reference_pipeline(loaded, plan)
+    batch = ref.prepare(images[:1], questions[:1])
+    assert torch.equal(pipe.generate(batch, GenerationConfig(max_new_tokens=8)).sequences,
+                       ref.generate(batch, GenerationConfig(max_new_tokens=8)).sequences)

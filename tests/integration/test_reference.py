@@ -156,8 +156,11 @@ def test_sampling_is_seeded_and_respects_top_k(requests_3):
     assert a.tokens == b.tokens
     greedy = pipe.generate(batch, GenerationConfig(max_new_tokens=12))
     assert a.tokens != greedy.tokens
-    # top_k=1 sampling is greedy whatever the temperature
+    # top_k=1, or a top_p below the best token's probability, samples the greedy token whatever the temperature
     assert pipe.generate(batch, GenerationConfig(max_new_tokens=12, temperature=2.0, top_k=1, seed=3)).tokens == greedy.tokens
+    assert pipe.generate(batch, GenerationConfig(max_new_tokens=12, temperature=2.0, top_p=1e-6, seed=3)).tokens == greedy.tokens
+    other_seed = pipe.generate(batch, GenerationConfig(max_new_tokens=12, temperature=1.5, top_k=3, seed=8))
+    assert other_seed.tokens != a.tokens
 
 
 def test_eos_stops_and_pads_like_generate(requests_3):

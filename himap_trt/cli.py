@@ -524,7 +524,9 @@ def build(
         dims = model_dims(config)
         plan = _plan(config, method, k1, r1, k2, r2, k, r)
         specs = graph_specs(dims, plan, DTYPE_NAMES[canonical_dtype(dtype)])
-        length = max_seq_len or min(dims.max_position_embeddings, 2048)
+        from himap_trt.export import default_max_seq_len
+
+        length = max_seq_len or default_max_seq_len(dims)
         _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
         return
     manifest = load_manifest(export_dir)

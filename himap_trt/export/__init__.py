@@ -17,7 +17,7 @@ from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
-__all__ = ["ExportOptions", "export_model", "DEFAULT_OPSET", "OPSETS"]
+__all__ = ["ExportOptions", "export_model", "default_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,23 @@ class ExportOptions:
     max_seq_len: int | None = None
     validate: bool = True
 
+    def __post_init__(self):
+        if self.opset not in OPSETS:
+            raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {self.opset}")
+        if self.dtype not in DTYPE_NAMES:
+            raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
 
 Progress = Callable[[str, int, int], None]
+
+#: Cap of the default --max-seq-len (LLaVA-1.5 allows 4096 positions; 2048 keeps the TensorRT
+#: profiles' maxima and KV-cache memory moderate).
+DEFAULT_MAX_SEQ_LEN_CAP = 2048
+
+
+def default_max_seq_len(dims) -> int:
+    """The ``--max-seq-len`` used when none is given: the model's positions, at most 2048 tokens."""
+    return min(dims.max_position_embeddings, DEFAULT_MAX_SEQ_LEN_CAP)
 
 
 def _describe(spec: GraphSpec) -> str:
@@ -65,7 +80,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         (empty with ``validate=False``).
 
     Raises:
-        HimapError: invalid options, an export/checker failure, or a validation failure (then
+        HimapError: --max-seq-len out of range, an export/checker failure, or a validation failure (then
             nothing is written and an existing export at ``options.out`` is untouched).
     """
     import torch
@@ -80,12 +95,10 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
     dims = loaded.dims
     dtype = DTYPE_NAMES[options.dtype]
-    max_seq_len = options.max_seq_len or min(dims.max_position_embeddings, 2048)
+    max_seq_len = options.max_seq_len or default_max_seq_len(dims)
     if not dims.num_image_tokens < max_seq_len <= dims.max_position_embeddings:
         raise HimapError(f"--max-seq-len must be in ({dims.num_image_tokens}, {dims.max_position_embeddings}] "
                          f"(more than the image tokens, at most the model's positions), got {max_seq_len}")
-    if options.opset not in OPSETS:
-        raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {options.opset}")
     specs = graph_specs(dims, plan, dtype)
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     steps = len(specs) + (len(specs) + 1 if options.validate else 0) + 1

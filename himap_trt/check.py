@@ -31,6 +31,7 @@ class EndToEnd:
 
     @property
     def ok(self) -> bool:
+        """Kept indices equal, and tokens equal where required (fp32)."""
         return self.kept_indices_equal and (not self.tokens_required or self.tokens_equal == self.tokens_total)
 
 
@@ -45,6 +46,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
+        """Every graph output within tolerance and every end-to-end comparison passed."""
         return all(c.ok for checks in self.graph_checks.values() for c in checks) and all(e.ok for e in self.end_to_end)
 
 

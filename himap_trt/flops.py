@@ -73,6 +73,7 @@ class PromptFlops:
 
     @property
     def total(self) -> int:
+        """All parts together (FLOPs)."""
         return self.vision + self.decoder + self.scoring + self.lm_head
 
 

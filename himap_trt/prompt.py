@@ -131,6 +131,7 @@ class PromptBatch:
 
     @property
     def batch_size(self) -> int:
+        """Prompts in the batch."""
         return int(self.input_ids.shape[0])
 
     @property

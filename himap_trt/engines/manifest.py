@@ -74,6 +74,7 @@ class EnginesManifest:
     engines: tuple[EngineEntry, ...]
 
     def entry(self, graph: str) -> EngineEntry:
+        """The engine built from ``graph``; raises :class:`HimapError` if there is none."""
         for entry in self.engines:
             if entry.graph == graph:
                 return entry

@@ -61,6 +61,7 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
 
     def graph(self, name: str) -> GraphSpec:
+        """The graph called ``name``; raises :class:`HimapError` if the export has none."""
         for spec in self.graphs:
             if spec.name == name:
                 return spec

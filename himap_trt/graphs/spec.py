@@ -106,12 +106,14 @@ class GraphSpec:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
+        """The input called ``name``; raises ``KeyError`` if there is none."""
         for spec in self.inputs:
             if spec.name == name:
                 return spec
         raise KeyError(f"graph {self.name!r} has no input {name!r}")
 
     def output(self, name: str) -> TensorSpec:
+        """The output called ``name``; raises ``KeyError`` if there is none."""
         for spec in self.outputs:
             if spec.name == name:
                 return spec
@@ -119,10 +121,12 @@ class GraphSpec:
 
     @property
     def input_names(self) -> list[str]:
+        """Input names in spec (= module argument) order."""
         return [s.name for s in self.inputs]
 
     @property
     def output_names(self) -> list[str]:
+        """Output names in spec (= module result) order."""
         return [s.name for s in self.outputs]
 
     def to_dict(self) -> dict[str, Any]:

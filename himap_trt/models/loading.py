@@ -220,6 +220,7 @@ class LoadedModel:
 
     @property
     def dims(self) -> ModelDims:
+        """The model's :class:`ModelDims`."""
         return model_dims(self.model.config)
 
 

@@ -43,6 +43,7 @@ class GenerationConfig:
 
     @property
     def do_sample(self) -> bool:
+        """Sampling (temperature > 0) rather than greedy decoding."""
         return self.temperature > 0
 
 

@@ -118,8 +118,8 @@ def main() -> None:
                 for name, backend in pipe.backends.items():
                     backend.run = _timed_run(backend.run, per_graph.setdefault(name, []), args.device)
             prefill = [timed(lambda: pipe.prefill(batch), args.device) for _ in range(args.repeats)]
-            for name, backend in pipe.backends.items():
-                backend.__dict__.pop("run", None)
+            for backend in pipe.backends.values():
+                backend.__dict__.pop("run", None)   # back to the class's run
             runs = [pipe.generate(batch, GenerationConfig(max_new_tokens=args.new_tokens))
                     for _ in range(max(1, min(3, args.repeats)))]
         rows.append({"plan": key, "describe": plan.describe(), "prompt_tokens": batch.prompt_lengths[0],

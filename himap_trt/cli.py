@@ -601,7 +601,7 @@ def check(
                           "end_to_end": [e.__dict__ | {"ok": e.ok} for e in report.end_to_end]}, indent=1))
     else:
         atol, rtol = TOLERANCES[report.dtype]
-        for backend, checks in report.graph_checks.items():
+        for checks in report.graph_checks.values():
             groups: dict[tuple[str, str], list] = {}
             for c in checks:
                 groups.setdefault((c.graph, c.phase), []).append(c)

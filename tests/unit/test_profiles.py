@@ -1,7 +1,6 @@
 """Optimization profiles: the arithmetic against the plan, and coverage of what the runtime feeds."""
 
 import pytest
-import torch
 
 from himap_trt.engines.profiles import Profile, ShapeRange, graph_profiles, kv_cache_bytes
 from himap_trt.errors import HimapError

@@ -617,8 +617,10 @@ def check(
                                f"(<= {atol + rtol * c.max_abs_ref:.2e})")
         for e in report.end_to_end:
             _plain(f"[I] end to end | {e.backend} vs torch")
-            _plain(f"[I]     {'PASSED' if e.kept_indices_equal else 'FAILED'} | kept indices of {e.stages} stage(s) "
-                      f"{'equal' if e.kept_indices_equal else 'differ'}")
+            tag = "PASSED" if e.kept_indices_equal else ("FAILED" if e.kept_required else "WARNING")
+            _plain(f"[I]     {tag} | kept indices of {e.stages} stage(s) "
+                   f"{'equal' if e.kept_indices_equal else 'differ'} (overlap {e.kept_overlap:.3f})"
+                   + ("" if e.kept_required else f" (reported, not required, in {report.dtype})"))
             tag = "PASSED" if e.tokens_equal == e.tokens_total else ("FAILED" if e.tokens_required else "WARNING")
             _plain(f"[I]     {tag} | tokens equal: {e.tokens_equal}/{e.tokens_total}"
                       + ("" if e.tokens_required else f" (reported, not required, in {report.dtype})"))

@@ -106,18 +106,25 @@ def test_compat_cli_fails_naming_the_node(tmp_path_factory, tmp_path):
 
 
 # ---- check --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_check_compares_backends(tmp_path_factory, dtype):
-    out, _, _ = exported(tmp_path_factory, "tiny-gqa", "himap", dtype=dtype, k1=2, r1=0.5, k2=8, r2=0.75)
+@pytest.mark.parametrize("dtype,name", [("fp32", "tiny-gqa"), ("fp16", "tiny-gqa"), ("bf16", "tiny")])
+def test_check_compares_backends(tmp_path_factory, dtype, name):
+    plan_kw = {} if dtype == "bf16" else dict(k1=2, r1=0.5, k2=8, r2=0.75)   # share the session's exports
+    out, _, _ = exported(tmp_path_factory, name, "himap", dtype=dtype, **plan_kw)
     result = runner.invoke(app, ["check", "--export-dir", str(out), "--json", "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["ok"]
     checks = report["graphs"]["onnxruntime"]
+    # bf16 graphs run in ONNX's reference evaluator: ONNX Runtime's Python API cannot feed bfloat16
+    assert {c["backend"] for c in checks} == {"onnx.reference" if dtype == "bf16" else "onnxruntime"}
     assert {c["graph"] for c in checks} == {"vision", "embed", "segment_0", "scoring_0", "segment_1", "scoring_1", "segment_2"}
     (e2e,) = report["end_to_end"]
-    assert e2e["kept_indices_equal"] and e2e["stages"] == 2 and e2e["tokens_total"] == 12
-    assert e2e["tokens_required"] == (dtype == "fp32")
+    assert e2e["stages"] == 2 and e2e["tokens_total"] == 12
+    assert e2e["tokens_required"] == (dtype == "fp32") and e2e["kept_required"] == (dtype != "bf16")
+    if dtype != "bf16":
+        assert e2e["kept_indices_equal"] and e2e["kept_overlap"] == 1.0
+    else:   # compounded bf16 rounding may flip near-ties end to end: reported with the overlap
+        assert e2e["kept_overlap"] >= 0.9   # measured 0.934 (tiny) and 0.969 (tiny-gqa)
     if not HAS_TENSORRT:
         assert any(s.startswith("tensorrt:") for s in report["skipped"])
 

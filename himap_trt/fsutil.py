@@ -1,88 +1,258 @@
 """Atomic output directories: an export or build is written beside its target and swapped in only
-when complete, so a failed or killed run never damages an existing good one."""
+when complete, so a failed or killed run never damages an existing good one.
+
+Layout beside ``--out DIR`` (all removed by the next run that writes ``DIR``):
+
+- ``.DIR.lock``: the lock file (``flock``); a second writer of ``DIR`` fails fast while it is held.
+- ``.DIR.partial-<pid>-<token>``: the directory being written; after the swap, the old ``DIR``.
+
+The swap is one ``renameat2(RENAME_EXCHANGE)`` of the partial directory and ``DIR`` (Linux >= 3.15
+on ext4, xfs, btrfs, tmpfs, overlayfs), so ``DIR`` always holds the old or the new export, whatever
+moment the process is killed at. Where the kernel or file system cannot exchange, two renames are
+used (``DIR`` -> ``.DIR.previous-*``, partial -> ``DIR``) and the next run restores a
+``.DIR.previous-*`` it finds without ``DIR``.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from himap_trt.errors import HimapError
 
+#: Environment variable naming a point where a writing process stops (prints ``paused at <point>`` on
+#: stderr and sleeps), so tests can kill it there: ``export:graph``, ``swap:before``, ``swap:exchanged``.
+PAUSE_ENV = "HIMAP_TRT_PAUSE_AT"
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_HELD: dict[str, int] = {}   # lock files held by this process: target -> fd
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Delete partial directories left by runs that were killed (their process is gone)."""
-    for stale in parent.glob(f".{name}.partial-*"):
-        try:
-            pid = int(stale.name.split("-")[-2])
-        except (ValueError, IndexError):
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
+def pause_point(name: str) -> None:
+    """Stop here forever if :data:`PAUSE_ENV` names this point (a test hook; a no-op otherwise)."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"paused at {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
 
 
-def check_target(target: Path, *, marker: str, flag: str) -> Path:
+def _os_error(flag: str, target: Path, exc: OSError) -> HimapError:
+    reason = exc.strerror or type(exc).__name__
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = f"permission denied ({reason})"
+    where = f" ({exc.filename!r})" if exc.filename and str(exc.filename) != str(target) else ""
+    return HimapError(f"{flag} {str(target)!r} cannot be written: {reason}{where}")
+
+
+def _check_parent(target: Path, flag: str) -> None:
+    """Refuse a target whose nearest existing ancestor is not a writable directory."""
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():  # dangling link
+            break
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise HimapError(f"{flag} {str(target)!r} cannot be created: {str(ancestor)!r} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise HimapError(f"{flag} {str(target)!r} cannot be created: permission denied in {str(ancestor)!r}")
+
+
+def check_target(target: Path, *, marker: str, flag: str,
+                 recognise: Callable[[object], bool] | None = None) -> Path:
     """Refuse a ``target`` that :func:`atomic_directory` must not replace; returns it absolute.
 
+    Args:
+        target: the output directory.
+        marker: the file that identifies a directory this tool wrote (e.g. ``manifest.json``).
+        flag: the CLI flag, for messages.
+        recognise: ``(parsed marker JSON) -> bool``; when given, ``marker`` must also parse as ours.
+
     Raises:
-        HimapError: if ``target`` is a file, or a non-empty directory without ``marker``.
+        HimapError: if ``target`` is a file, a non-empty directory without a ``marker`` of ours, or
+            cannot be created (its parent is a file, or not writable).
     """
     target = Path(target).absolute()
     if target.exists():
         if not target.is_dir():
             raise HimapError(f"{flag} {str(target)!r} exists and is not a directory")
-        if any(target.iterdir()) and not (target / marker).is_file():
-            raise HimapError(
-                f"{flag} {str(target)!r} is a non-empty directory that himap-trt did not write (no {marker}); "
-                "choose another path or empty it"
-            )
+        try:
+            empty = not any(target.iterdir())
+        except OSError as exc:
+            raise _os_error(flag, target, exc) from None
+        if not empty:
+            foreign = HimapError(
+                f"{flag} {str(target)!r} is a non-empty directory that himap-trt did not write (no {marker} of "
+                "ours); choose another path or empty it")
+            if not (target / marker).is_file():
+                raise foreign
+            if recognise is not None:
+                try:
+                    data = json.loads((target / marker).read_bytes())
+                except (OSError, ValueError):
+                    raise foreign from None
+                if not recognise(data):
+                    raise foreign
+    else:
+        _check_parent(target, flag)
     return target
 
 
-@contextmanager
-def atomic_directory(target: Path, *, marker: str, flag: str) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``target``; on success replace ``target`` by it.
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
 
-    On an exception (or if the process is killed) ``target`` is left as it was; the temporary
-    directory is removed (or, after a kill, by the next run).
+
+@contextmanager
+def output_lock(target: Path, *, flag: str) -> Iterator[None]:
+    """Hold the lock of an output directory (re-entrant within a process).
+
+    The lock is an ``flock`` on ``.<name>.lock`` beside ``target``: the kernel releases it when the
+    holder dies, and the file is removed when the lock is released.
+
+    Raises:
+        HimapError: if another process holds it (naming its pid), or the lock file cannot be created.
+    """
+    target = Path(target).absolute()
+    key = str(target)
+    if key in _HELD:
+        yield
+        return
+    path = _lock_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise HimapError(f"{flag} {str(target)!r} is being written by another himap-trt process (pid {holder}); "
+                                 f"wait for it to finish or choose another {flag}") from None
+            try:  # the file may have been removed by the previous holder between open and flock
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as exc:
+        raise _os_error(flag, target, exc) from None
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False if the kernel, C library or file system cannot exchange (nothing was changed).
+
+    Raises:
+        OSError: any other failure.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Under the lock: restore a ``.previous-*`` whose swap was cut short, remove partial directories."""
+    parent = target.parent
+    previous = sorted(parent.glob(f".{target.name}.previous-*"))
+    if previous and not os.path.lexists(target):
+        previous.pop().rename(target)
+    for stale in [*previous, *parent.glob(f".{target.name}.partial-*")]:
+        _remove(stale)
+
+
+@contextmanager
+def atomic_directory(target: Path, *, marker: str, flag: str,
+                     recognise: Callable[[object], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``target``; on success swap it in for ``target``.
+
+    The target's lock (:func:`output_lock`) is held throughout. On an exception ``target`` is left
+    as it was and the temporary directory is removed; after a kill, ``target`` holds the old or the
+    new directory and the next run removes what is left (see the module docstring).
 
     Args:
         target: the directory to write.
         marker: a file name that identifies a directory this tool wrote (e.g. ``manifest.json``);
             an existing non-empty ``target`` without it is never replaced.
         flag: the CLI flag naming ``target``, for error messages.
+        recognise: see :func:`check_target`.
 
     Raises:
-        HimapError: if ``target`` is a file, or a non-empty directory this tool did not write.
+        HimapError: if ``target`` must not be replaced (see :func:`check_target`), another process
+            writes it, or it cannot be written.
     """
-    target = check_target(target, marker=marker, flag=flag)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(parent, target.name)
-    tmp = parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        backup = parent / f".{target.name}.previous-{os.getpid()}-{secrets.token_hex(4)}"
-        target.rename(backup)
-        tmp.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    target = check_target(target, marker=marker, flag=flag, recognise=recognise)
+    with output_lock(target, flag=flag):
+        parent = target.parent
+        try:
+            _clean_leftovers(target)
+            tmp = parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+        except OSError as exc:
+            raise _os_error(flag, target, exc) from None
+        try:
+            yield tmp
+        except BaseException:
+            _remove(tmp)
+            raise
+        try:
+            pause_point("swap:before")
+            if not os.path.lexists(target):
+                tmp.rename(target)
+            elif exchange(tmp, target):
+                pause_point("swap:exchanged")
+                _remove(tmp)  # now the old directory
+            else:
+                backup = parent / f".{target.name}.previous-{os.getpid()}-{secrets.token_hex(4)}"
+                target.rename(backup)
+                tmp.rename(target)
+                _remove(backup)
+        except OSError as exc:
+            if os.path.lexists(tmp):
+                _remove(tmp)
+            _clean_leftovers(target)  # puts back a .previous-* if the two-rename swap failed halfway
+            raise _os_error(flag, target, exc) from None

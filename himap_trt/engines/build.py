@@ -15,7 +15,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from himap_trt.engines.manifest import ENGINES_FORMAT_VERSION, ENGINES_MANIFEST, EngineEntry, EnginesManifest, export_fingerprint
+from himap_trt.engines.manifest import (
+    ENGINES_FORMAT_VERSION,
+    ENGINES_MANIFEST,
+    EngineEntry,
+    EnginesManifest,
+    export_fingerprint,
+    is_engines_manifest,
+)
 from himap_trt.engines.profiles import graph_profiles
 from himap_trt.errors import HimapError
 
@@ -87,13 +94,14 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     from polygraphy.exception import PolygraphyException
 
     from himap_trt import __version__
+    from himap_trt.confine import record_files
     from himap_trt.fsutil import atomic_directory
 
     timing_cache = Path(timing_cache or default_timing_cache())
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     entries = []
     total = len(manifest.graphs)
-    with atomic_directory(engines_dir, marker=ENGINES_MANIFEST, flag="--engines") as tmp:
+    with atomic_directory(engines_dir, marker=ENGINES_MANIFEST, flag="--engines", recognise=is_engines_manifest) as tmp:
         for step, spec in enumerate(manifest.graphs):
             if progress:
                 progress(f"building {spec.name}.engine", step, total)
@@ -125,6 +133,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             export_fingerprint=export_fingerprint(export_dir), plan=manifest.plan, dtype=manifest.dtype,
             tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
             max_batch=max_batch, max_seq_len=max_seq_len, workspace_bytes=workspace, engines=tuple(entries),
+            files=record_files(tmp, [entry.file for entry in entries]),
         )
         engines.save(tmp)
     if progress:

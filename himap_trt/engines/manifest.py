@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from himap_trt.export.manifest import read_versioned_json
 from himap_trt.plan import PruningPlan
 
 ENGINES_MANIFEST = "manifest.json"
-ENGINES_FORMAT_VERSION = 1
+#: Version 2 records every engine file's size and sha256 (``files``).
+ENGINES_FORMAT_VERSION = 2
 
 
 def engines_present(directory: Path) -> bool:
@@ -58,6 +59,8 @@ class EnginesManifest:
         max_batch / max_seq_len: the profile limits (prompts, tokens).
         workspace_bytes: builder workspace limit (0: TensorRT's default).
         engines: one entry per graph, in chain order.
+        files: every engine file, relative path -> ``{"bytes": size, "sha256": hex}``; an engine
+            deserialises plugins, so it is treated like code: checked before TensorRT reads it.
     """
 
     format_version: int
@@ -72,6 +75,7 @@ class EnginesManifest:
     max_seq_len: int
     workspace_bytes: int
     engines: tuple[EngineEntry, ...]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def entry(self, graph: str) -> EngineEntry:
         """The engine built from ``graph``; raises :class:`HimapError` if there is none."""
@@ -84,7 +88,20 @@ class EnginesManifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EnginesManifest:
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> EnginesManifest:
+        """Parse and validate.
+
+        Raises:
+            HimapError: naming ``source`` and the missing or malformed field.
+        """
+        where = f"engines manifest {str(source)!r}" if source is not None else "engines manifest"
+        for key in ("export_fingerprint", "plan", "tensorrt_version", "engines", "files"):
+            if key not in data:
+                raise HimapError(f"{where}: field {key!r} is missing")
+        if not isinstance(data["engines"], list) or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("graph"), str)
+                for e in data["engines"]):
+            raise HimapError(f"{where}: field 'engines' must be an array of objects with string 'graph' and 'file'")
         try:
             return cls(
                 format_version=int(data["format_version"]), package_version=str(data["package_version"]),
@@ -95,9 +112,12 @@ class EnginesManifest:
                 workspace_bytes=int(data.get("workspace_bytes", 0)),
                 engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]))
                               for e in data["engines"]),
+                files=dict(data["files"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HimapError(f"malformed engines manifest: {type(exc).__name__}: {exc}") from None
+        except HimapError as exc:
+            raise HimapError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise HimapError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / ENGINES_MANIFEST
@@ -116,7 +136,31 @@ def read_engines_manifest(directory: Path) -> EnginesManifest:
     if not path.is_file():
         raise HimapError(f"--engines {str(directory)!r} holds no {ENGINES_MANIFEST}; build engines with `himap-trt build`")
     data = read_versioned_json(path, ENGINES_FORMAT_VERSION, "engines manifest", "rebuild with `himap-trt build`")
-    return EnginesManifest.from_dict(data)
+    return EnginesManifest.from_dict(data, source=path)
+
+
+def is_engines_manifest(data: Any) -> bool:
+    """Whether parsed JSON looks like a himap-trt engines manifest (any format version): what
+    ``build --engines`` requires before it replaces a directory."""
+    return (isinstance(data, dict) and isinstance(data.get("format_version"), int)
+            and isinstance(data.get("engines"), list) and isinstance(data.get("export_fingerprint"), str))
+
+
+def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
+    """Confine every engine file to ``directory`` and check its recorded size and sha256.
+
+    Raises:
+        HimapError: naming the engine file and the manifest.
+    """
+    from himap_trt.confine import confined_path, parse_file_records, verify_files
+
+    source = Path(directory) / ENGINES_MANIFEST
+    records = parse_file_records(engines.files, field="files", source=source)
+    for i, entry in enumerate(engines.engines):
+        confined_path(directory, entry.file, field=f"engines[{i}].file", source=source)
+        if entry.file not in records:
+            raise HimapError(f"engine file {entry.file!r} is not recorded in 'files' of {str(source)!r}")
+    verify_files(directory, records, source=source)
 
 
 def check_compatible(engines: EnginesManifest, *, fingerprint: str, plan: PruningPlan, tensorrt_version: str,
@@ -149,11 +193,9 @@ def load_engines_manifest(directory: Path, *, export, export_dir: Path) -> Engin
     from himap_trt.engines.build import gpu_identity, import_tensorrt
 
     engines = read_engines_manifest(directory)
+    verify_engine_files(directory, engines)  # before TensorRT reads anything
     trt = import_tensorrt()
     _, capability = gpu_identity()
     check_compatible(engines, fingerprint=export_fingerprint(export_dir), plan=export.plan,
                      tensorrt_version=trt.__version__, compute_capability=capability, where=repr(str(directory)))
-    for entry in engines.engines:
-        if not (Path(directory) / entry.file).is_file():
-            raise HimapError(f"engine file {entry.file!r} listed in {str(Path(directory) / ENGINES_MANIFEST)!r} is missing")
     return engines

@@ -12,12 +12,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from himap_trt.errors import HimapError
-from himap_trt.export.manifest import FORMAT_VERSION, MANIFEST_NAME, PROCESSOR_DIR, Manifest, model_hash
+from himap_trt.export.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PROCESSOR_DIR,
+    Manifest,
+    is_export_manifest,
+    model_hash,
+)
 from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
-__all__ = ["ExportOptions", "export_model", "default_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
+__all__ = ["ExportOptions", "export_model", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,19 @@ def default_max_seq_len(dims) -> int:
     return min(dims.max_position_embeddings, DEFAULT_MAX_SEQ_LEN_CAP)
 
 
+def check_max_seq_len(dims, max_seq_len: int | None) -> int:
+    """The ``--max-seq-len`` to export with (:func:`default_max_seq_len` if None), checked against the model.
+
+    Raises:
+        HimapError: unless more than the image tokens and at most the model's positions.
+    """
+    value = default_max_seq_len(dims) if max_seq_len is None else max_seq_len
+    if not dims.num_image_tokens < value <= dims.max_position_embeddings:
+        raise HimapError(f"--max-seq-len must be in ({dims.num_image_tokens}, {dims.max_position_embeddings}] "
+                         f"(more than the image tokens, at most the model's positions), got {value}")
+    return value
+
+
 def _describe(spec: GraphSpec) -> str:
     if spec.kind == "segment":
         start, end = spec.layers
@@ -89,16 +109,14 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     from himap_trt.export.compose import SegmentComposer
     from himap_trt.export.onnx_export import export_graph
     from himap_trt.export.validate import raise_on_failures, record_reference, validate_graphs
-    from himap_trt.fsutil import atomic_directory
+    from himap_trt.confine import files_under, record_files
+    from himap_trt.fsutil import atomic_directory, pause_point
     from himap_trt.graphs.modules import build_module
     from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
 
     dims = loaded.dims
     dtype = DTYPE_NAMES[options.dtype]
-    max_seq_len = options.max_seq_len or default_max_seq_len(dims)
-    if not dims.num_image_tokens < max_seq_len <= dims.max_position_embeddings:
-        raise HimapError(f"--max-seq-len must be in ({dims.num_image_tokens}, {dims.max_position_embeddings}] "
-                         f"(more than the image tokens, at most the model's positions), got {max_seq_len}")
+    max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype)
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     steps = len(specs) + (len(specs) + 1 if options.validate else 0) + 1
@@ -110,7 +128,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             progress(text, step, steps)
         step += 1
 
-    with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out") as tmp:
+    with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest) as tmp:
         composer = SegmentComposer(loaded.model, dtype, options.opset)
         written = []
         for spec in specs:
@@ -122,6 +140,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
                 export_graph(build_module(loaded.model, spec), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)
             written.append(replace(spec, file=path.name))
+            pause_point("export:graph")
         report("hashing the model's config and weights")
         digest = model_hash(loaded.model)
         loaded.processor.save_pretrained(tmp / PROCESSOR_DIR)
@@ -144,6 +163,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             model_hash=digest, plan=plan, dtype=dtype, opset=options.opset, max_seq_len=max_seq_len, dims=dims,
             image_token_id=dims.image_token_id, eos_token_ids=tuple(eos), pad_token_id=pad, graphs=tuple(written),
             validation={f"{c.graph}/{c.phase}/{c.output}": c.max_abs_diff for c in checks},
+            files=record_files(tmp, files_under(tmp)),
         )
         manifest.save(tmp)
     return manifest, checks

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ from himap_trt.graphs.spec import GraphSpec
 from himap_trt.models.loading import ModelDims
 from himap_trt.plan import PruningPlan
 
-#: Bump on any incompatible change of the manifest or the graph I/O contract.
-FORMAT_VERSION = 1
+#: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
+#: file's size and sha256 (``files``); version-1 exports are refused with a request to re-export.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
 
@@ -42,6 +43,8 @@ class Manifest:
         graphs: every graph in chain order, with its file.
         processor_dir: subdirectory holding the saved processor (tokenizer, image processor, template).
         validation: per graph and phase, the max abs difference found against PyTorch (empty if skipped).
+        files: every file of the export (graphs, their external data, the processor's files), relative
+            path -> ``{"bytes": size, "sha256": hex}``; checked by :func:`load_manifest`.
     """
 
     format_version: int
@@ -59,6 +62,7 @@ class Manifest:
     graphs: tuple[GraphSpec, ...]
     processor_dir: str = PROCESSOR_DIR
     validation: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; raises :class:`HimapError` if the export has none."""
@@ -71,37 +75,99 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> Manifest:
         """Parse and validate.
 
+        Args:
+            data: the parsed JSON.
+            source: the manifest file, named in error messages.
+
         Raises:
-            HimapError: on a missing field or an invalid plan.
+            HimapError: naming the file and the field that is missing or of the wrong type, or an
+                invalid plan.
         """
+        where = f"manifest {str(source)!r}" if source is not None else "manifest"
+        if not isinstance(data, dict):
+            raise HimapError(f"{where} must be a JSON object")
+        for key, kind in _FIELDS.items():
+            _require(data, key, kind, where)
+        _require_each(data["dims"], "dims", {f.name: int for f in fields(ModelDims)}, where)
+        _require_each(data["plan"], "plan", {"method": str, "num_layers": int, "num_image_tokens": int,
+                                              "stages": list}, where)
+        for i, graph in enumerate(data["graphs"]):
+            _require_each(graph, f"graphs[{i}]", {"name": str, "kind": str, "inputs": list, "outputs": list,
+                                                  "file": str}, where)
+        for i, token in enumerate(data["eos_token_ids"]):
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise HimapError(f"{where}: field 'eos_token_ids[{i}]' must be an integer, got {token!r}")
+        for key in ("processor_dir",):
+            if key in data and not isinstance(data[key], str):
+                raise HimapError(f"{where}: field {key!r} must be a string, got {type(data[key]).__name__}")
+        if not isinstance(data.get("validation") or {}, dict):
+            raise HimapError(f"{where}: field 'validation' must be an object")
         try:
             return cls(
-                format_version=int(data["format_version"]),
-                package_version=str(data["package_version"]),
-                source_model=str(data["source_model"]),
-                model_hash=str(data["model_hash"]),
+                format_version=data["format_version"],
+                package_version=data["package_version"],
+                source_model=data["source_model"],
+                model_hash=data["model_hash"],
                 plan=PruningPlan.from_dict(data["plan"]),
-                dtype=str(data["dtype"]),
-                opset=int(data["opset"]),
-                max_seq_len=int(data["max_seq_len"]),
+                dtype=data["dtype"],
+                opset=data["opset"],
+                max_seq_len=data["max_seq_len"],
                 dims=ModelDims(**data["dims"]),
-                image_token_id=int(data["image_token_id"]),
-                eos_token_ids=tuple(int(t) for t in data["eos_token_ids"]),
-                pad_token_id=int(data["pad_token_id"]),
+                image_token_id=data["image_token_id"],
+                eos_token_ids=tuple(data["eos_token_ids"]),
+                pad_token_id=data["pad_token_id"],
                 graphs=tuple(GraphSpec.from_dict(g) for g in data["graphs"]),
-                processor_dir=str(data.get("processor_dir", PROCESSOR_DIR)),
+                processor_dir=data.get("processor_dir", PROCESSOR_DIR),
                 validation=dict(data.get("validation") or {}),
+                files=dict(data["files"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HimapError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+        except HimapError as exc:
+            raise HimapError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise HimapError(f"{where} is malformed ({type(exc).__name__}: {exc})") from None
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+
+#: Top-level fields every manifest must have, with their JSON types.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "package_version": str, "source_model": str, "model_hash": str, "plan": dict,
+    "dtype": str, "opset": int, "max_seq_len": int, "dims": dict, "image_token_id": int, "eos_token_ids": list,
+    "pad_token_id": int, "graphs": list, "files": dict,
+}
+
+_JSON_TYPES = {int: "an integer", str: "a string", dict: "an object", list: "an array", float: "a number"}
+
+
+def _require(data: dict, key: str, kind, where: str, prefix: str = "") -> None:
+    """Raise naming ``prefix + key`` unless ``data[key]`` exists and has JSON type ``kind``."""
+    if key not in data:
+        raise HimapError(f"{where}: field {prefix + key!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HimapError(f"{where}: field {prefix + key!r} must be {_JSON_TYPES.get(kind, kind)}, "
+                         f"got {type(value).__name__} {value!r:.40}")
+
+
+def _require_each(data: Any, name: str, kinds: dict[str, type], where: str) -> None:
+    if not isinstance(data, dict):
+        raise HimapError(f"{where}: field {name!r} must be an object, got {type(data).__name__}")
+    for key, kind in kinds.items():
+        _require(data, key, kind, where, prefix=f"{name}.")
+
+
+def is_export_manifest(data: Any) -> bool:
+    """Whether parsed JSON looks like a himap-trt export manifest (any format version): what
+    ``export --out`` requires before it replaces a directory."""
+    return (isinstance(data, dict) and isinstance(data.get("format_version"), int)
+            and isinstance(data.get("graphs"), list) and isinstance(data.get("plan"), dict)
+            and isinstance(data.get("model_hash"), str))
 
 
 def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dict[str, Any]:
@@ -124,24 +190,46 @@ def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dic
     return data
 
 
-def load_manifest(directory: str | Path, flag: str = "--export-dir") -> Manifest:
+def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: bool = True) -> Manifest:
     """Read and check an export directory's manifest.
 
+    With ``verify`` (the default; what ``run``, ``check`` and ``build`` use) every path the manifest
+    names must stay inside ``directory`` (:func:`himap_trt.confine.confined_path`), every recorded file
+    must have its recorded size and sha256, every graph's external data must be a recorded file, and
+    the processor directory may hold recorded files only.
+
     Raises:
-        HimapError: missing directory or manifest, unreadable JSON, another format version, or a
-            graph file listed but missing.
+        HimapError: missing directory or manifest, unreadable JSON, another format version, a missing or
+            malformed field (named with the file), a path leaving the directory, or a file that is
+            missing, changed or from another export (named).
     """
+    from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
+
     directory = Path(directory)
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise HimapError(f"{flag} {str(directory)!r} holds no {MANIFEST_NAME}; it is not a himap-trt export")
-    data = read_versioned_json(path, FORMAT_VERSION, "manifest", "re-export with this version")
-    manifest = Manifest.from_dict(data)
+    data = read_versioned_json(path, FORMAT_VERSION, "manifest",
+                               f"re-export with this version (format {FORMAT_VERSION} records every file's sha256)")
+    manifest = Manifest.from_dict(data, source=path)
+    records = parse_file_records(manifest.files, field="files", source=path)
+    for i, spec in enumerate(manifest.graphs):
+        confined_path(directory, spec.file, field=f"graphs[{i}].file", source=path)
+        if spec.file not in records:
+            raise HimapError(f"graph {spec.name!r}: file {spec.file!r} is not recorded in 'files' of {str(path)!r}")
+    processor = confined_path(directory, manifest.processor_dir, field="processor_dir", source=path, kind="dir")
+    if not verify:
+        return manifest
+    verify_files(directory, records, source=path)
+    prefix = manifest.processor_dir.rstrip("/") + "/"
+    for name in files_under(processor):
+        if prefix + name not in records:
+            raise HimapError(f"the processor directory of {str(directory)!r} holds {name!r}, which {str(path)!r} "
+                             "does not record; remove it or re-export")
     for spec in manifest.graphs:
-        if not spec.file or not (directory / spec.file).is_file():
-            raise HimapError(f"graph {spec.name!r}: file {spec.file!r} listed in {str(path)!r} is missing")
+        check_onnx_external_data(directory, spec.file, records, source=path)
     return manifest
 
 

@@ -153,11 +153,19 @@ def _resolve(model: str) -> tuple[str, bool]:
 
 
 def _from_pretrained(loader, source: str, is_local: bool, what: str, **kwargs):
-    """Call ``loader(source, ...)``: from the local cache first, the hub only if reachable."""
+    """Call ``loader(source, trust_remote_code=False, ...)``: from the local cache first, the hub only
+    if reachable. A local directory that declares custom code is refused before the loader runs."""
+    kwargs["trust_remote_code"] = False  # never run code from a model directory, never prompt for it
     if is_local:
+        from himap_trt.confine import refuse_custom_code
+
+        refuse_custom_code(source, "model")
         try:
             return loader(source, **kwargs)
-        except (OSError, ValueError) as exc:
+        except HimapError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here is the directory's content (bad JSON,
+            # a pickle refused by weights_only loading, truncated safetensors, ...): report it, no traceback
             raise HimapError(f"could not load the {what} from directory {source!r}: {_first_line(exc)}") from None
     try:
         return loader(source, local_files_only=True, **kwargs)
@@ -177,7 +185,8 @@ def _from_pretrained(loader, source: str, is_local: bool, what: str, **kwargs):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def load_config(model: str):

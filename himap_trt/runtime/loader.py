@@ -18,6 +18,23 @@ from himap_trt.errors import HimapError
 from himap_trt.plan import PruningPlan
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+#: ``--device`` values: ``cpu``, ``cuda`` or ``cuda:<index>``.
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str | None) -> str | None:
+    """Validate a ``--device`` value (``cpu``, ``cuda``, ``cuda:N``) before anything is loaded.
+
+    Raises:
+        HimapError: for any other value.
+    """
+    if device is None:
+        return None
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", device):
+        raise HimapError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
 
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_device(device)
     if model is not None and backend != "torch":
         raise HimapError("--model runs the PyTorch reference without an export; pass --backend torch with it "
                          "(other backends read the export directory given by --export-dir)")
@@ -119,7 +137,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         return OpenedPipeline(reference_pipeline(loaded, manifest.plan, max_seq_len=manifest.max_seq_len),
                               "torch", dev, manifest.source_model)
 
-    processor = _load_processor(export_dir / manifest.processor_dir)
+    processor = load_export_processor(export_dir, manifest)
     if backend == "onnxruntime":
         from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
 
@@ -147,10 +165,22 @@ def default_engines_dir(export_dir: Path) -> Path:
     return Path(export_dir).absolute().parent / "engines"
 
 
-def _load_processor(path: Path):
+def load_export_processor(export_dir: Path, manifest):
+    """The processor saved in an export (already verified by ``load_manifest``), loaded without
+    running any code from it.
+
+    Raises:
+        HimapError: naming the directory if it declares custom code or transformers cannot load it.
+    """
     from transformers import AutoProcessor
 
+    from himap_trt.confine import confined_path, refuse_custom_code
+
+    path = confined_path(export_dir, manifest.processor_dir, field="processor_dir",
+                         source=Path(export_dir) / "manifest.json", kind="dir")
+    refuse_custom_code(path, "processor")
     try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise HimapError(f"cannot load the processor saved in {str(path)!r}: {exc}") from None
+        return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a bad processor directory is input, not a bug
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HimapError(f"cannot load the processor saved in {str(path)!r}: {text}") from None

@@ -26,6 +26,8 @@ app = typer.Typer(
          "export the model as a chain of ONNX graphs, build TensorRT engines, run with per-segment KV caches.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click help: rich markup would swallow "[default: ...]" and keep docstrings' line breaks.
+    rich_markup_mode=None,
     add_completion=False,
 )
 err = Console(stderr=True)
@@ -74,7 +76,7 @@ def _root(
 ModelOpt = Annotated[str, typer.Option(
     "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa', "
                     "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
-MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method: himap, fastv or none.")]
+MethodOpt = Annotated[str, typer.Option("--method", metavar="[himap|fastv|none]", help="Pruning method.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
 R1Opt = Annotated[float, typer.Option("--r1", help="HiMAP: fraction of image tokens dropped at K1.")]
 K2Opt = Annotated[int, typer.Option("--k2", help="HiMAP: layer of the deep stage (img->img scores of layer K2-1).")]
@@ -84,7 +86,7 @@ ROpt = Annotated[float, typer.Option("--r", help="FastV: fraction of image token
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
-    "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")]
+    "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
 
 
 def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float):
@@ -105,8 +107,8 @@ def flops(
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
     prompt_len: Annotated[Optional[int], typer.Option(
-        "--prompt-len", help="Prompt tokens (image tokens included) for the whole-prompt count "
-                             "[default: image tokens + 64].")] = None,
+        "--prompt-len", help="Prompt tokens (image tokens included) for the whole-prompt count.",
+        show_default="image tokens + 64")] = None,
     as_json: JsonOpt = False,
 ):
     """FLOPs of a plan: the paper's image-token count (Eq. 10) and the whole-prompt prefill count.
@@ -158,12 +160,12 @@ def export(
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
-    dtype: Annotated[str, typer.Option("--dtype", help="Graph precision: fp32, fp16 or bf16 (TensorRT builds "
-                                                       "strongly typed networks from it).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="Graph precision (TensorRT "
+                                                   "builds strongly typed networks from it).")] = "fp32",
     max_seq_len: Annotated[Optional[int], typer.Option(
-        "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles "
-                              "[default: the model's positions, at most 2048].")] = None,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20.")] = 18,
+        "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles.",
+        show_default="the model's positions, at most 2048")] = None,
+    opset: Annotated[int, typer.Option("--opset", metavar="[18|19|20]", help="ONNX opset.")] = 18,
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
@@ -177,30 +179,33 @@ def export(
     KV-cache inputs/outputs and dynamic sequence length), one scoring_<j>.onnx per pruning stage, the
     processor and manifest.json. A failed export leaves an existing export at --out untouched.
     """
-    from himap_trt.export import ExportOptions, export_model
-    from himap_trt.export.manifest import MANIFEST_NAME
-    from himap_trt.fsutil import check_target
-    from himap_trt.models import load_config, load_model
+    from himap_trt.export import ExportOptions, check_max_seq_len, export_model
+    from himap_trt.export.manifest import MANIFEST_NAME, is_export_manifest
+    from himap_trt.fsutil import check_target, output_lock
+    from himap_trt.models import load_config, load_model, model_dims
     from himap_trt.models.loading import DTYPES, canonical_dtype
 
-    # bad options, a foreign --out, or (with --build) a missing TensorRT fail before any work
+    # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate)
-    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)
-    check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
+    config = load_config(model)
+    check_max_seq_len(model_dims(config), max_seq_len)
+    plan = _plan(config, method, k1, r1, k2, r2, k, r)
+    check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
         _require_tensorrt()
-    err.print(f"loading {model} ({options.dtype})")
-    loaded = load_model(model, dtype=DTYPES[options.dtype])
-    err.print(f"plan: {plan.describe()}")
-    with _progress() as progress:
-        task = progress.add_task("export", total=None)
+    with output_lock(out_dir, flag="--out"):
+        err.print(f"loading {model} ({options.dtype})")
+        loaded = load_model(model, dtype=DTYPES[options.dtype])
+        err.print(f"plan: {plan.describe()}")
+        with _progress() as progress:
+            task = progress.add_task("export", total=None)
 
-        def report(text: str, done: int, total: int) -> None:
-            progress.update(task, description=text, completed=done, total=total)
+            def report(text: str, done: int, total: int) -> None:
+                progress.update(task, description=text, completed=done, total=total)
 
-        manifest, checks = export_model(loaded, plan, options, progress=report)
-        progress.update(task, description="export complete", completed=progress.tasks[0].total)
+            manifest, checks = export_model(loaded, plan, options, progress=report)
+            progress.update(task, description="export complete", completed=progress.tasks[0].total)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     built = _build_engines(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
@@ -238,30 +243,18 @@ def _print_checks(checks) -> None:
 
 # -- run --------------------------------------------------------------------------------------------
 def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
-    """(image paths, questions) from the arguments or a JSONL file."""
+    """(image paths, questions) from the arguments or a JSONL file (checked, nothing loaded yet)."""
+    from himap_trt.inputs import read_batch_file
+    from himap_trt.prompt import check_question
+
     if batch is not None:
         if image is not None or question is not None:
             raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
-        if not batch.is_file():
-            raise HimapError(f"--batch file {str(batch)!r} does not exist")
-        images, questions = [], []
-        for number, line in enumerate(batch.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                path, text = item["image"], item["question"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise HimapError(f"{batch}:{number}: expected a JSON object with \"image\" and \"question\"") from None
-            path = Path(path)
-            images.append(path if path.is_absolute() else batch.parent / path)
-            questions.append(str(text))
-        if not images:
-            raise HimapError(f"--batch file {str(batch)!r} holds no requests")
-        return images, questions
+        requests = read_batch_file(batch)
+        return [r.image for r in requests], [r.question for r in requests]
     if image is None or question is None:
         raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
-    return [image], [question]
+    return [image], [check_question(question)]
 
 
 @app.command()
@@ -275,25 +268,30 @@ def run(
     export_dir: ExportDirOpt = Path("export"),
     engines_dir: EnginesOpt = None,
     backend: Annotated[str, typer.Option(
-        "--backend", help="auto (TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime), "
-                          "onnxruntime, tensorrt, or torch (the PyTorch reference).")] = "auto",
+        "--backend", metavar="[auto|onnxruntime|tensorrt|torch]",
+        help="auto: TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime; torch: the "
+             "PyTorch reference.")] = "auto",
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="With --backend torch: run the reference straight from this checkpoint (no export).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda for the torch / onnxruntime backends.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="With --model: fp32, fp16 or bf16.")] = "fp32",
-    method: Annotated[Optional[str], typer.Option("--method", help="Expected plan (checked against the export): "
-                                                                   "himap, fastv or none.", show_default=False)] = None,
-    k1: Annotated[Optional[int], typer.Option("--k1", show_default=False, help="Expected HiMAP K1.")] = None,
-    r1: Annotated[Optional[float], typer.Option("--r1", show_default=False, help="Expected HiMAP R1.")] = None,
-    k2: Annotated[Optional[int], typer.Option("--k2", show_default=False, help="Expected HiMAP K2.")] = None,
-    r2: Annotated[Optional[float], typer.Option("--r2", show_default=False, help="Expected HiMAP R2.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", show_default=False, help="Expected FastV K.")] = None,
-    r: Annotated[Optional[float], typer.Option("--r", show_default=False, help="Expected FastV R.")] = None,
+        "--model", help="With --backend torch: run the reference straight from this checkpoint (no export).",
+        show_default="none: read --export-dir")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", metavar="[cpu|cuda|cuda:N]", help="Device of the torch / onnxruntime backends.",
+        show_default="cuda if usable, else cpu")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="With --model: the dtype.")] = "fp32",
+    method: Annotated[Optional[str], typer.Option(
+        "--method", metavar="[himap|fastv|none]", help="Expected plan (checked against the export).",
+        show_default="the export's")] = None,
+    k1: Annotated[Optional[int], typer.Option("--k1", show_default="the export's", help="Expected HiMAP K1.")] = None,
+    r1: Annotated[Optional[float], typer.Option("--r1", show_default="the export's", help="Expected HiMAP R1.")] = None,
+    k2: Annotated[Optional[int], typer.Option("--k2", show_default="the export's", help="Expected HiMAP K2.")] = None,
+    r2: Annotated[Optional[float], typer.Option("--r2", show_default="the export's", help="Expected HiMAP R2.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", show_default="the export's", help="Expected FastV K.")] = None,
+    r: Annotated[Optional[float], typer.Option("--r", show_default="the export's", help="Expected FastV R.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default="random")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
                                                                       "(one request, no --json).")] = True,
     as_json: JsonOpt = False,
@@ -309,12 +307,20 @@ def run(
     from himap_trt.runtime.loader import open_pipeline
     from himap_trt.runtime.sampling import GenerationConfig
 
+    from himap_trt.models.loading import canonical_dtype
+    from himap_trt.runtime.loader import BACKENDS, check_device
+
+    # every option and request is checked before an image or a model is loaded
     paths, questions = _requests(image, question, batch)
-    for q in questions:
-        if not q.strip():
-            raise HimapError("the question is empty; pass a non-empty question")
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed)
+    if backend not in BACKENDS:
+        raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_device(device)
+    canonical_dtype(dtype)
+    if config.ignored_options:
+        err.print(f"note: {' and '.join(config.ignored_options)} only apply when sampling (--temperature > 0); "
+                  "decoding greedily", highlight=False)
     images = [load_image(p) for p in paths]
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):
@@ -489,20 +495,22 @@ def build(
     engines_dir: EnginesOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts per batch (profile maximum).")] = 1,
     max_seq_len: Annotated[Optional[int], typer.Option(
-        "--max-seq-len", help="Most tokens per sequence (profile maxima) [default: the export's].")] = None,
+        "--max-seq-len", help="Most tokens per sequence (profile maxima).", show_default="the export's")] = None,
     workspace: Annotated[Optional[str], typer.Option(
-        "--workspace", help="Builder workspace limit in bytes (e.g. 4G) [default: TensorRT's].")] = None,
+        "--workspace", help="Builder workspace limit in bytes (e.g. 4G).", show_default="TensorRT's")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(
-        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing.cache].")] = None,
+        "--timing-cache", help="Tactic timing cache, reused across builds.",
+        show_default="~/.cache/himap-trt/timing.cache")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="With --dry-run: profiles for this model and plan without an export "
-                        "(e.g. llava-1.5-7b, tiny).")] = None,
+                        "(e.g. llava-1.5-7b, tiny).", show_default="none: read --export-dir")] = None,
     method: MethodOpt = "himap",
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
-    dtype: Annotated[str, typer.Option("--dtype", help="With --dry-run --model: graph dtype.")] = "fp16",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
+                                       help="With --dry-run --model: graph dtype.")] = "fp16",
     as_json: JsonOpt = False,
 ):
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
@@ -515,6 +523,9 @@ def build(
     from himap_trt.graphs.spec import DTYPE_NAMES, graph_specs
     from himap_trt.models.loading import canonical_dtype
 
+    workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    if max_batch < 1:
+        raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
     if model is not None:
         if not dry_run:
             raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
@@ -538,7 +549,7 @@ def build(
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
     built = _build_engines(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=_parse_bytes(workspace) if workspace else 0, timing_cache=timing_cache)
+                           workspace=workspace_bytes, timing_cache=timing_cache)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return
@@ -563,6 +574,8 @@ def check(
     import time
 
     started = time.perf_counter()
+    if max_new_tokens < 1:
+        raise HimapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if tensorrt_compat:
         from himap_trt.engines.compat import check_export, support_table
         from himap_trt.export.manifest import load_manifest

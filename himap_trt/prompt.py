@@ -23,25 +23,142 @@ TOKEN_PAD, TOKEN_SYSTEM, TOKEN_IMAGE, TOKEN_INSTRUCTION = 0, 1, 2, 3
 FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or type(exc).__name__
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file (any mode PIL reads; the processor converts to RGB).
+    """Open and fully decode an image file (see :func:`decode_image`).
 
     Raises:
-        HimapError: missing file, not an image, truncated/corrupt data, or over PIL's size limit.
+        HimapError: missing file, not a regular file (a directory, FIFO or device), permission denied,
+            not an image, truncated/corrupt data, or over PIL's decompression-bomb limit; one line
+            naming the file.
     """
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise HimapError(f"image file {str(path)!r} does not exist")
+    name = f"image file {str(path)!r}"
     try:
-        image = Image.open(path)
-        image.load()
+        info = path.stat()
+    except FileNotFoundError:
+        raise HimapError(f"{name} does not exist") from None
+    except OSError as exc:
+        raise HimapError(f"{name} cannot be read: {_describe_os_error(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
+            "a device or socket"
+        raise HimapError(f"{name} is not a regular file (it is {kind})")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise HimapError(f"{name} cannot be read: {_describe_os_error(exc)}") from None
+    with handle:
+        return decode_image(handle, name)
+
+
+def decode_image(source: Any, name: str = "the image") -> Image.Image:
+    """Decode an image from an open binary file or ``bytes`` (an upload), in a mode the processor reads
+    faithfully.
+
+    The image is decoded fully here, so truncated data fails now, with ``name`` in the message.
+    PIL's decompression-bomb guard (more than ``Image.MAX_IMAGE_PIXELS`` pixels, a warning in PIL)
+    is an error. Modes are kept except those the processor's RGB conversion would clip
+    (:func:`to_8bit`): 16-bit greyscale is scaled by its value range, not clipped to white.
+
+    Args:
+        source: a binary file object or ``bytes``.
+        name: how messages refer to the image (e.g. ``image file 'cat.png'``).
+
+    Raises:
+        HimapError: not an image PIL reads, truncated/corrupt, too many pixels, or a read error.
+    """
+    import io
+    import warnings
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.load()
     except UnidentifiedImageError:
-        raise HimapError(f"image file {str(path)!r} is not an image PIL can read (expected JPEG, PNG, ...)") from None
-    except Image.DecompressionBombError as exc:
-        raise HimapError(f"image file {str(path)!r} is too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise HimapError(f"image file {str(path)!r} is truncated or corrupt: {exc}") from None
-    return image
+        raise HimapError(f"{name} is not an image PIL can read (expected JPEG, PNG, ...)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise HimapError(f"{name} has more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb "
+                         "limit); downscale it") from None
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) is not None:
+            raise HimapError(f"{name} cannot be read: {_describe_os_error(exc)}") from None
+        raise HimapError(f"{name} is truncated or corrupt: {exc}") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise HimapError(f"{name} is truncated or corrupt: {exc}") from None
+    return to_8bit(image)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Map integer and float greyscale modes (``I;16*``, ``I``, ``F``) to 8-bit ``L``; other modes as is.
+
+    PIL's ``convert("RGB")`` (what the processor does) clips these modes at 255, which turns a
+    16-bit image almost white. Here ``I;16*`` is scaled by its type's range (``v / 257``); ``I`` and
+    ``F`` by the range their values occupy: kept if within 0..255, ``v / 257`` within 0..65535,
+    ``v * 255`` for floats within 0..1, else min-max scaled.
+    """
+    import numpy as np
+
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    elif low >= 0 and high <= 1 and image.mode == "F":
+        scaled = values * 255.0
+    elif low >= 0 and high <= 255:
+        scaled = values
+    elif low >= 0 and high <= 65535:
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def check_question(text: Any, where: str = "the question") -> str:
+    """Validate user text used as a question: a non-empty string of valid Unicode.
+
+    Special-token text in it (``<image>``, ``</s>``, ...) is allowed: :func:`prepare_batch` tokenizes
+    it as plain text.
+
+    Args:
+        text: the question.
+        where: how messages refer to it (e.g. ``requests.jsonl:3: "question"``).
+
+    Returns:
+        ``text`` unchanged.
+
+    Raises:
+        HimapError: not a string, empty or blank, or holding bytes that are not UTF-8 text (command-line
+            arguments with invalid bytes arrive as lone surrogates).
+    """
+    if not isinstance(text, str):
+        raise HimapError(f"{where} must be a string, got {json_type_name(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HimapError(f"{where} holds bytes that are not UTF-8 text (at character {exc.start}); "
+                         "pass the question as UTF-8") from None
+    if not text.strip():
+        raise HimapError(f"{where} is empty; pass a non-empty question")
+    return text
+
+
+def json_type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+             dict: "an object", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def build_prompt(processor: Any, question: str) -> str:
@@ -50,10 +167,9 @@ def build_prompt(processor: Any, question: str) -> str:
     Uses the processor's chat template (``USER: <image>\\n{question} ASSISTANT:`` for LLaVA-1.5).
 
     Raises:
-        HimapError: if the question is empty.
+        HimapError: if the question is empty or not valid text (see :func:`check_question`).
     """
-    if not question or not question.strip():
-        raise HimapError("the question is empty; pass a non-empty question")
+    check_question(question)
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -140,29 +256,112 @@ class PromptBatch:
         return [int(n) for n in self.attention_mask.sum(-1)]
 
 
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts of the tokenizer's special tokens (``<s>``, ``</s>``, ``<image>``, ...), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        texts |= {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def has_special_text(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` contains the text of a special token (which a tokenizer would turn into it)."""
+    return any(special in text for special in special_token_texts(tokenizer))
+
+
+def encode_as_text(processor: Any, questions: list[str], image_token_id: int, num_image_tokens: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Tokenize prompts so that the question is plain text, whatever it contains.
+
+    The image span comes only from the template's image placeholder: it is replaced by a random
+    one-off marker registered (non-special, with the placeholder's strip flags) in a private copy of
+    the tokenizer that encodes special-token text as text; the marker's id is then expanded to
+    ``num_image_tokens`` image tokens. Because added tokens split the input the same way, prompts
+    without special-token text get exactly the ids of the processor's own path (tested).
+
+    Returns:
+        ``(input_ids, attention_mask, prompts)``: [batch, sequence] int64 each, left-padded.
+
+    Raises:
+        HimapError: if the tokenizer is not a ``tokenizers`` one, or the chat template changes the
+            question text (so it cannot be located).
+    """
+    import secrets
+
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise HimapError("this model's tokenizer cannot encode special-token text in a question as plain text; "
+                         "remove text such as '<image>' or '</s>' from the question")
+    image_text = getattr(processor, "image_token", None) or "<image>"
+    template = next((t for t in backend.get_added_tokens_decoder().values() if t.content == image_text), None)
+    private = Tokenizer.from_str(backend.to_str())
+    marker = f"<himap-image-{secrets.token_hex(8)}>"
+    private.add_tokens([AddedToken(marker, special=False, normalized=False,
+                                   lstrip=bool(template and template.lstrip), rstrip=bool(template and template.rstrip),
+                                   single_word=bool(template and template.single_word))])
+    marker_id = private.token_to_id(marker)
+    private.encode_special_tokens = True
+    private.no_padding()
+    private.no_truncation()
+    slot = f"himapquestion{secrets.token_hex(8)}"
+    rows, prompts = [], []
+    for question in questions:
+        prompt = build_prompt(processor, question)
+        skeleton = build_prompt(processor, slot)
+        if skeleton.count(slot) != 1 or skeleton.count(image_text) != 1 or skeleton.replace(slot, question) != prompt:
+            raise HimapError("the chat template changes the question or holds no single image placeholder; "
+                             "remove special-token text such as '<image>' from the question")
+        before, after = skeleton.split(slot)
+        ids = private.encode(before.replace(image_text, marker) + question + after.replace(image_text, marker)).ids
+        if ids.count(marker_id) != 1:
+            raise HimapError("the prompt's image placeholder could not be located after tokenization")
+        at = ids.index(marker_id)
+        rows.append(ids[:at] + [image_token_id] * num_image_tokens + ids[at + 1:])
+        prompts.append(prompt)
+    pad = tokenizer.pad_token_id
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.int64)
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
+    return input_ids, attention_mask, prompts
+
+
 def prepare_batch(processor: Any, images: list[Image.Image], questions: list[str], image_token_id: int,
                   num_image_tokens: int) -> PromptBatch:
     """Run the processor on (image, question) pairs: prompt, tokenize with left padding, preprocess.
 
+    Questions are user text: one holding special-token text (``<image>``, ``</s>``, ...) is tokenized
+    as plain text (:func:`encode_as_text`); the image span comes only from the image we insert.
+
     Raises:
-        HimapError: empty question, mismatched list lengths, or an unexpected image-token count.
+        HimapError: empty or invalid question, mismatched list lengths, or an unexpected image-token count.
     """
     if len(images) != len(questions):
         raise HimapError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
     if not images:
         raise HimapError("no (image, question) pairs given")
-    prompts = [build_prompt(processor, q) for q in questions]
+    for question in questions:
+        check_question(question)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    input_ids = encoded["input_ids"].long()
-    attention_mask = encoded["attention_mask"].long()
+    if any(has_special_text(tokenizer, q) for q in questions):
+        input_ids, attention_mask, prompts = encode_as_text(processor, questions, image_token_id, num_image_tokens)
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    else:
+        prompts = [build_prompt(processor, q) for q in questions]
+        encoded = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        input_ids = encoded["input_ids"].long()
+        attention_mask = encoded["attention_mask"].long()
+        pixel_values = encoded["pixel_values"]
     return PromptBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        pixel_values=encoded["pixel_values"].float(),
+        pixel_values=pixel_values.float(),
         token_type_ids=token_type_ids(input_ids, attention_mask, image_token_id, num_image_tokens),
         position_ids=position_ids_from_mask(attention_mask),
         prompts=prompts,

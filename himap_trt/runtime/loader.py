@@ -156,7 +156,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
                         image_token_id=manifest.image_token_id, device=dev,
                         eos_token_ids=list(manifest.eos_token_ids), pad_token_id=manifest.pad_token_id,
-                        max_seq_len=max_seq_len)
+                        max_seq_len=max_seq_len, max_positions=manifest.dims.max_position_embeddings)
     return OpenedPipeline(pipeline, backend, dev, manifest.source_model)
 
 

@@ -111,11 +111,13 @@ class Pipeline:
         eos_token_ids: ids that end a sequence.
         pad_token_id: id written after a sequence ended.
         max_seq_len: most tokens (prompt + generated) per sequence, or None for no limit.
+        max_positions: the model's ``max_position_embeddings`` (tokens), or None if unknown: a prompt
+            too long for ``max_seq_len`` suggests re-exporting only if the model allows more.
     """
 
     def __init__(self, specs: list[GraphSpec], backends: Mapping[str, Backend], processor: Any, plan: PruningPlan,
                  *, image_token_id: int, device: torch.device | str, eos_token_ids: list[int], pad_token_id: int,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, max_positions: int | None = None):
         self.specs = {spec.name: spec for spec in specs}
         self.segments = [spec for spec in specs if spec.kind == "segment"]
         self.scorings = [spec for spec in specs if spec.kind == "scoring"]
@@ -133,6 +135,7 @@ class Pipeline:
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.max_seq_len = max_seq_len
+        self.max_positions = max_positions
         self.num_image_tokens = plan.num_image_tokens
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -164,9 +167,16 @@ class Pipeline:
         batch = prepare_batch(self.processor, images, questions, self.image_token_id, self.num_image_tokens)
         length = batch.input_ids.shape[1]
         if self.max_seq_len is not None and length >= self.max_seq_len:
+            if self.max_positions is not None and self.max_seq_len >= self.max_positions:
+                remedy = f"the model allows no more ({self.max_positions} positions): shorten the question"
+            elif self.max_positions is not None:
+                remedy = (f"shorten the question or re-export with a larger --max-seq-len (the model allows up to "
+                          f"{self.max_positions})")
+            else:
+                remedy = "shorten the question or re-export with a larger --max-seq-len"
             raise HimapError(
                 f"the prompt has {length} tokens but the export's --max-seq-len is {self.max_seq_len} "
-                f"(prompt plus at least one generated token must fit); re-export with a larger --max-seq-len"
+                f"(prompt plus at least one generated token must fit); {remedy}"
             )
         return batch
 

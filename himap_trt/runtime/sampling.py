@@ -6,6 +6,7 @@ The logits warpers are transformers' own (``TemperatureLogitsWarper``, ``TopKLog
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,21 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise HimapError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature):
+            raise HimapError(f"--temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if self.temperature < 0:
             raise HimapError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.top_k < 0:
             raise HimapError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise HimapError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def ignored_options(self) -> list[str]:
+        """Sampling options given while decoding greedily (temperature 0), which have no effect."""
+        if self.do_sample:
+            return []
+        return [flag for flag, unused in (("--top-k", self.top_k != 0), ("--top-p", self.top_p != 1.0)) if unused]
 
     @property
     def do_sample(self) -> bool:

@@ -1,0 +1,86 @@
+"""User requests from files: ``--batch`` JSONL, one ``{"image": path, "question": text}`` per line.
+
+Every line is checked before anything is loaded; errors name ``file:line`` and the field, and say
+what was expected. Questions are checked with :func:`himap_trt.prompt.check_question`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from himap_trt.errors import HimapError
+from himap_trt.prompt import json_type_name, check_question
+
+#: Largest ``--batch`` file read (bytes): requests are small; anything bigger is a mistake.
+MAX_BATCH_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: an image path (relative paths resolved against the batch file's directory) and a question."""
+
+    image: Path
+    question: str
+
+
+def read_batch_file(path: str | Path, flag: str = "--batch") -> list[Request]:
+    """Parse a JSONL requests file.
+
+    Blank lines are skipped. Each other line must be a JSON object with a string ``image`` (a path,
+    relative to the file's directory unless absolute) and a string ``question``; other keys are ignored.
+
+    Raises:
+        HimapError: ``flag`` file missing, not a regular file, unreadable, not UTF-8 (naming the line),
+            a line that is not a JSON object, a missing or non-string field (naming line and field),
+            an empty question, or no requests at all.
+    """
+    path = Path(path)
+    name = f"{flag} file {str(path)!r}"
+    if not path.exists():
+        raise HimapError(f"{name} does not exist")
+    if not path.is_file():
+        raise HimapError(f"{name} is not a regular file")
+    try:
+        if path.stat().st_size > MAX_BATCH_FILE_BYTES:
+            raise HimapError(f"{name} is larger than {MAX_BATCH_FILE_BYTES} bytes")
+        data = path.read_bytes()
+    except PermissionError:
+        raise HimapError(f"{name} cannot be read: permission denied") from None
+    except OSError as exc:
+        raise HimapError(f"{name} cannot be read: {exc.strerror}") from None
+    requests = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HimapError(f"{where}: byte {exc.start + 1} of the line is not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HimapError(f"{where}: not JSON ({exc.msg} at column {exc.colno}); expected an object with "
+                             "\"image\" and \"question\"") from None
+        except RecursionError:
+            raise HimapError(f"{where}: JSON nested too deeply; expected an object with \"image\" and \"question\"") from None
+        if not isinstance(item, dict):
+            raise HimapError(f"{where}: expected a JSON object with \"image\" and \"question\", got {json_type_name(item)}")
+        for key in ("image", "question"):
+            if key not in item:
+                raise HimapError(f"{where}: field \"{key}\" is missing; expected a JSON object with \"image\" and \"question\"")
+        image = item["image"]
+        if not isinstance(image, str) or not image or "\x00" in image:
+            raise HimapError(f"{where}: field \"image\" must be a non-empty path string, got {json_type_name(image)}")
+        try:
+            image.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HimapError(f"{where}: field \"image\" is not valid UTF-8 text") from None
+        question = check_question(item["question"], f"{where}: field \"question\"")
+        image_path = Path(image)
+        requests.append(Request(image_path if image_path.is_absolute() else path.parent / image_path, question))
+    if not requests:
+        raise HimapError(f"{name} holds no requests")
+    return requests

@@ -264,7 +264,8 @@ def run(
     question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
     batch: Annotated[Optional[Path], typer.Option(
         "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
-                        "padded batch (relative paths are relative to the file).")] = None,
+                        "padded batch (relative paths are relative to the file).",
+        show_default="none: IMAGE QUESTION")] = None,
     export_dir: ExportDirOpt = Path("export"),
     engines_dir: EnginesOpt = None,
     backend: Annotated[str, typer.Option(
@@ -319,8 +320,8 @@ def run(
     check_device(device)
     canonical_dtype(dtype)
     if config.ignored_options:
-        err.print(f"note: {' and '.join(config.ignored_options)} only apply when sampling (--temperature > 0); "
-                  "decoding greedily", highlight=False)
+        err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
+                  "decoding greedily", highlight=False, soft_wrap=True)
     images = [load_image(p) for p in paths]
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):

@@ -215,20 +215,19 @@ def parse_file_records(records: Any, *, field: str, source: str | Path | None) -
     Raises:
         HimapError: naming the field if it is not ``{path: {"bytes": int >= 0, "sha256": 64 hex}}``.
     """
-    where = _where(source, field)
     if not isinstance(records, dict):
-        raise HimapError(f"{where} must be an object mapping file paths to {{\"bytes\", \"sha256\"}}, "
+        raise HimapError(f"{_where(source, field)} must be an object mapping file paths to {{\"bytes\", \"sha256\"}}, "
                          f"got {type(records).__name__}")
     parsed = {}
     for name, record in records.items():
-        entry = f"{where}[{name!r}]"
+        entry = f"{field}[{name!r}]"
         if not isinstance(record, dict):
-            raise HimapError(f"{entry} must be an object with \"bytes\" and \"sha256\"")
+            raise HimapError(f"{_where(source, entry)} must be an object with \"bytes\" and \"sha256\"")
         size, sha = record.get("bytes"), record.get("sha256")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise HimapError(f"{entry}.bytes must be a non-negative integer, got {size!r}")
+            raise HimapError(f"{_where(source, entry + '.bytes')} must be a non-negative integer, got {size!r}")
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise HimapError(f"{entry}.sha256 must be 64 lowercase hex digits, got {sha!r}")
+            raise HimapError(f"{_where(source, entry + '.sha256')} must be 64 lowercase hex digits, got {sha!r}")
         parsed[name] = FileDigest(size, sha)
     return parsed
 

@@ -184,7 +184,9 @@ def _from_pretrained(loader, source: str, is_local: bool, what: str, **kwargs):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # some messages carry terminal colours
     line = text.splitlines()[0].strip() if text else ""
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 

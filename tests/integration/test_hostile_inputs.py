@@ -229,8 +229,11 @@ def test_digest_cache_never_trusts_a_changed_file(tmp_path):
 
 
 def test_processor_files_are_verified_too(export_copy, photo_path):
+    (export_copy / "processor" / "special_tokens_map.json").write_text('{"bos_token": "</s>"}')
+    assert_refused_everywhere(export_copy, photo_path, "special_tokens_map.json", "does not record")
+    (export_copy / "processor" / "special_tokens_map.json").unlink()
     (export_copy / "processor" / "chat_template.jinja").write_text("{{ 'injected' }}")
-    assert_refused_everywhere(export_copy, photo_path, "chat_template.jinja", "does not record")
+    assert_refused_everywhere(export_copy, photo_path, "processor/chat_template.jinja", "another export")
 
 
 def test_engines_are_confined_and_hashed_before_tensorrt(export_copy, tmp_path, photo_path):
@@ -264,7 +267,7 @@ def test_malformed_manifests_name_file_and_field(export_copy, photo_path):
         (lambda d: d.__setitem__("max_seq_len", "many"), "field 'max_seq_len' must be an integer"),
         (lambda d: d["graphs"][0].pop("file"), "field 'graphs[0].file' is missing"),
         (lambda d: d.__setitem__("eos_token_ids", [None]), "eos_token_ids[0]"),
-        (lambda d: d["files"].__setitem__("embed.onnx", {"bytes": -1, "sha256": "x"}), "bytes must be"),
+        (lambda d: d["files"].__setitem__("embed.onnx", {"bytes": -1, "sha256": "x"}), "files['embed.onnx'].bytes"),
         (lambda d: d.__setitem__("format_version", 1), "format version 1"),
     ]
     for change, fragment in cases:

@@ -26,12 +26,14 @@ def test_default_himap_profiles_of_llava_7b():
         assert prefill.shapes["hidden_states"] == ShapeRange((1, 1, 4096), (1, 640 - dropped, 4096), (B, longest, 4096))
         assert prefill.shapes["attention_mask"].max == (B, longest)
         past = prefill.shapes[f"past_key_values.{first_layer}.key"]
-        assert (past.min, past.max) == ((1, 32, 0, 128), (B, 32, 0, 128))
+        # prefill writes the prompt into a buffer of exactly its length
+        assert (past.min, past.max) == ((1, 32, 1, 128), (B, 32, longest, 128))
+        assert prefill.shapes["cache_position"].max == (B,)
         assert decode.shapes["hidden_states"].max == (B, 1, 4096)
-        assert decode.shapes[f"past_key_values.{first_layer}.value"].min == (1, 32, 1, 128)
-        # a fed token sits at cache position <= L - 2: the last generated token is never fed back
-        assert decode.shapes[f"past_key_values.{first_layer}.value"].max == (B, 32, longest - 1, 128)
-        assert decode.shapes["attention_mask"].max == (B, longest)
+        assert decode.shapes[f"past_key_values.{first_layer}.value"].min == (1, 32, 2, 128)
+        # decode runs on the slot cache's buffers: max_len_j = L - dropped positions (the last a scratch column)
+        assert decode.shapes[f"past_key_values.{first_layer}.value"].max == (B, 32, longest + 1, 128)
+        assert decode.shapes["attention_mask"].max == (B, longest + 1)
     (score0,) = graph_profiles(specs["scoring_0"], plan, max_batch=B, max_seq_len=L)
     assert score0.shapes["hidden_states"].min == (1, 577, 4096) and score0.shapes["hidden_states"].max == (B, 2047, 4096)
     (score1,) = graph_profiles(specs["scoring_1"], plan, max_batch=B, max_seq_len=L)
@@ -67,9 +69,9 @@ def _record_calls(pipe):
     seen: dict[str, list[dict]] = {}
     for name, backend in pipe.backends.items():
         def wrap(run, name=name):
-            def recording(feeds):
+            def recording(feeds, outputs=None):
                 seen.setdefault(name, []).append({k: tuple(v.shape) for k, v in feeds.items()})
-                return run(feeds)
+                return run(feeds, outputs)
             return recording
         backend.run = wrap(backend.run)
     return seen

@@ -497,7 +497,7 @@ def build(
     workspace: Annotated[Optional[str], typer.Option(
         "--workspace", help="Builder workspace limit in bytes (e.g. 4G) [default: TensorRT's].")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(
-        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing.cache].")] = None,
+        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache, one per TensorRT version and GPU architecture].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(

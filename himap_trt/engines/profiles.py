@@ -6,10 +6,10 @@ context per profile):
 ==========  ===========  ==========================================  ===============================
 graph       profile      ``sequence``                                ``cache_sequence``
 ==========  ===========  ==========================================  ===============================
-segment j   prefill      1 .. max_seq_len - 1 - dropped_j            = ``sequence`` (exact-size buffer)
+segment j   prefill      2 .. max_seq_len - 1 - dropped_j            = ``sequence`` (exact-size buffer)
 segment j   decode       1                                           2 .. max_seq_len - dropped_j
 scoring j   prefill      entering_j + 1 .. max_seq_len - 1 - dropped_j   --
-embed       prefill      1 .. max_seq_len - 1                        --
+embed       prefill      2 .. max_seq_len - 1                        --
 embed       decode       1                                           --
 vision      prefill      --                                          --
 ==========  ===========  ==========================================  ===============================
@@ -109,7 +109,8 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
     if spec.kind == "vision":
         return [_profile(spec, "prefill", {"batch": batch})]
     if spec.kind == "embed":
-        return [_profile(spec, "prefill", {"batch": batch, "sequence": (1, opt_prompt, longest)}),
+        # prefill from 2 tokens, so a decode call (1 token) selects the decode profile (first match wins)
+        return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest)}),
                 _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
     if spec.kind == "scoring":
         dropped = n_img - spec.attrs["entering"]
@@ -122,7 +123,8 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
         prompt = opt_prompt - dropped
         cache = min(prompt + OPT_NEW_TOKENS, top + 1)
         return [
-            _profile(spec, "prefill", {"batch": batch, "sequence": (1, prompt, top), "cache_sequence": (1, prompt, top)}),
+            # prefill from 2 tokens (a prompt holds |V| + 1 at least), so decode calls select the decode profile
+            _profile(spec, "prefill", {"batch": batch, "sequence": (2, prompt, top), "cache_sequence": (2, prompt, top)}),
             _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, top + 1)}),
         ]
     raise HimapError(f"graph {spec.name!r}: no profiles for kind {spec.kind!r}")

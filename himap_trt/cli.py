@@ -72,7 +72,7 @@ def _root(
 
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
-    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa', "
+    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium', "
                     "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
 MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method: himap, fastv or none.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
@@ -298,6 +298,8 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (EOS does "
+                                                                  "not stop a row; for benchmarks).")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
                                                                       "(one request, no --json).")] = True,
     as_json: JsonOpt = False,
@@ -318,7 +320,7 @@ def run(
         if not q.strip():
             raise HimapError("the question is empty; pass a non-empty question")
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+                              seed=seed, ignore_eos=ignore_eos)
     images = [load_image(p) for p in paths]
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):
@@ -636,6 +638,16 @@ def check(
                   f"| Runtime: {time.perf_counter() - started:.3f}s")
     if not report.ok:
         raise HimapError("backends disagree; see the FAILED lines above")
+
+
+# -- bench (himap_trt/bench_cli.py) ----------------------------------------------------------------
+def _register_bench() -> None:
+    from himap_trt.bench_cli import bench
+
+    app.command(name="bench")(user_errors(bench))
+
+
+_register_bench()
 
 
 def main() -> None:  # pragma: no cover - the console-script entry point

@@ -74,7 +74,7 @@ def _root(
 
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
-    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa', "
+    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium', "
                     "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
 MethodOpt = Annotated[str, typer.Option("--method", metavar="[himap|fastv|none]", help="Pruning method.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
@@ -166,6 +166,11 @@ def export(
         "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles.",
         show_default="the model's positions, at most 2048")] = None,
     opset: Annotated[int, typer.Option("--opset", metavar="[18|19|20]", help="ONNX opset.")] = 18,
+    kv_write: Annotated[str, typer.Option(
+        "--kv-write", metavar="[scatternd|tensorscatter]",
+        help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "
+             "TensorRT 10.x) or tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 in-place "
+             "KV-cache update).")] = "scatternd",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
@@ -187,7 +192,7 @@ def export(
 
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
-                            validate=validate)
+                            validate=validate, kv_write=kv_write)
     config = load_config(model)
     check_max_seq_len(model_dims(config), max_seq_len)
     plan = _plan(config, method, k1, r1, k2, r2, k, r)
@@ -293,6 +298,8 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default="random")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (EOS does "
+                                                                  "not stop a row; for benchmarks).")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
                                                                       "(one request, no --json).")] = True,
     as_json: JsonOpt = False,
@@ -314,7 +321,7 @@ def run(
     # every option and request is checked before an image or a model is loaded
     paths, questions = _requests(image, question, batch)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+                              seed=seed, ignore_eos=ignore_eos)
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
@@ -500,8 +507,9 @@ def build(
     workspace: Annotated[Optional[str], typer.Option(
         "--workspace", help="Builder workspace limit in bytes (e.g. 4G).", show_default="TensorRT's")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(
-        "--timing-cache", help="Tactic timing cache, reused across builds.",
-        show_default="~/.cache/himap-trt/timing.cache")] = None,
+        "--timing-cache", help="Tactic timing cache, reused across builds (one per TensorRT version and GPU "
+                               "architecture).",
+        show_default="~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(
@@ -646,6 +654,16 @@ def check(
                   f"| Runtime: {time.perf_counter() - started:.3f}s")
     if not report.ok:
         raise HimapError("backends disagree; see the FAILED lines above")
+
+
+# -- bench (himap_trt/bench_cli.py) ----------------------------------------------------------------
+def _register_bench() -> None:
+    from himap_trt.bench_cli import bench
+
+    app.command(name="bench")(user_errors(bench))
+
+
+_register_bench()
 
 
 def main() -> None:  # pragma: no cover - the console-script entry point

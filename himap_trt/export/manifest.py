@@ -19,8 +19,11 @@ from himap_trt.models.loading import ModelDims
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
-#: file's size and sha256 (``files``); version-1 exports are refused with a request to re-export.
+#: file's size and sha256 (``files``), and its segment graphs take preallocated KV-cache buffers and
+#: ``cache_position`` (written in place); version-1 exports are refused with a request to re-export.
 FORMAT_VERSION = 2
+#: How segment graphs write their KV caches (the export's ``--kv-write``; see export/compose.py).
+KV_WRITES = ("scatternd", "tensorscatter")
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
 
@@ -45,6 +48,8 @@ class Manifest:
         validation: per graph and phase, the max abs difference found against PyTorch (empty if skipped).
         files: every file of the export (graphs, their external data, the processor's files), relative
             path -> ``{"bytes": size, "sha256": hex}``; checked by :func:`load_manifest`.
+        kv_write: how segment graphs write their caches: ``scatternd`` (opset ``opset``) or
+            ``tensorscatter`` (segment graphs at opset 24); see :mod:`himap_trt.export.compose`.
     """
 
     format_version: int
@@ -63,6 +68,7 @@ class Manifest:
     processor_dir: str = PROCESSOR_DIR
     validation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kv_write: str = "scatternd"
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; raises :class:`HimapError` if the export has none."""
@@ -103,6 +109,9 @@ class Manifest:
         for key in ("processor_dir",):
             if key in data and not isinstance(data[key], str):
                 raise HimapError(f"{where}: field {key!r} must be a string, got {type(data[key]).__name__}")
+        if data.get("kv_write", "scatternd") not in KV_WRITES:
+            raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
+                             f"got {data.get('kv_write')!r:.40}")
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
         try:
@@ -123,6 +132,7 @@ class Manifest:
                 processor_dir=data.get("processor_dir", PROCESSOR_DIR),
                 validation=dict(data.get("validation") or {}),
                 files=dict(data["files"]),
+                kv_write=str(data.get("kv_write", "scatternd")),
             )
         except HimapError as exc:
             raise HimapError(f"{where}: {exc}") from None

@@ -594,7 +594,10 @@ def check(
         offenses = [o for r in reports for o in r.offenses]
         if as_json:
             print(json.dumps({"ok": not offenses, "source": support_table()["source"],
+                              "min_tensorrt": max((r.min_tensorrt for r in reports),
+                                                  key=lambda v: tuple(map(int, v.split(".")))),
                               "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
+                                          "min_tensorrt": r.min_tensorrt,
                                           "unchecked_types": r.unchecked_types,
                                           "offenses": [o.__dict__ for o in r.offenses]} for r in reports]}, indent=1))
         else:
@@ -602,7 +605,8 @@ def check(
             _plain(f"[I] TensorRT ONNX parser support table: {source['repository']} {source['path']} @ {source['ref']}")
             for r in reports:
                 status = "PASSED" if not r.offenses else "FAILED"
-                _plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset}")
+                _plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset} | "
+                       f"TensorRT >= {r.min_tensorrt}")
                 for o in r.offenses:
                     _plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
             _plain(f"[I] {'PASSED' if not offenses else 'FAILED'} | {len(reports)} graphs, "

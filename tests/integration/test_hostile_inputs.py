@@ -624,7 +624,7 @@ def test_help_shows_every_default_and_choice():
 
 
 # ---- 7. property-based fuzzing ------------------------------------------------------------------------------
-FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -655,6 +655,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 @FUZZ
 @given(lines=st.lists(st.one_of(
+    st.just(b'{"image": "photo.jpg", "question": "What is it?"}'),
     st.binary(max_size=30),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries({"image": st.one_of(st.just("photo.jpg"), json_values),

@@ -624,7 +624,7 @@ def test_help_shows_every_default_and_choice():
 
 
 # ---- 7. property-based fuzzing ------------------------------------------------------------------------------
-FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -655,6 +655,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 @FUZZ
 @given(lines=st.lists(st.one_of(
+    st.just(b'{"image": "photo.jpg", "question": "What is it?"}'),
     st.binary(max_size=30),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries({"image": st.one_of(st.just("photo.jpg"), json_values),

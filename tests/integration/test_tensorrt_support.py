@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from conftest import exported
+from himap_trt.confine import record_files
 from himap_trt.cli import app
 from himap_trt.engines.compat import check_onnx_file, support_table
 from himap_trt.engines.manifest import (EngineEntry, EnginesManifest, ENGINES_FORMAT_VERSION, check_compatible,
@@ -130,6 +131,9 @@ def test_compat_cli_fails_naming_the_node(tmp_path_factory, tmp_path):
     model = onnx.load(bad / "scoring_0.onnx")
     model.graph.node.append(helper.make_node("Unique", [model.graph.output[0].name], ["unique_out"], name="extra"))
     onnx.save(model, bad / "scoring_0.onnx")
+    manifest = json.loads((bad / "manifest.json").read_text())  # record the edit, or the sha256 check refuses it
+    manifest["files"].update(record_files(bad, ["scoring_0.onnx"]))
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["check", "--tensorrt-compat", "--export-dir", str(bad)])
     assert result.exit_code == 1
     assert "[E]         extra (Unique)" in result.stdout and "FAILED | scoring_0.onnx" in result.stdout

@@ -634,6 +634,12 @@ def check(
         raise HimapError("backends disagree; see the FAILED lines above")
 
 
+# -- analyze (himap_trt/analyze/command.py) ---------------------------------------------------------
+from himap_trt.analyze.command import register as _register_analyze  # noqa: E402
+
+_register_analyze(app, user_errors, out, err)
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

@@ -67,10 +67,6 @@ def aggregate(requests: list[RequestAnalysis], num_layers: int) -> dict[str, Any
     }
 
 
-def _eq10(num_layers: int, segments: list[tuple[int, int, float]], d: int, m: int) -> float:
-    return sum((end - start) * omega(n, d, m) for start, end, n in segments) if segments else 0.0
-
-
 def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any, *, tau: float,
               max_keep: int) -> dict[str, Any]:
     """The recommended HiMAP and VisiPruner plans with rule, evidence and Eq. 10 FLOPs."""
@@ -121,8 +117,10 @@ def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any,
     else:
         k_e, k_e_rule = max(k_m + 1, 3 * L // 4), "the reference's deep test fired on no request; default 3L/4"
     kept = [min(r.value_scores_above[k_m - 1], max_keep) for r in requests]
-    visi_flops = _mean([_eq10(L, [(0, k_m, V), (k_m, k_e, n), (k_e, L, 0)], d, m) for n in kept])
-    padded_flops = _eq10(L, [(0, k_m, V), (k_m, k_e, max_keep), (k_e, L, 0)], d, m)
+    visi = build_plan("visipruner", num_layers=L, num_image_tokens=V, mid_layer=k_m, deep_layer=k_e,
+                      threshold=tau, max_keep=max_keep)
+    visi_flops = _mean([image_token_flops(visi, d, m, kept=n) for n in kept])
+    padded_flops = image_token_flops(visi, d, m)
     return {
         "himap": {
             "k1": k1, "r1": DEFAULT_R1, "k2": k2, "r2": DEFAULT_R2, "plan": himap.describe(),
@@ -132,7 +130,7 @@ def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any,
             "eq10_flops": himap_flops, "eq10_ratio": himap_flops / baseline,
         },
         "visipruner": {
-            "mid_layer": k_m, "deep_layer": k_e, "threshold": tau, "max_keep": max_keep,
+            "mid_layer": k_m, "deep_layer": k_e, "threshold": tau, "max_keep": max_keep, "plan": visi.describe(),
             "mid_rule": k_m_rule, "deep_rule": k_e_rule,
             "kept_mean": _mean(kept), "kept_rule": f"per request: image tokens with s_{k_m - 1}(v) > {tau}, at most {max_keep}",
             "eq10_flops": visi_flops, "eq10_ratio": visi_flops / baseline,

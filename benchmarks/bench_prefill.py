@@ -31,7 +31,7 @@ from himap_trt.models.tiny import random_model
 from himap_trt.plan import build_plan
 from himap_trt.runtime import GenerationConfig, reference_pipeline
 
-PLANS = {"none": ("none", {}), "fastv": ("fastv", {}), "himap": ("himap", {})}
+PLANS = {"none": ("none", {}), "fastv": ("fastv", {}), "himap": ("himap", {}), "visipruner": ("visipruner", {})}
 
 
 def load(name: str, dtype: torch.dtype, device: str):
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--plans", default="none,fastv,himap")
+    parser.add_argument("--plans", default="none,fastv,himap,visipruner")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

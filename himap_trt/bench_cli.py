@@ -56,7 +56,8 @@ def bench(
                                                            "settings of each).")] = "none,fastv,himap",
     work_dir: Annotated[Path, typer.Option("--work-dir", help="With --model: where the exports go.")] = Path("bench-exports"),
     max_seq_len: Annotated[Optional[int], typer.Option(
-        "--max-seq-len", help="With --model: the exports' --max-seq-len [default: the model's, at most 2048].")] = None,
+        "--max-seq-len", help="With --model: the exports' --max-seq-len.",
+        show_default="the model's, at most 2048")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto, onnxruntime, tensorrt or torch.")] = "onnxruntime",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (torch / onnxruntime).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes to sweep.")] = "1",

@@ -18,7 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from himap_trt.errors import HimapError
-from himap_trt.plan import DEFAULT_K, DEFAULT_K1, DEFAULT_K2, DEFAULT_R, DEFAULT_R1, DEFAULT_R2
+from himap_trt.plan import (
+    METHODS,
+    DEFAULT_K,
+    DEFAULT_K1,
+    DEFAULT_K2,
+    DEFAULT_MAX_KEEP,
+    DEFAULT_R,
+    DEFAULT_R1,
+    DEFAULT_R2,
+    DEFAULT_THRESHOLD,
+)
 
 app = typer.Typer(
     name="himap-trt",
@@ -72,30 +82,42 @@ def _root(
     """Deploy LLaVA-style multimodal LLMs with in-decoder image-token pruning (HiMAP, FastV)."""
 
 
+METHOD_CHOICES = f"[{'|'.join(METHODS)}]"
+
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
     "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium', "
                     "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
-MethodOpt = Annotated[str, typer.Option("--method", metavar="[himap|fastv|none]", help="Pruning method.")]
+MethodOpt = Annotated[str, typer.Option("--method", metavar=METHOD_CHOICES,
+                                        help="Pruning method.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
 R1Opt = Annotated[float, typer.Option("--r1", help="HiMAP: fraction of image tokens dropped at K1.")]
 K2Opt = Annotated[int, typer.Option("--k2", help="HiMAP: layer of the deep stage (img->img scores of layer K2-1).")]
 R2Opt = Annotated[float, typer.Option("--r2", help="HiMAP: fraction of the remaining image tokens dropped at K2.")]
 KOpt = Annotated[int, typer.Option("--k", help="FastV: layer of the stage (last-token scores of layer K-1).")]
 ROpt = Annotated[float, typer.Option("--r", help="FastV: fraction of image tokens dropped at K.")]
+MidOpt = Annotated[Optional[int], typer.Option(
+    "--mid-layer", help="VisiPruner: K_M, layer of the middle stage (value-contribution scores of layer K_M-1).",
+    show_default="L/2")]
+DeepOpt = Annotated[Optional[int], typer.Option(
+    "--deep-layer", help="VisiPruner: K_E, from this layer on no image token is left.",
+    show_default="3L/4")]
+ThresholdOpt = Annotated[float, typer.Option(
+    "--threshold", help="VisiPruner: tau, keep image tokens whose value contribution norm exceeds it.")]
+MaxKeepOpt = Annotated[int, typer.Option("--max-keep", help="VisiPruner: C, most image tokens kept at K_M.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
 
 
-def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float):
+def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, **visipruner):
     from himap_trt.models import model_dims
     from himap_trt.plan import build_plan
 
     dims = model_dims(config)
     return build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens,
-                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r)
+                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, **visipruner)
 
 
 # -- flops ------------------------------------------------------------------------------------------
@@ -106,6 +128,11 @@ def flops(
     method: MethodOpt = "himap",
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
+    assume_kept: Annotated[Optional[float], typer.Option(
+        "--assume-kept", help="VisiPruner: image tokens a request keeps at K_M, for Eq. 10 (e.g. a measured mean).",
+        show_default="--max-keep, the slots the static graphs compute")] = None,
     prompt_len: Annotated[Optional[int], typer.Option(
         "--prompt-len", help="Prompt tokens (image tokens included) for the whole-prompt count.",
         show_default="image tokens + 64")] = None,
@@ -121,9 +148,15 @@ def flops(
     from himap_trt.models import load_config, model_dims
 
     config = load_config(model)
-    plan = _plan(config, method, k1, r1, k2, r2, k, r)
+    plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+                 threshold=threshold, max_keep=max_keep)
     dims = model_dims(config)
-    report = flops_report(model, plan, dims, prompt_len or dims.num_image_tokens + 64)
+    if assume_kept is not None:
+        if method != "visipruner":
+            raise HimapError("--assume-kept is for --method visipruner (its per-request kept count)")
+        if not 0 <= assume_kept <= max_keep:
+            raise HimapError(f"--assume-kept must be between 0 and --max-keep {max_keep}, got {assume_kept:g}")
+    report = flops_report(model, plan, dims, prompt_len or dims.num_image_tokens + 64, kept=assume_kept)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -134,7 +167,10 @@ def flops(
     table.add_column("no pruning", justify="right")
     table.add_column(plan.method, justify="right")
     table.add_column("ratio", justify="right")
-    table.add_row("image tokens, Eq. 10 (TFLOPs)", format_tflops(report.image_tokens_baseline),
+    label = "image tokens, Eq. 10 (TFLOPs)"
+    if plan.method == "visipruner":
+        label += f", n kept = {plan.stages[0].keep if assume_kept is None else assume_kept:g}"
+    table.add_row(label, format_tflops(report.image_tokens_baseline),
                   format_tflops(report.image_tokens_plan), f"{report.image_tokens_ratio:.3f}")
     pb, pp = report.prompt_baseline, report.prompt_plan
     table.add_row(f"whole prompt, {pb.prompt_tokens} tokens (TFLOPs)", f"{pb.total / 1e12:.3f}",
@@ -159,6 +195,8 @@ def export(
     method: MethodOpt = "himap",
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="Graph precision (TensorRT "
                                                    "builds strongly typed networks from it).")] = "fp32",
@@ -195,7 +233,8 @@ def export(
                             validate=validate, kv_write=kv_write)
     config = load_config(model)
     check_max_seq_len(model_dims(config), max_seq_len)
-    plan = _plan(config, method, k1, r1, k2, r2, k, r)
+    plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+                 threshold=threshold, max_keep=max_keep)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
         _require_tensorrt()
@@ -285,7 +324,7 @@ def run(
         show_default="cuda if usable, else cpu")] = None,
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="With --model: the dtype.")] = "fp32",
     method: Annotated[Optional[str], typer.Option(
-        "--method", metavar="[himap|fastv|none]", help="Expected plan (checked against the export).",
+        "--method", metavar=METHOD_CHOICES, help="Expected plan (checked against the export).",
         show_default="the export's")] = None,
     k1: Annotated[Optional[int], typer.Option("--k1", show_default="the export's", help="Expected HiMAP K1.")] = None,
     r1: Annotated[Optional[float], typer.Option("--r1", show_default="the export's", help="Expected HiMAP R1.")] = None,
@@ -293,6 +332,14 @@ def run(
     r2: Annotated[Optional[float], typer.Option("--r2", show_default="the export's", help="Expected HiMAP R2.")] = None,
     k: Annotated[Optional[int], typer.Option("--k", show_default="the export's", help="Expected FastV K.")] = None,
     r: Annotated[Optional[float], typer.Option("--r", show_default="the export's", help="Expected FastV R.")] = None,
+    mid_layer: Annotated[Optional[int], typer.Option("--mid-layer", show_default="the export's",
+                                                     help="Expected VisiPruner K_M.")] = None,
+    deep_layer: Annotated[Optional[int], typer.Option("--deep-layer", show_default="the export's",
+                                                      help="Expected VisiPruner K_E.")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", show_default="the export's",
+                                                       help="Expected VisiPruner tau.")] = None,
+    max_keep: Annotated[Optional[int], typer.Option("--max-keep", show_default="the export's",
+                                                    help="Expected VisiPruner C.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
@@ -331,14 +378,17 @@ def run(
                   "decoding greedily", highlight=False, soft_wrap=True)
     images = [load_image(p) for p in paths]
     requested = None
-    if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):
+    if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
         from himap_trt.plan import build_plan
 
         def requested(num_layers: int, num_image_tokens: int):
             return build_plan(method or "himap", num_layers=num_layers, num_image_tokens=num_image_tokens,
                               k1=DEFAULT_K1 if k1 is None else k1, r1=DEFAULT_R1 if r1 is None else r1,
                               k2=DEFAULT_K2 if k2 is None else k2, r2=DEFAULT_R2 if r2 is None else r2,
-                              k=DEFAULT_K if k is None else k, r=DEFAULT_R if r is None else r)
+                              k=DEFAULT_K if k is None else k, r=DEFAULT_R if r is None else r,
+                              mid_layer=mid_layer, deep_layer=deep_layer,
+                              threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                              max_keep=DEFAULT_MAX_KEEP if max_keep is None else max_keep)
 
     opened = open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
                            engines_dir=engines_dir, device=device, dtype=dtype)
@@ -518,6 +568,8 @@ def build(
     method: MethodOpt = "himap",
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
                                        help="With --dry-run --model: graph dtype.")] = "fp16",
     as_json: JsonOpt = False,
@@ -542,7 +594,8 @@ def build(
 
         config = load_config(model)
         dims = model_dims(config)
-        plan = _plan(config, method, k1, r1, k2, r2, k, r)
+        plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+                     threshold=threshold, max_keep=max_keep)
         specs = graph_specs(dims, plan, DTYPE_NAMES[canonical_dtype(dtype)])
         from himap_trt.export import default_max_seq_len
 
@@ -668,6 +721,11 @@ def _register_bench() -> None:
 
 
 _register_bench()
+
+# -- analyze (himap_trt/analyze/command.py) ---------------------------------------------------------
+from himap_trt.analyze.command import register as _register_analyze  # noqa: E402
+
+_register_analyze(app, user_errors, out, err)
 
 
 def main() -> None:  # pragma: no cover - the console-script entry point

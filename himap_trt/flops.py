@@ -28,13 +28,18 @@ def omega(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def image_token_flops(plan: PruningPlan, d: int, m: int) -> int:
+def image_token_flops(plan: PruningPlan, d: int, m: int, kept: float | None = None) -> float:
     """Eq. 10 for a plan: ``Σ_segments layers · Ω(image tokens of the segment)``.
 
-    With no stages this is the baseline ``L · Ω(|V|)``.
+    With no stages this is the baseline ``L · Ω(|V|)``. For VisiPruner (HiMAP Eq. 10 applied to its
+    segments: ``K_M·Ω(|V|) + (K_E-K_M)·Ω(n) + (L-K_E)·Ω(0)``), ``kept`` is n, the image tokens a
+    request keeps at K_M (a measured mean may be fractional); None counts the C slots the static
+    form computes (kept tokens plus masked padding slots).
     """
-    return sum((end - start) * omega(n, d, m)
-               for (start, end), n in zip(plan.segments, plan.image_tokens_per_segment))
+    counts = list(plan.image_tokens_per_segment)
+    if kept is not None:
+        counts = [kept if j > 0 and plan.stages[j - 1].criterion == "value_norm" else n for j, n in enumerate(counts)]
+    return sum((end - start) * omega(n, d, m) for (start, end), n in zip(plan.segments, counts))
 
 
 def format_tflops(flops: float) -> str:
@@ -92,7 +97,8 @@ def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> Prom
     for j, ((start, end), n_img) in enumerate(zip(plan.segments, plan.image_tokens_per_segment)):
         decoder += (end - start) * _decoder_layer(text + n_img, dims)
         if j < len(plan.stages):
-            rows = 1 if plan.stages[j].criterion == "last_row" else text + n_img
+            criterion = plan.stages[j].criterion
+            rows = {"last_row": 1, "value_norm": 2, "drop_all": 0}.get(criterion, text + n_img)  # value_norm: Q K^T and A·V of one row
             scoring += 2 * rows * (text + n_img) * dims.num_heads * dims.head_dim
     return PromptFlops(
         prompt_tokens=prompt_tokens,
@@ -109,8 +115,8 @@ class FlopsReport:
 
     model: str
     plan: str
-    image_tokens_baseline: int
-    image_tokens_plan: int
+    image_tokens_baseline: float
+    image_tokens_plan: float
     image_tokens_ratio: float
     prompt_baseline: PromptFlops
     prompt_plan: PromptFlops
@@ -123,11 +129,16 @@ class FlopsReport:
         return data
 
 
-def flops_report(model: str, plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> FlopsReport:
-    """Eq. 10 and whole-prompt FLOPs of ``plan`` against no pruning on the same model."""
+def flops_report(model: str, plan: PruningPlan, dims: ModelDims, prompt_tokens: int,
+                 kept: float | None = None) -> FlopsReport:
+    """Eq. 10 and whole-prompt FLOPs of ``plan`` against no pruning on the same model.
+
+    ``kept``: VisiPruner's image tokens kept at K_M for Eq. 10 (see :func:`image_token_flops`); the
+    whole-prompt count always uses the C slots the graphs compute.
+    """
     baseline_plan = PruningPlan("none", plan.num_layers, plan.num_image_tokens, ())
     d, m = dims.hidden_size, dims.intermediate_size
-    base, pruned = image_token_flops(baseline_plan, d, m), image_token_flops(plan, d, m)
+    base, pruned = image_token_flops(baseline_plan, d, m), image_token_flops(plan, d, m, kept)
     prompt_base = prompt_flops(baseline_plan, dims, prompt_tokens)
     prompt_plan = prompt_flops(plan, dims, prompt_tokens)
     return FlopsReport(

@@ -14,15 +14,17 @@ from typing import Any, Literal
 
 from himap_trt.errors import HimapError
 
-Criterion = Literal["img2txt", "img2img", "last_row"]
-Method = Literal["himap", "fastv", "none"]
+Criterion = Literal["img2txt", "img2img", "last_row", "value_norm", "drop_all"]
+Method = Literal["himap", "fastv", "visipruner", "none"]
 
-METHODS: tuple[str, ...] = ("himap", "fastv", "none")
-CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row")
+METHODS: tuple[str, ...] = ("himap", "fastv", "visipruner", "none")
+CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row", "value_norm", "drop_all")
 
 #: CLI defaults (HiMAP paper Sec. 5.1, short-answer QA; FastV K=2 R=50% for 7B).
 DEFAULT_K1, DEFAULT_R1, DEFAULT_K2, DEFAULT_R2 = 2, 0.5, 8, 0.75
 DEFAULT_K, DEFAULT_R = 2, 0.5
+#: VisiPruner's static form (METHODS.md): K_M = L/2 and K_E = 3L/4 (rounded down) when not given.
+DEFAULT_THRESHOLD, DEFAULT_MAX_KEEP = 0.2, 64
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,23 @@ class Stage:
             Scores come from the attention of layer K-1.
         criterion: ``img2txt`` (HiMAP Eq. 8: attention all instruction tokens pay to each image
             token), ``img2img`` (HiMAP Eq. 9: attention the surviving image tokens pay to each
-            other), ``last_row`` (FastV: attention the last prompt token pays).
-        keep: image tokens kept after this stage (tokens).
+            other), ``last_row`` (FastV: attention the last prompt token pays), ``value_norm``
+            (VisiPruner's middle stage: ``s(v) = ||concat_h A_h[last, v] V_h[v]||`` of layer K-1,
+            tokens with ``s > threshold``, at most ``keep``), ``drop_all`` (VisiPruner's deep
+            stage: every image token entering is dropped, no scores).
+        keep: image tokens kept after this stage (tokens). For ``value_norm`` it is the cap C: the
+            stage always outputs C image *slots*, of which each request uses its own count
+            ``n <= C`` (0 allowed); the others are masked (attention mask 0).
         ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
             the stage that is dropped), kept for display.
+        threshold: ``value_norm`` only: tau, the score a token must exceed.
     """
 
     layer: int
     criterion: Criterion
     keep: int
     ratio: float
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,12 @@ class PruningPlan:
         entering = self.num_image_tokens
         for i, s in enumerate(self.stages, 1):
             name = "K" if len(self.stages) == 1 else f"K{i}"
-            parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({s.criterion})")
+            if s.criterion == "value_norm":
+                parts.append(f"K_M={s.layer} keep s>{s.threshold:g}, <={s.keep}/{entering} ({s.criterion})")
+            elif s.criterion == "drop_all":
+                parts.append(f"K_E={s.layer} drop all {entering}")
+            else:
+                parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({s.criterion})")
             entering = s.keep
         return f"{self.method}: " + ", ".join(parts)
 
@@ -154,11 +168,16 @@ def build_plan(
     r2: float = DEFAULT_R2,
     k: int = DEFAULT_K,
     r: float = DEFAULT_R,
+    mid_layer: int | None = None,
+    deep_layer: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_keep: int = DEFAULT_MAX_KEEP,
 ) -> PruningPlan:
     """Build and validate a plan from the CLI options.
 
     Args:
-        method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r) or ``none``.
+        method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r), ``visipruner`` (uses
+            mid_layer, deep_layer, threshold, max_keep; layers default to L/2 and 3L/4) or ``none``.
         num_layers: L, decoder layers of the target model.
         num_image_tokens: |V|, image tokens per prompt of the target model.
 
@@ -178,11 +197,33 @@ def build_plan(
     if method == "fastv":
         stage = _stage("--k", "--r", k, r, "last_row", num_image_tokens, num_layers)
         return PruningPlan("fastv", num_layers, num_image_tokens, (stage,))
+    if method == "visipruner":
+        return _visipruner(num_layers, num_image_tokens, mid_layer, deep_layer, threshold, max_keep)
     first = _stage("--k1", "--r1", k1, r1, "img2txt", num_image_tokens, num_layers)
     if k2 <= k1:
         raise HimapError(f"--k2 must be greater than --k1 (got --k1 {k1}, --k2 {k2})")
     second = _stage("--k2", "--r2", k2, r2, "img2img", first.keep, num_layers)
     return PruningPlan("himap", num_layers, num_image_tokens, (first, second))
+
+
+def _visipruner(num_layers: int, num_image_tokens: int, mid_layer: int | None, deep_layer: int | None,
+                threshold: float, max_keep: int) -> PruningPlan:
+    """VisiPruner's static form (METHODS.md): a ``value_norm`` stage at K_M keeping at most
+    ``max_keep`` tokens with score > ``threshold``, a ``drop_all`` stage at K_E."""
+    mid = num_layers // 2 if mid_layer is None else mid_layer
+    deep = 3 * num_layers // 4 if deep_layer is None else deep_layer
+    _check_layer("--mid-layer", mid, num_layers)
+    _check_layer("--deep-layer", deep, num_layers)
+    if deep <= mid:
+        raise HimapError(f"--deep-layer must be greater than --mid-layer (got --mid-layer {mid}, --deep-layer {deep})")
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise HimapError(f"--threshold must be a finite number >= 0 (a value-contribution norm), got {threshold}")
+    if not 1 <= max_keep <= num_image_tokens:
+        raise HimapError(f"--max-keep must be between 1 and {num_image_tokens} (the model's image tokens), got {max_keep}")
+    middle = Stage(layer=mid, criterion="value_norm", keep=max_keep, ratio=1.0 - max_keep / num_image_tokens,
+                   threshold=float(threshold))
+    return PruningPlan("visipruner", num_layers, num_image_tokens,
+                       (middle, Stage(layer=deep, criterion="drop_all", keep=0, ratio=1.0)))
 
 
 def validate_plan(plan: PruningPlan) -> None:
@@ -199,6 +240,11 @@ def validate_plan(plan: PruningPlan) -> None:
             raise HimapError(f"unknown criterion {s.criterion!r} (expected one of {', '.join(CRITERIA)})")
         if not previous < s.layer <= plan.num_layers - 1:
             raise HimapError(f"stage layers must increase within [1, {plan.num_layers - 1}], got {s.layer}")
-        if not 1 <= s.keep <= entering:
+        if s.criterion == "drop_all":
+            if s.keep != 0:
+                raise HimapError(f"a drop_all stage keeps 0 image tokens, got {s.keep}")
+        elif not 1 <= s.keep <= entering:
             raise HimapError(f"a stage keeps {s.keep} image tokens of {entering}; expected 1..{entering}")
+        if (s.criterion == "value_norm") != (s.threshold is not None):
+            raise HimapError(f"a {s.criterion} stage {'needs' if s.criterion == 'value_norm' else 'takes no'} threshold")
         entering, previous = s.keep, s.layer

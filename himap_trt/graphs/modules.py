@@ -440,6 +440,12 @@ def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
         start, end = spec.layers
         module = DecoderSegment(llava, start, end, final=spec.attrs["final"],
                                 emit_query=not spec.attrs["final"])
+    elif spec.kind == "scoring" and spec.attrs["criterion"] in ("value_norm", "drop_all"):
+        from himap_trt.graphs.visipruner import DropImageTokens, ValueNormScorer
+
+        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
+        module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else
+                  ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
     elif spec.kind == "scoring":
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
         module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling)

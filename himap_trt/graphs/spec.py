@@ -221,11 +221,18 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
             drop = entering - stage.keep
             kept = f"sequence - {drop}" if drop else s
             scored = end - 1
+            # what the criterion reads of layer K-1: queries and keys; VisiPruner's value_norm also
+            # the values; drop_all nothing (it drops every image slot)
+            attention = [TensorSpec(query_name(scored), dtype, (b, h, s, hd)),
+                         TensorSpec(present_names(scored)[0], dtype, (b, kv, s, hd))]
+            if stage.criterion == "value_norm":
+                attention.append(TensorSpec(present_names(scored)[1], dtype, (b, kv, s, hd)))
+            elif stage.criterion == "drop_all":
+                attention = []
             specs.append(GraphSpec(
                 name=f"scoring_{j}", kind="scoring",
                 inputs=(
-                    TensorSpec(query_name(scored), dtype, (b, h, s, hd)),
-                    TensorSpec(present_names(scored)[0], dtype, (b, kv, s, hd)),
+                    *attention,
                     TensorSpec("attention_mask", i64, (b, s)),
                     TensorSpec("token_type_ids", i64, (b, s)),
                     TensorSpec("hidden_states", dtype, (b, s, d)),
@@ -239,6 +246,7 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
                     TensorSpec("kept_token_type_ids", i64, (b, kept)),
                 ),
                 layers=(scored, end), stage=j,
-                attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering},
+                attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering,
+                       **({"threshold": stage.threshold} if stage.threshold is not None else {})},
             ))
     return specs

@@ -292,17 +292,20 @@ class Pipeline:
                 break
             scoring = self.scorings[j]
             scored = scoring.layers[0]
-            kept = self._run(scoring.name, {
+            available = {
                 query_name(scored): out[query_name(scored)],
-                present_names(scored)[0]: out[present_names(scored)[0]],
+                **{name: out[name] for name in present_names(scored)},
                 "attention_mask": mask, "token_type_ids": types,
                 "hidden_states": out["last_hidden_state"], "position_ids": positions,
-            })
+            }
+            kept = self._run(scoring.name, {name: available[name] for name in scoring.input_names})
             index = kept["kept_indices"]
             hidden, positions = kept["kept_hidden_states"], kept["kept_position_ids"]
             mask, types = kept["kept_attention_mask"], kept["kept_token_type_ids"]
             origin = torch.gather(origin, 1, index)
-            image_positions = [origin[row][types[row] == TOKEN_IMAGE].tolist() for row in range(origin.shape[0])]
+            # masked slots (VisiPruner rows keeping fewer than C tokens) are not kept tokens
+            image_positions = [origin[row][(types[row] == TOKEN_IMAGE) & (mask[row] == 1)].tolist()
+                               for row in range(origin.shape[0])]
             stages.append(StageOutput(index, origin, image_positions))
         for slot in slots:
             cache.occupied[slot] = True

@@ -607,7 +607,9 @@ def test_help_shows_every_default_and_choice():
     import typer.main
 
     command = typer.main.get_command(app)
-    choices = {"--method": "[himap|fastv|none]", "--dtype": "[fp32|fp16|bf16]",
+    from himap_trt.plan import METHODS
+
+    choices = {"--method": f"[{'|'.join(METHODS)}]", "--dtype": "[fp32|fp16|bf16]",
                "--backend": "[auto|onnxruntime|tensorrt|torch]", "--device": "[cpu|cuda|cuda:N]"}
     for name, sub in command.commands.items():
         result = invoke(name, "--help", env={"COLUMNS": "100"})

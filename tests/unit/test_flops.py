@@ -62,3 +62,16 @@ def test_whole_prompt_count_matches_a_direct_sum():
     assert flops.vision == vision
     # the scoring graphs: img2txt and img2img rows over the full square at layers 1 and 7
     assert flops.scoring == 2 * (640 * 640 + 352 * 352) * h * dh
+
+
+@pytest.mark.parametrize("kept", [0, 32, 64, None])
+def test_visipruner_eq10_for_n_kept(kept):
+    """VisiPruner on LLaVA-1.5-7B, K_M=16, K_E=24: 576 image tokens in layers 0-15, n in 16-23, none after."""
+    dims = model_dims(load_config("llava-1.5-7b"))
+    plan = build_plan("visipruner", num_layers=32, num_image_tokens=576, mid_layer=16, deep_layer=24)
+    n = 64 if kept is None else kept                      # None: the 64 slots the static graphs compute
+    expected = _eq10(dims.hidden_size, dims.intermediate_size, 32, [(16, n), (24, 0)])
+    assert image_token_flops(plan, dims.hidden_size, dims.intermediate_size, kept) == expected
+    report = flops_report("llava-1.5-7b", plan, dims, 640, kept=kept)
+    assert report.image_tokens_ratio == pytest.approx(expected / _eq10(dims.hidden_size, dims.intermediate_size, 32, []))
+    assert report.prompt_plan.total < report.prompt_baseline.total

@@ -54,3 +54,36 @@ def test_plan_json_round_trip_and_validation():
         PruningPlan.from_dict(broken)
     with pytest.raises(HimapError):
         validate_plan(PruningPlan("himap", 12, 144, (Stage(5, "img2txt", 10, 0.5), Stage(3, "img2img", 5, 0.5))))
+
+
+def test_visipruner_defaults_and_round_trip():
+    plan = build_plan("visipruner", num_layers=32, num_image_tokens=576)
+    assert plan.stages == (Stage(16, "value_norm", 64, 1 - 64 / 576, 0.2), Stage(24, "drop_all", 0, 1.0))
+    assert plan.segments == [(0, 16), (16, 24), (24, 32)]
+    assert plan.image_tokens_per_segment == [576, 64, 0]
+    assert PruningPlan.from_dict(plan.to_dict()) == plan
+    tiny = build_plan("visipruner", num_layers=12, num_image_tokens=144, mid_layer=3, deep_layer=5, threshold=0.5,
+                      max_keep=144)
+    assert [(s.layer, s.keep, s.threshold) for s in tiny.stages] == [(3, 144, 0.5), (5, 0, None)]
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(mid_layer=6, deep_layer=6), "--deep-layer"),
+    (dict(mid_layer=0), "--mid-layer"),
+    (dict(deep_layer=12), "--deep-layer"),
+    (dict(max_keep=0), "--max-keep"),
+    (dict(max_keep=145), "--max-keep"),
+    (dict(threshold=-0.1), "--threshold"),
+    (dict(threshold=float("nan")), "--threshold"),
+])
+def test_invalid_visipruner_plans_name_the_flag(kwargs, flag):
+    with pytest.raises(HimapError) as info:
+        build_plan("visipruner", num_layers=12, num_image_tokens=144, **kwargs)
+    assert str(info.value).startswith(flag + " ")
+
+
+def test_drop_all_and_value_norm_stages_are_validated():
+    with pytest.raises(HimapError):
+        validate_plan(PruningPlan("visipruner", 12, 144, (Stage(3, "value_norm", 10, 0.9), Stage(5, "drop_all", 0, 1.0))))
+    with pytest.raises(HimapError):
+        validate_plan(PruningPlan("visipruner", 12, 144, (Stage(3, "value_norm", 10, 0.9, 0.2), Stage(5, "drop_all", 3, 1.0))))

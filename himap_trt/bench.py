@@ -156,9 +156,10 @@ class PipelineContender(Contender):
                 times[_name] = times.get(_name, 0.0) + time.perf_counter() - start
                 return result
             backend.run = timed
+        cache = pipe.allocate(batch.batch_size, max_seq_len=batch.input_ids.shape[1] + 1)
         try:
             with torch.inference_mode():
-                pipe.prefill(batch)
+                pipe.prefill(batch, cache=cache)
         finally:
             for name, backend in pipe.backends.items():
                 backend.__dict__.pop("run", None)

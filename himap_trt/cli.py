@@ -634,6 +634,17 @@ def check(
         raise HimapError("backends disagree; see the FAILED lines above")
 
 
+# -- serve / bench-serve (himap_trt/serve/commands.py) ---------------------------------------------
+def _register_serve_commands() -> None:
+    from himap_trt.serve import commands
+
+    app.command("serve")(user_errors(commands.serve))
+    app.command("bench-serve")(user_errors(commands.bench_serve))
+
+
+_register_serve_commands()
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

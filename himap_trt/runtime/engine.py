@@ -232,10 +232,12 @@ class Engine:
         max_queue: most requests waiting for a slot; :meth:`submit` raises :class:`QueueFull` beyond.
         max_prefill_batch: most prompts prefilled in one call (default: ``max_batch``).
         on_finish: called in the scheduler thread with each :class:`Completion` (metrics).
+        on_step: called in the scheduler thread after each model call as ``on_step(phase, requests,
+            seconds)``, phase ``prefill`` or ``decode`` (metrics).
     """
 
     def __init__(self, pipeline: Any, *, max_batch: int = 8, max_queue: int = 64, max_prefill_batch: int | None = None,
-                 on_finish=None):
+                 on_finish=None, on_step=None):
         if max_batch < 1:
             raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -245,6 +247,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_batch = max_prefill_batch or max_batch
         self.on_finish = on_finish
+        self.on_step = on_step
         self.tokenizer = pipeline.processor.tokenizer
         self.eos_token_ids = set(pipeline.eos_token_ids)
         self.max_seq_len = pipeline.max_seq_len
@@ -404,11 +407,13 @@ class Engine:
             prompts=[q for p in prompts for q in p.prompts],
         )
         slots = [r.slot for r in group]
+        started = time.perf_counter()
         try:
             state = self.pipeline.prefill(batch, cache=self.cache, slots=slots)
         except HimapError as exc:
             self._fail(group, str(exc))
             return
+        self._stepped("prefill", len(group), time.perf_counter() - started)
         image_tokens = list(self.pipeline.plan.image_tokens_per_segment)
         next_positions = state.next_positions.tolist()
         for row, request in enumerate(group):
@@ -427,16 +432,25 @@ class Engine:
         tokens = torch.tensor([r.completion.token_ids[-1] for r in running], dtype=torch.int64)
         positions = torch.tensor([r.next_position for r in running], dtype=torch.int64)
         device = self.pipeline.device
+        started = time.perf_counter()
         try:
             logits = self.pipeline.decode_step(self.cache, tokens.to(device), positions.to(device),
                                                [r.slot for r in running])
         except HimapError as exc:
             self._fail(running, str(exc))
             return
+        self._stepped("decode", len(running), time.perf_counter() - started)
         self._steps += 1
         for request in running:
             request.next_position += 1
         self._accept_tokens(running, logits)
+
+    def _stepped(self, phase: str, requests: int, seconds: float) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step(phase, requests, seconds)
+            except Exception:   # metrics must not break serving
+                log.exception("on_step callback failed")
 
     def _accept_tokens(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Choose each request's next token from its logits row [vocab], stream it, finish it if done."""

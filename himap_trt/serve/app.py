@@ -98,7 +98,7 @@ class ServerState:
                                    device=config.device)
             self.pipeline = opened.pipeline
             engine = Engine(opened.pipeline, max_batch=config.max_batch, max_queue=config.max_queue,
-                            on_finish=self.metrics.finished)
+                            on_finish=self.metrics.finished, on_step=self.metrics.step)
             engine.start()
             self.metrics.bind(engine)
             self.engine = engine

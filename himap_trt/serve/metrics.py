@@ -16,7 +16,7 @@ _STEP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class ServerMetrics:
-    """The server's metrics; :meth:`finished` is the engine's ``on_finish`` callback."""
+    """The server's metrics; :meth:`finished` and :meth:`step` are the engine's callbacks."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -39,6 +39,10 @@ class ServerMetrics:
                                 registry=r)
         self.errors = Counter("himap_request_errors", "Refused or failed requests by HTTP status.", ["status"],
                               registry=r)
+        self.batch_size = Histogram("himap_batch_size", "Requests per model call, by phase (prefill, decode).",
+                                    ["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.step_seconds = Histogram("himap_step_seconds", "Duration of one model call, by phase (seconds).",
+                                      ["phase"], buckets=_STEP + (2.5, 5.0, 10.0), registry=r)
         self.ready = Gauge("himap_ready", "1 once every graph is loaded and the server accepts requests.", registry=r)
 
     def bind(self, engine) -> None:
@@ -46,6 +50,11 @@ class ServerMetrics:
         self.queue.set_function(lambda: engine.stats().waiting)
         self.running.set_function(lambda: engine.stats().running)
         self.free_slots.set_function(lambda: engine.stats().free_slots)
+
+    def step(self, phase: str, requests: int, seconds: float) -> None:
+        """Record one prefill or decode call of the engine."""
+        self.batch_size.labels(phase).observe(requests)
+        self.step_seconds.labels(phase).observe(seconds)
 
     def finished(self, completion: Completion) -> None:
         """Record one finished request."""

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -63,7 +62,10 @@ class ServerProcess:
             self.stop()
             pytest.fail(f"the server did not become ready within {STARTUP_S} s: {log.read_text()}")
         self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
-        self.aclient = openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def aclient(self) -> openai.AsyncOpenAI:
+        """An async client (one per event loop: make it inside ``asyncio.run``)."""
+        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def metric(self, name: str, **labels) -> float:
         text = httpx.get(f"{self.base}/metrics", timeout=10).text
@@ -160,18 +162,21 @@ def solo(export_dir):
 
 # ---- answers ----------------------------------------------------------------------------------------
 def test_16_concurrent_requests_equal_solo_runs(server, cases, solo):
-    async def ask(url, question, max_tokens):
-        response = await server.aclient.chat.completions.create(
+    async def ask(client, url, question, max_tokens):
+        response = await client.chat.completions.create(
             model="tiny", messages=messages(url, question), max_tokens=max_tokens, temperature=0,
             extra_body={"return_token_ids": True})
         return response
 
     async def main():
         jobs = [(cases[i % 4], 6 + 3 * (i % 5)) for i in range(16)]
-        responses = await asyncio.gather(*(ask(url, q, n) for (url, _, q), n in jobs))
+        client = server.aclient()
+        responses = await asyncio.gather(*(ask(client, url, q, n) for (url, _, q), n in jobs))
         return jobs, responses
 
     running_before = server.metric("himap_generation_tokens_total")
+    steps = server.metric("himap_batch_size_count", phase="decode")
+    batched = server.metric("himap_batch_size_sum", phase="decode")
     jobs, responses = asyncio.run(main())
     for ((_, image, question), n), response in zip(jobs, responses):
         expected = solo(image, question, n)
@@ -182,6 +187,10 @@ def test_16_concurrent_requests_equal_solo_runs(server, cases, solo):
     assert server.metric("himap_generation_tokens_total") - running_before == sum(
         r.usage.completion_tokens for r in responses)
     assert server.metric("himap_free_slots") == 16
+    # decode steps served several requests at once (mean requests per step > 4)
+    mean = (server.metric("himap_batch_size_sum", phase="decode") - batched) / (
+        server.metric("himap_batch_size_count", phase="decode") - steps)
+    assert mean > 4, mean
 
 
 def test_seeded_sampling_matches_a_solo_run(server, cases):
@@ -191,7 +200,8 @@ def test_seeded_sampling_matches_a_solo_run(server, cases):
     alone = server.client.chat.completions.create(**kwargs).model_extra["himap"]["token_ids"]
 
     async def main():
-        return await asyncio.gather(*(server.aclient.chat.completions.create(**kwargs) for _ in range(4)))
+        client = server.aclient()
+        return await asyncio.gather(*(client.chat.completions.create(**kwargs) for _ in range(4)))
 
     together = [r.model_extra["himap"]["token_ids"] for r in asyncio.run(main())]
     assert together == [alone] * 4
@@ -419,8 +429,19 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
-def test_serve_refuses_a_missing_export(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "himap_trt.cli", "serve", "--export-dir", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=120, env={**os.environ})
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+@pytest.mark.parametrize("args,fragment", [
+    (["serve", "--export-dir", "{tmp}/nope"], "nope"),
+    (["serve", "--export-dir", "{export}", "--port", "0"], "--port"),
+    (["serve", "--export-dir", "{export}", "--image-root", "{tmp}/none"], "--image-root"),
+    (["bench-serve", "--concurrency", "1,x"], "--concurrency"),
+    (["bench-serve", "--url", "http://127.0.0.1:9", "--requests", "1"], "cannot list models"),
+])
+def test_command_errors_are_one_line(args, fragment, export_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path, export=export_dir) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

@@ -120,7 +120,8 @@ def image_root(tmp_path_factory, photo):
 @pytest.fixture(scope="module")
 def server(export_dir, image_root, tmp_path_factory):
     proc = ServerProcess(export_dir, tmp_path_factory.mktemp("logs") / "wide.log", "--max-batch", "16",
-                         "--max-queue", "64", "--image-root", str(image_root), "--max-body-bytes", "3000000")
+                         "--max-queue", "64", "--image-root", str(image_root), "--max-body-bytes", "3000000",
+                         "--allow-remote-images", "--max-image-bytes", "200000", "--image-timeout", "1")
     yield proc
     proc.stop()
 
@@ -288,6 +289,7 @@ def _error(response: httpx.Response, status: int, *fragments: str) -> None:
 
 def test_bad_requests_get_400(server, cases):
     url, _, question = cases[0]
+    before = server.metric("himap_request_errors_total", status="400")
     post = lambda body, **kw: httpx.post(f"{server.base}/v1/chat/completions", timeout=30, **kw,  # noqa: E731
                                          **({"json": body} if body is not None else {}))
     _error(post(None, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}),
@@ -297,8 +299,6 @@ def test_bad_requests_get_400(server, cases):
     _error(post({"model": "tiny", "messages": messages("data:image/png;base64," + base64.b64encode(b"just text").decode(),
                                                          question)}), 400, "not a PNG image")
     _error(post({"model": "tiny", "messages": messages("data:text/plain;base64,aGk=", question)}), 400, "text/plain")
-    _error(post({"model": "tiny", "messages": messages("https://example.com/cat.png", question)}), 400,
-           "--allow-remote-images")
     _error(post({"model": "tiny", "messages": messages(url, "why? " * 500)}), 400, "max-seq-len")
     _error(post({"model": "tiny", "messages": messages(url, question), "max_tokens": 0}), 400, "max_tokens")
     _error(post({"model": "tiny", "messages": messages(url, question), "temperature": -1}), 400, "temperature")
@@ -307,7 +307,7 @@ def test_bad_requests_get_400(server, cases):
         server.client.chat.completions.create(model="tiny", messages=messages(url, question), n=2)
     with pytest.raises(openai.BadRequestError, match="unknown model 'gpt-4o'"):
         server.client.chat.completions.create(model="gpt-4o", messages=messages(url, question))
-    assert server.metric("himap_request_errors_total", status="400") >= 11
+    assert server.metric("himap_request_errors_total", status="400") - before == 10
 
 
 def test_oversized_body_gets_413(server, cases):
@@ -331,6 +331,59 @@ def test_disconnected_stream_frees_its_slot(server, cases):
     server.wait_metric("himap_requests_total", cancelled + 1, finish_reason="cancelled")
     server.wait_metric("himap_running_requests", 0)
     assert server.metric("himap_free_slots") == 16
+
+
+@pytest.fixture
+def image_site(image_root):
+    """A loopback HTTP server with /photo.png, /big.png (over the server's 200000-byte limit) and /slow.png
+    (answers after 3 s, over the server's 1 s timeout)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    photo = (image_root / "photo.png").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                time.sleep(3)
+            body = {"/photo.png": photo, "/slow.png": photo, "/big.png": photo * 200}.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                self.wfile.write(body or b"")
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    site.daemon_threads = True
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+    site.server_close()
+
+
+def test_remote_images_with_limits(server, image_site, image_root):
+    question = "What is shown?"
+    remote = server.client.chat.completions.create(
+        model="tiny", messages=messages(f"{image_site}/photo.png", question), max_tokens=8, temperature=0)
+    local = server.client.chat.completions.create(
+        model="tiny", messages=messages((image_root / "photo.png").as_uri(), question), max_tokens=8, temperature=0)
+    assert remote.choices[0].message.content == local.choices[0].message.content
+    for path, fragment in (("big.png", "larger than the limit of 200000 bytes"), ("slow.png", "longer than 1 s"),
+                           ("missing.png", "HTTP 404")):
+        with pytest.raises(openai.BadRequestError, match=fragment):
+            server.client.chat.completions.create(model="tiny", messages=messages(f"{image_site}/{path}", question),
+                                                  max_tokens=2)
+
+
+def test_remote_images_refused_by_default(narrow, cases):
+    with pytest.raises(openai.BadRequestError, match="--allow-remote-images"):
+        narrow.client.chat.completions.create(model="tiny", messages=messages("https://example.com/cat.png", "Hi?"),
+                                              max_tokens=2)
 
 
 # ---- overload and shutdown (2 slots, a queue of 1) ---------------------------------------------------------

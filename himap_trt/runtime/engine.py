@@ -494,6 +494,8 @@ class Engine:
         if request in self._running:
             self._running.remove(request)
         completion = request.completion
+        if request.slot is not None and request.slot in self.cache.free_slots():
+            request.slot = None         # admitted, but its prefill failed before occupying the slot
         if request.slot is not None:
             slot, request.slot = request.slot, None
             try:

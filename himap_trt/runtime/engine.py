@@ -231,13 +231,15 @@ class Engine:
         max_batch: slots, i.e. most requests decoded together (requests).
         max_queue: most requests waiting for a slot; :meth:`submit` raises :class:`QueueFull` beyond.
         max_prefill_batch: most prompts prefilled in one call (default: ``max_batch``).
+        max_seq_len: most tokens (prompt + generated) per request (tokens); default and upper bound:
+            the pipeline's. Slot buffers are this long, and every decode step attends over them.
         on_finish: called in the scheduler thread with each :class:`Completion` (metrics).
         on_step: called in the scheduler thread after each model call as ``on_step(phase, requests,
             seconds)``, phase ``prefill`` or ``decode`` (metrics).
     """
 
     def __init__(self, pipeline: Any, *, max_batch: int = 8, max_queue: int = 64, max_prefill_batch: int | None = None,
-                 on_finish=None, on_step=None):
+                 max_seq_len: int | None = None, on_finish=None, on_step=None):
         if max_batch < 1:
             raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -250,8 +252,11 @@ class Engine:
         self.on_step = on_step
         self.tokenizer = pipeline.processor.tokenizer
         self.eos_token_ids = set(pipeline.eos_token_ids)
-        self.max_seq_len = pipeline.max_seq_len
-        self.cache = pipeline.allocate(max_batch)
+        limit = pipeline.max_seq_len
+        if max_seq_len is not None and limit is not None and max_seq_len > limit:
+            raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {limit}")
+        self.max_seq_len = max_seq_len or limit
+        self.cache = pipeline.allocate(max_batch, max_seq_len=self.max_seq_len)
         # The processor's fast tokenizer is not safe to use from several threads at once (prepare
         # sets its padding); one lock covers preparing prompts (caller threads) and decoding text.
         self._tokenizer_lock = threading.Lock()
@@ -312,7 +317,12 @@ class Engine:
             HimapError: empty question, or a prompt that does not fit ``max_seq_len``.
         """
         with self._tokenizer_lock:
-            return self.pipeline.prepare([image], [question])
+            prompt = self.pipeline.prepare([image], [question])
+        length = int(prompt.input_ids.shape[1])
+        if self.max_seq_len is not None and length >= self.max_seq_len:
+            raise HimapError(f"the prompt has {length} tokens but the server's --max-seq-len is {self.max_seq_len} "
+                             "(prompt plus at least one generated token must fit)")
+        return prompt
 
     def submit(self, prompt: PromptBatch, params: SamplingParams, *, loop: asyncio.AbstractEventLoop | None = None,
                arrived: float | None = None) -> RequestHandle:

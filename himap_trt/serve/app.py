@@ -58,6 +58,7 @@ class ServeConfig:
         max_queue: most requests waiting for a slot (requests); more are refused with 429.
         model_name: the name clients must send as ``model``.
         images: where images may come from, and their limits.
+        max_seq_len: most tokens (prompt + generated) per request (None: the export's).
         max_body_bytes: largest request body accepted (bytes); larger ones get 413.
         drain_timeout_s: on SIGTERM, most seconds to wait for requests in flight (seconds).
     """
@@ -70,6 +71,7 @@ class ServeConfig:
     max_queue: int = 64
     model_name: str = "himap-trt"
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    max_seq_len: int | None = None
     max_body_bytes: int = 32 * 2**20
     drain_timeout_s: float = 600.0
 
@@ -98,7 +100,7 @@ class ServerState:
                                    device=config.device)
             self.pipeline = opened.pipeline
             engine = Engine(opened.pipeline, max_batch=config.max_batch, max_queue=config.max_queue,
-                            on_finish=self.metrics.finished, on_step=self.metrics.step)
+                            max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step)
             engine.start()
             self.metrics.bind(engine)
             self.engine = engine

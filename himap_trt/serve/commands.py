@@ -40,6 +40,9 @@ def serve(
         "--max-batch", help="KV-cache slots: most requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Most requests waiting for a slot; more are refused with HTTP 429.")] = 64,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens (prompt + generated) per request; each slot's KV cache is this long "
+                              "and decode steps attend over it [default: the export's].", show_default=False)] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--served-model-name", help="Model name clients send [default: the export's source model].",
         show_default=False)] = None,
@@ -79,15 +82,19 @@ def serve(
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
     if max_queue < 0:
         raise HimapError(f"--max-queue must be >= 0, got {max_queue}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise HimapError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if image_root is not None and not image_root.is_dir():
         raise HimapError(f"--image-root {str(image_root)!r} is not a directory")
     if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise HimapError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
-    manifest = None if backend == "torch" and not (export_dir / "manifest.json").exists() else load_manifest(export_dir)
-    name = model_name or (manifest.source_model if manifest else "himap-trt")
+    manifest = load_manifest(export_dir)
+    if max_seq_len is not None and max_seq_len > manifest.max_seq_len:
+        raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
+    name = model_name or manifest.source_model
     config = ServeConfig(
         export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
-        max_queue=max_queue, model_name=name,
+        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
         images=ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                            max_pixels=max_image_pixels, timeout_s=image_timeout),
         max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)

@@ -66,7 +66,8 @@ class FakePipeline:
     def eos_at(self, key):
         return key % 5 + 3 if self.eos else None
 
-    def allocate(self, max_batch):
+    def allocate(self, max_batch, *, max_seq_len=None):
+        self.allocated_len = max_seq_len
         return FakeCache(max_batch)
 
     def prepare(self, images, questions):
@@ -205,6 +206,18 @@ def test_max_seq_len_ends_with_length(engine_factory):
     prompt = engine.prepare(None, "abcd")          # 5 tokens: room for 7
     result = engine.submit(prompt, SamplingParams(temperature=0)).result(timeout=5)
     assert result.finish_reason == "length" and len(result.token_ids) == 12 - 5
+
+
+def test_server_max_seq_len_limits_prompts_and_answers(engine_factory):
+    pipe = FakePipeline(eos=False, max_seq_len=64)
+    with pytest.raises(HimapError, match="exceeds the export's max_seq_len 64"):
+        Engine(pipe, max_seq_len=65)
+    engine = engine_factory(pipe, max_batch=1, max_seq_len=10)
+    assert pipe.allocated_len == 10
+    with pytest.raises(HimapError, match="--max-seq-len is 10"):
+        engine.prepare(None, "a much longer question")
+    result = engine.generate(None, "abcd", SamplingParams(temperature=0))      # 5 prompt tokens: room for 5
+    assert result.finish_reason == "length" and len(result.token_ids) == 5
 
 
 def test_queue_full_and_drain(engine_factory):

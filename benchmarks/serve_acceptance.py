@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="serve --max-seq-len (default: the export's)")
     args = parser.parse_args()
     from matplotlib import cbook
 
@@ -42,7 +43,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     himap = [sys.executable, "-m", "himap_trt.cli"]
     server = subprocess.Popen([*himap, "serve", "--export-dir", str(args.export_dir), "--port", str(port),
-                               "--max-batch", str(args.max_batch), "--log-level", "warning"])
+                               "--max-batch", str(args.max_batch), "--log-level", "warning",
+                               *(["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])])
     rounds = []
     try:
         deadline = time.monotonic() + 300
@@ -78,7 +80,7 @@ def main() -> None:
         server.wait(120)
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     report = {
-        "export_dir": str(args.export_dir), "requests": args.requests, "max_tokens": args.max_tokens, "rounds": rounds,
+        "export_dir": str(args.export_dir), "max_seq_len": args.max_seq_len, "requests": args.requests, "max_tokens": args.max_tokens, "rounds": rounds,
         "median": median,
         "throughput_ratio_c8_vs_c1": median["c8_output_tok_s"] / median["c1_output_tok_s"],
         "ttft_ratio_serve_c1_vs_run": median["c1_ttft_p50_ms"] / median["run_ttft_ms"],

@@ -124,7 +124,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class Delta:
-    """New answer text of a running request (streaming), and the tokens that produced it."""
+    """One generated token of a running request (streaming) and the answer text it makes ready (may be
+    empty: text that could still become a stop string, or an incomplete UTF-8 character, waits)."""
 
     text: str
     token_ids: list[int]
@@ -491,11 +492,11 @@ class Engine:
                 reason = "stop"
             elif len(completion.token_ids) >= request.limit:
                 reason = "length"
-            # Hold back what could still become a stop string, and an incomplete UTF-8 character.
-            ready = len(text) if reason else _safe_length(text, request.params.stop)
-            if ready > request.sent:
-                request.handle._put(Delta(text[request.sent:ready], [token]))
-                request.sent = ready
+            # Hold back what could still become a stop string, and an incomplete UTF-8 character; one
+            # Delta per token all the same (its text may be empty), so streams show every token's time.
+            ready = max(request.sent, len(text) if reason else _safe_length(text, request.params.stop))
+            request.handle._put(Delta(text[request.sent:ready], [token]))
+            request.sent = ready
             completion.text = text
             if reason:
                 self._finish(request, reason)

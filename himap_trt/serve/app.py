@@ -367,7 +367,10 @@ def create_app(state: ServerState) -> FastAPI:
             return StreamingResponse(_sse(handle, ident, created, config.model_name, include_usage,
                                           request.return_token_ids),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        completion = await _wait(handle, http)
+        completion, gone = await _wait(handle, http)
+        if gone:                      # nobody to answer; counted as nginx's 499 "client closed request"
+            metrics.errors.labels("499").inc()
+            return Response(status_code=499)
         if completion.finish_reason not in ("stop", "length"):
             raise _failed(completion)
         return {
@@ -378,20 +381,22 @@ def create_app(state: ServerState) -> FastAPI:
             "himap": _extension(completion, request.return_token_ids),
         }
 
-    async def _wait(handle: RequestHandle, http: Request) -> Completion:
-        """The completion; cancels the request if the client goes away meanwhile."""
+    async def _wait(handle: RequestHandle, http: Request) -> tuple[Completion, bool]:
+        """(the completion, whether the client went away); cancels the request if it did."""
         async def consume():
             async for event in handle:
                 if isinstance(event, Completion):
                     return event
 
         task = asyncio.ensure_future(consume())
+        gone = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
                 if done:
-                    return task.result()
-                if await http.is_disconnected():
+                    return task.result(), gone
+                if not gone and await http.is_disconnected():
+                    gone = True
                     handle.cancel()
         finally:
             handle.cancel()       # no-op once finished; frees the slot if this coroutine is cancelled
@@ -402,6 +407,7 @@ def create_app(state: ServerState) -> FastAPI:
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        complete = False
         try:
             yield chunk({"role": "assistant", "content": ""})
             async for event in handle:
@@ -419,7 +425,10 @@ def create_app(state: ServerState) -> FastAPI:
                     metrics.errors.labels(str(error.status)).inc()
                     yield f"data: {json.dumps(error_body(error.message, type_=ApiError.TYPES[error.status]))}\n\n"
             yield "data: [DONE]\n\n"
+            complete = True
         finally:
             handle.cancel()       # the client disconnected (or we are done): free the slot
+            if not complete:
+                metrics.errors.labels("499").inc()
 
     return app

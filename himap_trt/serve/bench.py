@@ -3,8 +3,9 @@
 For each concurrency level c, ``requests`` streamed requests are sent with at most c in flight
 (a closed loop, as ``vllm bench serve --max-concurrency``). Per request, from the client's clock:
 
-- TTFT: request sent -> first chunk carrying answer text;
-- ITL: time between successive chunks carrying answer text;
+- TTFT: request sent -> first chunk carrying answer content (not the role chunk; its text may be
+  empty, as servers stream tokens whose text is not complete yet);
+- ITL: time between successive content chunks;
 - TPOT: (E2E - TTFT) / (output tokens - 1);
 - E2E: request sent -> ``data: [DONE]``;
 
@@ -128,8 +129,9 @@ async def stream_request(client, url: str, body: dict, headers: dict | None = No
                 if event.get("usage"):
                     result.output_tokens = int(event["usage"].get("completion_tokens", 0))
                 for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if text is not None and not delta.get("role"):   # a token's chunk (text may be empty)
                         now = time.perf_counter()
                         if result.ttft_s is None:
                             result.ttft_s = now - start

@@ -331,6 +331,14 @@ def test_disconnected_stream_frees_its_slot(server, cases):
     server.wait_metric("himap_requests_total", cancelled + 1, finish_reason="cancelled")
     server.wait_metric("himap_running_requests", 0)
     assert server.metric("himap_free_slots") == 16
+    # a client waiting for a whole (non-streamed) answer that gives up
+    closed = server.metric("himap_request_errors_total", status="499")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/chat/completions", timeout=httpx.Timeout(30, read=1.0),
+                   json={"model": "tiny", "messages": messages(url, question), "max_tokens": LONG, "ignore_eos": True})
+    server.wait_metric("himap_requests_total", cancelled + 2, finish_reason="cancelled")
+    server.wait_metric("himap_running_requests", 0)
+    assert server.metric("himap_request_errors_total", status="499") == closed + 1
 
 
 @pytest.fixture

@@ -184,6 +184,8 @@ def test_streamed_deltas_add_up_and_stop_strings_cut(engine_factory):
     assert isinstance(done, Completion) and done.finish_reason == "stop"
     cut = full.text.find(stop)
     assert done.text == full.text[:cut] == "".join(deltas)
+    assert len(deltas) == len(done.token_ids)               # one Delta per token, some of them empty
+    assert "" in deltas                                     # the stop string's first letter was held back
 
 
 def test_cancel_frees_the_slot_within_a_step(engine_factory):

@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="serve --max-seq-len (default: the export's)")
     args = parser.parse_args()
 
     from matplotlib import cbook
@@ -161,7 +162,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "himap_trt.cli", "serve", "--export-dir", str(args.export_dir),
                                "--port", str(port), "--max-batch", str(args.concurrency), "--max-queue", "64",
-                               "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"])
+                               "--max-body-bytes", str(MAX_BODY), "--log-level", "warning",
+                               *(["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])])
     try:
         deadline = time.monotonic() + 300
         while True:

@@ -4,8 +4,8 @@
     python benchmarks/bench_prefill.py --model tiny --backend onnxruntime
     python benchmarks/bench_prefill.py --model llava-1.5-7b --device cuda --dtype fp16   # random weights
 
-Models: ``tiny`` / ``tiny-gqa`` (built in), ``medium`` (random weights: 576 image tokens, decoder
-hidden 512 x 12 layers: a decoder-dominated CPU workload), or a known name such as
+Models: ``tiny`` / ``tiny-gqa`` / ``medium`` (built in; ``medium``: random weights, 576 image tokens,
+decoder hidden 512 x 12 layers: a decoder-dominated CPU workload), or a known name such as
 ``llava-1.5-7b`` (random weights with that checkpoint's dimensions). Prints a table (and JSON with
 --json): median prefill time (vision + embeddings + segments + scoring, seconds), median TTFT and
 TPOT over up to 3 generations, and KV-cache bytes per plan, and the prefill speed-up against no pruning.
@@ -34,20 +34,7 @@ from himap_trt.runtime import GenerationConfig, reference_pipeline
 PLANS = {"none": ("none", {}), "fastv": ("fastv", {}), "himap": ("himap", {})}
 
 
-def medium_config():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=64)
-    text = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=512, max_position_embeddings=2048)
-    return LlavaConfig(vision_config=vision, text_config=text, image_seq_length=576, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default")
-
-
 def load(name: str, dtype: torch.dtype, device: str):
-    if name == "medium":
-        return random_model(medium_config(), dtype=dtype, device=device)
     if name in KNOWN_MODELS:
         return random_model(known_config(name), dtype=dtype, device=device)
     return load_model(name, dtype=dtype, device=device)
@@ -65,9 +52,9 @@ def timed(fn, device: str) -> float:
 
 def _timed_run(run, times: list[float], device: str):
     """Wrap a backend's ``run`` to append each call's duration (seconds) to ``times``."""
-    def wrapper(feeds):
+    def wrapper(feeds, outputs=None):
         start_ = time.perf_counter()
-        result = run(feeds)
+        result = run(feeds, outputs) if outputs else run(feeds)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start_)

@@ -72,7 +72,7 @@ def _root(
 
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
-    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa', "
+    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium', "
                     "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
 MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method: himap, fastv or none.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
@@ -298,6 +298,8 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (EOS does "
+                                                                  "not stop a row; for benchmarks).")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
                                                                       "(one request, no --json).")] = True,
     as_json: JsonOpt = False,
@@ -318,7 +320,7 @@ def run(
         if not q.strip():
             raise HimapError("the question is empty; pass a non-empty question")
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+                              seed=seed, ignore_eos=ignore_eos)
     images = [load_image(p) for p in paths]
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r)):
@@ -576,7 +578,10 @@ def check(
         offenses = [o for r in reports for o in r.offenses]
         if as_json:
             print(json.dumps({"ok": not offenses, "source": support_table()["source"],
+                              "min_tensorrt": max((r.min_tensorrt for r in reports),
+                                                  key=lambda v: tuple(map(int, v.split(".")))),
                               "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
+                                          "min_tensorrt": r.min_tensorrt,
                                           "unchecked_types": r.unchecked_types,
                                           "offenses": [o.__dict__ for o in r.offenses]} for r in reports]}, indent=1))
         else:
@@ -584,7 +589,8 @@ def check(
             _plain(f"[I] TensorRT ONNX parser support table: {source['repository']} {source['path']} @ {source['ref']}")
             for r in reports:
                 status = "PASSED" if not r.offenses else "FAILED"
-                _plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset}")
+                _plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset} | "
+                       f"TensorRT >= {r.min_tensorrt}")
                 for o in r.offenses:
                     _plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
             _plain(f"[I] {'PASSED' if not offenses else 'FAILED'} | {len(reports)} graphs, "
@@ -636,6 +642,16 @@ def check(
                   f"| Runtime: {time.perf_counter() - started:.3f}s")
     if not report.ok:
         raise HimapError("backends disagree; see the FAILED lines above")
+
+
+# -- bench (himap_trt/bench_cli.py) ----------------------------------------------------------------
+def _register_bench() -> None:
+    from himap_trt.bench_cli import bench
+
+    app.command(name="bench")(user_errors(bench))
+
+
+_register_bench()
 
 
 # -- serve / bench-serve (himap_trt/serve/commands.py) ---------------------------------------------

@@ -50,6 +50,7 @@ class CompatReport:
     opset: int
     offenses: tuple[Offense, ...]
     unchecked_types: int
+    min_tensorrt: str = "10.1"     # first TensorRT whose parser takes every operator of the graph
 
 
 @lru_cache(maxsize=1)
@@ -86,6 +87,11 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
     offenses: list[Offense] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     low, high = table["opset"]["min"], table["opset"]["max"]
+    since = table.get("since", {}).get("ops", {})
+    newer = [since[n.op_type] for n in graph.node if n.op_type in since and n.domain in ("", "ai.onnx")]
+    min_tensorrt = max([table.get("since", {}).get("base", "10.1"), *(e["tensorrt"] for e in newer)],
+                       key=lambda v: tuple(int(x) for x in v.split(".")))
+    high = max([high, *(e["opset"] for e in newer)])      # an operator of a later parser brings its opset
     if not low <= opset <= high:
         offenses.append(Offense(path.name, "", "", f"opset {opset} is outside TensorRT's parser range {low}..{high}"))
 
@@ -114,10 +120,11 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
         if node.op_type in table["unsupported"]:
             offenses.append(Offense(path.name, name, node.op_type, "operator not supported by TensorRT's ONNX parser"))
             continue
-        if node.op_type not in table["supported"]:
+        if node.op_type not in table["supported"] and node.op_type not in since:
             offenses.append(Offense(path.name, name, node.op_type, "operator not in TensorRT's ONNX parser support table"))
             continue
-        allowed = {allowed_names[t] for t in table["supported"][node.op_type] if t in allowed_names}
+        types_ = table["supported"][node.op_type] if node.op_type in table["supported"] else since[node.op_type]["types"]
+        allowed = {allowed_names[t] for t in types_ if t in allowed_names}
         spec = table["typed_inputs"].get(node.op_type, [0])
         indices = range(len(node.input)) if spec == "all" else spec
         checked = [(f"input {i}", node.input[i]) for i in indices if i < len(node.input) and node.input[i]]
@@ -135,7 +142,7 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
             if index < len(node.input) and node.input[index] and node.input[index] not in constants:
                 offenses.append(Offense(path.name, name, node.op_type,
                                         f"input {index} ({node.input[index]}) must be a constant (initializer)"))
-    return CompatReport(path.name, len(graph.node), opset, tuple(offenses), unchecked)
+    return CompatReport(path.name, len(graph.node), opset, tuple(offenses), unchecked, min_tensorrt)
 
 
 def check_export(export_dir: Path, manifest) -> list[CompatReport]:

@@ -1,4 +1,4 @@
-"""The built-in ``tiny`` models: deterministic random-weight LLaVA checkpoints for tests and demos.
+"""The built-in models: deterministic random-weight LLaVA checkpoints for tests, demos and benchmarks.
 
 Each is written once to a cache directory as an ordinary Hugging Face model directory
 (``config.json``, ``model.safetensors``, tokenizer, image processor, chat template) and loaded
@@ -9,6 +9,10 @@ The weights are random: generated text is meaningless. Shapes (``tiny``):
 - vision: CLIP, 96x96 px images, 8x8 px patches -> 12x12 = 144 image tokens, hidden 64, 3 layers
   (features from the second-to-last, as LLaVA-1.5).
 - decoder: Llama, 12 layers, hidden 64, 4 heads of 16, FFN 176; ``tiny-gqa`` has 2 KV heads.
+- ``medium`` (the benchmark model): CLIP 336 px / 14 px patches = 576 image tokens (LLaVA-1.5's
+  count), vision hidden 64 x 3 layers (so the decoder dominates); Llama decoder hidden 512, 12
+  layers, 8 heads, FFN 1408; initialised with std 0.02 (trained-model scale, finite activations at
+  this width); ~40 M parameters, ~160 MB on disk.
 - tokenizer: byte-level BPE without merges (one token per byte) plus ``<unk> <s> </s> <pad>
   <image>``; LLaVA-1.5 chat template (``USER: <image>\\n{question} ASSISTANT:``).
 """
@@ -61,11 +65,14 @@ class TinySpec:
     vision_hidden: int = 64
     vision_layers: int = 3
     seed: int = 0
+    init_std: float = 0.2
 
 
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny": TinySpec("tiny", num_key_value_heads=4),
     "tiny-gqa": TinySpec("tiny-gqa", num_key_value_heads=2, seed=1),
+    "medium": TinySpec("medium", num_key_value_heads=8, hidden_size=512, num_heads=8, intermediate_size=1408,
+                       image_size=336, patch_size=14, seed=2, init_std=0.02),
 }
 
 
@@ -122,7 +129,7 @@ def _config(spec: TinySpec, vocab_size: int):
         hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_key_value_heads, vocab_size=vocab_size,
         max_position_embeddings=2048, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        initializer_range=INIT_STD,
+        initializer_range=spec.init_std,
     )
     n_image = (spec.image_size // spec.patch_size) ** 2
     return LlavaConfig(
@@ -132,8 +139,8 @@ def _config(spec: TinySpec, vocab_size: int):
 
 
 @torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic init that does not depend on transformers' own init code: N(0, INIT_STD) for
+def _randomize(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
+    """Deterministic init that does not depend on transformers' own init code: N(0, std) for
     weight matrices, embeddings and other non-norm parameters; ones / zeros for norm weights / biases."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
@@ -143,7 +150,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
         elif is_norm:
             param.fill_(1.0)
         else:
-            param.copy_(torch.randn(param.shape, generator=gen) * INIT_STD)
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def tiny_model_dir(name: str) -> Path:
@@ -170,7 +177,7 @@ def tiny_model_dir(name: str) -> Path:
         processor = _processor(spec, tokenizer)
         config = _config(spec, vocab_size=len(tokenizer))
         model = LlavaForConditionalGeneration(config)
-        _randomize(model, spec.seed)
+        _randomize(model, spec.seed, spec.init_std)
         model.generation_config.pad_token_id = PAD_ID
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

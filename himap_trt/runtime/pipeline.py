@@ -90,6 +90,7 @@ class GenerationOutput:
         tokens_per_s: generated tokens of the whole batch per second of generation.
         kv_cache_bytes: bytes held by all segments' KV caches at the end.
         timings: seconds spent per phase (``preprocess``, ``vision``, ``prefill``, ``decode``).
+        itl_s: inter-token latencies (seconds): time from each token to the next, batch-wide.
     """
 
     sequences: torch.Tensor
@@ -104,6 +105,7 @@ class GenerationOutput:
     tokens_per_s: float
     kv_cache_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    itl_s: list[float] = field(default_factory=list)
 
 
 class Pipeline:
@@ -398,8 +400,10 @@ class Pipeline:
         first_token_at = time.perf_counter()
 
         finished = torch.zeros(batch.batch_size, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
+        eos = torch.tensor(self.eos_token_ids if self.eos_token_ids and not config.ignore_eos else [-1],
+                           device=self.device)
         generated: list[torch.Tensor] = []
+        token_times = [first_token_at]
         while True:
             tokens = torch.where(finished, self.pad_token_id, tokens)
             generated.append(tokens)
@@ -411,6 +415,8 @@ class Pipeline:
             positions = state.next_positions + len(generated) - 1
             logits = self.decode_step(cache, tokens, positions, slots)
             tokens = chooser(logits, torch.stack(generated, dim=1))
+            self._sync()
+            token_times.append(time.perf_counter())
         self._sync()
         end = time.perf_counter()
         if streamer is not None:
@@ -419,7 +425,7 @@ class Pipeline:
         sequences = torch.stack(generated, dim=1).cpu()                      # [B,T]
         rows, reasons = [], []
         for row in sequences.tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), None)
+            cut = None if config.ignore_eos else next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), None)
             rows.append(row[:cut] if cut else row)
             if cut:
                 reasons.append("eos")
@@ -444,4 +450,5 @@ class Pipeline:
             tokens_per_s=total_new / (ttft - preprocess_s + decode_s) if total_new else 0.0,
             kv_cache_bytes=cache.nbytes(),
             timings=timings,
+            itl_s=[b - a for a, b in zip(token_times, token_times[1:])],
         )

@@ -23,6 +23,8 @@ class GenerationConfig:
         top_k: keep the k most likely tokens before sampling (0: all).
         top_p: keep the smallest set of tokens whose probability reaches top_p (1.0: all).
         seed: seed of the sampling generator (None: nondeterministic).
+        ignore_eos: generate exactly ``max_new_tokens`` (unless ``max_seq_len`` stops earlier): EOS
+            does not end a row (benchmarks).
     """
 
     max_new_tokens: int = 32
@@ -30,6 +32,7 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

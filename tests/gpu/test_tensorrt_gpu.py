@@ -29,7 +29,22 @@ def test_tensorrt_pipeline_matches_onnxruntime(tmp_path_factory, tmp_path, dtype
     batch = ort.prepare(images, questions)
     got = trt.generate(batch, GenerationConfig(max_new_tokens=16))
     want = ort.generate(batch, GenerationConfig(max_new_tokens=16))
-    for a, b in zip(got.stages, want.stages):
-        assert torch.equal(a.kept_indices.cpu(), b.kept_indices.cpu())
     if dtype == "fp32":
+        for a, b in zip(got.stages, want.stages):
+            assert torch.equal(a.kept_indices.cpu(), b.kept_indices.cpu())
         assert torch.equal(got.sequences, want.sequences)
+    # Each scoring graph on identical inputs (ONNX Runtime's prefill feeds): end to end in fp16,
+    # rounding along the chain may flip near-ties, on the same inputs the selection must agree.
+    feeds = {}
+    for spec in (s for s in ort.specs.values() if s.kind == "scoring"):
+        backend = ort.backends[spec.name]
+
+        def capture(f, outputs=None, _run=backend.run, _name=spec.name):
+            feeds[_name] = {k: v.clone() for k, v in f.items()}
+            return _run(f)
+        backend.run = capture
+    ort.prefill(batch)
+    for name, inputs in feeds.items():
+        expected = ort.backends[name].__class__.run(ort.backends[name], inputs)["kept_indices"]
+        result = trt.backends[name].run({k: v.cuda() for k, v in inputs.items()})["kept_indices"]
+        assert torch.equal(result.cpu(), expected), name

@@ -41,6 +41,38 @@ def test_compat_passes_on_fp32_exports(tmp_path_factory, name, method, kw):
     report = json.loads(result.stdout)
     assert report["ok"] and len(report["graphs"]) == len(manifest.graphs)
     assert all(g["unchecked_types"] == 0 and g["opset"] == 18 for g in report["graphs"])
+    assert report["min_tensorrt"] == "10.1"        # ScatterND cache writes: in the 10.1 GA matrix
+
+
+def test_tensorscatter_export_validates_and_needs_tensorrt_10_15(tmp_path, requests_3):
+    """--kv-write tensorscatter: segment graphs at opset 24 write the cache with TensorScatter
+    (TensorRT 10.15+'s in-place KV-cache update); ONNX Runtime runs them in place, token for token
+    equal to the ScatterND export; the static check names the TensorRT version they need."""
+    from conftest import tiny
+    from himap_trt.export import ExportOptions, export_model
+    from himap_trt.runtime import GenerationConfig, reference_pipeline
+    from himap_trt.runtime.loader import open_pipeline
+
+    loaded = tiny("tiny")
+    plan = build_plan("fastv", num_layers=12, num_image_tokens=144)
+    manifest, checks = export_model(loaded, plan, ExportOptions(out=tmp_path / "ts", kv_write="tensorscatter"))
+    assert checks and all(c.ok for c in checks) and manifest.kv_write == "tensorscatter"
+    for spec in manifest.graphs:
+        model = onnx.load(str(tmp_path / "ts" / spec.file), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        report = check_onnx_file(tmp_path / "ts" / spec.file)
+        assert report.offenses == (), report.offenses
+        if spec.kind == "segment":
+            assert "TensorScatter" in ops and "ScatterND" not in ops and model.opset_import[0].version == 24
+            assert report.min_tensorrt == "10.15"
+        else:
+            assert report.min_tensorrt == "10.1"
+    images, questions = requests_3
+    pipe = open_pipeline(export_dir=tmp_path / "ts", backend="onnxruntime").pipeline
+    batch = pipe.prepare(images, questions)
+    ref = reference_pipeline(loaded, plan)
+    assert torch.equal(pipe.generate(batch, GenerationConfig(max_new_tokens=6)).sequences,
+                       ref.generate(batch, GenerationConfig(max_new_tokens=6)).sequences)
 
 
 @pytest.mark.parametrize("method,kw", FP16_PLANS, ids=_ids(FP16_PLANS))

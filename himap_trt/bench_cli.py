@@ -1,0 +1,136 @@
+"""The ``himap-trt bench`` command (registered in :mod:`himap_trt.cli`); the measuring is in
+:mod:`himap_trt.bench`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from himap_trt.errors import HimapError
+
+err = Console(stderr=True)
+out = Console(highlight=False)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HimapError(f"{flag} must be comma-separated integers such as 1,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise HimapError(f"{flag} must hold integers >= 1, got {text!r}")
+    return values
+
+
+def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int]) -> list[Path]:
+    """Export ``model`` once per method into ``work_dir/<model>-<method>`` (reused when present)."""
+    from himap_trt.export import ExportOptions, export_model
+    from himap_trt.export.manifest import MANIFEST_NAME
+    from himap_trt.models import load_model
+    from himap_trt.plan import build_plan
+
+    dirs, loaded = [], None
+    for method in methods:
+        target = work_dir / f"{model.replace('/', '_')}-{method}"
+        if not (target / MANIFEST_NAME).is_file():
+            loaded = loaded or load_model(model)
+            dims = loaded.dims
+            plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
+            err.print(f"exporting {model} ({plan.describe()}) to {target}")
+            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len))
+        dirs.append(target)
+    return dirs
+
+
+def bench(
+    export_dirs: Annotated[Optional[list[Path]], typer.Option(
+        "--export-dir", help="An export to measure (repeat for several: side by side).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Instead of --export-dir: export this model once per --methods into --work-dir (reused "
+                        "when present), e.g. medium.", show_default=False)] = None,
+    methods: Annotated[str, typer.Option("--methods", help="With --model: comma-separated plans (default "
+                                                           "settings of each).")] = "none,fastv,himap",
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="With --model: where the exports go.")] = Path("bench-exports"),
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="With --model: the exports' --max-seq-len [default: the model's, at most 2048].")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (torch / onnxruntime).")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes to sweep.")] = "1",
+    new_tokens: Annotated[str, typer.Option("--max-new-tokens", help="Comma-separated answer lengths (tokens).")] = "32",
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved rounds per setting (medians over them).")] = 3,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--stop-at-eos",
+                                             help="Generate exactly --max-new-tokens.")] = True,
+    vs_transformers: Annotated[bool, typer.Option(
+        "--vs-transformers", help="Also time transformers' generate (sdpa attention) on the same checkpoint.")] = False,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
+):
+    """Measure several exports (methods) side by side in one interleaved run: TTFT, TPOT, inter-token
+    latency (mean/p50/p99), tokens/s, peak memory, KV-cache bytes and the per-graph prefill breakdown,
+    over batch sizes and answer lengths; optionally against transformers' generate."""
+    import torch
+
+    from himap_trt.bench import PipelineContender, TransformersContender, figures_to_json, plot, run_bench, sample_batch
+    from himap_trt.export.manifest import load_manifest
+    from himap_trt.runtime.loader import open_pipeline
+
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    lengths = _ints(new_tokens, "--max-new-tokens")
+    if export_dirs and model:
+        raise HimapError("pass either --export-dir (one or more) or --model with --methods, not both")
+    if model:
+        export_dirs = _exports_for(model, [m.strip() for m in methods.split(",") if m.strip()], work_dir, max_seq_len)
+    if not export_dirs:
+        raise HimapError("pass --export-dir (one or more exports) or --model (with --methods)")
+    contenders, first = [], None
+    for directory in export_dirs:
+        manifest = load_manifest(directory)
+        opened = open_pipeline(export_dir=directory, backend=backend, device=device)
+        name = manifest.plan.method
+        if any(c.name == name for c in contenders):
+            name = f"{name} ({directory})"
+        contenders.append(PipelineContender(name, opened.pipeline, ignore_eos))
+        first = first or (manifest, opened)
+    if vs_transformers:
+        from himap_trt.models import load_model
+
+        manifest, opened = first
+        dev = opened.device if opened.backend != "tensorrt" else "cuda"
+        loaded = load_model(manifest.source_model, dtype={"float32": torch.float32, "float16": torch.float16,
+                                                          "bfloat16": torch.bfloat16}[manifest.dtype],
+                            device=dev, attn_implementation="sdpa")
+        contenders.append(TransformersContender("transformers (sdpa)", loaded.model))
+    pipe = contenders[0].pipeline
+    figures = run_bench(contenders, lambda size: sample_batch(pipe, size), batch_sizes=sizes, new_tokens=lengths,
+                        repeats=repeats, progress=lambda text: err.print(f"[dim]{text}[/]"))
+    setup = {"backend": first[1].backend, "device": first[1].device, "model": first[0].source_model,
+             "dtype": first[0].dtype, "threads": torch.get_num_threads(), "repeats": repeats,
+             "ignore_eos": ignore_eos, "exports": [str(d) for d in export_dirs]}
+    if plot_path:
+        plot(figures, plot_path)
+    if as_json:
+        print(json.dumps(figures_to_json(figures, setup), indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title=" ".join(f"{k}={v}" for k, v in setup.items() if k != "exports"), title_justify="left")
+    for column in ("contender", "batch", "new", "prompt", "TTFT ms", "TPOT ms", "ITL p50", "ITL p99", "tok/s",
+                   "peak RSS +MiB", "KV MiB"):
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    for f in figures:
+        table.add_row(f.contender, str(f.batch_size), str(f.new_tokens), str(f.prompt_tokens), f"{f.ttft_s * 1e3:.1f}",
+                      f"{f.tpot_s * 1e3:.2f}", f"{f.itl_p50_s * 1e3:.2f}", f"{f.itl_p99_s * 1e3:.2f}",
+                      f"{f.tokens_per_s:.1f}", f"{f.peak_rss_delta_bytes / 2**20:.1f}",
+                      "-" if f.kv_cache_bytes is None else f"{f.kv_cache_bytes / 2**20:.1f}")
+    out.print(table)
+    for f in figures:
+        if f.prefill_graph_s:
+            total = sum(f.prefill_graph_s.values())
+            parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.1%})" for k, v in f.prefill_graph_s.items())
+            out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}): {parts}; sum {total * 1e3:.1f} ms")
+    if plot_path:
+        out.print(f"plot: {plot_path}")

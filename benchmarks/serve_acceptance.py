@@ -2,6 +2,7 @@
 `himap-trt serve`, and the in-process TTFT of `himap-trt run` on the same image and question,
 interleaved (run, bench c=1, bench c=8, repeated).
 
+    himap-trt export --model medium --out export-medium
     python benchmarks/serve_acceptance.py --export-dir export-medium --rounds 3 --requests 16 --max-tokens 64
 
 Prints a JSON report with per-round figures and the medians: output tokens/s at 8 vs 1 (ratio) and
@@ -59,7 +60,8 @@ def main() -> None:
             time.sleep(0.5)
         for r in range(args.rounds):
             run = subprocess.run([*himap, "run", str(image), QUESTION, "--export-dir", str(args.export_dir),
-                                  "--backend", "onnxruntime", "--max-new-tokens", str(args.max_tokens), "--json"],
+                                  "--backend", "onnxruntime", "--max-new-tokens", str(args.max_tokens), "--ignore-eos",
+                                  "--json"],
                                  capture_output=True, text=True, check=True)
             run_stats = json.loads(run.stdout)["stats"]
             bench = subprocess.run([*himap, "bench-serve", "--url", base, "--concurrency", "1,8", "--requests",

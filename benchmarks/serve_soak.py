@@ -1,6 +1,7 @@
 """Soak test of `himap-trt serve`: many requests at a fixed concurrency, with malformed requests and
 clients that disconnect mid-stream mixed in; checks answers, statuses, slots and memory.
 
+    himap-trt export --model medium --out export-medium
     python benchmarks/serve_soak.py --export-dir export-medium --requests 500 --concurrency 8
 
 Starts the server itself (a subprocess on a free loopback port) so it can read its RSS. Request i is

@@ -728,6 +728,17 @@ from himap_trt.analyze.command import register as _register_analyze  # noqa: E40
 _register_analyze(app, user_errors, out, err)
 
 
+# -- serve / bench-serve (himap_trt/serve/commands.py) ---------------------------------------------
+def _register_serve_commands() -> None:
+    from himap_trt.serve import commands
+
+    app.command("serve")(user_errors(commands.serve))
+    app.command("bench-serve")(user_errors(commands.bench_serve))
+
+
+_register_serve_commands()
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

@@ -118,11 +118,14 @@ def stub_numpy_dir() -> Path:
     return directory
 
 
-def find_triton() -> TritonInstall:
+def find_triton(python_version: tuple[int, int] | None = None) -> TritonInstall:
     """Locate the wheel's ``tritonserver`` and the Python backend for this interpreter.
 
     The package is located without importing it (``pytriton``'s own modules need dependencies
     that ``--no-deps`` leaves out).
+
+    Args:
+        python_version: (major, minor) whose stub to find (default: this interpreter's).
 
     Raises:
         HimapError: one line naming what is missing: the wheel, a new enough glibc, the stub for
@@ -150,7 +153,7 @@ def find_triton() -> TritonInstall:
         if not path.is_file():
             raise HimapError(f"the nvidia-pytriton {version} install is incomplete: {path} is missing; "
                              f"reinstall with `{INSTALL_HINT} --force-reinstall`")
-    tag = f"{sys.version_info.major}.{sys.version_info.minor}"
+    tag = "{}.{}".format(*(python_version or sys.version_info[:2]))
     stub = root / "python_backend_stubs" / tag / "triton_python_backend_stub"
     if not stub.is_file():
         shipped = sorted((p.name for p in (root / "python_backend_stubs").glob("*") if p.is_dir()),

@@ -72,6 +72,17 @@ def _error_code(exc: Exception) -> str:
     return "UNAVAILABLE" if type(exc).__name__ in ("QueueFull", "NotAccepting") else "INVALID_ARG"
 
 
+def error_code(message: str) -> str:
+    """The status of a ``himap`` error seen through BLS, from its message: Triton 2.51 delivers the
+    errors of decoupled BLS responses as INTERNAL whatever their code, and ``himap`` answers only
+    user errors (HimapError), a full queue or a draining engine, and bugs ("internal error: ...")."""
+    if message.startswith("internal error"):
+        return "INTERNAL"
+    if "queue is full" in message or "shutting down" in message:
+        return "UNAVAILABLE"
+    return "INVALID_ARG"
+
+
 # -- events between a scheduler and a response stream ---------------------------------------------
 @dataclass
 class Piece:
@@ -234,19 +245,19 @@ class SerialScheduler:
 
         while (job := self.queue.get()) is not None:
             parsed, stream = job
-            self.running = 1
+            self.running, code = 1, "INVALID_ARG"
             try:
                 with torch.inference_mode():
-                    stream.done(self._generate(parsed, stream))
+                    event = self._generate(parsed, stream)
             except Cancelled:
-                stream.done(Done(finish_reason="cancelled"))
+                event = Done(finish_reason="cancelled")
             except HimapError as exc:
-                stream.fail(str(exc))
+                event = Done(finish_reason="error", error=str(exc))
             except Exception as exc:
                 log.exception("generation failed")
-                stream.fail(f"internal error: {type(exc).__name__}: {exc}", "INTERNAL")
-            finally:
-                self.running = 0
+                event, code = Done(finish_reason="error", error=f"internal error: {type(exc).__name__}: {exc}"), "INTERNAL"
+            self.running = 0
+            stream.done(event, code=code)
 
     def _generate(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> Done:
         if parsed.ignore_eos:
@@ -444,10 +455,8 @@ class HimapUnaryModel:
             answer = protocol.Answer()
             for response in bls.exec(decoupled=True):
                 if response.has_error():
-                    error = response.error()
-                    code = error.code() if hasattr(error, "code") else None
-                    sender.send(pb.InferenceResponse(error=pb.TritonError(error.message()) if code is None
-                                                     else pb.TritonError(error.message(), code)), flags=final)
+                    message = response.error().message()
+                    sender.send(pb.InferenceResponse(error=triton_error(message, error_code(message))), flags=final)
                     return
 
                 def get(name: str, response=response):

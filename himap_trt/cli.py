@@ -164,6 +164,10 @@ def export(
         "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles "
                               "[default: the model's positions, at most 2048].")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20.")] = 18,
+    kv_write: Annotated[str, typer.Option(
+        "--kv-write", help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, "
+                           "every TensorRT 10.x) or tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 "
+                           "in-place KV-cache update).")] = "scatternd",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
@@ -185,7 +189,7 @@ def export(
 
     # bad options, a foreign --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
-                            validate=validate)
+                            validate=validate, kv_write=kv_write)
     plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
     if build_engines_too:
@@ -493,7 +497,7 @@ def build(
     workspace: Annotated[Optional[str], typer.Option(
         "--workspace", help="Builder workspace limit in bytes (e.g. 4G) [default: TensorRT's].")] = None,
     timing_cache: Annotated[Optional[Path], typer.Option(
-        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing.cache].")] = None,
+        "--timing-cache", help="Tactic timing cache, reused across builds [default: ~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache, one per TensorRT version and GPU architecture].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(
@@ -632,6 +636,17 @@ def check(
                   f"| Runtime: {time.perf_counter() - started:.3f}s")
     if not report.ok:
         raise HimapError("backends disagree; see the FAILED lines above")
+
+
+# -- serve / bench-serve (himap_trt/serve/commands.py) ---------------------------------------------
+def _register_serve_commands() -> None:
+    from himap_trt.serve import commands
+
+    app.command("serve")(user_errors(commands.serve))
+    app.command("bench-serve")(user_errors(commands.bench_serve))
+
+
+_register_serve_commands()
 
 
 # -- triton (himap_trt/triton/commands.py) --------------------------------------------------------

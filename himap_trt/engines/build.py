@@ -51,11 +51,16 @@ def gpu_identity() -> tuple[str, str]:
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def default_timing_cache() -> Path:
-    """``$HIMAP_TRT_CACHE/timing.cache`` (or ``~/.cache/himap-trt/timing.cache``): outside the engines
-    directory, so rebuilds reuse it."""
+def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None) -> Path:
+    """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (or under
+    ``~/.cache/himap-trt``): outside the engines directory, so rebuilds reuse it, and keyed by
+    TensorRT version and GPU compute capability, since a timing cache is only valid for the
+    TensorRT build and GPU architecture that measured it. Without a version and capability:
+    ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
     from himap_trt.models.tiny import cache_root
 
+    if tensorrt_version and capability:
+        return cache_root() / f"timing-trt{tensorrt_version}-sm{capability.replace('.', '')}.cache"
     return cache_root() / "timing.cache"
 
 
@@ -70,7 +75,8 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         max_batch: most prompts per batch (profile maximum).
         max_seq_len: most tokens per sequence (profile maxima, see :mod:`himap_trt.engines.profiles`).
         workspace: builder workspace limit in bytes (0: TensorRT's default, the GPU's memory).
-        timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`).
+        timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`
+            for this TensorRT version and GPU).
         progress: optional ``(description, step, total)`` callback.
 
     Returns:
@@ -89,7 +95,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     from himap_trt import __version__
     from himap_trt.fsutil import atomic_directory
 
-    timing_cache = Path(timing_cache or default_timing_cache())
+    timing_cache = Path(timing_cache or default_timing_cache(trt.__version__, capability))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     entries = []
     total = len(manifest.graphs)
@@ -105,7 +111,10 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                     pg.add(name, min=shape.min, opt=shape.opt, max=shape.max)
                 trt_profiles.append(pg)
             network = NetworkFromOnnxPath(str(Path(export_dir) / spec.file), strongly_typed=True)
+            # TF32 stays off (Polygraphy's default, stated here): an fp32 export is the exact path,
+            # whose kept indices and tokens are compared with PyTorch; export fp16/bf16 for speed.
             config = CreateConfig(
+                tf32=False,
                 profiles=trt_profiles,
                 memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
                 load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,

@@ -4,22 +4,22 @@ One profile per phase per graph (TensorRT engines carry several; the runtime kee
 context per profile):
 
 ==========  ===========  ==========================================  ===============================
-graph       profile      ``sequence``                                ``past_sequence``
+graph       profile      ``sequence``                                ``cache_sequence``
 ==========  ===========  ==========================================  ===============================
-segment j   prefill      1 .. max_seq_len - 1 - dropped_j            0
-segment j   decode       1                                           1 .. max_seq_len - 2 - dropped_j
+segment j   prefill      2 .. max_seq_len - 1 - dropped_j            = ``sequence`` (exact-size buffer)
+segment j   decode       1                                           2 .. max_seq_len - dropped_j
 scoring j   prefill      entering_j + 1 .. max_seq_len - 1 - dropped_j   --
-embed       prefill      1 .. max_seq_len - 1                        --
+embed       prefill      2 .. max_seq_len - 1                        --
 embed       decode       1                                           --
 vision      prefill      --                                          --
 ==========  ===========  ==========================================  ===============================
 
 ``dropped_j`` is the number of image tokens the stages before segment j removed
 (|V| - image tokens of segment j), which is why pruned segments have smaller maxima. A prompt
-holds at most ``max_seq_len - 1`` tokens (one must remain for the answer). A decode step feeds a
-token at cache position at most ``max_seq_len - 2`` (the last generated token is never fed back),
-so its ``past_sequence`` is at most ``max_seq_len - 2`` and the present it returns holds at most
-``max_seq_len - 1`` tokens. ``batch`` is 1 .. max_batch
+holds at most ``max_seq_len - 1`` tokens (one must remain for the answer). Prefill runs a segment
+on buffers of exactly the prompt's length; decode on the slot cache's preallocated buffers of
+``max_len_j = max_seq_len - dropped_j`` positions (:class:`himap_trt.runtime.kv_cache.SlotKVCache`;
+``generate`` allocates prompt + new tokens, at most that). ``batch`` is 1 .. max_batch
 everywhere. ``opt`` is a typical LLaVA request: |V| image tokens plus :data:`OPT_TEXT_TOKENS`.
 """
 
@@ -109,7 +109,8 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
     if spec.kind == "vision":
         return [_profile(spec, "prefill", {"batch": batch})]
     if spec.kind == "embed":
-        return [_profile(spec, "prefill", {"batch": batch, "sequence": (1, opt_prompt, longest)}),
+        # prefill from 2 tokens, so a decode call (1 token) selects the decode profile (first match wins)
+        return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest)}),
                 _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
     if spec.kind == "scoring":
         dropped = n_img - spec.attrs["entering"]
@@ -120,23 +121,24 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
         dropped = n_img - spec.attrs["image_tokens"]
         top = longest - dropped
         prompt = opt_prompt - dropped
-        cache = min(prompt + OPT_NEW_TOKENS, top - 1)
+        cache = min(prompt + OPT_NEW_TOKENS, top + 1)
         return [
-            _profile(spec, "prefill", {"batch": batch, "sequence": (1, prompt, top), "past_sequence": (0, 0, 0)}),
-            _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (1, cache, top - 1)}),
+            # prefill from 2 tokens (a prompt holds |V| + 1 at least), so decode calls select the decode profile
+            _profile(spec, "prefill", {"batch": batch, "sequence": (2, prompt, top), "cache_sequence": (2, prompt, top)}),
+            _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, top + 1)}),
         ]
     raise HimapError(f"graph {spec.name!r}: no profiles for kind {spec.kind!r}")
 
 
 def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:
     """Bytes of every segment's KV cache for ``batch`` sequences holding ``tokens_per_segment[j]``
-    tokens in segment j."""
+    tokens in segment j (buffers of that many positions)."""
     from himap_trt.runtime.kv_cache import torch_dtype
 
     total = 0
     for spec, tokens in zip([s for s in specs if s.kind == "segment"], tokens_per_segment):
-        for tensor in spec.inputs[3:]:
-            size = tensor.concrete({"batch": batch, "past_sequence": tokens})
+        for tensor in (t for t in spec.inputs if t.name.startswith("past_key_values.")):
+            size = tensor.concrete({"batch": batch, "cache_sequence": tokens})
             count = 1
             for dim in size:
                 count *= dim

@@ -32,6 +32,9 @@ class ExportOptions:
         max_seq_len: most tokens (prompt + generated) per sequence (tokens); None: the model's
             ``max_position_embeddings``, capped at 2048.
         validate: compare every graph with PyTorch in ONNX Runtime after export.
+        kv_write: how segment graphs write their KV caches in place: ``scatternd`` (ScatterND, any
+            opset here; ONNX Runtime and every TensorRT 10.x) or ``tensorscatter`` (ONNX opset-24
+            TensorScatter, TensorRT 10.15+/11's in-place KV-cache update; segment graphs at opset 24).
     """
 
     out: Path
@@ -39,8 +42,13 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     max_seq_len: int | None = None
     validate: bool = True
+    kv_write: str = "scatternd"
 
     def __post_init__(self):
+        from himap_trt.export.compose import KV_WRITES
+
+        if self.kv_write not in KV_WRITES:
+            raise HimapError(f"--kv-write must be one of {', '.join(KV_WRITES)}, got {self.kv_write!r}")
         if self.opset not in OPSETS:
             raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {self.opset}")
         if self.dtype not in DTYPE_NAMES:
@@ -111,7 +119,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         step += 1
 
     with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out") as tmp:
-        composer = SegmentComposer(loaded.model, dtype, options.opset)
+        composer = SegmentComposer(loaded.model, dtype, options.opset, options.kv_write)
         written = []
         for spec in specs:
             report(f"exporting {_describe(spec)}")
@@ -144,6 +152,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             model_hash=digest, plan=plan, dtype=dtype, opset=options.opset, max_seq_len=max_seq_len, dims=dims,
             image_token_id=dims.image_token_id, eos_token_ids=tuple(eos), pad_token_id=pad, graphs=tuple(written),
             validation={f"{c.graph}/{c.phase}/{c.output}": c.max_abs_diff for c in checks},
+            kv_write=options.kv_write,
         )
         manifest.save(tmp)
     return manifest, checks

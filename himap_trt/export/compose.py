@@ -1,17 +1,29 @@
 """Decoder-segment graphs composed from one exported layer template.
 
 Every Llama decoder layer has the same structure, so instead of tracing a segment's N layers
-(about 2.4 s of ``torch.export`` + decompositions per layer), the export traces three pieces
+(about 2.4 s of ``torch.export`` + decompositions per layer), the export traces four pieces
 once per model and stamps them::
 
-    prelude:  hidden_states, position_ids, attention_mask ──► cos, sin, bias
-    layer:    hidden_states, cos, sin, bias, past_key, past_value, <weights...>
-                  ──► hidden_out, present_key, present_value, query
-    head:     hidden_states ──► logits                          (final segment only)
+    prelude:   hidden_states, position_ids, attention_mask, cache_position
+                   ──► cos, sin, bias, write_indices
+    qkv:       hidden_states, cos, sin, <weights...> ──► query, key, value        (S new tokens)
+    write:     past_key [B,Hkv,M,Dh], key [B,Hkv,S,Dh] ──► present_key [B,Hkv,M,Dh]   (built here,
+               likewise values)                           ScatterND or TensorScatter, see below)
+    attention: hidden_states, query, present_key, present_value, bias, <weights...> ──► hidden_out
+    head:      hidden_states ──► logits                                        (final segment only)
 
-    segment [a, b) = prelude ─► layer(a, weights of a) ─► ... ─► layer(b-1) ─► head | outputs
+    segment [a, b) = prelude ─► (qkv ─► write ─► attention)(a) ─► ... (b-1) ─► head | outputs
 
-The layer template takes its weights as graph *inputs*; each stamped copy binds them to that
+The cache write is the one node not traced: ``ScatterND(past, write_indices, new)`` (opset 11+,
+every TensorRT 10.x parser), or with ``kv_write='tensorscatter'`` ONNX's opset-24
+``TensorScatter(past, new, cache_position, axis=2)``, the form TensorRT 10.15+/11 lowers to its
+in-place ``IKVCacheUpdateLayer``. Its output is the graph's ``present`` output and its data input
+the graph's ``past`` input and nothing else reads that input, so a runtime that binds both to one
+buffer (ONNX Runtime's I/O binding; TensorRT's aliased I/O) writes the S new tokens in place and
+copies nothing (ONNX Runtime's CPU scatter kernels skip their input copy when input and output
+share memory; measured in docs/ARCHITECTURE.md).
+
+The templates take their weights as graph *inputs*; each stamped copy binds them to that
 layer's parameters as initializers named like the checkpoint
 (``model.language_model.layers.{l}.self_attn.q_proj.weight``). The composed graph computes exactly
 what :class:`himap_trt.graphs.modules.DecoderSegment` computes (the same functions are traced);
@@ -34,86 +46,134 @@ _TENSOR_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "
                  "int64": ir.DataType.INT64}
 
 
-def _piece_specs(llava: torch.nn.Module, dtype: str, template: LayerTemplate) -> dict[str, GraphSpec]:
+#: How a segment graph writes new keys/values into its cache buffers.
+KV_WRITES = ("scatternd", "tensorscatter")
+#: ONNX opset that introduced TensorScatter.
+TENSORSCATTER_OPSET = 24
+
+
+def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attention: LayerTemplate) -> dict[str, GraphSpec]:
     config = llava.config.text_config
     d = config.hidden_size
     heads = config.num_attention_heads
     kv = config.num_key_value_heads or heads
     hd = getattr(config, "head_dim", None) or d // heads
-    b, s, p, ps = "batch", "sequence", "past_sequence", "past_sequence + sequence"
+    b, s, m = "batch", "sequence", "cache_sequence"
     hidden = TensorSpec("hidden_states", dtype, (b, s, d))
-    rope = (TensorSpec("cos", dtype, (b, s, hd)), TensorSpec("sin", dtype, (b, s, hd)),
-            TensorSpec("bias", "float32", (b, 1, s, ps)))
-    weights = tuple(TensorSpec(f"weight.{name}", dtype, tuple(param.shape))
-                    for name, param in template.step.layer.named_parameters())
+    cos_sin = (TensorSpec("cos", dtype, (b, s, hd)), TensorSpec("sin", dtype, (b, s, hd)))
+    bias = TensorSpec("bias", "float32", (b, 1, s, m))
+    query = TensorSpec("query", dtype, (b, heads, s, hd))
+
+    def weights(template: LayerTemplate):
+        return tuple(TensorSpec(f"weight.{name}", dtype, tuple(param.shape))
+                     for name, param in template.used_parameters(template.step.layer))
+
     return {
         "prelude": GraphSpec("prelude", "piece", (hidden, TensorSpec("position_ids", "int64", (b, s)),
-                                                  TensorSpec("attention_mask", "int64", (b, ps))), rope),
-        "layer": GraphSpec(
-            "layer", "piece",
-            (hidden, *rope, TensorSpec("past_key", dtype, (b, kv, p, hd)), TensorSpec("past_value", dtype, (b, kv, p, hd)),
-             *weights),
-            (TensorSpec("hidden_out", dtype, (b, s, d)), TensorSpec("present_key", dtype, (b, kv, ps, hd)),
-             TensorSpec("present_value", dtype, (b, kv, ps, hd)), TensorSpec("query", dtype, (b, heads, s, hd))),
-        ),
+                                                  TensorSpec("attention_mask", "int64", (b, m)),
+                                                  TensorSpec("cache_position", "int64", (b,))),
+                             (*cos_sin, bias, TensorSpec("write_indices", "int64", (b, kv, s, 3)))),
+        "qkv": GraphSpec("qkv", "piece", (hidden, *cos_sin, *weights(qkv)),
+                         (query, TensorSpec("key", dtype, (b, kv, s, hd)), TensorSpec("value", dtype, (b, kv, s, hd)))),
+        "attention": GraphSpec(
+            "attention", "piece",
+            (hidden, query, TensorSpec("key", dtype, (b, kv, m, hd)), TensorSpec("value", dtype, (b, kv, m, hd)), bias,
+             *weights(attention)),
+            (TensorSpec("hidden_out", dtype, (b, s, d)),)),
         "head": GraphSpec("head", "piece", (hidden,), (TensorSpec("logits", dtype, (b, config.vocab_size)),)),
     }
 
 
 class SegmentComposer:
-    """Exports the prelude / layer / head templates of a model once, then composes any segment.
+    """Exports the prelude / qkv / attention / head templates of a model once, then composes any segment.
 
     Args:
         llava: the ``LlavaForConditionalGeneration`` (eval mode, export dtype).
         dtype: spec dtype name of the graphs.
-        opset: ONNX opset.
+        opset: ONNX opset of the traced pieces.
+        kv_write: ``scatternd`` or ``tensorscatter`` (:data:`KV_WRITES`; the latter raises the
+            segment graphs' opset to :data:`TENSORSCATTER_OPSET`).
     """
 
-    def __init__(self, llava: torch.nn.Module, dtype: str, opset: int):
+    def __init__(self, llava: torch.nn.Module, dtype: str, opset: int, kv_write: str = "scatternd"):
+        if kv_write not in KV_WRITES:
+            raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}")
         self.llava = llava
         self.dtype = dtype
         self.opset = opset
+        self.kv_write = kv_write
         lm = llava.model.language_model
-        self.layer_template = LayerTemplate(lm.layers[0]).eval()
-        self.specs = _piece_specs(llava, dtype, self.layer_template)
+        self.templates = {"qkv": LayerTemplate(lm.layers[0], "qkv").eval(),
+                          "attention": LayerTemplate(lm.layers[0], "attention").eval()}
+        self.specs = _piece_specs(llava, dtype, self.templates["qkv"], self.templates["attention"])
         self._models: dict[str, ir.Model] = {}
 
     def _piece(self, name: str) -> ir.Model:
         if name not in self._models:
             lm = self.llava.model.language_model
-            module = {"prelude": lambda: SegmentPrelude(lm.rotary_emb), "layer": lambda: self.layer_template,
+            kv = self.specs["prelude"].outputs[3].shape[1]
+            module = {"prelude": lambda: SegmentPrelude(lm.rotary_emb, kv),
+                      "qkv": lambda: self.templates["qkv"], "attention": lambda: self.templates["attention"],
                       "head": lambda: SegmentHead(self.llava)}[name]()
             self._models[name] = export_program(module, self.specs[name], opset=self.opset,
                                                 vocab_size=self.llava.config.text_config.vocab_size)
         return self._models[name]
+
+    def _weights(self, graph: ir.Graph, layer: int, part: str) -> dict[str, ir.Value]:
+        lm = self.llava.model.language_model
+        template = self.templates[part]
+        bindings = {}
+        for name, param in template.used_parameters(lm.layers[layer]):
+            full = f"model.language_model.layers.{layer}.{name}"
+            value = ir.Value(name=full, const_value=TorchTensor(param.detach(), name=full),
+                             type=ir.TensorType(_TENSOR_TYPES[self.dtype]), shape=ir.Shape(tuple(param.shape)))
+            graph.register_initializer(value)
+            bindings[f"weight.{name}"] = value
+        return bindings
+
+    def _write(self, graph: ir.Graph, past: ir.Value, new: ir.Value, rope: dict[str, ir.Value],
+               cache_position: ir.Value, name: str) -> ir.Value:
+        """The in-place cache write: past [B,Hkv,M,Dh] with new [B,Hkv,S,Dh] at cache_position[b] + s."""
+        if self.kv_write == "tensorscatter":
+            node = ir.Node("", "TensorScatter", [past, new, cache_position], attributes=[ir.AttrInt64("axis", 2)],
+                           name=name, version=TENSORSCATTER_OPSET)
+        else:
+            node = ir.Node("", "ScatterND", [past, rope["write_indices"], new], name=name)
+        node.outputs[0].name = f"{name}/out"
+        node.outputs[0].type = past.type
+        node.outputs[0].shape = past.shape
+        graph.append(node)
+        return node.outputs[0]
 
     def compose(self, spec: GraphSpec) -> ir.Model:
         """The ``onnx_ir`` model of segment ``spec`` (I/O named and shaped as the spec declares)."""
         start, end = spec.layers
         final = spec.attrs["final"]
         inputs = {t.name: _value(t) for t in spec.inputs}
-        graph = ir.Graph(list(inputs.values()), [], nodes=[], opset_imports=dict(self._piece("layer").opset_imports),
-                         name=spec.name)
+        opsets = dict(self._piece("qkv").opset_imports)
+        if self.kv_write == "tensorscatter":
+            opsets[""] = max(opsets.get("", self.opset), TENSORSCATTER_OPSET)
+        graph = ir.Graph(list(inputs.values()), [], nodes=[], opset_imports=opsets, name=spec.name)
         rope = _stamp(graph, self._piece("prelude").graph, "prelude/", {
-            "hidden_states": inputs["hidden_states"], "position_ids": inputs["position_ids"],
-            "attention_mask": inputs["attention_mask"]})
-        lm = self.llava.model.language_model
+            name: inputs[name] for name in ("hidden_states", "position_ids", "attention_mask", "cache_position")})
         hidden = inputs["hidden_states"]
         outputs: dict[str, ir.Value] = {}
         query = None
         for layer in range(start, end):
-            bindings = {"hidden_states": hidden, "cos": rope["cos"], "sin": rope["sin"], "bias": rope["bias"],
-                        "past_key": inputs[past_names(layer)[0]], "past_value": inputs[past_names(layer)[1]]}
-            for name, param in lm.layers[layer].named_parameters():
-                value = ir.Value(name=f"model.language_model.layers.{layer}.{name}",
-                                 const_value=TorchTensor(param.detach(), name=f"model.language_model.layers.{layer}.{name}"),
-                                 type=ir.TensorType(_TENSOR_TYPES[self.dtype]), shape=ir.Shape(tuple(param.shape)))
-                graph.register_initializer(value)
-                bindings[f"weight.{name}"] = value
-            out = _stamp(graph, self._piece("layer").graph, f"layers.{layer}/", bindings)
-            hidden, query = out["hidden_out"], out["query"]
-            outputs[present_names(layer)[0]] = out["present_key"]
-            outputs[present_names(layer)[1]] = out["present_value"]
+            new = _stamp(graph, self._piece("qkv").graph, f"layers.{layer}/qkv/",
+                         {"hidden_states": hidden, "cos": rope["cos"], "sin": rope["sin"],
+                          **self._weights(graph, layer, "qkv")})
+            query = new["query"]
+            past_key, past_value = past_names(layer)
+            present_key = self._write(graph, inputs[past_key], new["key"], rope, inputs["cache_position"],
+                                      f"layers.{layer}/write_key")
+            present_value = self._write(graph, inputs[past_value], new["value"], rope, inputs["cache_position"],
+                                        f"layers.{layer}/write_value")
+            hidden = _stamp(graph, self._piece("attention").graph, f"layers.{layer}/attention/",
+                            {"hidden_states": hidden, "query": query, "key": present_key, "value": present_value,
+                             "bias": rope["bias"], **self._weights(graph, layer, "attention")})["hidden_out"]
+            outputs[present_names(layer)[0]] = present_key
+            outputs[present_names(layer)[1]] = present_value
         if final:
             outputs["logits"] = _stamp(graph, self._piece("head").graph, "head/", {"hidden_states": hidden})["logits"]
         else:
@@ -123,7 +183,10 @@ class SegmentComposer:
             value = outputs[tensor.name]
             value.name = tensor.name
             graph.outputs.append(value)
-        return ir.Model(graph, ir_version=self._piece("layer").ir_version, producer_name="himap-trt")
+        ir_version = self._piece("qkv").ir_version
+        if self.kv_write == "tensorscatter":
+            ir_version = max(ir_version, 11)     # opset 24 needs IR version 11
+        return ir.Model(graph, ir_version=ir_version, producer_name="himap-trt")
 
     def export(self, spec: GraphSpec, path: Path) -> Path:
         """Compose segment ``spec``, save it to ``path`` and check it (see :func:`save_model`)."""
@@ -133,7 +196,6 @@ class SegmentComposer:
         if spec.attrs["final"]:
             weight_bytes += sum(p.numel() * p.element_size() for p in SegmentHead(self.llava).parameters())
         return save_model(self.compose(spec), spec, path, weight_bytes)
-
 
 def _value(tensor: TensorSpec) -> ir.Value:
     shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in tensor.shape])

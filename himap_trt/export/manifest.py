@@ -19,7 +19,8 @@ from himap_trt.models.loading import ModelDims
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract.
-FORMAT_VERSION = 1
+#: 2: segment graphs take preallocated KV-cache buffers and ``cache_position`` (written in place).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
 
@@ -42,6 +43,8 @@ class Manifest:
         graphs: every graph in chain order, with its file.
         processor_dir: subdirectory holding the saved processor (tokenizer, image processor, template).
         validation: per graph and phase, the max abs difference found against PyTorch (empty if skipped).
+        kv_write: how segment graphs write their caches: ``scatternd`` (opset ``opset``) or
+            ``tensorscatter`` (segment graphs at opset 24); see :mod:`himap_trt.export.compose`.
     """
 
     format_version: int
@@ -59,6 +62,7 @@ class Manifest:
     graphs: tuple[GraphSpec, ...]
     processor_dir: str = PROCESSOR_DIR
     validation: dict[str, Any] = field(default_factory=dict)
+    kv_write: str = "scatternd"
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; raises :class:`HimapError` if the export has none."""
@@ -94,6 +98,7 @@ class Manifest:
                 graphs=tuple(GraphSpec.from_dict(g) for g in data["graphs"]),
                 processor_dir=str(data.get("processor_dir", PROCESSOR_DIR)),
                 validation=dict(data.get("validation") or {}),
+                kv_write=str(data.get("kv_write", "scatternd")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HimapError(f"malformed manifest: {type(exc).__name__}: {exc}") from None

@@ -1,7 +1,7 @@
 """Exporting one graph to ONNX with ``torch.onnx.export(dynamo=True)``.
 
 Dynamic axes come from the graph's :class:`~himap_trt.graphs.spec.GraphSpec`: every symbolic
-dim is exported as ``Dim.AUTO`` (so relations such as ``past_sequence + sequence`` are inferred,
+dim is exported as ``Dim.AUTO`` (so relations such as ``sequence - 72`` are inferred,
 not declared), then the graph's input/output dims are renamed to the spec's names and checked:
 an axis the spec calls symbolic but the exporter specialised is an error.
 """
@@ -29,7 +29,7 @@ DEFAULT_OPSET = 18
 
 #: Example sizes used for tracing: distinct values >= 2, so no axis is specialised to 0/1 and no
 #: two axes are unified by coincidence.
-TRACE_SIZES = {"batch": 3, "sequence": 7, "past_sequence": 5}
+TRACE_SIZES = {"batch": 3, "sequence": 7, "cache_sequence": 12}
 
 #: Weights above this size go to an external data file (``<graph>.onnx.data``).
 EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
@@ -47,7 +47,8 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int], vocab_size: int, seed
     """Inputs of the declared shapes with plausible values (for tracing and tests).
 
     Floating inputs are N(0, 1) (``pixel_values``) or N(0, 0.5); ``input_ids`` are random ids;
-    ``position_ids`` count up; ``attention_mask`` is all ones; a scoring graph's
+    ``position_ids`` count up; ``attention_mask`` is all ones; ``cache_position`` writes the new
+    tokens at the end of the cache buffer; a scoring graph's
     ``token_type_ids`` hold 2 system tokens, its ``entering`` image tokens, then instruction tokens.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +59,11 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int], vocab_size: int, seed
         if tensor.name == "input_ids":
             value = torch.randint(0, vocab_size, shape, generator=gen)
         elif tensor.name == "position_ids":
-            value = (torch.arange(shape[1]) + sizes.get("past_sequence", 0)).expand(shape).contiguous()
+            start = sizes.get("cache_sequence", shape[1]) - shape[1]
+            value = (torch.arange(shape[1]) + start).expand(shape).contiguous()
+        elif tensor.name == "cache_position":       # write the new tokens at the end of the buffer
+            value = torch.full(shape, sizes.get("cache_sequence", sizes["sequence"]) - sizes["sequence"],
+                               dtype=torch.int64)
         elif tensor.name == "attention_mask":
             value = torch.ones(shape, dtype=torch.int64)
         elif tensor.name == "token_type_ids":

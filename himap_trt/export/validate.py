@@ -61,11 +61,14 @@ class RecordingBackend:
     def outputs(self):
         return self.inner.outputs
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        result = self.inner.run(feeds)
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         phase = call_phase(self.spec, feeds)
-        if phase not in self.calls:
-            self.calls[phase] = ({k: v.clone() for k, v in feeds.items()}, {k: v.clone() for k, v in result.items()})
+        record = phase not in self.calls
+        before = {k: v.clone() for k, v in feeds.items()} if record else None   # segments write their pasts in place
+        result = self.inner.run(feeds, outputs) if outputs else self.inner.run(feeds)
+        if record:
+            self.calls[phase] = (before, {k: v.clone() for k, v in result.items()})
         return result
 
     def close(self) -> None:
@@ -74,9 +77,8 @@ class RecordingBackend:
 
 def call_phase(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> str:
     """``prefill`` or ``decode`` for a call of graph ``spec`` with ``feeds``."""
-    if spec.kind == "segment":
-        first_past = spec.inputs[3].name
-        return "prefill" if feeds[first_past].shape[2] == 0 else "decode"
+    if spec.kind == "segment":   # prefill fills an exact-size buffer; decode feeds 1 token into a longer one
+        return "prefill" if feeds["hidden_states"].shape[1] == feeds["attention_mask"].shape[1] else "decode"
     if spec.kind == "embed":
         return "prefill" if feeds["input_ids"].shape[1] > 1 else "decode"
     return "prefill"

@@ -8,9 +8,9 @@ Symbolic dims are strings over a few named sizes, combined with ``+`` / ``-`` an
 
 - ``batch``: prompts in the batch.
 - ``sequence``: tokens fed to the graph in this call (the prompt at prefill, 1 at decode).
-- ``past_sequence``: tokens already in the segment's KV cache (0 at prefill).
-- e.g. ``past_sequence + sequence`` (the attention mask and the presents), ``sequence - 72``
-  (a scoring graph's output: its input minus the image tokens it drops).
+- ``cache_sequence``: length M of a segment's preallocated KV-cache buffer (the prompt's length at
+  prefill, where the buffer is exactly filled; the slot cache's ``max_len_j`` at decode).
+- e.g. ``sequence - 72`` (a scoring graph's output: its input minus the image tokens it drops).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class TensorSpec:
     shape: tuple[Dim, ...]
 
     def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        """The shape for given named sizes (e.g. ``{'batch': 1, 'sequence': 7, 'past_sequence': 0}``)."""
+        """The shape for given named sizes (e.g. ``{'batch': 1, 'sequence': 7, 'cache_sequence': 700}``)."""
         return tuple(eval_dim(d, sizes) for d in self.shape)
 
 
@@ -181,7 +181,7 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
             f"the model has {dims.num_layers} / {dims.num_image_tokens}"
         )
     d, kv, h, hd = dims.hidden_size, dims.num_kv_heads, dims.num_heads, dims.head_dim
-    b, s, p, ps = "batch", "sequence", "past_sequence", "past_sequence + sequence"
+    b, s, m = "batch", "sequence", "cache_sequence"
     i64 = "int64"
     specs = [
         GraphSpec(
@@ -201,13 +201,14 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
         inputs = [
             TensorSpec("hidden_states", dtype, (b, s, d)),
             TensorSpec("position_ids", i64, (b, s)),
-            TensorSpec("attention_mask", i64, (b, ps)),
+            TensorSpec("attention_mask", i64, (b, m)),
+            TensorSpec("cache_position", i64, (b,)),
         ]
         outputs = [TensorSpec("logits", dtype, (b, dims.vocab_size)) if final
                    else TensorSpec("last_hidden_state", dtype, (b, s, d))]
         for layer in range(start, end):
-            inputs += [TensorSpec(n, dtype, (b, kv, p, hd)) for n in past_names(layer)]
-            outputs += [TensorSpec(n, dtype, (b, kv, ps, hd)) for n in present_names(layer)]
+            inputs += [TensorSpec(n, dtype, (b, kv, m, hd)) for n in past_names(layer)]
+            outputs += [TensorSpec(n, dtype, (b, kv, m, hd)) for n in present_names(layer)]
         if not final:
             outputs.append(TensorSpec(query_name(end - 1), dtype, (b, h, s, hd)))
         specs.append(GraphSpec(

@@ -35,15 +35,21 @@ class Backend(Protocol):
         """The graph's outputs, in spec order."""
         ...
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the graph once.
 
         Args:
             feeds: one tensor per input name, on the backend's device, in the spec's dtype.
+            outputs: optional preallocated tensors (contiguous, of the output's shape and dtype) to
+                write outputs into. A segment's ``present.{l}.*`` output given here as the very
+                tensor fed as ``past_key_values.{l}.*`` is written **in place** (the KV-cache
+                update); ONNX Runtime binds both names to that memory, TensorRT uses its aliased
+                I/O, torch writes into it.
 
         Returns:
-            One tensor per output name. The caller owns them (they are not overwritten by the next
-            call).
+            One tensor per output name (the given ``outputs`` tensors where given). The caller owns
+            them (they are not overwritten by the next call).
         """
         ...
 
@@ -77,6 +83,17 @@ class BackendBase:
         self.close()
 
 
+def place_outputs(results: dict[str, torch.Tensor],
+                  outputs: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Copy results into the caller's preallocated ``outputs`` where they are not already there."""
+    for name, target in (outputs or {}).items():
+        value = results[name]
+        if value.data_ptr() != target.data_ptr() or value.shape != target.shape:
+            target.copy_(value)
+        results[name] = target
+    return results
+
+
 class TorchBackend(BackendBase):
     """Runs a graph's PyTorch module (:func:`himap_trt.graphs.modules.build_module`) in inference mode.
 
@@ -90,10 +107,12 @@ class TorchBackend(BackendBase):
         self.spec = spec
         self.module = module
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        # A segment module writes its new keys/values into the fed past tensors (in place).
         with torch.inference_mode():
-            results = self.module(*(feeds[name] for name in self.spec.input_names))
-        return dict(zip(self.spec.output_names, results))
+            results = dict(zip(self.spec.output_names, self.module(*(feeds[name] for name in self.spec.input_names))))
+        return place_outputs(results, outputs)
 
     def close(self) -> None:
         self.module = None

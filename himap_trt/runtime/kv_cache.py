@@ -1,23 +1,33 @@
-"""Per-segment KV caches.
+"""Preallocated per-segment KV caches with one **slot** (batch row) per running request.
 
 Each decoder segment keeps its own cache: segment j's layers hold only the tokens segment j saw
-(all prompt tokens for segment 0, the kept ones after each stage), plus every decoded token, so the
-caches of one request have different lengths (METHODS.md, "Decoding with a KV cache").
+(a request's real prompt tokens for segment 0, the kept ones after each stage), plus every decoded
+token, so the caches of one request have different lengths (METHODS.md, "Decoding with a KV cache").
 
-Layout, per layer l of the segment: ``past_key_values.{l}.key`` / ``.value``
-[batch, kv_heads, cache_length, head_dim] in the model dtype, and one padding mask
-[batch, cache_length] int64 per segment (1 real token, 0 padding), which is the segment's
-``attention_mask`` input minus the tokens being fed. A step replaces the tensors by the graph's
-``present.{l}.*`` outputs (the graphs concatenate past and new keys).
+Layout, allocated once (gpt-fast's static cache, per segment)::
+
+    keys / values   past_key_values.{l}.key/.value   [max_batch, Hkv, max_len_j, Dh]   model dtype
+    padding mask    masks[j]                          [max_batch, max_len_j]            int64
+    lengths         lengths[j]                        [max_batch]                       int64
+
+``max_len_j = max_seq_len - (image tokens dropped before segment j)``. A slot's tokens are stored
+densely from position 0 (prefill copies only a prompt's real tokens, not its batch padding), so
+``masks[j][slot, :lengths[j][slot]]`` is 1 and the rest 0. A decode step writes one token at position
+``lengths[j][slot]`` of every segment, in place (the graphs' ScatterND / TensorScatter with the
+``present`` output bound to the ``past`` buffer). A slot holds at most ``max_len_j - 1`` tokens: the
+last position is a scratch column that rows stepped along with others (free slots, or slots not
+decoding this step) may write into without touching real tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from himap_trt.graphs.spec import GraphSpec, past_names, present_names
+from himap_trt.errors import HimapError
+from himap_trt.graphs.spec import GraphSpec, past_names
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "int64": torch.int64}
@@ -29,49 +39,109 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
-class SegmentCache:
-    """The KV cache of one decoder segment for one batch.
+class SlotKVCache:
+    """Preallocated per-segment KV caches for ``max_batch`` slots (one slot = one running request).
+
+    Per segment j and layer l: key/value buffers [max_batch, Hkv, max_len_j, Dh] in the model dtype,
+    max_len_j = max_seq_len - image tokens dropped before segment j; one padding mask per segment
+    [max_batch, max_len_j] int64; per-slot lengths [max_batch] int64 per segment.
 
     Attributes:
-        spec: the segment's graph declaration.
-        tensors: ``past_key_values.{l}.key/value`` -> [batch, kv_heads, length, head_dim].
-        attention_mask: [batch, length] int64.
+        segments: the segment graph declarations, in chain order.
+        max_batch: number of slots.
+        max_lens: ``max_len_j`` per segment (tokens).
+        tensors: per segment, ``past_key_values.{l}.key/value`` -> buffer.
+        masks: per segment, [max_batch, max_len_j] int64.
+        lengths: per segment, [max_batch] int64 tokens held per slot.
+        occupied: per slot, whether a request holds it.
     """
 
-    spec: GraphSpec
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    attention_mask: torch.Tensor | None = None
+    segments: list[GraphSpec]
+    max_batch: int
+    max_lens: list[int]
+    tensors: list[dict[str, torch.Tensor]]
+    masks: list[torch.Tensor]
+    lengths: list[torch.Tensor]
+    occupied: list[bool]
 
     @classmethod
-    def empty(cls, spec: GraphSpec, batch: int, device: torch.device) -> SegmentCache:
-        """A cache of length 0 (what prefill feeds)."""
-        tensors = {}
-        for layer in range(*spec.layers):
-            for name in past_names(layer):
-                tensor_spec = spec.input(name)
-                _, heads, _, head_dim = tensor_spec.shape
-                tensors[name] = torch.empty((batch, heads, 0, head_dim), dtype=torch_dtype(tensor_spec.dtype),
-                                            device=device)
-        return cls(spec, tensors, torch.zeros((batch, 0), dtype=torch.int64, device=device))
+    def allocate(cls, segments: list[GraphSpec], max_batch: int, max_lens: Sequence[int],
+                 device: torch.device | str) -> SlotKVCache:
+        """Zero-filled caches, every slot free.
 
-    @property
-    def length(self) -> int:
-        """Tokens in the cache (padding included)."""
-        return int(self.attention_mask.shape[1])
+        Raises:
+            HimapError: if ``max_batch`` < 1 or a ``max_len_j`` < 2.
+        """
+        if max_batch < 1:
+            raise HimapError(f"a KV cache needs at least one slot, got max_batch={max_batch}")
+        if min(max_lens) < 2:
+            raise HimapError(f"KV-cache buffers need at least 2 positions, got {list(max_lens)}")
+        tensors = []
+        for spec, length in zip(segments, max_lens):
+            buffers = {}
+            for layer in range(*spec.layers):
+                for name in past_names(layer):
+                    tensor_spec = spec.input(name)
+                    _, heads, _, head_dim = tensor_spec.shape
+                    buffers[name] = torch.zeros((max_batch, heads, length, head_dim),
+                                                dtype=torch_dtype(tensor_spec.dtype), device=device)
+            tensors.append(buffers)
+        masks = [torch.zeros((max_batch, length), dtype=torch.int64, device=device) for length in max_lens]
+        lengths = [torch.zeros(max_batch, dtype=torch.int64) for _ in max_lens]
+        return cls(list(segments), max_batch, list(max_lens), tensors, masks, lengths, [False] * max_batch)
 
-    @property
+    def free_slots(self) -> list[int]:
+        """Slots holding no request, ascending."""
+        return [slot for slot, used in enumerate(self.occupied) if not used]
+
     def nbytes(self) -> int:
-        """Bytes held by the key/value tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Bytes of all key/value buffers (allocated, whatever the slots hold)."""
+        return sum(t.numel() * t.element_size() for buffers in self.tensors for t in buffers.values())
 
-    def feeds(self, new_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The segment's cache inputs for a step feeding tokens whose padding mask is ``new_mask``
-        [batch, sequence]: the past tensors and ``attention_mask`` = [cache mask, new_mask]."""
-        return {**self.tensors, "attention_mask": torch.cat([self.attention_mask, new_mask], dim=1)}
+    def used_bytes(self) -> int:
+        """Bytes of the key/value entries the occupied slots hold (tokens x layers x 2 x Hkv x Dh)."""
+        total = 0
+        for buffers, lengths in zip(self.tensors, self.lengths):
+            per_token = sum(t.shape[1] * t.shape[3] * t.element_size() for t in buffers.values())
+            total += per_token * int(lengths.sum())
+        return total
 
-    def update(self, outputs: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> None:
-        """Take the step's presents as the new cache; ``attention_mask`` is the mask that was fed."""
-        for layer in range(*self.spec.layers):
-            for past, present in zip(past_names(layer), present_names(layer)):
-                self.tensors[past] = outputs[present]
-        self.attention_mask = attention_mask
+    def slot_lengths(self, slot: int) -> list[int]:
+        """Tokens slot ``slot`` holds in each segment."""
+        return [int(lengths[slot]) for lengths in self.lengths]
+
+    def check_slots(self, slots: Sequence[int], *, occupied: bool) -> None:
+        """Raise :class:`HimapError` unless ``slots`` are distinct valid slots, all occupied (or all free)."""
+        if len(set(slots)) != len(slots):
+            raise HimapError(f"slots must be distinct, got {list(slots)}")
+        for slot in slots:
+            if not 0 <= slot < self.max_batch:
+                raise HimapError(f"slot {slot} is out of range: the cache has {self.max_batch} slot(s)")
+            if self.occupied[slot] != occupied:
+                state = "free" if occupied else "occupied"
+                raise HimapError(f"slot {slot} is {state}")
+
+    def store(self, segment: int, slot: int, buffers: dict[str, torch.Tensor], row: int, mask: torch.Tensor) -> None:
+        """Copy row ``row`` of a prefill's exact-size buffers (its real tokens, ``mask`` [S_j] = 1) into
+        slot ``slot`` of segment ``segment``, densely from position 0."""
+        real = mask.bool()
+        count = int(real.sum())
+        if count > self.max_lens[segment] - 1:
+            raise HimapError(f"the prompt needs {count} cache positions in segment {segment} but the cache holds "
+                             f"{self.max_lens[segment] - 1}; allocate with a larger max_seq_len")
+        seq = mask.shape[0]
+        suffix = bool(real[seq - count:].all())          # left padding: the real tokens are a suffix
+        for name, source in buffers.items():
+            values = source[row, :, seq - count:] if suffix else source[row][:, real]
+            self.tensors[segment][name][slot, :, :count] = values
+        self.masks[segment][slot] = 0
+        self.masks[segment][slot, :count] = 1
+        self.lengths[segment][slot] = count
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Free ``slots`` (length 0, mask cleared); their buffers are overwritten by the next prefill."""
+        for slot in slots:
+            for mask, lengths in zip(self.masks, self.lengths):
+                mask[slot] = 0
+                lengths[slot] = 0
+            self.occupied[slot] = False

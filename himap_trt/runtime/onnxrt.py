@@ -85,7 +85,12 @@ class OnnxRuntimeBackend(BackendBase):
             raise HimapError(f"graph {self.spec.name!r}: the file's outputs {got_out} differ from the manifest's "
                              f"{self.spec.output_names}")
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run with I/O binding: inputs, and the given ``outputs``, bound to the tensors' memory; a
+        ``present`` bound to its ``past`` buffer is written in place (the scatter kernels skip their
+        input copy when input and output are one buffer)."""
+        outputs = outputs or {}
         binding = self.session.io_binding()
         alive = []
         for tensor in self.spec.inputs:
@@ -96,11 +101,20 @@ class OnnxRuntimeBackend(BackendBase):
             alive.append(value)
             binding.bind_input(tensor.name, self._device_type, self._device_id, _NUMPY[tensor.dtype],
                                tuple(value.shape), value.data_ptr())
-        for name in self.spec.output_names:
-            binding.bind_output(name, self._device_type, self._device_id)
+        for tensor in self.spec.outputs:
+            target = outputs.get(tensor.name)
+            if target is None:
+                binding.bind_output(tensor.name, self._device_type, self._device_id)
+                continue
+            if not target.is_contiguous() or target.dtype != torch_dtype(tensor.dtype):
+                raise HimapError(f"graph {self.spec.name!r}: output buffer {tensor.name} must be a contiguous "
+                                 f"{tensor.dtype} tensor, got {target.dtype}")
+            binding.bind_output(tensor.name, self._device_type, self._device_id, _NUMPY[tensor.dtype],
+                                tuple(target.shape), target.data_ptr())
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return {name: torch.from_dlpack(value._ortvalue) for name, value in zip(self.spec.output_names, outputs)}
+        values = binding.get_outputs()
+        return {tensor.name: outputs[tensor.name] if tensor.name in outputs else torch.from_dlpack(value._ortvalue)
+                for tensor, value in zip(self.spec.outputs, values)}
 
     def close(self) -> None:
         self.session = None

@@ -7,9 +7,15 @@ Prefill::
     hidden ─► segment_0 ─► scoring_0 ─► segment_1 ─► scoring_1 ─► ... ─► segment_n ─► logits [B,V]
                  │ cache 0       (kept tokens)  │ cache 1                     │ cache n
 
-Decode (one token per step, position = prompt length + step, appended to every cache)::
+Decode (one token per step, position = prompt length + step, written in place into every
+segment's preallocated cache at the slot's length)::
 
     token ─► embed ─► segment_0 ─► segment_1 ─► ... ─► segment_n ─► logits
+
+Requests live in **slots** of a :class:`~himap_trt.runtime.kv_cache.SlotKVCache`: ``allocate``,
+``prefill`` (into chosen free slots), ``decode_step`` (any occupied slots, each at its own length),
+``release``; ``generate`` is those four for one batch. A server joins and leaves requests between
+steps with the same four calls (docs/ARCHITECTURE.md, "KV-cache layout").
 
 The pipeline does not know which backend it drives (PyTorch reference, ONNX Runtime, TensorRT).
 """
@@ -17,18 +23,18 @@ The pipeline does not know which backend it drives (PyTorch reference, ONNX Runt
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec, present_names, query_name
+from himap_trt.graphs.spec import GraphSpec, past_names, present_names, query_name
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch, prepare_batch
 from himap_trt.runtime.backend import Backend
-from himap_trt.runtime.kv_cache import SegmentCache, torch_dtype
+from himap_trt.runtime.kv_cache import SlotKVCache, torch_dtype
 from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
 
 
@@ -53,15 +59,17 @@ class PrefillResult:
 
     Attributes:
         logits: [batch, vocab] logits of the next token, model dtype.
-        caches: one :class:`SegmentCache` per segment.
         next_positions: [batch] int64 RoPE position of the first generated token (= real prompt length).
         stages: one :class:`StageOutput` per pruning stage.
+        cache: the slot cache the prompts were written into.
+        slots: the slot of each prompt row.
     """
 
     logits: torch.Tensor
-    caches: list[SegmentCache]
     next_positions: torch.Tensor
     stages: list[StageOutput]
+    cache: SlotKVCache
+    slots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -136,7 +144,10 @@ class Pipeline:
         self.num_image_tokens = plan.num_image_tokens
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _run(self, name: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run(self, name: str, feeds: Mapping[str, torch.Tensor],
+             outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        if outputs:
+            return self.backends[name].run(feeds, outputs)
         return self.backends[name].run(feeds)
 
     def _sync(self) -> None:
@@ -170,18 +181,72 @@ class Pipeline:
             )
         return batch
 
+    # -- slots ----------------------------------------------------------------------------------
+    def allocate(self, max_batch: int, *, max_seq_len: int | None = None) -> SlotKVCache:
+        """Allocate caches for ``max_batch`` slots, all free.
+
+        Args:
+            max_batch: number of slots.
+            max_seq_len: most tokens (prompt + generated) per request (tokens); default the
+                pipeline's ``max_seq_len``. Segment j's buffers hold ``max_seq_len - dropped_j``
+                positions.
+
+        Raises:
+            HimapError: without a ``max_seq_len`` (neither given nor the pipeline's), or if it cannot
+                hold the image tokens.
+        """
+        length = max_seq_len or self.max_seq_len
+        if length is None:
+            raise HimapError("allocating a KV cache needs a max_seq_len (the pipeline has none; pass one)")
+        if length <= self.num_image_tokens:
+            raise HimapError(f"max_seq_len {length} cannot hold the {self.num_image_tokens} image tokens")
+        dropped = [self.num_image_tokens - n for n in self.plan.image_tokens_per_segment]
+        return SlotKVCache.allocate(self.segments, max_batch, [length - d for d in dropped], self.device)
+
+    def release(self, cache: SlotKVCache, slots: Sequence[int]) -> None:
+        """Free the slots (length 0); they can be prefilled again.
+
+        Raises:
+            HimapError: if a slot is out of range or already free.
+        """
+        cache.check_slots(list(slots), occupied=True)
+        cache.release(list(slots))
+
     # -- prefill --------------------------------------------------------------------------------
-    def prefill(self, batch: PromptBatch, timings: dict[str, float] | None = None) -> PrefillResult:
-        """Run vision, embeddings, and the segment / scoring chain over the prompts.
+    def prefill(self, batch: PromptBatch, timings: dict[str, float] | None = None, *,
+                cache: SlotKVCache | None = None, slots: Sequence[int] | None = None) -> PrefillResult:
+        """Run vision, embeddings, and the segment / scoring chain over the prompts; write each prompt's
+        KV entries into its slot.
+
+        The segment graphs run on exact-size buffers ([batch, Hkv, S_j, Dh], attention over the
+        prompt only); each row's real tokens are then copied into its slot (one copy per request).
 
         Args:
             batch: prepared inputs (see :meth:`prepare`).
             timings: if given, receives ``vision`` and ``prefill`` durations (seconds).
+            cache: where to write (default: a new cache for the batch, :meth:`allocate` with the
+                pipeline's ``max_seq_len``, or the prompt length + 1 if it has none).
+            slots: slot of each prompt row (default 0..batch-1).
 
         Returns:
-            The next-token logits, the per-segment caches and what each stage kept.
+            The next-token logits [batch, vocab], next positions [batch], what each stage kept, and
+            the cache.
+
+        Raises:
+            HimapError: if a slot is not free or out of range, or the prompt does not fit the cache.
         """
         dev = self.device
+        size, seq = batch.input_ids.shape
+        if cache is None:
+            cache = self.allocate(size, max_seq_len=self.max_seq_len or seq + 1)
+        slots = list(range(size)) if slots is None else [int(s) for s in slots]
+        if len(slots) != size:
+            raise HimapError(f"{size} prompt(s) need {size} slot(s), got {len(slots)}")
+        cache.check_slots(slots, occupied=False)
+        need = int(batch.attention_mask.sum(1).max()) + 1
+        if need > cache.max_lens[0]:
+            raise HimapError(f"the prompt has {need - 1} tokens but the cache holds {cache.max_lens[0] - 1} "
+                             "(prompt plus at least one generated token must fit); allocate a larger cache")
         input_ids = batch.input_ids.to(dev)
         t0 = time.perf_counter()
         features = self._run("vision", {"pixel_values": batch.pixel_values.to(dev, self.dtype)})["image_features"]
@@ -193,15 +258,23 @@ class Pipeline:
         positions = batch.position_ids.to(dev)
         mask = batch.attention_mask.to(dev)
         types = batch.token_type_ids.to(dev)
-        origin = torch.arange(input_ids.shape[1], device=dev).expand_as(input_ids)      # original positions
-        caches, stages = [], []
+        origin = torch.arange(seq, device=dev).expand_as(input_ids)                     # original positions
+        stages = []
         logits = None
+        start = torch.zeros(size, dtype=torch.int64, device=dev)
         for j, seg in enumerate(self.segments):
-            cache = SegmentCache.empty(seg, batch.batch_size, dev)
-            feeds = cache.feeds(mask)
-            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions, **feeds})
-            cache.update(out, feeds["attention_mask"])
-            caches.append(cache)
+            length = mask.shape[1]
+            buffers = {}
+            for layer in range(*seg.layers):
+                for name in past_names(layer):
+                    _, heads, _, head_dim = seg.input(name).shape
+                    buffers[name] = torch.empty((size, heads, length, head_dim), dtype=self.dtype, device=dev)
+            presents = {present: buffers[past] for layer in range(*seg.layers)
+                        for past, present in zip(past_names(layer), present_names(layer))}
+            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask,
+                                       "cache_position": start, **buffers}, presents)
+            for row, slot in enumerate(slots):
+                cache.store(j, slot, buffers, row, mask[row])
             if j == len(self.segments) - 1:
                 logits = out["logits"]
                 break
@@ -219,34 +292,78 @@ class Pipeline:
             origin = torch.gather(origin, 1, index)
             image_positions = [origin[row][types[row] == TOKEN_IMAGE].tolist() for row in range(origin.shape[0])]
             stages.append(StageOutput(index, origin, image_positions))
+        for slot in slots:
+            cache.occupied[slot] = True
         self._sync()
         if timings is not None:
             timings["vision"] = t1 - t0
             timings["prefill"] = time.perf_counter() - t1
         next_positions = batch.position_ids[:, -1].to(dev) + 1
-        return PrefillResult(logits, caches, next_positions, stages)
+        return PrefillResult(logits, next_positions, stages, cache, slots)
 
     # -- decode ---------------------------------------------------------------------------------
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[SegmentCache]) -> torch.Tensor:
-        """Feed one token per row through every segment, appending it to every cache.
+    def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                    slots: Sequence[int]) -> torch.Tensor:
+        """One decode step for the given occupied slots, each at its own length.
+
+        The graphs run over the contiguous slot range ``min(slots)..max(slots)`` (views of the cache
+        buffers, written in place). Rows of that range not in ``slots`` (free, or not stepping now)
+        are fed a dummy token written at their length (or the scratch column), which their mask does
+        not cover, so their contents and the other rows' results are unaffected.
 
         Args:
-            tokens: [batch] int64 ids.
-            positions: [batch] int64 RoPE positions of these tokens.
-            caches: the per-segment caches (updated in place).
+            cache: the slot cache.
+            tokens: [n] int64 ids, one per slot.
+            positions: [n] int64 RoPE positions of these tokens.
+            slots: n distinct occupied slots.
 
         Returns:
-            [batch, vocab] logits of the following token.
+            [n, vocab] logits of the following token. One token is appended to each slot's cache in
+            every segment.
+
+        Raises:
+            HimapError: if a slot is free, repeated or out of range, or would exceed its ``max_len_j``.
         """
-        hidden = self._run("embed", {"input_ids": tokens[:, None]})["inputs_embeds"]
-        ones = torch.ones((tokens.shape[0], 1), dtype=torch.int64, device=self.device)
+        slots = [int(s) for s in slots]
+        if not slots:
+            raise HimapError("decode_step needs at least one slot")
+        if tokens.shape != (len(slots),) or positions.shape != (len(slots),):
+            raise HimapError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
+                             f"must both be [{len(slots)}] (one per slot)")
+        cache.check_slots(slots, occupied=True)
+        for j, lengths in enumerate(cache.lengths):
+            full = [s for s in slots if int(lengths[s]) > cache.max_lens[j] - 2]
+            if full:
+                raise HimapError(f"slot(s) {full} hold {int(lengths[full[0]])} tokens in segment {j}, the most its "
+                                 f"cache takes ({cache.max_lens[j] - 1}); the request reached max_seq_len")
+        low, high = min(slots), max(slots)
+        rows = high - low + 1
+        where = torch.tensor([s - low for s in slots])
+        dev = self.device
+        ids = torch.full((rows,), self.pad_token_id, dtype=torch.int64, device=dev)
+        ids[where] = tokens.to(dev)
+        pos = torch.zeros((rows,), dtype=torch.int64, device=dev)
+        pos[where] = positions.to(dev)
+        hidden = self._run("embed", {"input_ids": ids[:, None]})["inputs_embeds"]
+        slot_index = torch.tensor(slots)
         out: dict[str, torch.Tensor] = {}
-        for seg, cache in zip(self.segments, caches):
-            feeds = cache.feeds(ones)
-            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions[:, None], **feeds})
-            cache.update(out, feeds["attention_mask"])
+        for j, seg in enumerate(self.segments):
+            lengths = cache.lengths[j]
+            write = lengths[low:high + 1].clamp(max=cache.max_lens[j] - 1)        # dummy rows: length or scratch
+            cache.masks[j][slot_index, lengths[slot_index]] = 1
+            buffers = {name: tensor[low:high + 1] for name, tensor in cache.tensors[j].items()}
+            presents = {present: buffers[past] for layer in range(*seg.layers)
+                        for past, present in zip(past_names(layer), present_names(layer))}
+            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": pos[:, None],
+                                       "attention_mask": cache.masks[j][low:high + 1],
+                                       "cache_position": write.to(dev), **buffers}, presents)
+            lengths[slot_index] += 1
             hidden = out.get("last_hidden_state")
-        return out["logits"]
+        return out["logits"][where.to(dev)]
+
+    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """:meth:`decode_step` over every occupied slot of ``cache`` (tokens/positions [occupied], in slot order)."""
+        return self.decode_step(cache, tokens, positions, [s for s, used in enumerate(cache.occupied) if used])
 
     def generate(self, batch: PromptBatch, config: GenerationConfig, streamer: Any = None,
                  preprocess_s: float = 0.0) -> GenerationOutput:
@@ -266,16 +383,20 @@ class Pipeline:
         timings = {"preprocess": preprocess_s}
         start = time.perf_counter()
         chooser = TokenChooser(config, self.device)
-        state = self.prefill(batch, timings)
+        prompt_len = batch.input_ids.shape[1]
+        limit = config.max_new_tokens
+        if self.max_seq_len is not None:
+            limit = min(limit, self.max_seq_len - prompt_len)
+        # Caches sized for this batch's answer (gpt-fast's max_seq_length = prompt + new tokens), so a
+        # short answer does not attend over a max_seq_len-long buffer.
+        cache = self.allocate(batch.batch_size, max_seq_len=prompt_len + limit)
+        slots = list(range(batch.batch_size))
+        state = self.prefill(batch, timings, cache=cache, slots=slots)
         tokens = chooser(state.logits)
         self._sync()
         ttft = preprocess_s + time.perf_counter() - start
         first_token_at = time.perf_counter()
 
-        prompt_len = batch.input_ids.shape[1]
-        limit = config.max_new_tokens
-        if self.max_seq_len is not None:
-            limit = min(limit, self.max_seq_len - prompt_len)
         finished = torch.zeros(batch.batch_size, dtype=torch.bool, device=self.device)
         eos = torch.tensor(self.eos_token_ids or [-1], device=self.device)
         generated: list[torch.Tensor] = []
@@ -288,7 +409,7 @@ class Pipeline:
             if bool(finished.all()) or len(generated) >= limit:
                 break
             positions = state.next_positions + len(generated) - 1
-            logits = self.decode_one_token(tokens, positions, state.caches)
+            logits = self.decode_step(cache, tokens, positions, slots)
             tokens = chooser(logits, torch.stack(generated, dim=1))
         self._sync()
         end = time.perf_counter()
@@ -321,6 +442,6 @@ class Pipeline:
             ttft_s=ttft,
             tpot_s=decode_s / (steps - 1) if steps > 1 else 0.0,
             tokens_per_s=total_new / (ttft - preprocess_s + decode_s) if total_new else 0.0,
-            kv_cache_bytes=sum(cache.nbytes for cache in state.caches),
+            kv_cache_bytes=cache.nbytes(),
             timings=timings,
         )

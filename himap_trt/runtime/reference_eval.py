@@ -61,9 +61,12 @@ class ReferenceEvaluatorBackend(BackendBase):
         self.spec = spec
         self.evaluator = ReferenceEvaluator(str(path), new_ops=[_gather_elements_op()])
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self.evaluator.run(None, {t.name: to_numpy(feeds[t.name]) for t in self.spec.inputs})
-        return {name: from_numpy(value) for name, value in zip(self.spec.output_names, outputs)}
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        from himap_trt.runtime.backend import place_outputs
+
+        values = self.evaluator.run(None, {t.name: to_numpy(feeds[t.name]) for t in self.spec.inputs})
+        return place_outputs({name: from_numpy(value) for name, value in zip(self.spec.output_names, values)}, outputs)
 
     def close(self) -> None:
         self.evaluator = None

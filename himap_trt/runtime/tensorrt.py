@@ -1,9 +1,23 @@
 """The TensorRT backend: one deserialised engine per graph, one execution context per profile.
 
 Inputs and outputs are CUDA ``torch.Tensor`` objects bound by address (``set_tensor_address``), so
-KV caches stay on the GPU between steps; every call runs with ``execute_async_v3`` on torch's
-current CUDA stream, ordered with the pipeline's own torch work, without host round trips. Every
-TensorRT call's return value is checked.
+KV caches stay on the GPU between steps. Every TensorRT call's return value is checked, and the
+calls that raise (``set_optimization_profile_async``, ``infer_shapes``) become :class:`HimapError`
+naming the graph.
+
+- **One dedicated CUDA stream** for the whole pipeline (``execute_async_v3`` on the legacy default
+  stream costs an extra device synchronisation per call, per TensorRT's documentation); it is
+  ordered with torch's current stream by events (``wait_stream``), never by host synchronisation.
+- **One scratch buffer** for every context of every engine: contexts are created with
+  ``ExecutionContextAllocationStrategy.USER_MANAGED`` and share one device buffer sized by the
+  largest ``get_device_memory_size_for_profile_v2`` (graphs run one at a time on one stream).
+- **KV caches in place**: a ``present`` output given as its ``past`` buffer is bound to that
+  address when the engine aliases the pair (``ICudaEngine.get_aliased_input_tensor``: TensorRT
+  10.15+/11's ``IKVCacheUpdateLayer``, built from ``--kv-write tensorscatter`` exports); engines
+  built from ScatterND graphs do not alias, so their output goes to its own buffer and is copied
+  into the cache (one device copy per step, correct but not in place).
+- Tensor addresses must be 256-byte aligned: a misaligned view is staged through an aligned copy.
+- At load, every spec tensor's I/O mode and dtype are compared with the engine's.
 
 Written against the TensorRT 10.x / 11.x name-based Python API. It has not run here: no TensorRT
 is installable on this project's machines (see README, "What was verified where").
@@ -22,9 +36,39 @@ from himap_trt.graphs.spec import GraphSpec
 from himap_trt.runtime.backend import BackendBase
 from himap_trt.runtime.kv_cache import torch_dtype
 
+#: TensorRT requires I/O tensor addresses aligned to this many bytes.
+ALIGNMENT = 256
+
 
 def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
+
+
+def _trt_dtypes(trt) -> dict[str, object]:
+    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int64": trt.int64}
+
+
+class SharedResources:
+    """What every engine of one pipeline shares: the runtime, one CUDA stream, one scratch buffer.
+
+    Args:
+        trt: the ``tensorrt`` module.
+    """
+
+    def __init__(self, trt):
+        self.trt = trt
+        self.logger = _logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.stream = torch.cuda.Stream()
+        self.scratch = torch.empty(0, dtype=torch.uint8, device="cuda")
+
+    def scratch_for(self, size: int) -> torch.Tensor:
+        """The shared scratch buffer, grown to at least ``size`` bytes (contexts are re-pointed by
+        :class:`TensorRTBackend` whenever it grows)."""
+        if self.scratch.numel() < size:
+            torch.cuda.current_stream().synchronize()
+            self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
+        return self.scratch
 
 
 class TensorRTBackend(BackendBase):
@@ -34,42 +78,76 @@ class TensorRTBackend(BackendBase):
         spec: the graph's declaration.
         path: its ``.engine`` file.
         profiles: the engine's optimization profiles, in build order (from the engines manifest).
-        runtime: a shared ``trt.Runtime``.
+        shared: the pipeline's :class:`SharedResources`.
 
     Raises:
-        HimapError: if the engine cannot be deserialised, lacks a tensor of the spec, or a context
-            cannot be created / bound to its profile.
+        HimapError: if the engine cannot be deserialised, lacks a tensor of the spec or declares it
+            with another mode or dtype, or a context cannot be created / bound to its profile.
     """
 
     label = "tensorrt"
 
-    def __init__(self, spec: GraphSpec, path: Path, profiles: tuple[Profile, ...], runtime):
-        import tensorrt as trt
-
+    def __init__(self, spec: GraphSpec, path: Path, profiles: tuple[Profile, ...], shared: SharedResources):
+        trt = shared.trt
         self.spec = spec
         self.profiles = profiles
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.shared = shared
+        self.engine = shared.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise HimapError(f"TensorRT could not deserialise {str(path)!r} (built for another TensorRT or GPU?)")
-        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        missing = [t.name for t in (*spec.inputs, *spec.outputs) if t.name not in names]
-        if missing:
-            raise HimapError(f"engine {str(path)!r} lacks tensors {missing} of graph {spec.name!r}")
+        self._check_io(trt, path)
         if self.engine.num_optimization_profiles != len(profiles):
             raise HimapError(f"engine {str(path)!r} has {self.engine.num_optimization_profiles} profiles, "
                              f"the manifest lists {len(profiles)}")
-        stream = torch.cuda.current_stream().cuda_stream
+        self.aliases = self._aliases()
+        stream = shared.stream.cuda_stream
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self.contexts = []
+        needed = 0
         for index in range(len(profiles)):
-            context = self.engine.create_execution_context()
+            context = self.engine.create_execution_context(strategy)
             if context is None:
                 raise HimapError(f"TensorRT could not create an execution context for {spec.name!r} (out of GPU memory?)")
-            if not context.set_optimization_profile_async(index, stream):
+            try:
+                ok = context.set_optimization_profile_async(index, stream)
+            except RuntimeError as exc:   # the Python binding raises where the C++ API returns false
+                raise HimapError(f"TensorRT refused optimization profile {index} of {spec.name!r}: {exc}") from None
+            if ok is False:
                 raise HimapError(f"TensorRT refused optimization profile {index} of {spec.name!r}")
+            needed = max(needed, int(self.engine.get_device_memory_size_for_profile_v2(index)))
             self.contexts.append(context)
-        torch.cuda.current_stream().synchronize()
-        self._placeholder = torch.empty(1, dtype=torch.uint8, device="cuda")  # address for zero-size tensors
-        self._trt = trt
+        self._scratch_size = needed
+        self._bound_scratch = None
+        shared.stream.synchronize()
+        self._placeholder = torch.empty(ALIGNMENT, dtype=torch.uint8, device="cuda")  # address for zero-size tensors
+
+    def _check_io(self, trt, path: Path) -> None:
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        dtypes = _trt_dtypes(trt)
+        problems = []
+        for tensor, mode in [*((t, trt.TensorIOMode.INPUT) for t in self.spec.inputs),
+                             *((t, trt.TensorIOMode.OUTPUT) for t in self.spec.outputs)]:
+            if tensor.name not in names:
+                problems.append(f"{tensor.name} missing")
+                continue
+            if self.engine.get_tensor_mode(tensor.name) != mode:
+                problems.append(f"{tensor.name} is not an {mode.name.lower()}")
+            if self.engine.get_tensor_dtype(tensor.name) != dtypes[tensor.dtype]:
+                problems.append(f"{tensor.name} is {self.engine.get_tensor_dtype(tensor.name)}, the spec says {tensor.dtype}")
+        if problems:
+            raise HimapError(f"engine {str(path)!r} does not match graph {self.spec.name!r}: {'; '.join(problems)}")
+
+    def _aliases(self) -> dict[str, str]:
+        """output name -> the input it shares memory with (TensorRT 10.15+; empty before)."""
+        getter = getattr(self.engine, "get_aliased_input_tensor", None)
+        if getter is None:
+            return {}
+        aliases = {}
+        for tensor in self.spec.outputs:
+            name = getter(tensor.name)
+            if name:
+                aliases[tensor.name] = name
+        return aliases
 
     def _select(self, shapes: dict[str, tuple[int, ...]]) -> int:
         for index, profile in enumerate(self.profiles):
@@ -78,38 +156,74 @@ class TensorRTBackend(BackendBase):
         raise HimapError(f"graph {self.spec.name!r}: no optimization profile covers input shapes {shapes}; "
                          "rebuild the engines with a larger --max-batch / --max-seq-len")
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _bind_scratch(self) -> None:
+        scratch = self.shared.scratch_for(self._scratch_size)
+        if self._bound_scratch is not None and self._bound_scratch == (scratch.data_ptr(), scratch.numel()):
+            return
+        for context in self.contexts:
+            context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        self._bound_scratch = (scratch.data_ptr(), scratch.numel())
+
+    def _address(self, value: torch.Tensor) -> int:
+        return value.data_ptr() if value.numel() else self._placeholder.data_ptr()
+
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        outputs = outputs or {}
         shapes = {t.name: tuple(feeds[t.name].shape) for t in self.spec.inputs}
         context = self.contexts[self._select(shapes)]
-        alive = []
+        self._bind_scratch()
+        bound: dict[str, torch.Tensor] = {}
         for tensor in self.spec.inputs:
             value = feeds[tensor.name]
             if value.device.type != "cuda" or value.dtype != torch_dtype(tensor.dtype):
                 raise HimapError(f"graph {self.spec.name!r}: input {tensor.name} must be a CUDA {tensor.dtype} tensor, "
                                  f"got {value.device} {value.dtype}")
-            value = value.contiguous()
-            alive.append(value)
+            if not value.is_contiguous() or value.data_ptr() % ALIGNMENT:
+                value = value.contiguous() if value.data_ptr() % ALIGNMENT == 0 and not value.is_contiguous() \
+                    else value.clone(memory_format=torch.contiguous_format)
+            bound[tensor.name] = value
             if not context.set_input_shape(tensor.name, tuple(value.shape)):
                 raise HimapError(f"graph {self.spec.name!r}: TensorRT rejected shape {tuple(value.shape)} for {tensor.name}")
-            address = value.data_ptr() if value.numel() else self._placeholder.data_ptr()
-            if not context.set_tensor_address(tensor.name, address):
+            if not context.set_tensor_address(tensor.name, self._address(value)):
                 raise HimapError(f"graph {self.spec.name!r}: TensorRT rejected the address of {tensor.name}")
-        unresolved = context.infer_shapes()
+        try:
+            unresolved = context.infer_shapes()
+        except RuntimeError as exc:
+            raise HimapError(f"graph {self.spec.name!r}: TensorRT cannot infer the output shapes: {exc}") from None
         if unresolved:
             raise HimapError(f"graph {self.spec.name!r}: TensorRT cannot infer the shapes of {list(unresolved)}")
-        outputs = {}
+        results: dict[str, torch.Tensor] = {}
+        copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tensor in self.spec.outputs:
             shape = tuple(context.get_tensor_shape(tensor.name))
             if any(d < 0 for d in shape):
                 raise HimapError(f"graph {self.spec.name!r}: output {tensor.name} has unresolved shape {shape}")
-            value = torch.empty(shape, dtype=torch_dtype(tensor.dtype), device="cuda")
-            outputs[tensor.name] = value
-            address = value.data_ptr() if value.numel() else self._placeholder.data_ptr()
-            if not context.set_tensor_address(tensor.name, address):
+            alias = self.aliases.get(tensor.name)
+            target = outputs.get(tensor.name)
+            if alias is not None:
+                value = bound[alias]                 # TensorRT writes the aliased input in place
+            elif target is not None and target.is_contiguous() and target.data_ptr() % ALIGNMENT == 0 \
+                    and all(target.data_ptr() != v.data_ptr() for v in bound.values()):
+                value = target
+            else:
+                value = torch.empty(shape, dtype=torch_dtype(tensor.dtype), device="cuda")
+            if target is not None and value.data_ptr() != target.data_ptr():
+                copy_back.append((value, target))
+            results[tensor.name] = value
+            if not context.set_tensor_address(tensor.name, self._address(value)):
                 raise HimapError(f"graph {self.spec.name!r}: TensorRT rejected the address of {tensor.name}")
-        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        stream = self.shared.stream
+        stream.wait_stream(torch.cuda.current_stream())
+        if not context.execute_async_v3(stream.cuda_stream):
             raise HimapError(f"graph {self.spec.name!r}: TensorRT execution failed (execute_async_v3 returned False)")
-        return outputs
+        torch.cuda.current_stream().wait_stream(stream)
+        for value, target in copy_back:
+            target.copy_(value)
+        for name, value in feeds.items():            # a staged (aligned) copy of an aliased input goes back
+            if bound[name] is not value and name in self.aliases.values():
+                value.copy_(bound[name])
+        return {name: outputs.get(name, value) for name, value in results.items()}
 
     def close(self) -> None:
         self.contexts = []
@@ -117,7 +231,8 @@ class TensorRTBackend(BackendBase):
 
 
 def tensorrt_backends(engines_dir: Path, engines, export) -> dict[str, TensorRTBackend]:
-    """One :class:`TensorRTBackend` per graph of the export, keyed by graph name.
+    """One :class:`TensorRTBackend` per graph of the export, keyed by graph name, sharing one
+    runtime, stream and scratch buffer (:class:`SharedResources`).
 
     Args:
         engines_dir: the engines directory.
@@ -126,12 +241,9 @@ def tensorrt_backends(engines_dir: Path, engines, export) -> dict[str, TensorRTB
     """
     from himap_trt.engines.build import import_tensorrt
 
-    trt = import_tensorrt()
-    logger = _logger(trt)
-    runtime = trt.Runtime(logger)
+    shared = SharedResources(import_tensorrt())
     backends = {}
     for spec in export.graphs:
         entry = engines.entry(spec.name)
-        backends[spec.name] = TensorRTBackend(spec, Path(engines_dir) / entry.file, entry.profiles, runtime)
-        backends[spec.name]._keep = (runtime, logger)  # the engine must not outlive its runtime
+        backends[spec.name] = TensorRTBackend(spec, Path(engines_dir) / entry.file, entry.profiles, shared)
     return backends

@@ -52,8 +52,9 @@ def test_every_graph_validated_for_prefill_and_decode(tmp_path_factory, name, me
         assert {(spec.name, p) for p in phases} <= covered, spec.name
         outputs = {c.output for c in checks if c.graph == spec.name}
         assert outputs == set(spec.output_names)
-    # the recorded decode calls really had a non-empty cache
-    assert call_phase(manifest.graphs[2], {manifest.graphs[2].inputs[3].name: torch.zeros(1, 1, 3, 1)}) == "decode"
+    # a decode call feeds one token into a longer buffer
+    assert call_phase(manifest.graphs[2], {"hidden_states": torch.zeros(1, 1, 8),
+                                           "attention_mask": torch.ones(1, 5)}) == "decode"
 
 
 def test_graph_io_matches_the_manifest(tmp_path_factory):
@@ -73,11 +74,16 @@ def test_segment_caches_have_different_lengths(tmp_path_factory, requests_3):
     pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     images, questions = requests_3
     batch = pipe.prepare(images[:1], questions[:1])
-    state = pipe.prefill(batch)
     prompt = batch.input_ids.shape[1]
-    assert [c.length for c in state.caches] == [prompt, prompt - 72, prompt - 126]
-    pipe.decode_one_token(torch.tensor([5]), state.next_positions, state.caches)
-    assert [c.length for c in state.caches] == [prompt + 1, prompt - 71, prompt - 125]
+    cache = pipe.allocate(1, max_seq_len=prompt + 4)
+    assert cache.max_lens == [prompt + 4, prompt + 4 - 72, prompt + 4 - 126]
+    assert cache.nbytes() == sum(t.numel() * 4 for seg in cache.tensors for t in seg.values())
+    state = pipe.prefill(batch, cache=cache, slots=[0])
+    assert state.cache is cache and cache.free_slots() == []
+    assert cache.slot_lengths(0) == [prompt, prompt - 72, prompt - 126]
+    pipe.decode_step(cache, torch.tensor([5]), state.next_positions, [0])
+    assert cache.slot_lengths(0) == [prompt + 1, prompt - 71, prompt - 125]
+    assert [int(m[0].sum()) for m in cache.masks] == cache.slot_lengths(0)
 
 
 def test_external_weight_files(tmp_path, monkeypatch, requests_3):

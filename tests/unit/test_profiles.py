@@ -23,15 +23,20 @@ def test_default_himap_profiles_of_llava_7b():
         prefill, decode = graph_profiles(specs[name], plan, max_batch=B, max_seq_len=L)
         assert (prefill.name, decode.name) == ("prefill", "decode")
         longest = L - 1 - dropped          # prompt and cache maxima of this segment
-        assert prefill.shapes["hidden_states"] == ShapeRange((1, 1, 4096), (1, 640 - dropped, 4096), (B, longest, 4096))
+        assert prefill.shapes["hidden_states"] == ShapeRange((1, 2, 4096), (1, 640 - dropped, 4096), (B, longest, 4096))
         assert prefill.shapes["attention_mask"].max == (B, longest)
         past = prefill.shapes[f"past_key_values.{first_layer}.key"]
-        assert (past.min, past.max) == ((1, 32, 0, 128), (B, 32, 0, 128))
+        # prefill writes the prompt into a buffer of exactly its length
+        assert (past.min, past.max) == ((1, 32, 2, 128), (B, 32, longest, 128))
+        # a decode call is covered by the decode profile only (the first covering profile is selected)
+        call = {name: shape.max for name, shape in decode.shapes.items()}
+        assert decode.covers(call) and not prefill.covers(call)
+        assert prefill.shapes["cache_position"].max == (B,)
         assert decode.shapes["hidden_states"].max == (B, 1, 4096)
-        assert decode.shapes[f"past_key_values.{first_layer}.value"].min == (1, 32, 1, 128)
-        # a fed token sits at cache position <= L - 2: the last generated token is never fed back
-        assert decode.shapes[f"past_key_values.{first_layer}.value"].max == (B, 32, longest - 1, 128)
-        assert decode.shapes["attention_mask"].max == (B, longest)
+        assert decode.shapes[f"past_key_values.{first_layer}.value"].min == (1, 32, 2, 128)
+        # decode runs on the slot cache's buffers: max_len_j = L - dropped positions (the last a scratch column)
+        assert decode.shapes[f"past_key_values.{first_layer}.value"].max == (B, 32, longest + 1, 128)
+        assert decode.shapes["attention_mask"].max == (B, longest + 1)
     (score0,) = graph_profiles(specs["scoring_0"], plan, max_batch=B, max_seq_len=L)
     assert score0.shapes["hidden_states"].min == (1, 577, 4096) and score0.shapes["hidden_states"].max == (B, 2047, 4096)
     (score1,) = graph_profiles(specs["scoring_1"], plan, max_batch=B, max_seq_len=L)
@@ -67,9 +72,9 @@ def _record_calls(pipe):
     seen: dict[str, list[dict]] = {}
     for name, backend in pipe.backends.items():
         def wrap(run, name=name):
-            def recording(feeds):
+            def recording(feeds, outputs=None):
                 seen.setdefault(name, []).append({k: tuple(v.shape) for k, v in feeds.items()})
-                return run(feeds)
+                return run(feeds, outputs)
             return recording
         backend.run = wrap(backend.run)
     return seen
@@ -101,6 +106,10 @@ def test_profiles_cover_every_call_and_are_tight(method, kw, requests_3):
             profiles = graph_profiles(spec, plan, max_batch=3, max_seq_len=max_seq_len)
             for call in seen[spec.name]:
                 assert any(p.covers(call) for p in profiles), (spec.name, call)
+                if len(profiles) > 1:    # the runtime selects the first covering profile: it must be the call's own
+                    one_token = call.get("hidden_states", call.get("input_ids"))[1] == 1
+                    first = next(p for p in profiles if p.covers(call))
+                    assert first.name == ("decode" if one_token else "prefill"), (spec.name, call)
             for profile in profiles:
                 if profile.name != phase:
                     continue

@@ -41,7 +41,7 @@ def test_stage_scores_match_per_head_softmax_by_hand():
     mask = (types != TOKEN_PAD).long()
     scale = Dh ** -0.5
     for criterion in ("img2txt", "img2img", "last_row"):
-        got = stage_scores(q, k, mask, types, criterion, scale)
+        got = stage_scores(q, k, mask, types, criterion, scale, 4)
         for b in range(B):
             mean = torch.zeros(S, S, dtype=torch.float64)
             for h in range(H):
@@ -62,3 +62,44 @@ def test_stage_scores_match_per_head_softmax_by_hand():
                 want = sum(mean[i] for i in range(S) if rows[b][i] == kind)
             image = [v for v in range(S) if rows[b][v] == TOKEN_IMAGE]
             assert torch.allclose(got[b, image].double(), want[image], atol=1e-6), criterion
+
+
+def _all_rows_scores(query, key, attention_mask, token_type_ids, criterion, scaling):
+    """The scoring graph before it gathered rows: attention for every query row, then the criterion's
+    rows summed (kept here to show the leaner graph selects the same tokens)."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    from himap_trt.graphs.modules import attention_bias
+
+    batch, heads, seq, _ = query.shape
+    scores = torch.matmul(query.float(), repeat_kv(key.float(), heads // key.shape[1]).transpose(2, 3)) * scaling
+    bias = attention_bias(attention_mask, torch.arange(seq)[None].expand(batch, seq))
+    mean = torch.softmax(scores + bias, dim=-1).mean(1)                       # [B,S,S]
+    if criterion == "last_row":
+        return mean[:, -1]
+    rows = (token_type_ids == (TOKEN_INSTRUCTION if criterion == "img2txt" else TOKEN_IMAGE)).float()
+    return torch.matmul(rows[:, None, :], mean)[:, 0]
+
+
+def test_gathered_rows_keep_the_same_tokens_as_all_rows():
+    """The scoring graphs compute attention only for the rows their criterion reads; kept indices
+    must be identical to computing every row (random inputs, padded rows, GQA, each criterion)."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, Hkv, Dh, n_img = 3, 4, 2, 8, 24
+    rows = [_types(0, 3, n_img, 9), _types(4, 2, n_img, 6), _types(1, 5, n_img, 6)]
+    types = torch.tensor(rows)
+    S = types.shape[1]
+    mask = (types != TOKEN_PAD).long()
+    differences = 0.0
+    for trial in range(20):
+        q = torch.randn(B, H, S, Dh, generator=gen) * 2
+        k = torch.randn(B, Hkv, S, Dh, generator=gen) * 2
+        for criterion in ("img2txt", "img2img", "last_row"):
+            lean = stage_scores(q, k, mask, types, criterion, Dh ** -0.5, n_img)
+            full = _all_rows_scores(q, k, mask, types, criterion, Dh ** -0.5)
+            image = types == TOKEN_IMAGE
+            differences = max(differences, float((lean - full)[image].abs().max()))
+            keep = 1 + trial % (n_img - 1)
+            assert torch.equal(kept_indices(lean, types, keep, n_img - keep),
+                               kept_indices(full, types, keep, n_img - keep)), (trial, criterion)
+    assert differences < 1e-6

@@ -26,10 +26,14 @@ def test_specs_follow_the_plan_for_7b_dimensions():
                                        "segment_2"]
     seg1 = specs[4]
     assert seg1.layers == (2, 8)
-    assert seg1.input_names[:3] == ["hidden_states", "position_ids", "attention_mask"]
-    assert seg1.input_names[3:5] == ["past_key_values.2.key", "past_key_values.2.value"]
+    assert seg1.input_names[:4] == ["hidden_states", "position_ids", "attention_mask", "cache_position"]
+    assert seg1.input_names[4:6] == ["past_key_values.2.key", "past_key_values.2.value"]
     assert seg1.output_names[-1] == "query.7"
-    assert seg1.output("present.7.value").shape == ("batch", 32, "past_sequence + sequence", 128)
+    # the preallocated buffer goes in and comes out with the same shape (written in place)
+    assert seg1.input("past_key_values.7.value").shape == ("batch", 32, "cache_sequence", 128)
+    assert seg1.output("present.7.value").shape == ("batch", 32, "cache_sequence", 128)
+    assert seg1.input("attention_mask").shape == ("batch", "cache_sequence")
+    assert seg1.input("cache_position").shape == ("batch",)
     assert specs[-1].output_names[0] == "logits" and specs[-1].output("logits").shape == ("batch", 32064)
     scoring = specs[5]
     assert scoring.attrs == {"criterion": "img2img", "keep": 72, "entering": 288}

@@ -1,0 +1,553 @@
+"""Continuous batching over slot KV caches: one scheduler thread owns the pipeline.
+
+Each running request owns one slot of a :class:`~himap_trt.runtime.kv_cache.SlotKVCache` (per
+segment, its own length). One iteration of the scheduler::
+
+    drop cancelled requests ─► release their slots
+    admit waiting requests  ─► prefill them into free slots (one batch of equal-length prompts)
+                               first token of each (TTFT)
+    one decode step         ─► every running request, whatever its length, one token each
+    finished requests       ─► release their slots
+
+so a request joins the running batch between decode steps and leaves it within one step of
+finishing, stopping, or being cancelled (a client that disconnected). Prompts are batched at
+prefill only when they have the same length: no padding enters a slot, and a request's tokens do
+not depend on the requests next to it (fp32 ONNX Runtime: the same tokens as the request alone,
+the slot API's contract).
+
+No HTTP here: ``himap_trt.serve`` puts the OpenAI API in front of it. Usable on its own::
+
+    engine = Engine(pipeline, max_batch=8)
+    engine.start()
+    completion = engine.generate(image, "What is shown?", SamplingParams(max_tokens=32, temperature=0))
+    engine.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from himap_trt.errors import HimapError
+from himap_trt.prompt import PromptBatch
+from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
+
+log = logging.getLogger(__name__)
+
+#: max_tokens of a request that gave none, on a pipeline without max_seq_len (tokens).
+UNLIMITED = 2**31
+
+
+class QueueFull(HimapError):
+    """The waiting queue holds ``max_queue`` requests already (HTTP 429)."""
+
+
+class NotAccepting(HimapError):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    Attributes:
+        max_tokens: most tokens to generate (tokens); None: up to the export's ``max_seq_len``.
+        temperature: 0 for greedy decoding, > 0 to sample.
+        top_p: nucleus threshold in (0, 1] (1: off).
+        seed: seed of this request's own sampling generator (None: nondeterministic).
+        stop: strings that end the answer; the answer is cut before the first one found.
+        ignore_eos: keep generating after EOS (for benchmarks that need a fixed answer length).
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise HimapError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise HimapError("stop strings must not be empty")
+        GenerationConfig(max_new_tokens=1, temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass
+class Completion:
+    """A finished request.
+
+    Attributes:
+        request_id: the engine's id of the request.
+        text: the answer (special tokens skipped, cut before a stop string).
+        token_ids: generated ids (EOS included when it ended the answer).
+        finish_reason: ``stop`` (EOS or a stop string), ``length`` (max_tokens or max_seq_len),
+            ``cancelled`` (the caller cancelled, e.g. a client disconnected) or ``error``.
+        prompt_tokens: prompt tokens (tokens, image tokens included).
+        image_tokens_per_segment: image tokens each decoder segment kept for this request (tokens).
+        kept_image_positions: per pruning stage, the prompt positions of the image tokens kept.
+        ttft_s: seconds from arrival to the first token.
+        e2e_s: seconds from arrival to the end.
+        token_times: ``time.perf_counter()`` when each token was produced (seconds).
+        error: the message when ``finish_reason == 'error'``.
+    """
+
+    request_id: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    image_tokens_per_segment: list[int] = field(default_factory=list)
+    kept_image_positions: list[list[int]] = field(default_factory=list)
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean seconds per output token after the first (None with fewer than two tokens)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New answer text of a running request (streaming), and the tokens that produced it."""
+
+    text: str
+    token_ids: list[int]
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: a stream of :class:`Delta` then one :class:`Completion`.
+
+    Iterate it (``for event in handle``) from a thread, or ``async for event in handle`` when it was
+    submitted with an event loop. :meth:`cancel` frees the request's slot within one decode step.
+    """
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self._loop = loop
+        self._sync: queue.SimpleQueue | None = None if loop else queue.SimpleQueue()
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.completion: Completion | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request (no-op once it has finished)."""
+        self.cancelled.set()
+
+    def _put(self, event: Delta | Completion) -> None:
+        if isinstance(event, Completion):
+            self.completion = event
+            self.done.set()
+        if self._loop is None:
+            self._sync.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:   # the loop is closed: nobody is listening any more
+            self.cancel()
+
+    def __iter__(self):
+        if self._sync is None:
+            raise TypeError("this request was submitted with an event loop; use `async for`")
+        while True:
+            event = self._sync.get()
+            yield event
+            if isinstance(event, Completion):
+                return
+
+    async def __aiter__(self):
+        if self._async is None:
+            raise TypeError("this request was submitted without an event loop; iterate it from a thread")
+        while True:
+            event = await self._async.get()
+            yield event
+            if isinstance(event, Completion):
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Block until the request finished (thread callers); consumes the stream."""
+        if self._sync is not None:
+            for event in self:
+                if isinstance(event, Completion):
+                    return event
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        return self.completion
+
+
+class _Request:
+    """Scheduler-side state of one request (owned by the scheduler thread once admitted)."""
+
+    def __init__(self, request_id: int, prompt: PromptBatch, params: SamplingParams, handle: RequestHandle,
+                 arrived: float, device: torch.device):
+        self.id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.handle = handle
+        self.arrived = arrived
+        self.length = int(prompt.input_ids.shape[1])
+        self.chooser = TokenChooser(GenerationConfig(max_new_tokens=1, temperature=params.temperature,
+                                                     top_p=params.top_p, seed=params.seed), device)
+        self.slot: int | None = None
+        self.next_position = 0          # RoPE position of the token fed at the next decode step
+        self.limit = 0                  # most tokens this request may generate
+        self.sent = 0                   # characters of the answer already streamed
+        self.completion = Completion(request_id, prompt_tokens=int(prompt.attention_mask.sum()))
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the scheduler (for /metrics and tests)."""
+
+    waiting: int
+    running: int
+    free_slots: int
+    max_batch: int
+    steps: int
+
+
+class Engine:
+    """Continuous batching over one pipeline's slot caches.
+
+    Args:
+        pipeline: a :class:`~himap_trt.runtime.pipeline.Pipeline` (any backend) with the slot API
+            (``allocate``, ``prefill(..., cache=, slots=)``, ``decode_step``, ``release``).
+        max_batch: slots, i.e. most requests decoded together (requests).
+        max_queue: most requests waiting for a slot; :meth:`submit` raises :class:`QueueFull` beyond.
+        max_prefill_batch: most prompts prefilled in one call (default: ``max_batch``).
+        max_seq_len: most tokens (prompt + generated) per request (tokens); default and upper bound:
+            the pipeline's. Slot buffers are this long, and every decode step attends over them.
+        on_finish: called in the scheduler thread with each :class:`Completion` (metrics).
+        on_step: called in the scheduler thread after each model call as ``on_step(phase, requests,
+            seconds)``, phase ``prefill`` or ``decode`` (metrics).
+    """
+
+    def __init__(self, pipeline: Any, *, max_batch: int = 8, max_queue: int = 64, max_prefill_batch: int | None = None,
+                 max_seq_len: int | None = None, on_finish=None, on_step=None):
+        if max_batch < 1:
+            raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise HimapError(f"--max-queue must be >= 0, got {max_queue}")
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prefill_batch = max_prefill_batch or max_batch
+        self.on_finish = on_finish
+        self.on_step = on_step
+        self.tokenizer = pipeline.processor.tokenizer
+        self.eos_token_ids = set(pipeline.eos_token_ids)
+        limit = pipeline.max_seq_len
+        if max_seq_len is not None and limit is not None and max_seq_len > limit:
+            raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {limit}")
+        self.max_seq_len = max_seq_len or limit
+        self.cache = pipeline.allocate(max_batch, max_seq_len=self.max_seq_len)
+        # The processor's fast tokenizer is not safe to use from several threads at once (prepare
+        # sets its padding); one lock covers preparing prompts (caller threads) and decoding text.
+        self._tokenizer_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._accepting = True
+        self._stop = False
+        self._ids = itertools.count(1)
+        self._steps = 0
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the scheduler thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="himap-trt-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def drain(self) -> None:
+        """Stop accepting requests; waiting and running ones still complete."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting or running."""
+        with self._cond:
+            return not self._waiting and not self._running
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain, wait up to ``timeout`` seconds for every request to finish, then cancel the rest
+        and join the scheduler thread."""
+        self.drain()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (self._waiting or self._running) and (deadline is None or time.monotonic() < deadline):
+                self._cond.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def stats(self) -> EngineStats:
+        """Queue length, running batch, free slots, decode steps so far."""
+        with self._cond:
+            return EngineStats(len(self._waiting), len(self._running), len(self.cache.free_slots()), self.max_batch,
+                               self._steps)
+
+    # -- requests -------------------------------------------------------------------------------
+    def prepare(self, image: Any, question: str) -> PromptBatch:
+        """The model inputs of one (PIL image, question) pair (thread-safe).
+
+        Raises:
+            HimapError: empty question, or a prompt that does not fit ``max_seq_len``.
+        """
+        with self._tokenizer_lock:
+            prompt = self.pipeline.prepare([image], [question])
+        length = int(prompt.input_ids.shape[1])
+        if self.max_seq_len is not None and length >= self.max_seq_len:
+            raise HimapError(f"the prompt has {length} tokens but the server's --max-seq-len is {self.max_seq_len} "
+                             "(prompt plus at least one generated token must fit)")
+        return prompt
+
+    def submit(self, prompt: PromptBatch, params: SamplingParams, *, loop: asyncio.AbstractEventLoop | None = None,
+               arrived: float | None = None) -> RequestHandle:
+        """Queue a prepared one-prompt batch (see :meth:`prepare`).
+
+        Args:
+            prompt: a :class:`PromptBatch` of one prompt.
+            params: how to decode it.
+            loop: the asyncio loop the caller iterates the handle in (None: iterate from a thread).
+            arrived: ``time.perf_counter()`` when the request arrived (default: now); TTFT and
+                end-to-end latency count from it.
+
+        Raises:
+            QueueFull: ``max_queue`` requests are waiting already.
+            NotAccepting: the engine is draining or stopped.
+        """
+        if prompt.batch_size != 1:
+            raise HimapError(f"submit takes one prompt at a time, got a batch of {prompt.batch_size}")
+        with self._cond:
+            if not self._accepting or self._stop:
+                raise NotAccepting("the server is shutting down and accepts no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            request_id = next(self._ids)
+            handle = RequestHandle(request_id, loop)
+            request = _Request(request_id, prompt, params, handle, time.perf_counter() if arrived is None else arrived,
+                               self.pipeline.device)
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, image: Any, question: str, params: SamplingParams) -> Completion:
+        """Prepare, submit and wait for one request (from a thread other than the scheduler)."""
+        return self.submit(self.prepare(image, question), params).result()
+
+    # -- the scheduler --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                try:
+                    self._iteration()
+                except Exception as exc:   # a bug: fail every request rather than hang them
+                    log.exception("scheduler iteration failed")
+                    self._fail(list(self._running), f"internal error: {exc}")
+                with self._cond:
+                    self._cond.notify_all()
+            with self._cond:
+                leftover = list(self._waiting) + list(self._running)
+                self._waiting.clear()
+            for request in leftover:
+                self._finish(request, "cancelled")
+
+    def _iteration(self) -> None:
+        for request in [r for r in self._running if r.handle.cancelled.is_set()]:
+            self._finish(request, "cancelled")
+        with self._cond:
+            for request in [r for r in self._waiting if r.handle.cancelled.is_set()]:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+            group = self._admit()
+        if group:
+            self._prefill(group)
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> list[_Request]:
+        """Take the oldest waiting request and the later ones with the same prompt length, up to the
+        free slots (called with the lock held)."""
+        free = self.cache.free_slots()
+        if not self._waiting or not free:
+            return []
+        length = self._waiting[0].length
+        group = [r for r in self._waiting if r.length == length][:min(len(free), self.max_prefill_batch)]
+        for request, slot in zip(group, free):
+            self._waiting.remove(request)
+            request.slot = slot
+        return group
+
+    def _prefill(self, group: list[_Request]) -> None:
+        prompts = [r.prompt for r in group]
+        batch = PromptBatch(
+            input_ids=torch.cat([p.input_ids for p in prompts]),
+            attention_mask=torch.cat([p.attention_mask for p in prompts]),
+            pixel_values=torch.cat([p.pixel_values for p in prompts]),
+            token_type_ids=torch.cat([p.token_type_ids for p in prompts]),
+            position_ids=torch.cat([p.position_ids for p in prompts]),
+            prompts=[q for p in prompts for q in p.prompts],
+        )
+        slots = [r.slot for r in group]
+        started = time.perf_counter()
+        try:
+            state = self.pipeline.prefill(batch, cache=self.cache, slots=slots)
+        except HimapError as exc:
+            self._fail(group, str(exc))
+            return
+        self._stepped("prefill", len(group), time.perf_counter() - started)
+        image_tokens = list(self.pipeline.plan.image_tokens_per_segment)
+        next_positions = state.next_positions.tolist()
+        for row, request in enumerate(group):
+            request.next_position = int(next_positions[row])
+            limit = request.params.max_tokens or UNLIMITED
+            if self.max_seq_len is not None:
+                limit = min(limit, self.max_seq_len - request.length)
+            request.limit = limit
+            request.completion.image_tokens_per_segment = image_tokens
+            request.completion.kept_image_positions = [stage.kept_image_positions[row] for stage in state.stages]
+            self._running.append(request)
+        self._accept_tokens(group, state.logits)
+
+    def _decode(self) -> None:
+        running = list(self._running)
+        tokens = torch.tensor([r.completion.token_ids[-1] for r in running], dtype=torch.int64)
+        positions = torch.tensor([r.next_position for r in running], dtype=torch.int64)
+        device = self.pipeline.device
+        started = time.perf_counter()
+        try:
+            logits = self.pipeline.decode_step(self.cache, tokens.to(device), positions.to(device),
+                                               [r.slot for r in running])
+        except HimapError as exc:
+            self._fail(running, str(exc))
+            return
+        self._stepped("decode", len(running), time.perf_counter() - started)
+        self._steps += 1
+        for request in running:
+            request.next_position += 1
+        self._accept_tokens(running, logits)
+
+    def _stepped(self, phase: str, requests: int, seconds: float) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step(phase, requests, seconds)
+            except Exception:   # metrics must not break serving
+                log.exception("on_step callback failed")
+
+    def _accept_tokens(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Choose each request's next token from its logits row [vocab], stream it, finish it if done."""
+        now = time.perf_counter()
+        greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0]
+        chosen: dict[int, int] = {}
+        if greedy:
+            picks = logits[greedy].float().argmax(dim=-1).tolist()
+            chosen.update(zip(greedy, picks))
+        for i, request in enumerate(requests):
+            if i not in chosen:
+                history = torch.tensor([request.completion.token_ids], dtype=torch.int64, device=logits.device)
+                chosen[i] = int(request.chooser(logits[i:i + 1], history)[0])
+        for i, request in enumerate(requests):
+            completion = request.completion
+            token = chosen[i]
+            completion.token_ids.append(token)
+            completion.token_times.append(now)
+            if completion.ttft_s is None:
+                completion.ttft_s = now - request.arrived
+            with self._tokenizer_lock:
+                text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            reason = None
+            cut = _find_stop(text, request.params.stop, request.sent)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            elif token in self.eos_token_ids and not request.params.ignore_eos:
+                reason = "stop"
+            elif len(completion.token_ids) >= request.limit:
+                reason = "length"
+            # Hold back what could still become a stop string, and an incomplete UTF-8 character.
+            ready = len(text) if reason else _safe_length(text, request.params.stop)
+            if ready > request.sent:
+                request.handle._put(Delta(text[request.sent:ready], [token]))
+                request.sent = ready
+            completion.text = text
+            if reason:
+                self._finish(request, reason)
+
+    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+        if request in self._running:
+            self._running.remove(request)
+        completion = request.completion
+        if request.slot is not None and request.slot in self.cache.free_slots():
+            request.slot = None         # admitted, but its prefill failed before occupying the slot
+        if request.slot is not None:
+            slot, request.slot = request.slot, None
+            try:
+                self.pipeline.release(self.cache, [slot])
+            except Exception as exc:   # a bug; still answer the caller
+                log.exception("could not release slot %d", slot)
+                reason, error = "error", f"internal error: {exc}"
+        completion.finish_reason = reason
+        completion.error = error
+        completion.e2e_s = time.perf_counter() - request.arrived
+        if self.on_finish is not None:
+            try:
+                self.on_finish(completion)
+            except Exception:   # metrics must not break serving
+                log.exception("on_finish callback failed")
+        request.handle._put(completion)
+
+    def _fail(self, requests: list[_Request], message: str) -> None:
+        for request in requests:
+            self._finish(request, "error", message)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Index of the earliest stop string in ``text`` that ends after the already-sent prefix."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, max(0, start - len(stop) + 1))
+        if index >= 0 and (best is None or index < best):
+            best = index
+    return best
+
+
+def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """Characters of ``text`` that can be streamed now: not a trailing replacement character (an
+    incomplete UTF-8 sequence), and not a suffix that is the beginning of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k:end] == stop[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold

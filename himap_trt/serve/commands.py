@@ -1,0 +1,179 @@
+"""The ``serve`` and ``bench-serve`` commands (registered in :mod:`himap_trt.cli`).
+
+Heavy imports (FastAPI, uvicorn, the runtime) happen inside the commands, so ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from himap_trt.errors import HimapError
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise HimapError(f"--concurrency must be a comma-separated list of positive integers such as 1,2,4,8, got {text!r}")
+    return values
+
+
+def serve(
+    export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
+    = Path("export"),
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime), "
+                          "onnxruntime, tensorrt, or torch (the PyTorch reference).")] = "auto",
+    engines_dir: Annotated[Optional[Path], typer.Option(
+        "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda for the torch / onnxruntime backends.")]
+    = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="KV-cache slots: most requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="Most requests waiting for a slot; more are refused with HTTP 429.")] = 64,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens (prompt + generated) per request; each slot's KV cache is this long "
+                              "and decode steps attend over it [default: the export's].", show_default=False)] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        "--served-model-name", help="Model name clients send [default: the export's source model].",
+        show_default=False)] = None,
+    image_root: Annotated[Optional[Path], typer.Option(
+        "--image-root", help="Allow file:// image URLs under this directory (refused without it).",
+        show_default=False)] = None,
+    allow_remote_images: Annotated[bool, typer.Option(
+        "--allow-remote-images", help="Fetch http(s) image URLs (with --max-image-bytes and --image-timeout).")]
+    = False,
+    max_image_bytes: Annotated[int, typer.Option("--max-image-bytes", help="Largest encoded image (bytes).")]
+    = 20 * 2**20,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="Largest decoded image (pixels).")]
+    = 50_000_000,
+    image_timeout: Annotated[float, typer.Option("--image-timeout", help="Time limit of a remote image fetch "
+                                                                         "(seconds).")] = 10.0,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body; larger get HTTP 413 "
+                                                                         "(bytes).")] = 32 * 2**20,
+    drain_timeout: Annotated[float, typer.Option(
+        "--drain-timeout", help="On SIGTERM: most seconds to let requests in flight finish.")] = 600.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
+                                                               "debug.")] = "info",
+):
+    """Serve the export over an OpenAI-compatible API with continuous batching.
+
+    POST /v1/chat/completions (one user message: an image_url part and text; stream, max_tokens,
+    temperature, top_p, seed, stop), GET /v1/models, GET /health, GET /metrics (Prometheus).
+    SIGTERM stops accepting requests, finishes those in flight, then exits.
+    """
+    from himap_trt.export.manifest import load_manifest
+    from himap_trt.serve.app import ServeConfig
+    from himap_trt.serve.images import ImagePolicy
+    from himap_trt.serve.server import serve as run_server
+
+    if not 0 < port < 65536:
+        raise HimapError(f"--port must be in 1..65535, got {port}")
+    if max_batch < 1:
+        raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_queue < 0:
+        raise HimapError(f"--max-queue must be >= 0, got {max_queue}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise HimapError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    if image_root is not None and not image_root.is_dir():
+        raise HimapError(f"--image-root {str(image_root)!r} is not a directory")
+    if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise HimapError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
+    manifest = load_manifest(export_dir)
+    if max_seq_len is not None and max_seq_len > manifest.max_seq_len:
+        raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
+    name = model_name or manifest.source_model
+    config = ServeConfig(
+        export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
+        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
+        images=ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
+                           max_pixels=max_image_pixels, timeout_s=image_timeout),
+        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+    run_server(config, host=host, port=port, log_level=log_level.lower())
+
+
+def bench_serve(
+    url: Annotated[str, typer.Option("--url", help="Base URL of an OpenAI-compatible server.")]
+    = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option("--concurrency", help="Comma-separated concurrency levels.")]
+    = "1,2,4,8,16",
+    requests: Annotated[int, typer.Option("--requests", help="Requests per concurrency level.")] = 32,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model name [default: the first of GET /v1/models].",
+                                                 show_default=False)] = None,
+    image: Annotated[Optional[Path], typer.Option(
+        "--image", help="Image sent with every request [default: a generated 336x336 PNG].", show_default=False)]
+    = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Question sent with every request.")]
+    = "Describe the image in detail.",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 64,
+    ignore_eos: Annotated[bool, typer.Option(
+        "--ignore-eos/--no-ignore-eos", help="Send the ignore_eos extension (vLLM's) so every answer has max_tokens "
+                                             "tokens.")] = True,
+    warmup: Annotated[int, typer.Option("--warmup", help="Requests sent (one at a time) before measuring.")] = 1,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="OPENAI_API_KEY",
+                                                   help="Bearer token, if the server wants one.",
+                                                   show_default=False)] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Time limit of one request (seconds).")] = 600.0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of throughput and latencies here.",
+                                                 show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+    = False,
+):
+    """Measure an OpenAI-compatible server: TTFT, TPOT, ITL, E2E (mean/p50/p99 ms), requests/s and
+    output tokens/s per concurrency level (streamed requests, closed loop)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from himap_trt.serve import bench
+
+    levels = _concurrencies(concurrency)
+    if requests < 1:
+        raise HimapError(f"--requests must be at least 1, got {requests}")
+    if max_tokens < 1:
+        raise HimapError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if image is not None and not image.is_file():
+        raise HimapError(f"--image {str(image)!r} does not exist")
+    err = Console(stderr=True)
+
+    def progress(level):
+        err.print(f"concurrency {level['concurrency']}: {level['completed']}/{level['requests']} ok, "
+                  f"{level['output_throughput']:.1f} output tok/s", highlight=False)
+
+    report = bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
+                             ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
+                             progress=None if as_json else progress)
+    if plot is not None:
+        bench.plot(report, plot)
+    if as_json:
+        print(bench.as_json(report))
+    else:
+        def fmt(stats):
+            return " / ".join("-" if stats[k] is None else f"{stats[k]:.1f}" for k in ("mean", "p50", "p99"))
+
+        table = Table(title=f"{report['setup']['model']} at {report['setup']['url']} "
+                            f"({requests} requests per level, max_tokens {max_tokens}); ms as mean / p50 / p99",
+                      title_justify="left")
+        for column in ("conc.", "ok", "req/s", "out tok/s", "TTFT ms", "TPOT ms", "ITL ms", "E2E ms"):
+            table.add_column(column, justify="right")
+        for level in report["levels"]:
+            table.add_row(str(level["concurrency"]), f"{level['completed']}/{level['requests']}",
+                          f"{level['request_throughput']:.2f}", f"{level['output_throughput']:.1f}",
+                          fmt(level["ttft_ms"]), fmt(level["tpot_ms"]), fmt(level["itl_ms"]), fmt(level["e2e_ms"]))
+        Console(highlight=False).print(table)
+        for level in report["levels"]:
+            for error in level["errors"]:
+                err.print(f"concurrency {level['concurrency']}: failed: {error}", highlight=False, markup=False)
+        if plot is not None:
+            err.print(f"plot: {plot}")
+    failed = sum(level["failed"] for level in report["levels"])
+    if failed:
+        raise HimapError(f"{failed} request(s) failed (see above)")

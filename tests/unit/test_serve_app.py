@@ -1,0 +1,72 @@
+"""The HTTP layer's states that need no model: 503 while loading and after a failed load, request
+parsing. Everything else is tested against the real server in tests/integration/test_serve.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from himap_trt.serve.app import ApiError, ServeConfig, ServerState, create_app, image_and_question, parse_request
+
+
+def call(app, method: str, path: str, body=None):
+    async def main():
+        transport = httpx.ASGITransport(app=app)      # no lifespan: the model is never loaded
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, json=body)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("status,code", [("loading", "loading"), ("failed", "load_failed"), ("draining", "draining")])
+def test_503_unless_ready(status, code):
+    state = ServerState(ServeConfig(export_dir=Path("export"), model_name="tiny"))
+    state.status, state.error = status, ("no graphs" if status == "failed" else None)
+    app = create_app(state)
+    health = call(app, "GET", "/health")
+    assert health.status_code == 503 and health.json()["status"] == status
+    response = call(app, "POST", "/v1/chat/completions", {"model": "tiny", "messages": []})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == code and response.json()["error"]["type"] == "service_unavailable"
+    assert call(app, "GET", "/v1/models").json()["data"][0]["id"] == "tiny"
+    assert "himap_ready 0.0" in call(app, "GET", "/metrics").text
+
+
+def _body(**kw):
+    content = kw.pop("content", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                 {"type": "text", "text": "What?"}])
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}).encode()
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"[1, 2]", "JSON object"),
+    (_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (_body(stop=""), "stop"),
+    (_body(logprobs=True), "logprobs"),
+    (_body(top_p=0), "top_p"),
+    (_body(messages=None), "messages"),
+    (_body(content=[{"type": "audio", "data": "x"}]), "messages[0].content"),
+])
+def test_parse_errors_name_the_field(body, fragment):
+    with pytest.raises(ApiError) as info:
+        parse_request(body)
+    assert info.value.status == 400 and fragment in info.value.message
+
+
+def test_one_user_message_with_one_image():
+    request = parse_request(_body(content=[{"type": "text", "text": "Look:"},
+                                           {"type": "image_url", "image_url": {"url": "data:x"}},
+                                           {"type": "text", "text": "what is it?"}]))
+    assert image_and_question(request) == ("data:x", "messages[0].content[1].image_url.url", "Look:\nwhat is it?")
+    two = parse_request(_body(content=[{"type": "image_url", "image_url": {"url": "data:x"}}] * 2
+                              + [{"type": "text", "text": "?"}]))
+    with pytest.raises(ApiError, match="2 images"):
+        image_and_question(two)
+    turns = parse_request(json.dumps({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                                                    {"role": "user", "content": "hi"}]}).encode())
+    with pytest.raises(ApiError, match="one user message"):
+        image_and_question(turns)

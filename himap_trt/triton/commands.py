@@ -35,6 +35,11 @@ def repo(
         "--model-config-name", help="Which config is also config.pbtxt (loaded without tritonserver "
                                     "--model-config-name): cpu or gpu (default: gpu with --engines, else cpu).",
         show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="Requests waiting for a slot per instance; more are refused (UNAVAILABLE).")] = 64,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens (prompt + generated) per request; each slot's KV cache is this long and "
+                              "decode steps attend over it (default: the export's).", show_default=False)] = None,
     default_max_tokens: Annotated[int, typer.Option(
         "--default-max-tokens", help="New tokens for requests without max_tokens.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
@@ -50,7 +55,7 @@ def repo(
 
     default = model_config_name or ("gpu" if engines_dir is not None else "cpu")
     options = RepositoryOptions(max_batch=max_batch, instances=instances, default_config=default,
-                                default_max_tokens=default_max_tokens)
+                                default_max_tokens=default_max_tokens, max_queue=max_queue, max_seq_len=max_seq_len)
     info = write_repository(export_dir, out, options, engines_dir=engines_dir)
     if as_json:
         print(json.dumps({"out": str(out), **info.to_dict()}, indent=1))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -102,10 +101,6 @@ class Done:
     error: str | None = None
 
 
-class Cancelled(Exception):
-    """The client cancelled the request (raised inside a generation to stop it)."""
-
-
 class ResponseStream:
     """Sends one request's events as Triton responses (thread-safe enough: one writer per request)."""
 
@@ -161,20 +156,20 @@ class ResponseStream:
 
 # -- schedulers -----------------------------------------------------------------------------------
 class EngineScheduler:
-    """Continuous batching: the pipeline's :class:`~himap_trt.runtime.engine.Engine` (slot KV caches).
+    """Continuous batching: :class:`~himap_trt.runtime.engine.Engine` over the pipeline's slot KV caches.
 
-    One asyncio loop thread forwards every request's engine events to its response stream.
+    One asyncio loop thread prepares requests (tokenizer, image processor) and forwards every
+    request's engine events to its response stream; the engine's scheduler thread runs the model.
     """
 
-    kind = "continuous batching"
-
-    def __init__(self, pipeline: Any, max_batch: int, max_queue: int):
+    def __init__(self, pipeline: Any, max_batch: int, max_queue: int, max_seq_len: int | None = None, on_step=None):
         import asyncio
 
         from himap_trt.runtime.engine import Engine
 
         self.asyncio = asyncio
-        self.engine = Engine(pipeline, max_batch=max_batch, max_queue=max_queue).start()
+        self.engine = Engine(pipeline, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                             on_step=on_step).start()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="himap-triton-streams", daemon=True)
         self.thread.start()
@@ -218,94 +213,6 @@ class EngineScheduler:
         self.thread.join(5)
 
 
-class SerialScheduler:
-    """One request at a time with ``Pipeline.generate`` (for pipelines without slot KV caches)."""
-
-    kind = "one request at a time"
-
-    def __init__(self, pipeline: Any, max_batch: int, max_queue: int):
-        self.pipeline = pipeline
-        self.max_queue = max_queue
-        self.queue: queue.Queue = queue.Queue()
-        self.running = 0
-        self.thread = threading.Thread(target=self._loop, name="himap-triton-serial", daemon=True)
-        self.thread.start()
-
-    def submit(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> None:
-        if self.queue.qsize() >= self.max_queue:
-            stream.fail(f"the queue is full ({self.max_queue} requests waiting); retry later", "UNAVAILABLE")
-            return
-        self.queue.put((parsed, stream))
-
-    def counts(self) -> tuple[int, int]:
-        return self.queue.qsize(), self.running
-
-    def _loop(self) -> None:
-        import torch
-
-        while (job := self.queue.get()) is not None:
-            parsed, stream = job
-            self.running, code = 1, "INVALID_ARG"
-            try:
-                with torch.inference_mode():
-                    event = self._generate(parsed, stream)
-            except Cancelled:
-                event = Done(finish_reason="cancelled")
-            except HimapError as exc:
-                event = Done(finish_reason="error", error=str(exc))
-            except Exception as exc:
-                log.exception("generation failed")
-                event, code = Done(finish_reason="error", error=f"internal error: {type(exc).__name__}: {exc}"), "INTERNAL"
-            self.running = 0
-            stream.done(event, code=code)
-
-    def _generate(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> Done:
-        if parsed.ignore_eos:
-            raise HimapError("input 'ignore_eos' needs the continuous-batching engine; this runtime has no slot KV "
-                             "caches and runs Pipeline.generate one request at a time")
-        pipeline = self.pipeline
-        tokenizer = pipeline.processor.tokenizer
-        prepared = pipeline.prepare([parsed.image], [parsed.question])
-        ids: list[int] = []
-        sent = [0]
-
-        class Streamer:   # transformers' streamer interface, as Pipeline.generate calls it
-            def put(self, tokens):
-                if stream.cancelled():
-                    raise Cancelled()
-                ids.extend(int(t) for t in tokens.reshape(-1).tolist())
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                ready = len(text.rstrip("\ufffd"))
-                if ready > sent[0]:
-                    stream.piece(text[sent[0]:ready])
-                    sent[0] = ready
-
-            def end(self):
-                pass
-
-        result = pipeline.generate(prepared, parsed.config, streamer=Streamer())
-        text = result.texts[0]
-        if len(text) > sent[0]:
-            stream.piece(text[sent[0]:])
-        reason = {"eos": "stop"}.get(result.finish_reasons[0], "length")
-        return Done(result.tokens[0], reason, list(result.image_tokens_per_segment),
-                    [stage.kept_image_positions[0] for stage in result.stages])
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(30)
-
-
-def make_scheduler(pipeline: Any, max_batch: int, max_queue: int, kind: str = "auto"):
-    """The continuous-batching engine when the pipeline has slot KV caches, else one request at a time."""
-    if kind not in ("auto", "engine", "serial"):
-        raise HimapError(f"parameter scheduler must be auto, engine or serial, got {kind!r}")
-    has_slots = hasattr(pipeline, "allocate") and hasattr(pipeline, "decode_step")
-    if kind == "engine" or (kind == "auto" and has_slots):
-        return EngineScheduler(pipeline, max_batch, max_queue)
-    return SerialScheduler(pipeline, max_batch, max_queue)
-
-
 # -- metrics --------------------------------------------------------------------------------------
 class _Metrics:
     """Custom metrics of one instance on Triton's ``/metrics`` (labels: model, version, instance)."""
@@ -320,6 +227,10 @@ class _Metrics:
             "requests": pb.MetricFamily("himap_requests_total", "Finished requests by finish reason.", counter),
             "kept": pb.MetricFamily("himap_kept_image_tokens_total", "Image tokens kept, per decoder segment.",
                                     counter),
+            "steps": pb.MetricFamily("himap_model_steps_total", "Prefill and decode steps of the engine (each "
+                                     "serves every running request).", counter),
+            "stepped": pb.MetricFamily("himap_model_step_requests_total", "Requests served by those steps (divide "
+                                       "by himap_model_steps_total: the mean batch).", counter),
         }
         self.labels = labels
         self.queue = self._families["queue"].Metric(labels=labels)
@@ -334,6 +245,11 @@ class _Metrics:
             if (family, value) not in self._by_label:
                 self._by_label[(family, value)] = self._families[family].Metric(labels={**self.labels, key: value})
             return self._by_label[(family, value)]
+
+    def step(self, phase: str, requests: int, seconds: float) -> None:
+        """The engine's ``on_step`` callback (its scheduler thread)."""
+        self._labelled("steps", "phase", phase).increment(1)
+        self._labelled("stepped", "phase", phase).increment(requests)
 
     def update(self) -> None:
         waiting, running = self.counts()
@@ -377,9 +293,11 @@ class HimapModel:
         try:
             max_batch = int(params.get("max_batch", "8"))
             max_queue = int(params.get("max_queue", "256"))
+            max_seq_len = int(params.get("max_seq_len") or 0) or None
             self.default_max_tokens = int(params.get("default_max_tokens", "32"))
         except ValueError as exc:
-            raise HimapError(f"parameters max_batch, max_queue and default_max_tokens must be integers: {exc}") from None
+            raise HimapError("parameters max_batch, max_queue, max_seq_len and default_max_tokens must be integers: "
+                             f"{exc}") from None
         backend = params.get("backend", "auto")
         if args["model_instance_kind"] == "GPU":
             import torch
@@ -393,9 +311,16 @@ class HimapModel:
                 backend = "onnxruntime"   # a CPU instance runs ONNX Runtime on CPU
         opened = open_pipeline(export_dir=export_dir, backend=backend, engines_dir=engines_dir, device=device)
         self.pipeline = opened.pipeline
-        self.scheduler = make_scheduler(opened.pipeline, max_batch, max_queue, params.get("scheduler", "auto"))
-        log.warning("%s: %s on %s (%s), %s, %d slots", args["model_instance_name"], opened.backend, opened.device,
-                    export_dir, self.scheduler.kind, max_batch)
+        self.metrics = None
+        self.scheduler = EngineScheduler(opened.pipeline, max_batch, max_queue, max_seq_len, on_step=self._stepped)
+        engine = self.scheduler.engine
+        log.warning("%s: %s on %s (%s), continuous batching: %d slots of %d tokens, %.1f MB of KV cache",
+                    args["model_instance_name"], opened.backend, opened.device, export_dir, max_batch,
+                    engine.max_seq_len, engine.cache.nbytes() / 1e6)
+
+    def _stepped(self, phase: str, requests: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.step(phase, requests, seconds)
 
     def execute(self, requests: list) -> None:
         pb = _pb()

@@ -59,6 +59,9 @@ class RepositoryOptions:
             ``tritonserver`` loads without ``--model-config-name``).
         default_max_tokens: new tokens when a request has no ``max_tokens`` (tokens).
         unary_instances: instances of ``himap_unary`` (each serves any number of requests at once).
+        max_queue: requests waiting for a slot per instance; more are refused (UNAVAILABLE, HTTP 503).
+        max_seq_len: prompt + generated tokens per request, the length of each slot's KV cache
+            (decode steps attend over it); None: the export's.
     """
 
     max_batch: int = 8
@@ -66,6 +69,8 @@ class RepositoryOptions:
     default_config: str = "cpu"
     default_max_tokens: int = 32
     unary_instances: int = 1
+    max_queue: int = 64
+    max_seq_len: int | None = None
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -76,6 +81,10 @@ class RepositoryOptions:
             raise HimapError(f"--model-config-name must be cpu or gpu, got {self.default_config!r}")
         if self.default_max_tokens < 1:
             raise HimapError(f"--default-max-tokens must be at least 1, got {self.default_max_tokens}")
+        if self.max_queue < 0:
+            raise HimapError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise HimapError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
 
 
 def _tensor_block(tensors: tuple[protocol.TensorDecl, ...]) -> str:
@@ -118,6 +127,8 @@ def model_config(kind: str, options: RepositoryOptions, *, backend: str) -> str:
                  "# and TensorRT version, else ONNX Runtime's CUDA provider (onnxruntime-gpu). Needs a GPU.\n")
     params = {
         "max_batch": str(options.max_batch),
+        "max_queue": str(options.max_queue),
+        "max_seq_len": str(options.max_seq_len or ""),
         "default_max_tokens": str(options.default_max_tokens),
         "backend": backend,
         "export_dir": "export",
@@ -131,9 +142,11 @@ def model_config(kind: str, options: RepositoryOptions, *, backend: str) -> str:
         "# Decoupled: one response per generated text piece, the last one flagged final.\n"
         "model_transaction_policy { decoupled: true }\n"
         + _io_blocks() + group
-        + "# max_batch: engine slots (requests decoded together) per instance. default_max_tokens: when a\n"
-          "# request has no max_tokens. backend: auto | onnxruntime | tensorrt. export_dir / engines_dir:\n"
-          "# relative to the version directory (1/).\n"
+        + "# max_batch: engine slots (requests decoded together) per instance. max_queue: requests waiting\n"
+          "# for a slot, more are refused (UNAVAILABLE). max_seq_len: prompt + generated tokens per request,\n"
+          "# the length of each slot's KV cache (empty: the export's). default_max_tokens: when a request has\n"
+          "# no max_tokens. backend: auto | onnxruntime | tensorrt (KIND_CPU instances run onnxruntime on\n"
+          "# CPU). export_dir / engines_dir: relative to the version directory (1/).\n"
         + _parameters(params)
     )
 
@@ -205,6 +218,8 @@ def write_repository(export_dir: Path, out: Path, options: RepositoryOptions,
     from himap_trt.fsutil import atomic_directory
 
     manifest = load_manifest(export_dir)
+    if options.max_seq_len is not None and options.max_seq_len > manifest.max_seq_len:
+        raise HimapError(f"--max-seq-len {options.max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
     fingerprint = export_fingerprint(export_dir)
     if engines_dir is not None:
         engines = read_engines_manifest(engines_dir)

@@ -130,13 +130,14 @@ def stream(url: str, requests: list[dict], model: str = "himap") -> tuple[dict[s
     return answers, errors
 
 
-def metric(server, name: str, model: str = "himap") -> float:
+def metric(server, name: str, model: str = "himap", label: str = "") -> float:
+    """Sum of a metric's samples for ``model`` (and whose labels contain ``label``) on /metrics."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
     total = 0.0
     for line in text.splitlines():
         match = re.match(rf'{name}\{{([^}}]*)\}} (\S+)$', line)
-        if match and f'model="{model}"' in match.group(1):
+        if match and f'model="{model}"' in match.group(1) and label in match.group(1):
             total += float(match.group(2))
     return total
 
@@ -251,8 +252,9 @@ def test_grpc_stream_and_http_equal_run(server, tiny_export, photo_path, image_b
 
 @needs_triton
 def test_16_concurrent_requests_and_metrics(server, local_pipeline, photo, image_bytes):
-    before = {name: metric(server, name) for name in ("nv_inference_request_success", "himap_requests_total",
-                                                       "himap_generation_tokens_total")}
+    names = ("nv_inference_request_success", "himap_requests_total", "himap_generation_tokens_total",
+             "himap_model_steps_total")
+    before = {name: metric(server, name, label='phase="decode"' if "steps" in name else "") for name in names}
     requests = [dict(image=image_bytes, question=f"{QUESTIONS[i % 4]} ({i})", max_tokens=4 + i % 5) for i in range(16)]
     answers, errors = stream(server.grpc_url, requests)
     assert not errors and len(answers) == 16
@@ -261,10 +263,13 @@ def test_16_concurrent_requests_and_metrics(server, local_pipeline, photo, image
         text, ids, kept = solo(local_pipeline, photo, request["question"], request["max_tokens"])
         assert (answers[str(i)].text, answers[str(i)].token_ids, answers[str(i)].kept_image_positions) == (text, ids, kept)
         tokens += len(ids)
-    after = {name: metric(server, name) for name in before}
+    after = {name: metric(server, name, label='phase="decode"' if "steps" in name else "") for name in names}
     assert after["nv_inference_request_success"] - before["nv_inference_request_success"] == 16
     assert after["himap_requests_total"] - before["himap_requests_total"] == 16
     assert after["himap_generation_tokens_total"] - before["himap_generation_tokens_total"] == tokens
+    # continuous batching: fewer decode steps than decoded tokens (one at a time would need one each)
+    decode_steps = after["himap_model_steps_total"] - before["himap_model_steps_total"]
+    assert 0 < decode_steps < tokens - 16
     assert metric(server, "himap_queue_length") == 0 and metric(server, "himap_running_requests") == 0
 
 

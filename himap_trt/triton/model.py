@@ -193,9 +193,12 @@ class EngineScheduler:
             async for event in handle:
                 if stream.cancelled():
                     handle.cancel()
-                if isinstance(event, Completion):
+                if isinstance(event, Completion) and event.finish_reason == "error":
+                    message = event.error or "internal error: the request failed"
+                    stream.fail(message, error_code(message))
+                elif isinstance(event, Completion):
                     stream.done(Done(event.token_ids, event.finish_reason or "", event.image_tokens_per_segment,
-                                     event.kept_image_positions, event.error if event.finish_reason == "error" else None))
+                                     event.kept_image_positions))
                 else:
                     stream.piece(event.text)
         except Exception as exc:   # a bug: answer rather than leave the client waiting

@@ -47,7 +47,8 @@ needs_triton = pytest.mark.skipif(MISSING is not None, reason=f"needs the bundle
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    return exported(tmp_path_factory, "tiny", "himap")[0]
+    # the same key as the other integration tests: one export per session
+    return exported(tmp_path_factory, "tiny", "himap", k1=2, r1=0.5, k2=8, r2=0.75)[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,5 +6,6 @@
 - :mod:`~himap_trt.triton.environment` / :mod:`~himap_trt.triton.server`: ``himap-trt triton serve``
   starts the ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel, with its Python backend set up
   for this interpreter.
-- :mod:`~himap_trt.triton.client`: request/response helpers for ``tritonclient`` (HTTP and gRPC).
+- :mod:`~himap_trt.triton.protocol`: the model's inputs and outputs, request validation, and the
+  ``tritonclient`` helpers (``make_inputs``, ``Answer``) for HTTP and gRPC clients.
 """

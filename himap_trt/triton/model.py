@@ -84,13 +84,6 @@ def error_code(message: str) -> str:
 
 # -- events between a scheduler and a response stream ---------------------------------------------
 @dataclass
-class Piece:
-    """New answer text of a running request."""
-
-    text: str
-
-
-@dataclass
 class Done:
     """A finished request (``error`` set when it failed)."""
 

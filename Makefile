@@ -18,7 +18,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(MAKE) --no-print-directory triton
 	touch $@
+
+# Triton Inference Server for `himap-trt triton serve` and its tests: the tritonserver binary and
+# Python backend bundled in the nvidia-pytriton wheel, without its dependencies (it pins numpy<2 for
+# client code we do not use), and numpy<2 in a directory of its own for the backend's stub process
+# (the 2.51 stub speaks numpy 1.x's C ABI; see himap_trt/triton/environment.py). `make install TRITON=0`
+# skips both (the Triton tests then skip, naming what is missing).
+TRITON ?= 1
+.PHONY: triton
+triton:
+ifeq ($(TRITON),1)
+	$(BIN)/python -m pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-numpy "numpy<2"
+endif
 
 demo: $(VENV)/.installed
 	$(BIN)/himap-trt export --model tiny --out export

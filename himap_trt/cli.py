@@ -739,6 +739,18 @@ def _register_serve_commands() -> None:
 _register_serve_commands()
 
 
+# -- triton (himap_trt/triton/commands.py) --------------------------------------------------------
+def _register_triton_commands() -> None:
+    from himap_trt.triton import commands
+
+    commands.triton_app.command("repo")(user_errors(commands.repo))
+    commands.triton_app.command("serve")(user_errors(commands.serve))
+    app.add_typer(commands.triton_app, name="triton")
+
+
+_register_triton_commands()
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

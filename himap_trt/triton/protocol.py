@@ -1,0 +1,229 @@
+"""The ``himap`` Triton model's inputs and outputs: declared once, used by the config writer, the model
+and the client helpers.
+
+Request (every tensor has shape [1]; the optional ones may be left out)::
+
+    image        BYTES   encoded image (JPEG, PNG, WebP, ... anything PIL reads)
+    question     BYTES   UTF-8 question
+    max_tokens   INT32   most new tokens (tokens)           [default: the model's default_max_tokens]
+    temperature  FP32    0: greedy; > 0: sample              [0]
+    top_p        FP32    nucleus threshold                   [1: off]
+    seed         INT64   sampling seed                       [none: nondeterministic]
+    ignore_eos   BOOL    keep generating after EOS            [false] (benchmarks: fixed answer lengths)
+
+Responses (``himap``: one per decode step, the last flagged final; ``himap_unary``: one)::
+
+    text                  BYTES [1]  this response's piece of the answer (UTF-8); pieces concatenate to the answer
+    token_ids             INT64 [n]  final response: the answer's token ids (EOS included); else empty
+    kept_image_tokens     INT32 [s]  final response: image tokens each decoder segment saw (s segments); else empty
+    kept_image_positions  INT32 [m]  final response: prompt positions of the image tokens each pruning stage kept,
+                                     stage after stage (m = sum of kept_image_tokens[1:]); else empty
+    finish_reason         BYTES [1]  final response: stop (EOS) or length (max_tokens / max_seq_len); else empty
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from himap_trt.errors import HimapError
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """One input or output of the model (Triton config names and the numpy dtype clients send)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    dtype: Any
+    optional: bool = False
+    doc: str = ""
+
+    @property
+    def datatype(self) -> str:
+        """The KServe/tritonclient datatype string (``BYTES``, ``INT32``, ...)."""
+        return {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32",
+                "TYPE_BOOL": "BOOL"}[self.data_type]
+
+
+INPUTS = (
+    TensorDecl("image", "TYPE_STRING", (1,), np.object_, doc="encoded image: JPEG, PNG, WebP, ... (what PIL reads)"),
+    TensorDecl("question", "TYPE_STRING", (1,), np.object_, doc="UTF-8 question about the image"),
+    TensorDecl("max_tokens", "TYPE_INT32", (1,), np.int32, True, "most new tokens [parameter default_max_tokens]"),
+    TensorDecl("temperature", "TYPE_FP32", (1,), np.float32, True, "0: greedy (default); > 0: sample"),
+    TensorDecl("top_p", "TYPE_FP32", (1,), np.float32, True, "nucleus sampling threshold (1: off)"),
+    TensorDecl("seed", "TYPE_INT64", (1,), np.int64, True, "sampling seed (absent: nondeterministic)"),
+    TensorDecl("ignore_eos", "TYPE_BOOL", (1,), np.bool_, True, "keep generating after EOS (benchmarks)"),
+)
+OUTPUTS = (
+    TensorDecl("text", "TYPE_STRING", (1,), np.object_, doc="this response's piece of the answer (UTF-8)"),
+    TensorDecl("token_ids", "TYPE_INT64", (-1,), np.int64, doc="final response: the answer's token ids (EOS included); else empty"),
+    TensorDecl("kept_image_tokens", "TYPE_INT32", (-1,), np.int32,
+               doc="final response: image tokens per decoder segment; else empty"),
+    TensorDecl("kept_image_positions", "TYPE_INT32", (-1,), np.int32,
+               doc="final response: prompt positions kept by each stage, concatenated; else empty"),
+    TensorDecl("finish_reason", "TYPE_STRING", (1,), np.object_,
+               doc="final response: stop (EOS) or length (max_tokens, max_seq_len); else empty"),
+)
+INPUT_NAMES = tuple(t.name for t in INPUTS)
+OUTPUT_NAMES = tuple(t.name for t in OUTPUTS)
+
+#: Most bytes accepted for one encoded image.
+MAX_IMAGE_BYTES = 32 * 2**20
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: the decoded image, the question and the generation settings."""
+
+    image: Any
+    question: str
+    config: Any
+    ignore_eos: bool = False
+
+
+def _scalar(get: Callable[[str], np.ndarray | None], decl: TensorDecl):
+    value = get(decl.name)
+    if value is None:
+        if not decl.optional:
+            raise HimapError(f"input {decl.name!r} is missing ({decl.doc})")
+        return None
+    value = np.asarray(value)
+    if value.size != 1:
+        raise HimapError(f"input {decl.name!r} must hold one element, got shape {list(value.shape)}")
+    return value.reshape(-1)[0]
+
+
+def _text(value, name: str) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HimapError(f"input {name!r} is not valid UTF-8") from None
+    return str(value)
+
+
+def decode_image(data: bytes):
+    """Decode an encoded image (PIL) fully.
+
+    Raises:
+        HimapError: empty, too large, or not an image PIL can read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise HimapError("input 'image' is empty; send the encoded image file's bytes (JPEG, PNG, ...)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise HimapError(f"input 'image' has {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:
+        raise HimapError("input 'image' is not an image PIL can read (expected JPEG, PNG, WebP, ...)") from None
+    except Image.DecompressionBombError as exc:
+        raise HimapError(f"input 'image' is too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise HimapError(f"input 'image' is truncated or corrupt: {exc}") from None
+    return image
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: int) -> ParsedRequest:
+    """Validate a request's tensors.
+
+    Args:
+        get: input name -> its numpy array, or None when the request does not carry it.
+        default_max_tokens: new tokens when ``max_tokens`` is absent.
+
+    Raises:
+        HimapError: one line naming the input and what was expected.
+    """
+    from himap_trt.runtime.sampling import GenerationConfig
+
+    decl = {t.name: t for t in INPUTS}
+    image_value = _scalar(get, decl["image"])
+    if not isinstance(image_value, (bytes, np.bytes_)):
+        raise HimapError("input 'image' must be BYTES holding the encoded image file")
+    question = _text(_scalar(get, decl["question"]), "question")
+    if not question.strip():
+        raise HimapError("input 'question' is empty; send a non-empty question")
+    values = {name: _scalar(get, decl[name]) for name in ("max_tokens", "temperature", "top_p", "seed",
+                                                           "ignore_eos")}
+    try:
+        config = GenerationConfig(
+            max_new_tokens=int(values["max_tokens"]) if values["max_tokens"] is not None else default_max_tokens,
+            temperature=float(values["temperature"]) if values["temperature"] is not None else 0.0,
+            top_p=float(values["top_p"]) if values["top_p"] is not None else 1.0,
+            seed=int(values["seed"]) if values["seed"] is not None else None,
+        )
+    except HimapError as exc:  # GenerationConfig names CLI flags; name the inputs instead
+        message = str(exc)
+        for flag, name in (("--max-new-tokens", "max_tokens"), ("--temperature", "temperature"),
+                           ("--top-p", "top_p")):
+            message = message.replace(flag, f"input {name!r}")
+        raise HimapError(message) from None
+    return ParsedRequest(image=decode_image(bytes(image_value)), question=question, config=config,
+                         ignore_eos=bool(values["ignore_eos"]))
+
+
+# -- client side ----------------------------------------------------------------------------------
+def make_inputs(client_module: Any, image: bytes, question: str, *, max_tokens: int | None = None,
+                temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None, ignore_eos: bool | None = None) -> list:
+    """The request tensors for ``tritonclient.http`` or ``tritonclient.grpc`` (pass the module).
+
+    Args:
+        client_module: ``tritonclient.http`` or ``tritonclient.grpc`` (both have ``InferInput``).
+        image: the encoded image file's bytes.
+        question: the question.
+        max_tokens, temperature, top_p, seed, ignore_eos: see the module docstring; None leaves
+            them out.
+    """
+    values = {"image": image, "question": question.encode("utf-8"), "max_tokens": max_tokens,
+              "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos}
+    inputs = []
+    for decl in INPUTS:
+        value = values[decl.name]
+        if value is None:
+            continue
+        tensor = client_module.InferInput(decl.name, [1], decl.datatype)
+        tensor.set_data_from_numpy(np.array([value], dtype=decl.dtype))
+        inputs.append(tensor)
+    return inputs
+
+
+@dataclass
+class Answer:
+    """Responses of one request, accumulated (``add`` each result's ``as_numpy``)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    kept_image_tokens: list[int] = field(default_factory=list)
+    kept_image_positions: list[list[int]] = field(default_factory=list)
+    finish_reason: str = ""
+    responses: int = 0
+
+    def add(self, as_numpy: Callable[[str], np.ndarray | None]) -> None:
+        """Add one response (``result.as_numpy`` of a tritonclient result)."""
+        self.responses += 1
+        text = as_numpy("text")
+        if text is not None and text.size:
+            self.text += bytes(text.reshape(-1)[0]).decode("utf-8")
+        ids = as_numpy("token_ids")
+        if ids is not None:
+            self.token_ids += [int(i) for i in ids.reshape(-1)]
+        kept = as_numpy("kept_image_tokens")
+        if kept is not None and kept.size:
+            self.kept_image_tokens = [int(n) for n in kept.reshape(-1)]
+            flat = [int(p) for p in as_numpy("kept_image_positions").reshape(-1)]
+            self.kept_image_positions, start = [], 0
+            for n in self.kept_image_tokens[1:]:
+                self.kept_image_positions.append(flat[start:start + n])
+                start += n
+        reason = as_numpy("finish_reason")
+        if reason is not None and reason.size and reason.reshape(-1)[0]:
+            self.finish_reason = bytes(reason.reshape(-1)[0]).decode("utf-8")

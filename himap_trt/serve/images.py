@@ -22,7 +22,7 @@ from anyio import to_thread
 from PIL import Image, UnidentifiedImageError
 
 from himap_trt.errors import HimapError
-from himap_trt.prompt import load_image
+from himap_trt.prompt import load_image, to_8bit
 
 #: Formats accepted in data URLs and remote images (what OpenAI accepts, less GIF).
 FORMATS = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -79,7 +79,7 @@ def decode_image_bytes(data: bytes, param: str, policy: ImagePolicy, formats: tu
         raise ImageError(f"{param}: the image is too large: {exc}", param) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{param}: the image is truncated or corrupt: {exc}", param) from None
-    return image
+    return to_8bit(image)   # 16-bit greyscale scaled by its range, as `run` does (not clipped to white)
 
 
 def _data_url(url: str, param: str, policy: ImagePolicy) -> Image.Image:

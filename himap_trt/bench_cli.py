@@ -48,7 +48,8 @@ def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Op
 
 def bench(
     export_dirs: Annotated[Optional[list[Path]], typer.Option(
-        "--export-dir", help="An export to measure (repeat for several: side by side).", show_default=False)] = None,
+        "--export-dir", metavar="<path>", help="An export to measure (repeat for several: side by side).",
+        show_default="none: use --model")] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Instead of --export-dir: export this model once per --methods into --work-dir (reused "
                         "when present), e.g. medium.", show_default=False)] = None,
@@ -58,8 +59,11 @@ def bench(
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="With --model: the exports' --max-seq-len.",
         show_default="the model's, at most 2048")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto, onnxruntime, tensorrt or torch.")] = "onnxruntime",
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (torch / onnxruntime).")] = None,
+    backend: Annotated[str, typer.Option("--backend", metavar="[auto|onnxruntime|tensorrt|torch]",
+                                         help="Backend running every export.")] = "onnxruntime",
+    device: Annotated[Optional[str], typer.Option("--device", metavar="[cpu|cuda|cuda:N]",
+                                                  help="Device of the torch / onnxruntime backends.",
+                                                  show_default="cuda if usable, else cpu")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes to sweep.")] = "1",
     new_tokens: Annotated[str, typer.Option("--max-new-tokens", help="Comma-separated answer lengths (tokens).")] = "32",
     repeats: Annotated[int, typer.Option("--repeats", help="Interleaved rounds per setting (medians over them).")] = 3,

@@ -72,9 +72,13 @@ def _root(
 
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
-    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa', "
-                    "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
-MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method: himap, fastv or none.")]
+    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' (random "
+                    "weights) or 'shapes' (trained on synthetic scenes), or a known name ('llava-1.5-7b', "
+                    "'llava-1.5-13b').")]
+MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method: himap, fastv, random (HiMAP's layers "
+                                                         "and counts, a seeded random subset) or none.")]
+PlanSeedOpt = Annotated[int, typer.Option("--plan-seed", help="--method random: seed of the random image-token "
+                                                              "permutation baked into the scoring graphs.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
 R1Opt = Annotated[float, typer.Option("--r1", help="HiMAP: fraction of image tokens dropped at K1.")]
 K2Opt = Annotated[int, typer.Option("--k2", help="HiMAP: layer of the deep stage (img->img scores of layer K2-1).")]
@@ -87,13 +91,13 @@ EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory [default: engines/ beside the export directory].")]
 
 
-def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float):
+def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, seed: int = 0):
     from himap_trt.models import model_dims
     from himap_trt.plan import build_plan
 
     dims = model_dims(config)
     return build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens,
-                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r)
+                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, seed=seed)
 
 
 # -- flops ------------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ def export(
     method: MethodOpt = "himap",
     k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    plan_seed: PlanSeedOpt = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
     dtype: Annotated[str, typer.Option("--dtype", help="Graph precision: fp32, fp16 or bf16 (TensorRT builds "
                                                        "strongly typed networks from it).")] = "fp32",
@@ -186,7 +191,7 @@ def export(
     # bad options, a foreign --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate)
-    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r)
+    plan = _plan(load_config(model), method, k1, r1, k2, r2, k, r, plan_seed)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out")
     if build_engines_too:
         _require_tensorrt()

@@ -92,7 +92,8 @@ def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> Prom
     for j, ((start, end), n_img) in enumerate(zip(plan.segments, plan.image_tokens_per_segment)):
         decoder += (end - start) * _decoder_layer(text + n_img, dims)
         if j < len(plan.stages):
-            rows = 1 if plan.stages[j].criterion == "last_row" else text + n_img
+            criterion = plan.stages[j].criterion
+            rows = 1 if criterion == "last_row" else 0 if criterion == "random" else text + n_img
             scoring += 2 * rows * (text + n_img) * dims.num_heads * dims.head_dim
     return PromptFlops(
         prompt_tokens=prompt_tokens,

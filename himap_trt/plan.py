@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 from himap_trt.errors import HimapError
 
-Criterion = Literal["img2txt", "img2img", "last_row"]
-Method = Literal["himap", "fastv", "none"]
+Criterion = Literal["img2txt", "img2img", "last_row", "random"]
+Method = Literal["himap", "fastv", "random", "none"]
 
-METHODS: tuple[str, ...] = ("himap", "fastv", "none")
-CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row")
+METHODS: tuple[str, ...] = ("himap", "fastv", "random", "none")
+CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row", "random")
 
 #: CLI defaults (HiMAP paper Sec. 5.1, short-answer QA; FastV K=2 R=50% for 7B).
 DEFAULT_K1, DEFAULT_R1, DEFAULT_K2, DEFAULT_R2 = 2, 0.5, 8, 0.75
@@ -34,16 +34,20 @@ class Stage:
             Scores come from the attention of layer K-1.
         criterion: ``img2txt`` (HiMAP Eq. 8: attention all instruction tokens pay to each image
             token), ``img2img`` (HiMAP Eq. 9: attention the surviving image tokens pay to each
-            other), ``last_row`` (FastV: attention the last prompt token pays).
+            other), ``last_row`` (FastV: attention the last prompt token pays), ``random`` (the
+            control: a seeded random permutation of the entering image tokens, the same for every
+            prompt; see :func:`himap_trt.graphs.modules.random_score_table`).
         keep: image tokens kept after this stage (tokens).
         ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
             the stage that is dropped), kept for display.
+        seed: the permutation's seed (``random`` stages only; None otherwise).
     """
 
     layer: int
     criterion: Criterion
     keep: int
     ratio: float
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class PruningPlan:
     """A method as an ordered list of stages, for a decoder of ``num_layers`` layers.
 
     Attributes:
-        method: ``himap``, ``fastv`` or ``none``.
+        method: ``himap``, ``fastv``, ``random`` (HiMAP's layers and keep counts, random tokens) or ``none``.
         num_layers: L, decoder layers of the model (tokens of the plan are tied to it).
         num_image_tokens: |V|, image tokens per prompt before pruning (576 for LLaVA-1.5).
         stages: the stages in layer order (empty for ``none``).
@@ -81,13 +85,18 @@ class PruningPlan:
         entering = self.num_image_tokens
         for i, s in enumerate(self.stages, 1):
             name = "K" if len(self.stages) == 1 else f"K{i}"
-            parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({s.criterion})")
+            how = s.criterion if s.seed is None else f"{s.criterion}, seed {s.seed}"
+            parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({how})")
             entering = s.keep
         return f"{self.method}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (see :meth:`from_dict`)."""
-        return asdict(self)
+        """JSON-ready form (see :meth:`from_dict`); a stage's ``seed`` appears only where it is set."""
+        data = asdict(self)
+        for stage in data["stages"]:
+            if stage["seed"] is None:
+                del stage["seed"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
@@ -154,11 +163,13 @@ def build_plan(
     r2: float = DEFAULT_R2,
     k: int = DEFAULT_K,
     r: float = DEFAULT_R,
+    seed: int = 0,
 ) -> PruningPlan:
     """Build and validate a plan from the CLI options.
 
     Args:
-        method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r) or ``none``.
+        method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r), ``random`` (uses k1, r1, k2,
+            r2 and seed: HiMAP's layers and keep counts, a seeded random subset of image tokens) or ``none``.
         num_layers: L, decoder layers of the target model.
         num_image_tokens: |V|, image tokens per prompt of the target model.
 
@@ -182,6 +193,10 @@ def build_plan(
     if k2 <= k1:
         raise HimapError(f"--k2 must be greater than --k1 (got --k1 {k1}, --k2 {k2})")
     second = _stage("--k2", "--r2", k2, r2, "img2img", first.keep, num_layers)
+    if method == "random":
+        first = Stage(first.layer, "random", first.keep, first.ratio, seed=int(seed))
+        second = Stage(second.layer, "random", second.keep, second.ratio, seed=int(seed))
+        return PruningPlan("random", num_layers, num_image_tokens, (first, second))
     return PruningPlan("himap", num_layers, num_image_tokens, (first, second))
 
 
@@ -197,6 +212,8 @@ def validate_plan(plan: PruningPlan) -> None:
     for s in plan.stages:
         if s.criterion not in CRITERIA:
             raise HimapError(f"unknown criterion {s.criterion!r} (expected one of {', '.join(CRITERIA)})")
+        if (s.criterion == "random") != isinstance(s.seed, int):
+            raise HimapError(f"a {s.criterion!r} stage has seed {s.seed!r}; random stages (only) need an integer seed")
         if not previous < s.layer <= plan.num_layers - 1:
             raise HimapError(f"stage layers must increase within [1, {plan.num_layers - 1}], got {s.layer}")
         if not 1 <= s.keep <= entering:

@@ -238,6 +238,7 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
                     TensorSpec("kept_token_type_ids", i64, (b, kept)),
                 ),
                 layers=(scored, end), stage=j,
-                attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering},
+                attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering,
+                       **({"seed": stage.seed} if stage.seed is not None else {})},
             ))
     return specs

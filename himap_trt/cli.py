@@ -639,6 +639,16 @@ def check(
         raise HimapError("backends disagree; see the FAILED lines above")
 
 
+# -- eval (himap_trt/cli_eval.py) ----------------------------------------------------------------
+def _register_eval() -> None:
+    from himap_trt.cli_eval import eval_command
+
+    app.command("eval")(user_errors(eval_command))
+
+
+_register_eval()
+
+
 def main() -> None:  # pragma: no cover - the console-script entry point
     app()
 

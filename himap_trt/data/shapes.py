@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--split", choices=list(SPLITS), default="eval", help="seed stream (default eval)")
     args = parser.parse_args(argv)
-    print(write_jsonl(args.out, args.n, args.seed, args.split))
+    path = write_jsonl(args.out, args.n, args.seed, args.split)
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        print(f"{Path(args.out) / item['image']}: {item['question']} (right answer: {item['answers'][0]})")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

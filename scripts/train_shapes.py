@@ -128,10 +128,15 @@ def dev_accuracy(model, processor, items, spec=SHAPES_SPEC, batch_size: int = 64
 
 def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, seed: int = 0,
           spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1, aux: bool = True,
-          log=print) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train from scratch; returns the model (eval mode) and the final dev accuracy."""
+          init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train from scratch (or continue from the weights file ``init``, with a fresh optimizer,
+    schedule and data stream of ``seed``); returns the model (eval mode) and the final dev accuracy."""
     torch.set_num_threads(threads)
     model = new_shapes_model(spec, seed=seed)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init), strict=True)
     model.config._attn_implementation = "sdpa"  # training speed; the exported graphs use their own attention
     model.config.text_config._attn_implementation = "sdpa"
     model.config.vision_config._attn_implementation = "sdpa"
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, more threads spin and run slower)")
     parser.add_argument("--dev-items", type=int, default=256, help="held-out dev items (default 256)")
     parser.add_argument("--eval-every", type=int, default=250, help="dev evaluation period in steps (default 250)")
+    parser.add_argument("--init", type=Path, help="continue from this weights file (fresh optimizer and schedule)")
     parser.add_argument("--no-aux", action="store_true", help="train without the auxiliary patch loss")
     parser.add_argument("--spec", type=json.loads, default={},
                         help="JSON overrides of the model spec for experiments, e.g. '{\"hidden_size\": 96}' "
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"spec {spec}", flush=True)
     model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
                        spec=spec, dev_items=args.dev_items, eval_every=args.eval_every, threads=args.threads,
-                       aux=not args.no_aux, log=lambda line: print(line, flush=True))
+                       aux=not args.no_aux, init=args.init, log=lambda line: print(line, flush=True))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params}; final dev accuracy {acc.get('all', float('nan')):.3f}", flush=True)
     if args.out:

@@ -62,6 +62,9 @@ def test_random_export_onnxruntime_equals_reference(tmp_path_factory, requests_3
     out, manifest, checks = exported(tmp_path_factory, "tiny", "random", seed=3)
     assert checks and all(c.ok for c in checks)
     assert [s.attrs.get("seed") for s in manifest.graphs if s.kind == "scoring"] == [3, 3]
+    from himap_trt.engines.compat import check_export
+
+    assert not [o for r in check_export(out, manifest) for o in r.offenses]  # TensorRT's parser takes it
     images, questions = requests_3
     onnx_pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     ref_pipe = reference_pipeline(tiny("tiny"), manifest.plan)

@@ -300,7 +300,7 @@ def plot(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for i, row in enumerate(result["methods"]):
         color = f"C{i}"
-        ax.scatter(row["flops_eq10_ratio"], row["accuracy"], color=color, s=60, label=f"{row['label']}: {row['plan']}")
+        ax.scatter(row["flops_eq10_ratio"], row["accuracy"], color=color, s=60, label=row["plan"])
         ax.scatter(row["flops_prompt_ratio"], row["accuracy"], facecolors="none", edgecolors=color, s=60)
         ax.annotate(row["label"], (row["flops_eq10_ratio"], row["accuracy"]), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)

@@ -64,8 +64,6 @@ def test_eval_metrics_equal_values_computed_by_hand(tmp_path_factory, tmp_path, 
     same = [a.strip() == b.strip() for a, b in zip(predictions["none"], predictions["himap"])]
     assert rows["himap"]["agreement_with_none"] == pytest.approx(sum(same) / 4)
     assert rows["none"]["agreement_with_none"] == 1.0
-    # the trained model answers its own questions (the unpruned exact-match item at least)
-    assert rows["none"]["accuracy"] >= 0.5
     # shapes: 64 image tokens; HiMAP keeps 32 after layer 2 and 8 after layer 8 of 10
     assert rows["none"]["mean_image_tokens_kept_per_stage"] == []
     assert rows["himap"]["mean_image_tokens_kept_per_stage"] == [32, 8]

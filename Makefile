@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (export the built-in tiny model and run it on a real photo)
+# The README's two commands: `make demo` (export the trained built-in shapes model and answer questions
+# about generated scenes, then the random-weight tiny model on a real photo)
 # and `make test`. Each creates .venv if missing and installs the CPU build of torch before
 # anything that depends on it (an unpinned torch requirement would pull the CUDA build).
 PYTHON ?= python3
@@ -34,12 +35,17 @@ ifeq ($(TRITON),1)
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-numpy "numpy<2"
 endif
 
+# The main job: the trained built-in `shapes` model, HiMAP (K1=2, K2=8), answering questions about
+# generated scenes; then the random-weight `tiny` on a real photo (the check of the photo path).
 demo: $(VENV)/.installed
-	$(BIN)/himap-trt export --model tiny --out export
-	$(BIN)/himap-trt run "$(PHOTO)" "What is the woman in the photo wearing?" --export-dir export
+	$(BIN)/himap-trt export --model shapes --out export
+	$(BIN)/python -m himap_trt.data.shapes --out demo-scenes --n 4 --seed 1
+	$(BIN)/himap-trt run --batch demo-scenes/questions.jsonl --export-dir export
+	$(BIN)/himap-trt export --model tiny --out export-tiny
+	$(BIN)/himap-trt run "$(PHOTO)" "What is the woman in the photo wearing?" --export-dir export-tiny
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf export engines .pytest_cache
+	rm -rf export export-tiny demo-scenes engines eval.png .pytest_cache

@@ -86,10 +86,14 @@ METHOD_CHOICES = f"[{'|'.join(METHODS)}]"
 
 # -- shared options -------------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option(
-    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium', "
-                    "or a known name ('llava-1.5-7b', 'llava-1.5-13b').")]
+    "--model", help="Hugging Face hub id, local checkpoint directory, built-in 'tiny' / 'tiny-gqa' / 'medium' "
+                    "(random weights) or 'shapes' (trained on synthetic scenes), or a known name "
+                    "('llava-1.5-7b', 'llava-1.5-13b').")]
 MethodOpt = Annotated[str, typer.Option("--method", metavar=METHOD_CHOICES,
-                                        help="Pruning method.")]
+                                        help="Pruning method (random: HiMAP's layers and counts, a seeded random "
+                                             "subset of image tokens; the control).")]
+PlanSeedOpt = Annotated[int, typer.Option("--plan-seed", help="--method random: seed of the random image-token "
+                                                              "permutation baked into the scoring graphs.")]
 K1Opt = Annotated[int, typer.Option("--k1", help="HiMAP: layer of the shallow stage (img->txt scores of layer K1-1).")]
 R1Opt = Annotated[float, typer.Option("--r1", help="HiMAP: fraction of image tokens dropped at K1.")]
 K2Opt = Annotated[int, typer.Option("--k2", help="HiMAP: layer of the deep stage (img->img scores of layer K2-1).")]
@@ -111,13 +115,13 @@ EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
 
 
-def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, **visipruner):
+def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, **extra):
     from himap_trt.models import model_dims
     from himap_trt.plan import build_plan
 
     dims = model_dims(config)
     return build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens,
-                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, **visipruner)
+                      k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, **extra)
 
 
 # -- flops ------------------------------------------------------------------------------------------
@@ -197,6 +201,7 @@ def export(
     k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
     mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
+    plan_seed: PlanSeedOpt = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="Graph precision (TensorRT "
                                                    "builds strongly typed networks from it).")] = "fp32",
@@ -234,7 +239,7 @@ def export(
     config = load_config(model)
     check_max_seq_len(model_dims(config), max_seq_len)
     plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
-                 threshold=threshold, max_keep=max_keep)
+                 threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
         _require_tensorrt()
@@ -749,6 +754,15 @@ def _register_triton_commands() -> None:
 
 
 _register_triton_commands()
+
+# -- eval (himap_trt/cli_eval.py) ----------------------------------------------------------------
+def _register_eval() -> None:
+    from himap_trt.cli_eval import eval_command
+
+    app.command("eval")(user_errors(eval_command))
+
+
+_register_eval()
 
 
 def main() -> None:  # pragma: no cover - the console-script entry point

@@ -98,7 +98,7 @@ def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> Prom
         decoder += (end - start) * _decoder_layer(text + n_img, dims)
         if j < len(plan.stages):
             criterion = plan.stages[j].criterion
-            rows = {"last_row": 1, "value_norm": 2, "drop_all": 0}.get(criterion, text + n_img)  # value_norm: Q K^T and A·V of one row
+            rows = {"last_row": 1, "value_norm": 2, "drop_all": 0, "random": 0}.get(criterion, text + n_img)
             scoring += 2 * rows * (text + n_img) * dims.num_heads * dims.head_dim
     return PromptFlops(
         prompt_tokens=prompt_tokens,

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 from himap_trt.errors import HimapError
 
-Criterion = Literal["img2txt", "img2img", "last_row", "value_norm", "drop_all"]
-Method = Literal["himap", "fastv", "visipruner", "none"]
+Criterion = Literal["img2txt", "img2img", "last_row", "value_norm", "drop_all", "random"]
+Method = Literal["himap", "fastv", "visipruner", "random", "none"]
 
-METHODS: tuple[str, ...] = ("himap", "fastv", "visipruner", "none")
-CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row", "value_norm", "drop_all")
+METHODS: tuple[str, ...] = ("himap", "fastv", "visipruner", "random", "none")
+CRITERIA: tuple[str, ...] = ("img2txt", "img2img", "last_row", "value_norm", "drop_all", "random")
 
 #: CLI defaults (HiMAP paper Sec. 5.1, short-answer QA; FastV K=2 R=50% for 7B).
 DEFAULT_K1, DEFAULT_R1, DEFAULT_K2, DEFAULT_R2 = 2, 0.5, 8, 0.75
@@ -39,13 +39,16 @@ class Stage:
             other), ``last_row`` (FastV: attention the last prompt token pays), ``value_norm``
             (VisiPruner's middle stage: ``s(v) = ||concat_h A_h[last, v] V_h[v]||`` of layer K-1,
             tokens with ``s > threshold``, at most ``keep``), ``drop_all`` (VisiPruner's deep
-            stage: every image token entering is dropped, no scores).
+            stage: every image token entering is dropped, no scores), ``random`` (the control: a
+            seeded random permutation of the entering image tokens, the same for every prompt; see
+            :func:`himap_trt.graphs.modules.random_score_table`).
         keep: image tokens kept after this stage (tokens). For ``value_norm`` it is the cap C: the
             stage always outputs C image *slots*, of which each request uses its own count
             ``n <= C`` (0 allowed); the others are masked (attention mask 0).
         ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
             the stage that is dropped), kept for display.
         threshold: ``value_norm`` only: tau, the score a token must exceed.
+        seed: the permutation's seed (``random`` stages only; None otherwise).
     """
 
     layer: int
@@ -53,6 +56,7 @@ class Stage:
     keep: int
     ratio: float
     threshold: float | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class PruningPlan:
     """A method as an ordered list of stages, for a decoder of ``num_layers`` layers.
 
     Attributes:
-        method: ``himap``, ``fastv`` or ``none``.
+        method: ``himap``, ``fastv``, ``random`` (HiMAP's layers and keep counts, random tokens) or ``none``.
         num_layers: L, decoder layers of the model (tokens of the plan are tied to it).
         num_image_tokens: |V|, image tokens per prompt before pruning (576 for LLaVA-1.5).
         stages: the stages in layer order (empty for ``none``).
@@ -95,13 +99,20 @@ class PruningPlan:
             elif s.criterion == "drop_all":
                 parts.append(f"K_E={s.layer} drop all {entering}")
             else:
-                parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({s.criterion})")
+                how = s.criterion if s.seed is None else f"{s.criterion}, seed {s.seed}"
+                parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({how})")
             entering = s.keep
         return f"{self.method}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (see :meth:`from_dict`)."""
-        return asdict(self)
+        """JSON-ready form (see :meth:`from_dict`); a stage's ``threshold`` and ``seed`` appear only
+        where they are set."""
+        data = asdict(self)
+        for stage in data["stages"]:
+            for optional in ("threshold", "seed"):
+                if stage[optional] is None:
+                    del stage[optional]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
@@ -172,12 +183,15 @@ def build_plan(
     deep_layer: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     max_keep: int = DEFAULT_MAX_KEEP,
+    seed: int = 0,
 ) -> PruningPlan:
     """Build and validate a plan from the CLI options.
 
     Args:
         method: ``himap`` (uses k1, r1, k2, r2), ``fastv`` (uses k, r), ``visipruner`` (uses
-            mid_layer, deep_layer, threshold, max_keep; layers default to L/2 and 3L/4) or ``none``.
+            mid_layer, deep_layer, threshold, max_keep; layers default to L/2 and 3L/4), ``random``
+            (uses k1, r1, k2, r2 and seed: HiMAP's layers and keep counts, a seeded random subset of
+            image tokens) or ``none``.
         num_layers: L, decoder layers of the target model.
         num_image_tokens: |V|, image tokens per prompt of the target model.
 
@@ -203,6 +217,10 @@ def build_plan(
     if k2 <= k1:
         raise HimapError(f"--k2 must be greater than --k1 (got --k1 {k1}, --k2 {k2})")
     second = _stage("--k2", "--r2", k2, r2, "img2img", first.keep, num_layers)
+    if method == "random":
+        first = Stage(first.layer, "random", first.keep, first.ratio, seed=int(seed))
+        second = Stage(second.layer, "random", second.keep, second.ratio, seed=int(seed))
+        return PruningPlan("random", num_layers, num_image_tokens, (first, second))
     return PruningPlan("himap", num_layers, num_image_tokens, (first, second))
 
 
@@ -238,6 +256,8 @@ def validate_plan(plan: PruningPlan) -> None:
     for s in plan.stages:
         if s.criterion not in CRITERIA:
             raise HimapError(f"unknown criterion {s.criterion!r} (expected one of {', '.join(CRITERIA)})")
+        if (s.criterion == "random") != isinstance(s.seed, int):
+            raise HimapError(f"a {s.criterion!r} stage has seed {s.seed!r}; random stages (only) need an integer seed")
         if not previous < s.layer <= plan.num_layers - 1:
             raise HimapError(f"stage layers must increase within [1, {plan.num_layers - 1}], got {s.layer}")
         if s.criterion == "drop_all":

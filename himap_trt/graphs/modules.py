@@ -371,6 +371,39 @@ def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     return torch.matmul(weights[:, None, :], mean)[:, 0]                    # [B,S]
 
 
+def random_score_table(seed: int, stage: int, entering: int) -> torch.Tensor:
+    """The ``random`` criterion's scores (the control pruning papers compare against): a seeded random
+    permutation of ``1..entering`` / ``entering``, the score of the t-th image token of a row.
+
+    The table is a constant of the scoring graph, so every backend keeps the same tokens (ranked
+    and gathered by :func:`kept_indices` like any criterion). It depends only on ``(seed, stage)``:
+    every prompt keeps the same image-token ordinals (a fixed random mask per seed, not a fresh
+    draw per prompt).
+
+    Returns:
+        [entering] float32, distinct values in (0, 1].
+    """
+    import numpy as np
+
+    order = np.random.default_rng([seed, stage]).permutation(entering)
+    return torch.from_numpy((order + 1).astype(np.float32) / entering)
+
+
+def random_scores(token_type_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Scores of a ``random`` stage: ``table[t]`` for the t-th image position of each row.
+
+    Args:
+        token_type_ids: [B,S] int64; each row holds ``len(table)`` image positions.
+        table: [entering] float32 (:func:`random_score_table`).
+
+    Returns:
+        [B,S] float32 (meaningful at image positions only).
+    """
+    image = (token_type_ids == TOKEN_IMAGE).float()
+    ordinal = (image.cumsum(-1) - 1.0).clamp(min=0.0).long()          # [B,S]: t at the t-th image token
+    return table[ordinal]
+
+
 def kept_indices(scores: torch.Tensor, token_type_ids: torch.Tensor, keep: int, drop: int) -> torch.Tensor:
     """Indices of the positions that survive a stage, ascending.
 
@@ -412,13 +445,20 @@ class StageScorer(nn.Module):
     renumbered), attention mask and token types, S' = S - (entering - keep).
     """
 
-    def __init__(self, criterion: str, keep: int, entering: int, scaling: float):
+    def __init__(self, criterion: str, keep: int, entering: int, scaling: float, *, seed: int | None = None,
+                 stage: int = 0):
         super().__init__()
         self.criterion, self.keep, self.drop, self.scaling = criterion, keep, entering - keep, scaling
         self.entering = entering
+        if criterion == "random":
+            self.register_buffer("random_table", random_score_table(seed, stage, entering), persistent=False)
 
     def forward(self, query, key, attention_mask, token_type_ids, hidden_states, position_ids):
-        scores = stage_scores(query, key, attention_mask, token_type_ids, self.criterion, self.scaling, self.entering)
+        if self.criterion == "random":
+            scores = random_scores(token_type_ids, self.random_table)
+        else:
+            scores = stage_scores(query, key, attention_mask, token_type_ids, self.criterion, self.scaling,
+                                  self.entering)
         index = kept_indices(scores, token_type_ids, self.keep, self.drop)
         gathered = torch.gather(hidden_states, 1, index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
         return (
@@ -448,7 +488,8 @@ def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
                   ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
     elif spec.kind == "scoring":
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
-        module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling)
+        module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling,
+                             seed=spec.attrs.get("seed"), stage=spec.stage)
     else:
         raise ValueError(f"unknown graph kind {spec.kind!r}")
     return module.eval()

@@ -247,6 +247,7 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
                 ),
                 layers=(scored, end), stage=j,
                 attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering,
-                       **({"threshold": stage.threshold} if stage.threshold is not None else {})},
+                       **({"threshold": stage.threshold} if stage.threshold is not None else {}),
+                       **({"seed": stage.seed} if stage.seed is not None else {})},
             ))
     return specs

@@ -16,6 +16,7 @@ import torch
 
 from himap_trt.errors import HimapError
 from himap_trt.models.known import KNOWN_MODELS, known_config
+from himap_trt.models.shapes import SHAPES_MODELS, shapes_model_dir
 from himap_trt.models.tiny import TINY_MODELS, tiny_model_dir
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -29,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 
 def _model_choices() -> str:
-    return ", ".join([*TINY_MODELS, *KNOWN_MODELS])
+    return ", ".join([*TINY_MODELS, *SHAPES_MODELS, *KNOWN_MODELS])
 
 
 def canonical_dtype(name: str, flag: str = "--dtype") -> str:
@@ -142,6 +143,8 @@ def _resolve(model: str) -> tuple[str, bool]:
     """(path or hub id, is_local) for a ``--model`` value."""
     if model in TINY_MODELS:
         return str(tiny_model_dir(model)), True
+    if model in SHAPES_MODELS:
+        return str(shapes_model_dir(model)), True
     if model in KNOWN_MODELS:
         return KNOWN_MODELS[model][0], False
     if os.path.isdir(model):
@@ -240,7 +243,8 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | 
 
     Args:
         model: hub id (e.g. ``llava-hf/llava-1.5-7b-hf``), local directory, a built-in tiny model
-            (``tiny``, ``tiny-gqa``) or a known short name (``llava-1.5-7b``).
+            (``tiny``, ``tiny-gqa``), the built-in trained ``shapes`` model, or a known short name
+            (``llava-1.5-7b``).
         dtype: parameter dtype.
         device: where to put the parameters.
         attn_implementation: transformers' attention implementation for the HF model itself

@@ -1,0 +1,1 @@
+"""Data sets: the synthetic ``shapes`` scenes and questions."""

@@ -1,0 +1,106 @@
+"""The built-in ``shapes`` model: a small LLaVA-1.5 trained by this project to answer questions
+about synthetic scenes (:mod:`himap_trt.data.shapes`), so accuracy under pruning can be measured
+offline.
+
+Architecture: LLaVA-1.5's (CLIP vision tower, features from the second-to-last layer without CLS,
+2-layer GELU projector, Llama decoder), with the offline byte-level tokenizer and LLaVA-1.5 chat
+template of the ``tiny`` models (:mod:`himap_trt.models.tiny`). Sizes (:data:`SHAPES_SPEC`):
+
+- vision: CLIP, 96 x 96 px, 12 x 12 px patches -> 8 x 8 = 64 image tokens, hidden 64, 3 layers;
+- decoder: Llama, 10 layers (so the default HiMAP plan K1=2, K2=8 applies), hidden 64, 4 heads.
+
+The trained weights ship in the package (``models/weights/shapes.safetensors``, written by
+``scripts/train_shapes.py``). On first use they are written, with the config, tokenizer, image
+processor and chat template, to the cache as an ordinary Hugging Face model directory and loaded
+back through the same code path as any checkpoint (like ``tiny``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from himap_trt.errors import HimapError
+from himap_trt.models.tiny import PAD_ID, TinySpec, cache_root
+
+SHAPES_MODELS: tuple[str, ...] = ("shapes",)
+
+#: The shipped model's dimensions (``scripts/train_shapes.py`` trains exactly these).
+SHAPES_SPEC = TinySpec("shapes", num_key_value_heads=4, num_layers=10, hidden_size=64, num_heads=4,
+                       intermediate_size=176, image_size=96, patch_size=12, vision_hidden=64, vision_layers=3)
+
+#: transformers' init scale for training from scratch (the tiny models' 0.2 is for random weights).
+TRAIN_INIT_STD = 0.02
+
+WEIGHTS = Path(__file__).parent / "weights" / "shapes.safetensors"
+
+
+def shapes_config(spec: TinySpec = SHAPES_SPEC):
+    """The ``LlavaConfig`` of the shapes model (built-in tokenizer's vocabulary)."""
+    from himap_trt.models.tiny import _config, _tokenizer
+
+    config = _config(spec, vocab_size=len(_tokenizer()))
+    config.text_config.initializer_range = TRAIN_INIT_STD
+    config.vision_config.initializer_range = TRAIN_INIT_STD
+    return config
+
+
+def shapes_processor(spec: TinySpec = SHAPES_SPEC):
+    """The ``LlavaProcessor`` of the shapes model (byte-level tokenizer, LLaVA-1.5 chat template)."""
+    from himap_trt.models.tiny import _processor, _tokenizer
+
+    return _processor(spec, _tokenizer())
+
+
+def new_shapes_model(spec: TinySpec = SHAPES_SPEC, seed: int = 0):
+    """An untrained shapes model (transformers' init, seeded), in train mode: what training starts from."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(shapes_config(spec))
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def shapes_model_dir(name: str = "shapes") -> Path:
+    """The cache directory of the trained shapes model, written from the shipped weights on first use.
+
+    The directory name carries a hash of the weights file, so new weights get a new directory.
+
+    Raises:
+        HimapError: if the weights file is missing from the installation.
+    """
+    if name not in SHAPES_MODELS:
+        raise KeyError(name)
+    if not WEIGHTS.is_file():
+        raise HimapError(f"the trained weights of --model {name} are missing ({WEIGHTS}); "
+                         "train them with scripts/train_shapes.py")
+    digest = hashlib.blake2b(WEIGHTS.read_bytes(), digest_size=8).hexdigest()
+    target = cache_root() / "models" / f"{name}-{digest}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import load_file
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model = new_shapes_model()
+        missing, unexpected = model.load_state_dict(load_file(WEIGHTS), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]:
+            raise HimapError(f"{WEIGHTS} does not match the shapes model (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); retrain with scripts/train_shapes.py")
+        model.eval().save_pretrained(tmp)
+        shapes_processor().save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

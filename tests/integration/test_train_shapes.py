@@ -1,0 +1,66 @@
+"""scripts/train_shapes.py: training batches match the inference prompt, and a few steps run and
+write weights the shapes loader accepts (the full training is not run in CI)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from himap_trt.data.shapes import generate
+from himap_trt.models.shapes import SHAPES_SPEC, new_shapes_model, shapes_processor
+from himap_trt.models.tiny import EOS_ID
+from himap_trt.prompt import prepare_batch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_shapes.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_shapes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_batch_is_the_inference_prompt_then_the_answer():
+    train = _script()
+    items = generate(3, seed=5, split="train")
+    processor = shapes_processor()
+    batch = train.make_batch(items, processor)
+    n_image = (SHAPES_SPEC.image_size // SHAPES_SPEC.patch_size) ** 2
+    inference = prepare_batch(processor, [i.image for i in items], [i.question for i in items],
+                              processor.tokenizer.convert_tokens_to_ids("<image>"), n_image)
+    assert torch.equal(batch["pixel_values"], inference.pixel_values)
+    for row, item in enumerate(items):
+        prompt = inference.input_ids[row][inference.attention_mask[row].bool()].tolist()
+        answer = processor.tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+        assert processor.tokenizer.decode(answer) == item.answer
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :len(prompt)].tolist() == prompt
+        assert batch["input_ids"][row, len(prompt):length].tolist() == answer    # EOS is a target, not an input
+        # position t is trained to predict token t+1; the last prompt position predicts the answer's first token
+        targets = batch["labels"][row]
+        assert targets[len(prompt) - 1:length].tolist() == answer + [EOS_ID]
+        assert (targets[:len(prompt) - 1] == train.IGNORE).all() and (targets[length:] == train.IGNORE).all()
+        shapes_here = batch["patch_labels"][row]
+        assert int(shapes_here[:, 2].sum()) <= len(item.scene.shapes)
+
+
+def test_a_few_training_steps_change_the_weights_and_save_loadable_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    train = _script()
+    before = new_shapes_model(seed=0).state_dict()
+    lines = []
+    model, acc = train.train(steps=3, batch_size=4, warmup=1, dev_items=4, eval_every=3, log=lines.append)
+    assert any(line.startswith("step 3/3 loss") for line in lines) and 0.0 <= acc["all"] <= 1.0
+    after = model.state_dict()
+    assert not torch.equal(before["model.language_model.layers.0.mlp.up_proj.weight"],
+                           after["model.language_model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["model.vision_tower.embeddings.patch_embedding.weight"],
+                           after["model.vision_tower.embeddings.patch_embedding.weight"])
+    path = tmp_path / "w.safetensors"
+    assert train.save_weights(model, path) > 0
+    fresh = new_shapes_model(seed=1)
+    missing, unexpected = fresh.load_state_dict(load_file(path), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    assert torch.equal(fresh.state_dict()["model.language_model.norm.weight"], after["model.language_model.norm.weight"])

@@ -18,12 +18,10 @@ back through the same code path as any checkpoint (like ``tiny``).
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 from himap_trt.errors import HimapError
-from himap_trt.models.tiny import PAD_ID, TinySpec, cache_root
+from himap_trt.models.tiny import PAD_ID, TinySpec, cache_root, cached_model_dir
 
 SHAPES_MODELS: tuple[str, ...] = ("shapes",)
 
@@ -79,16 +77,10 @@ def shapes_model_dir(name: str = "shapes") -> Path:
         raise HimapError(f"the trained weights of --model {name} are missing ({WEIGHTS}); "
                          "train them with scripts/train_shapes.py")
     digest = hashlib.blake2b(WEIGHTS.read_bytes(), digest_size=8).hexdigest()
-    target = cache_root() / "models" / f"{name}-{digest}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from safetensors.torch import load_file
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
+        from safetensors.torch import load_file
+
         model = new_shapes_model()
         missing, unexpected = model.load_state_dict(load_file(WEIGHTS), strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]:
@@ -96,11 +88,5 @@ def shapes_model_dir(name: str = "shapes") -> Path:
                              f"{unexpected[:3]}); retrain with scripts/train_shapes.py")
         model.eval().save_pretrained(tmp)
         shapes_processor().save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return cached_model_dir(cache_root() / "models" / f"{name}-{digest}", build)

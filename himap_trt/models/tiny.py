@@ -163,16 +163,10 @@ def tiny_model_dir(name: str) -> Path:
         KeyError: if ``name`` is not one of :data:`TINY_MODELS`.
     """
     spec = TINY_MODELS[name]
-    target = cache_root() / "models" / f"{name}-r{RECIPE_VERSION}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from transformers import LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
+        from transformers import LlavaForConditionalGeneration
+
         tokenizer = _tokenizer()
         processor = _processor(spec, tokenizer)
         config = _config(spec, vocab_size=len(tokenizer))
@@ -181,6 +175,32 @@ def tiny_model_dir(name: str) -> Path:
         model.generation_config.pad_token_id = PAD_ID
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+
+    return cached_model_dir(cache_root() / "models" / f"{name}-r{RECIPE_VERSION}", build)
+
+
+def cached_model_dir(target: Path, build) -> Path:
+    """A built-in model's Hugging Face directory in the cache, written once and atomically.
+
+    Args:
+        target: the directory (under :func:`cache_root`); returned as is when it already holds
+            ``config.json`` and ``model.safetensors``.
+        build: called with an empty sibling temporary directory to write the model into; the
+            directory is renamed to ``target`` afterwards (if another process finished first, its
+            copy is kept) and removed on any error, so no half-written model is ever left.
+
+    Returns:
+        ``target``.
+    """
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

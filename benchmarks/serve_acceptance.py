@@ -18,10 +18,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from himap_trt.serve.bench import wait_healthy
 
 QUESTION = "Describe the image in detail."
 
@@ -48,16 +47,7 @@ def main() -> None:
                                *(["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])])
     rounds = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_healthy(base, server)
         for r in range(args.rounds):
             run = subprocess.run([*himap, "run", str(image), QUESTION, "--export-dir", str(args.export_dir),
                                   "--backend", "onnxruntime", "--max-new-tokens", str(args.max_tokens), "--ignore-eos",

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from himap_trt.serve.bench import stream_request
+from himap_trt.serve.bench import stream_request, wait_healthy
 
 MAX_BODY = 2_000_000
 
@@ -166,16 +166,7 @@ def main() -> None:
                                "--max-body-bytes", str(MAX_BODY), "--log-level", "warning",
                                *(["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])])
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_healthy(base, server)
         rss_start = rss_bytes(server.pid)
         report = asyncio.run(soak(base, model, cases, expected, args, server.pid))
         time.sleep(0.5)

@@ -212,6 +212,31 @@ async def first_model(base_url: str, headers: dict | None = None, timeout_s: flo
         raise HimapError(f"--url {base_url!r}: cannot list models (GET /v1/models): {exc}; pass --model") from None
 
 
+def wait_healthy(base_url: str, process, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+    """Block until ``GET {base_url}/health`` answers 200 (a `himap-trt serve` started as ``process``).
+
+    Args:
+        base_url: the server's root, e.g. ``http://127.0.0.1:8000``.
+        process: the server's ``subprocess.Popen``; its exit ends the wait.
+        timeout_s: most seconds to wait. poll_s: seconds between probes.
+
+    Raises:
+        SystemExit: the server exited or was not ready within ``timeout_s`` (benchmark scripts stop).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base_url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit("the server did not start")
+        time.sleep(poll_s)
+
+
 def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: str | None, image: Path | None,
               prompt: str, max_tokens: int, ignore_eos: bool, warmup: int, api_key: str | None,
               timeout_s: float, progress=None) -> dict[str, Any]:

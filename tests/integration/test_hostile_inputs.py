@@ -269,6 +269,7 @@ def test_malformed_manifests_name_file_and_field(export_copy, photo_path):
         (lambda d: d.__setitem__("eos_token_ids", [None]), "eos_token_ids[0]"),
         (lambda d: d["files"].__setitem__("embed.onnx", {"bytes": -1, "sha256": "x"}), "files['embed.onnx'].bytes"),
         (lambda d: d.__setitem__("format_version", 1), "format version 1"),
+        (lambda d: d.__setitem__("kv_write", "exec"), "field 'kv_write' must be one of scatternd, tensorscatter"),
     ]
     for change, fragment in cases:
         (export_copy / "manifest.json").write_text(pristine)
@@ -600,6 +601,22 @@ def test_questions_batch_lines_and_options(good_export, tmp_path, photo_path):
     line = one_line_error(invoke("run", photo_path, "why " * 600, *args), "shorten the question")
     assert "re-export" not in line
     assert tree_digest(good_export) == before
+
+
+def test_new_plan_and_export_options_are_checked_before_loading(tmp_path):
+    """Options added with slot caches, VisiPruner and --method random: one error line, nothing written."""
+    out = tmp_path / "out"
+    cases = [
+        (("export", "--model", "tiny", "--kv-write", "inplace", "--out", out), "--kv-write must be one of"),
+        (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--assume-kept", "-1"), "--assume-kept"),
+        (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--assume-kept", "nan"), "--assume-kept"),
+        (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--max-keep", "0"), "--max-keep"),
+        (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--threshold", "inf"), "--threshold"),
+        (("flops", "--model", "llava-1.5-7b", "--method", "random", "--k1", "9", "--k2", "8"), "--k2"),
+    ]
+    for args, fragment in cases:
+        one_line_error(invoke(*args), fragment)
+    assert not out.exists()
 
 
 def test_help_shows_every_default_and_choice():

@@ -217,6 +217,15 @@ def export(
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
+    validate_chunk_layers: Annotated[Optional[int], typer.Option(
+        "--validate-chunk-layers", min=0,
+        help="Validate decoder segments in chunks of this many layers (bounds the memory of validation; "
+             "0: whole segments).",
+        show_default="auto: as many layers as fit 1 GiB of weights (2 for 7B fp16, 1 for 13B, whole "
+                     "segments for the tiny models)")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="[cpu|cuda|cuda:N]",
+        help="Where the PyTorch reference of the validation runs (tracing and ONNX Runtime stay on the CPU).")] = "cpu",
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
     as_json: JsonOpt = False,
@@ -226,8 +235,10 @@ def export(
     Writes vision.onnx, embed.onnx, one segment_<j>.onnx per decoder segment of the plan (each with
     KV-cache inputs/outputs and dynamic sequence length), one scoring_<j>.onnx per pruning stage, the
     processor and manifest.json. A failed export leaves an existing export at --out untouched.
+    A local safetensors checkpoint is streamed: each decoder layer's weights are read from the files
+    when its graph is written (or the reference runs it) and released after.
     """
-    from himap_trt.export import ExportOptions, check_max_seq_len, export_model
+    from himap_trt.export import ExportOptions, check_max_seq_len, check_reference_device, export_model
     from himap_trt.export.manifest import MANIFEST_NAME, is_export_manifest
     from himap_trt.fsutil import check_target, output_lock
     from himap_trt.models import load_config, load_model, model_dims
@@ -235,7 +246,10 @@ def export(
 
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
-                            validate=validate, kv_write=kv_write)
+                            validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
+                            device=device)
+    if validate:
+        check_reference_device(device)
     config = load_config(model)
     check_max_seq_len(model_dims(config), max_seq_len)
     plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
@@ -245,7 +259,9 @@ def export(
         _require_tensorrt()
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
-        loaded = load_model(model, dtype=DTYPES[options.dtype])
+        from himap_trt.models.streaming import load_streamed
+
+        loaded = load_streamed(model, dtype=DTYPES[options.dtype]) or load_model(model, dtype=DTYPES[options.dtype])
         err.print(f"plan: {plan.describe()}")
         with _progress() as progress:
             task = progress.add_task("export", total=None)

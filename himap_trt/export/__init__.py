@@ -24,7 +24,7 @@ from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
-__all__ = ["ExportOptions", "export_model", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
+__all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class ExportOptions:
         kv_write: how segment graphs write their KV caches in place: ``scatternd`` (ScatterND, any
             opset here; ONNX Runtime and every TensorRT 10.x) or ``tensorscatter`` (ONNX opset-24
             TensorScatter, TensorRT 10.15+/11's in-place KV-cache update; segment graphs at opset 24).
+        validate_chunk_layers: validate decoder segments in chunks of this many layers (0: whole
+            segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
+        device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
+            tracing and the ONNX Runtime checks stay on the CPU.
     """
 
     out: Path
@@ -50,9 +54,16 @@ class ExportOptions:
     max_seq_len: int | None = None
     validate: bool = True
     kv_write: str = "scatternd"
+    validate_chunk_layers: int | None = None
+    device: str = "cpu"
 
     def __post_init__(self):
         from himap_trt.export.manifest import KV_WRITES
+        from himap_trt.runtime.loader import check_device
+
+        check_device(self.device)
+        if self.validate_chunk_layers is not None and self.validate_chunk_layers < 0:
+            raise HimapError(f"--validate-chunk-layers must be >= 0 (0: whole segments), got {self.validate_chunk_layers}")
 
         if self.kv_write not in KV_WRITES:
             raise HimapError(f"--kv-write must be one of {', '.join(KV_WRITES)}, got {self.kv_write!r}")
@@ -107,27 +118,43 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         ``(manifest, checks)``: the written :class:`Manifest` and the validation's output checks
         (empty with ``validate=False``).
 
+    With ``loaded.weights`` set (:func:`himap_trt.models.streaming.load_streamed`) the decoder layers
+    are read from the checkpoint files when their graph is written or the reference runs them, and
+    released after; the model hash is computed from the files.
+
     Raises:
         HimapError: --max-seq-len out of range, an export/checker failure, or a validation failure (then
-            nothing is written and an existing export at ``options.out`` is untouched).
+            nothing is written and an existing export at ``options.out`` is untouched); ``--device cuda``
+            without a usable GPU.
     """
+    import contextlib
+
     import torch
 
     from himap_trt import __version__
     from himap_trt.export.compose import SegmentComposer
     from himap_trt.export.onnx_export import export_graph
-    from himap_trt.export.validate import raise_on_failures, record_reference, validate_graphs
+    from himap_trt.export.validate import raise_on_failures, record_reference
+    from himap_trt.runtime.kv_cache import torch_dtype
     from himap_trt.confine import files_under, record_files
     from himap_trt.fsutil import atomic_directory, pause_point
     from himap_trt.graphs.modules import build_module
     from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
+
+    from himap_trt.export.chunked import ChunkedSegmentBackend, chunk_specs, resolve_chunk_layers, validate_in_chunks
 
     dims = loaded.dims
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype)
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
-    steps = len(specs) + (len(specs) + 1 if options.validate else 0) + 1
+    check_reference_device(options.device)
+    weights = getattr(loaded, "weights", None)
+    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    chunk_layers = resolve_chunk_layers(options.validate_chunk_layers, dims, itemsize)
+    chunks = {spec.name: parts for spec in specs if spec.kind == "segment" and (parts := chunk_specs(spec, chunk_layers))}
+    validation_steps = sum(len(chunks.get(spec.name) or [spec]) for spec in specs)
+    steps = len(specs) + (validation_steps + 1 if options.validate else 0) + 1
     step = 0
 
     def report(text: str) -> None:
@@ -137,7 +164,11 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         step += 1
 
     with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest) as tmp:
-        composer = SegmentComposer(loaded.model, dtype, options.opset, options.kv_write)
+        composer = SegmentComposer(loaded.model, dtype, options.opset, options.kv_write,
+                                   initializer=weights.initializer if weights else None)
+        if weights:   # the layer templates are traced on layer 0's modules
+            with weights.materialized([0]):
+                composer.trace_pieces()
         written = []
         for spec in specs:
             report(f"exporting {_describe(spec)}")
@@ -150,21 +181,36 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             written.append(replace(spec, file=path.name))
             pause_point("export:graph")
         report("hashing the model's config and weights")
-        digest = model_hash(loaded.model)
+        if weights:
+            from himap_trt.models.streaming import streamed_model_hash
+
+            digest = streamed_model_hash(loaded.model, weights.files, weights.dtype)
+        else:
+            digest = model_hash(loaded.model)
         loaded.processor.save_pretrained(tmp / PROCESSOR_DIR)
         checks = []
         if options.validate:
             report("running the PyTorch reference on a sample request")
+            device = torch.device(options.device)
+            if device.type != "cpu":
+                weights.to(device) if weights else loaded.model.to(device)
             torch_modules = torch_backends(loaded.model, specs)
+            for spec in specs:
+                if spec.name in chunks:
+                    torch_modules[spec.name] = ChunkedSegmentBackend(spec, chunks[spec.name], loaded.model)
 
             def factory(backends):
                 return Pipeline(specs, backends, loaded.processor, plan, image_token_id=dims.image_token_id,
-                                device=loaded.model.device, eos_token_ids=eos, pad_token_id=pad)
+                                device=device, eos_token_ids=eos, pad_token_id=pad)
 
-            with torch.inference_mode():
+            with torch.inference_mode(), (weights.streaming() if weights else contextlib.nullcontext()):
                 recorded = record_reference(factory, torch_modules)
-            checks = validate_graphs(tmp, written, recorded, dtype,
-                                     on_graph=lambda spec: report(f"validating {spec.name}"))
+            del torch_modules
+            if device.type != "cpu":   # ONNX Runtime is fed from host memory
+                recorded = _to_cpu(recorded)
+            checks = validate_in_chunks(tmp, written, chunks, recorded, dtype, composer,
+                                        on_graph=lambda spec: report(f"validating {spec.name}"))
+            del recorded
             raise_on_failures(checks)
         manifest = Manifest(
             format_version=FORMAT_VERSION, package_version=__version__, source_model=loaded.source,
@@ -176,3 +222,28 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         )
         manifest.save(tmp)
     return manifest, checks
+
+
+def check_reference_device(device: str) -> None:
+    """Raise unless the PyTorch reference can run on ``device`` (``export --device``).
+
+    Raises:
+        HimapError: ``cuda`` asked for but torch sees no usable CUDA device (one line, nothing exported).
+    """
+    import torch
+
+    from himap_trt.runtime.loader import check_device
+
+    check_device(device)
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise HimapError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                             "no usable GPU or a CPU-only build); export with --device cpu")
+        if index >= torch.cuda.device_count():
+            raise HimapError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _to_cpu(recorded):
+    return {name: {phase: tuple({k: v.cpu() for k, v in part.items()} for part in call)
+                   for phase, call in calls.items()} for name, calls in recorded.items()}

@@ -92,9 +92,14 @@ class SegmentComposer:
         opset: ONNX opset of the traced pieces.
         kv_write: ``scatternd`` or ``tensorscatter`` (:data:`KV_WRITES`; the latter raises the
             segment graphs' opset to :data:`TENSORSCATTER_OPSET`).
+        initializer: ``(state_dict name, parameter) -> onnx_ir tensor`` for a layer weight; default:
+            the parameter's memory. A streamed export passes
+            :meth:`himap_trt.models.streaming.StreamedWeights.initializer` (read from the checkpoint
+            file when the graph is written; the parameters are then ``meta``).
     """
 
-    def __init__(self, llava: torch.nn.Module, dtype: str, opset: int, kv_write: str = "scatternd"):
+    def __init__(self, llava: torch.nn.Module, dtype: str, opset: int, kv_write: str = "scatternd",
+                 initializer=None):
         if kv_write not in KV_WRITES:
             raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}")
         self.llava = llava
@@ -106,6 +111,13 @@ class SegmentComposer:
                           "attention": LayerTemplate(lm.layers[0], "attention").eval()}
         self.specs = _piece_specs(llava, dtype, self.templates["qkv"], self.templates["attention"])
         self._models: dict[str, ir.Model] = {}
+        self._initializer = initializer or (lambda name, param: TorchTensor(param.detach(), name=name))
+
+    def trace_pieces(self) -> None:
+        """Trace the four pieces now (otherwise on first use); a streamed export calls this while
+        layer 0's weights are materialised, since the templates are built on it."""
+        for name in ("prelude", "qkv", "attention", "head"):
+            self._piece(name)
 
     def _piece(self, name: str) -> ir.Model:
         if name not in self._models:
@@ -124,7 +136,7 @@ class SegmentComposer:
         bindings = {}
         for name, param in template.used_parameters(lm.layers[layer]):
             full = f"model.language_model.layers.{layer}.{name}"
-            value = ir.Value(name=full, const_value=TorchTensor(param.detach(), name=full),
+            value = ir.Value(name=full, const_value=self._initializer(full, param),
                              type=ir.TensorType(_TENSOR_TYPES[self.dtype]), shape=ir.Shape(tuple(param.shape)))
             graph.register_initializer(value)
             bindings[f"weight.{name}"] = value

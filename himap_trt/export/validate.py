@@ -104,16 +104,21 @@ def record_reference(pipeline_factory, torch_modules: dict[str, TorchBackend]):
         torch_modules: name -> torch backend.
 
     Returns:
-        name -> {phase: (feeds, outputs)}.
+        name -> {phase: (feeds, outputs)} (for a backend with ``records_itself``: its parts' names).
     """
     from himap_trt.runtime.sampling import GenerationConfig
 
-    recorders = {name: RecordingBackend(backend) for name, backend in torch_modules.items()}
+    # a backend with ``records_itself`` (a segment run as chunks: export/chunked.py) records its parts
+    recorders = {name: backend if getattr(backend, "records_itself", False) else RecordingBackend(backend)
+                 for name, backend in torch_modules.items()}
     pipeline = pipeline_factory(recorders)
     images, questions = sample_requests()
     batch = pipeline.prepare(images, questions)
     pipeline.generate(batch, GenerationConfig(max_new_tokens=3))
-    return {name: rec.calls for name, rec in recorders.items()}
+    recorded = {}
+    for name, rec in recorders.items():
+        recorded.update(rec.recorded() if getattr(rec, "records_itself", False) else {name: rec.calls})
+    return recorded
 
 
 def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],

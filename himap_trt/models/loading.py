@@ -224,12 +224,16 @@ class LoadedModel:
         processor: its ``LlavaProcessor`` (tokenizer + image processor + chat template).
         source: the ``--model`` value it was loaded from (hub id, directory or built-in name).
         path: the directory or hub id actually loaded.
+        weights: None when every weight is in ``model``; a
+            :class:`himap_trt.models.streaming.StreamedWeights` when the decoder layers stay in the
+            checkpoint files (``load_streamed``: the bounded-memory export).
     """
 
     model: Any
     processor: Any
     source: str
     path: str
+    weights: Any = None
 
     @property
     def dims(self) -> ModelDims:

@@ -141,7 +141,8 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     from himap_trt.graphs.modules import build_module
     from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
 
-    from himap_trt.export.chunked import ChunkedSegmentBackend, chunk_specs, resolve_chunk_layers, validate_in_chunks
+    from himap_trt.export.chunked import (ChunkedSegmentBackend, chunk_specs, release_memory, resolve_chunk_layers,
+                                          validate_in_chunks)
 
     dims = loaded.dims
     dtype = DTYPE_NAMES[options.dtype]
@@ -206,6 +207,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             with torch.inference_mode(), (weights.streaming() if weights else contextlib.nullcontext()):
                 recorded = record_reference(factory, torch_modules)
             del torch_modules
+            release_memory()
             if device.type != "cpu":   # ONNX Runtime is fed from host memory
                 recorded = _to_cpu(recorded)
             checks = validate_in_chunks(tmp, written, chunks, recorded, dtype, composer,

@@ -135,6 +135,20 @@ class ChunkedSegmentBackend(BackendBase):
         self.chunks = []
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``): ONNX Runtime's
+    fp32 copies of a closed session's weights otherwise stay in the process's heap (measured ~1 GiB
+    after the 7B vision session) and add to the next session's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def validate_in_chunks(export_dir: Path, specs: list[GraphSpec], chunks: dict[str, list[GraphSpec]],
                        recorded: dict, dtype: str, composer, on_graph=None) -> list:
     """:func:`~himap_trt.export.validate.validate_graphs` for every graph of the export, with each
@@ -153,6 +167,7 @@ def validate_in_chunks(export_dir: Path, specs: list[GraphSpec], chunks: dict[st
             parts = chunks.get(spec.name)
             if not parts:
                 checks += validate_graphs(export_dir, [spec], recorded, dtype, on_graph=on_graph)
+                release_memory()
                 continue
             for part in parts:
                 if on_graph:
@@ -164,6 +179,7 @@ def validate_in_chunks(export_dir: Path, specs: list[GraphSpec], chunks: dict[st
                 finally:
                     for file in scratch.iterdir():
                         file.unlink()
+                    release_memory()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return checks

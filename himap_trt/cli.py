@@ -287,6 +287,26 @@ def export(
         _print_built(built)
 
 
+def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
+                      batch: int, force: bool) -> None:
+    """Print run's memory estimate on ONNX Runtime (CPU) and refuse unless it fits or --force
+    (himap_trt/runtime/memory.py); other backends and unreadable exports are left to open_pipeline."""
+    import torch
+
+    from himap_trt.export.manifest import load_manifest
+    from himap_trt.runtime.memory import check_run_memory
+
+    on_cpu = device in (None, "cpu") and not (device is None and torch.cuda.is_available())
+    if model is not None or backend not in ("auto", "onnxruntime") or not on_cpu:
+        return
+    try:
+        manifest = load_manifest(export_dir, verify=False)
+    except HimapError:
+        return      # open_pipeline reports it
+    estimate = check_run_memory(export_dir, manifest, batch=batch, force=force)
+    err.print(f"memory: {estimate.describe()}", highlight=False, soft_wrap=True)
+
+
 def _print_checks(checks) -> None:
     if not checks:
         out.print("validation skipped (--no-validate)")
@@ -370,6 +390,9 @@ def run(
                                                                   "not stop a row; for benchmarks).")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
                                                                       "(one request, no --json).")] = True,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run even when the memory estimate of ONNX Runtime on CPU exceeds the available "
+                        "memory.")] = False,
     as_json: JsonOpt = False,
 ):
     """Answer a question about an image with the exported pipeline.
@@ -411,6 +434,7 @@ def run(
                               threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                               max_keep=DEFAULT_MAX_KEEP if max_keep is None else max_keep)
 
+    _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
     opened = open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
                            engines_dir=engines_dir, device=device, dtype=dtype)
     pipeline = opened.pipeline

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import exported, tiny
+from conftest import exported, tiny
 
 PLAN = dict(k1=2, r1=0.5, k2=8, r2=0.75)
 
@@ -129,3 +129,29 @@ def test_export_device_cuda_without_gpu_is_one_line(tmp_path):
     text = result.output.strip()
     assert "--device cuda: CUDA is not available" in text and "Traceback" not in text and len(text.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_run_memory_estimate_refuses_unless_forced(tmp_path_factory, photo_path, monkeypatch):
+    """run prints its ONNX Runtime (CPU) memory estimate, refuses in one line naming the export and the
+    numbers when it exceeds the available memory, and runs with --force."""
+    import himap_trt.runtime.memory as memory
+    from himap_trt.cli import app
+    from himap_trt.runtime.memory import estimate_run_memory
+
+    out, manifest, _ = exported(tmp_path_factory, "tiny", "himap", **PLAN)
+    estimate = estimate_run_memory(out, manifest, batch=1)
+    files = sum(p.stat().st_size for spec in manifest.graphs for p in out.glob(f"{spec.file}*"))
+    d = manifest.dims
+    assert estimate.weights == files
+    assert estimate.kv_cache == 2 * d.num_layers * d.num_kv_heads * manifest.max_seq_len * d.head_dim * 4
+    runner = CliRunner()
+    args = ["run", str(photo_path), "What?", "--export-dir", str(out), "--max-new-tokens", "2", "--backend", "onnxruntime",
+            "--device", "cpu", "--no-stream"]
+    monkeypatch.setattr(memory, "available_bytes", lambda: estimate.total - 1)
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "--force" in lines[0] and "GiB is available" in lines[0]
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, forced.stderr
+    assert "memory: about" in forced.stderr and "answer" in forced.stdout

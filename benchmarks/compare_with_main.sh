@@ -9,9 +9,10 @@ ref=${1:-main}
 work=$(mktemp -d /tmp/himap-cmp-XXXX)
 root=$(pwd)
 export_with() {   # $1 git ref, $2 label
+  local label=$2
   rm -rf "$work/src" && mkdir "$work/src" && git archive "$1" | tar -x -C "$work/src"
   for args in "tiny fp32" "tiny-gqa fp16"; do
-    set -- $args "$2"
+    set -- $args "$label"
     (cd /tmp && PYTHONPATH="$work/src" nice -n 10 "$root/.venv/bin/python" -c "import himap_trt, sys
 assert himap_trt.__file__.startswith('$work/src')
 from himap_trt.cli import app

@@ -289,8 +289,9 @@ def export(
 
 def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
                       batch: int, force: bool) -> None:
-    """Print run's memory estimate on ONNX Runtime (CPU) and refuse unless it fits or --force
-    (himap_trt/runtime/memory.py); other backends and unreadable exports are left to open_pipeline."""
+    """Print run's memory estimate on ONNX Runtime (CPU) for a big export (>= 1 GiB of weights, or a
+    quarter of the available memory) and refuse unless it fits or --force (himap_trt/runtime/memory.py);
+    other backends and unreadable exports are left to open_pipeline."""
     import torch
 
     from himap_trt.export.manifest import load_manifest
@@ -303,8 +304,12 @@ def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], devi
         manifest = load_manifest(export_dir, verify=False)
     except HimapError:
         return      # open_pipeline reports it
+    from himap_trt.runtime.memory import GiB, available_bytes
+
     estimate = check_run_memory(export_dir, manifest, batch=batch, force=force)
-    err.print(f"memory: {estimate.describe()}", highlight=False, soft_wrap=True)
+    available = available_bytes()
+    if estimate.weights >= GiB or (available and estimate.total > available / 4):   # big exports only
+        err.print(f"memory: {estimate.describe()}", highlight=False, soft_wrap=True)
 
 
 def _print_checks(checks) -> None:

@@ -3,7 +3,7 @@ before anything is loaded.
 
 ONNX Runtime's CPU provider has no fp16/bf16 kernels for most of a decoder's ops: when it opens an
 fp16 graph it inserts casts and constant-folds the weights to float32, so an open fp16 session holds
-about 2x its weight bytes (the fp32 copies plus what the fp16 originals leave behind) and about 2.9x
+about 2x its weight bytes (the fp32 copies plus what the fp16 originals leave behind) and about 3.1x
 while it opens (measured on 7B-dims segments: docs/PERFORMANCE.md, "Memory of ONNX Runtime
 sessions"). fp32 graphs are held once. ``run`` opens every graph of the chain, one after the
 other, so::
@@ -25,7 +25,7 @@ from himap_trt.errors import HimapError
 GiB = 1024**3
 #: Resident bytes per weight byte of an open ONNX Runtime CPU session, and while it opens, by graph dtype.
 OPEN_FACTOR = {"float32": 1.05, "float16": 2.0, "bfloat16": 2.0}
-OPENING_FACTOR = {"float32": 1.1, "float16": 2.9, "bfloat16": 2.9}
+OPENING_FACTOR = {"float32": 1.1, "float16": 3.1, "bfloat16": 3.1}
 #: Python, torch, transformers, ONNX Runtime and the processor (bytes).
 BASE_BYTES = int(0.7 * GiB)
 
@@ -72,7 +72,7 @@ def estimate_run_memory(export_dir: str | Path, manifest, batch: int = 1) -> Mem
         per_graph.append(size)
     weights = sum(per_graph)
     open_factor = OPEN_FACTOR.get(manifest.dtype, 2.0)
-    opening = OPENING_FACTOR.get(manifest.dtype, 2.9)
+    opening = OPENING_FACTOR.get(manifest.dtype, 3.1)
     dims = manifest.dims
     itemsize = torch.empty((), dtype=torch_dtype(manifest.dtype)).element_size()
     kv = 2 * dims.num_layers * batch * dims.num_kv_heads * manifest.max_seq_len * dims.head_dim * itemsize

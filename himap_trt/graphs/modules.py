@@ -175,7 +175,20 @@ def layer_attention(layer: nn.Module, hidden_states: torch.Tensor, query: torch.
     scores = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * attn.scaling
     probs = torch.softmax(scores.float() + bias, dim=-1).to(value.dtype)   # [B,H,S,M]
     out = torch.matmul(probs, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, seq, -1)
-    hidden_states = hidden_states + attn.o_proj(out)
+    return layer_output(layer, hidden_states, out)
+
+
+def layer_output(layer: nn.Module, hidden_states: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The end of a Llama layer after the attention product: o_proj, residual, MLP.
+
+    Args:
+        hidden_states: [B,S,D] (the layer's input). attention: [B,S,H*Dh] the attention output,
+            heads concatenated (what ONNX Runtime's GroupQueryAttention returns).
+
+    Returns:
+        hidden_states [B,S,D].
+    """
+    hidden_states = hidden_states + layer.self_attn.o_proj(attention)
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
@@ -267,32 +280,43 @@ class _AttentionStep(nn.Module):
         return (layer_attention(self.layer, hidden_states, query, key, value, bias),)
 
 
+class _OutputStep(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, attention):
+        return (layer_output(self.layer, hidden_states, attention),)
+
+
 class LayerTemplate(nn.Module):
     """One half of a decoder layer with the layer's weights as *inputs* (after the activations, in
     :attr:`weight_names` order), so one exported graph serves every layer of the decoder.
 
     ``part='qkv'``: (hidden_states, cos, sin) -> (query, key, value), :func:`layer_qkv`;
-    ``part='attention'``: (hidden_states, query, key, value, bias) -> hidden_states, :func:`layer_attention`.
+    ``part='attention'``: (hidden_states, query, key, value, bias) -> hidden_states, :func:`layer_attention`;
+    ``part='output'``: (hidden_states, attention [B,S,H*Dh]) -> hidden_states, :func:`layer_output` (the
+    attention weights' part after a fused attention node, ``kv_write='gqa'``).
     The cache write between them is a node :mod:`himap_trt.export.compose` builds itself.
     """
 
     def __init__(self, layer: nn.Module, part: str):
         super().__init__()
-        self.step = _QKVStep(layer) if part == "qkv" else _AttentionStep(layer)
+        self.step = {"qkv": _QKVStep, "attention": _AttentionStep, "output": _OutputStep}[part](layer)
         self.part = part
         self.weight_names = [name for name, _ in self.used_parameters(layer)]
 
     @staticmethod
     def _used(part: str, name: str) -> bool:
         attention = name.startswith(("self_attn.o_proj", "mlp.", "post_attention_layernorm"))
-        return attention if part == "attention" else not attention
+        return attention if part in ("attention", "output") else not attention
 
     def used_parameters(self, layer: nn.Module):
         """(name, parameter) of ``layer`` that this part reads, in a fixed order."""
         return [(name, p) for name, p in layer.named_parameters() if self._used(self.part, name)]
 
     def forward(self, *args):
-        n = 3 if self.part == "qkv" else 5
+        n = {"qkv": 3, "attention": 5, "output": 2}[self.part]
         activations, weights = args[:n], args[n:]
         params = {f"layer.{name}": w for name, w in zip(self.weight_names, weights)}
         return torch.func.functional_call(self.step, params, activations)

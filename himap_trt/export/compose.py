@@ -23,6 +23,11 @@ buffer (ONNX Runtime's I/O binding; TensorRT's aliased I/O) writes the S new tok
 copies nothing (ONNX Runtime's CPU scatter kernels skip their input copy when input and output
 share memory; measured in docs/ARCHITECTURE.md).
 
+With ``kv_write='gqa'`` (ONNX Runtime only) the write and the attention of each layer are one
+``com.microsoft.GroupQueryAttention`` node instead (past = present buffer, ``seqlens_k`` from
+``cache_position``), which reads only each row's occupied prefix, followed by the traced ``output``
+piece (o_proj, residual, MLP); see :meth:`SegmentComposer._gqa` and docs/ARCHITECTURE.md.
+
 The templates take their weights as graph *inputs*; each stamped copy binds them to that
 layer's parameters as initializers named like the checkpoint
 (``model.language_model.layers.{l}.self_attn.q_proj.weight``). The composed graph computes exactly
@@ -94,8 +99,9 @@ class SegmentComposer:
         llava: the ``LlavaForConditionalGeneration`` (eval mode, export dtype).
         dtype: spec dtype name of the graphs.
         opset: ONNX opset of the traced pieces.
-        kv_write: ``scatternd`` or ``tensorscatter`` (:data:`KV_WRITES`; the latter raises the
-            segment graphs' opset to :data:`TENSORSCATTER_OPSET`).
+        kv_write: ``scatternd``, ``tensorscatter`` or ``gqa`` (:data:`KV_WRITES`; ``tensorscatter``
+            raises the segment graphs' opset to :data:`TENSORSCATTER_OPSET`, ``gqa`` adds the
+            ``com.microsoft`` domain).
     """
 
     def __init__(self, llava: torch.nn.Module, dtype: str, opset: int, kv_write: str = "scatternd"):

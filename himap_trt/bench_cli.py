@@ -26,8 +26,19 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int]) -> list[Path]:
-    """Export ``model`` once per method into ``work_dir/<model>-<method>`` (reused when present)."""
+def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int],
+                 kv_writes: tuple[str, ...] = ("scatternd",)) -> list[Path]:
+    """Export ``model`` once per method and KV-cache write form into ``work_dir/<model>-<method>``
+    (``-<kv_write>`` appended unless ``scatternd``; reused when present)."""
+    from himap_trt.export.manifest import KV_WRITES
+
+    bad = [k for k in kv_writes if k not in KV_WRITES]
+    if bad or not kv_writes:
+        raise HimapError(f"--kv-write must be comma-separated values of {', '.join(KV_WRITES)}, got {','.join(kv_writes)!r}")
+    return [path for kv_write in kv_writes for path in _exports_one(model, methods, work_dir, max_seq_len, kv_write)]
+
+
+def _exports_one(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int], kv_write: str) -> list[Path]:
     from himap_trt.export import ExportOptions, export_model
     from himap_trt.export.manifest import MANIFEST_NAME
     from himap_trt.models import load_model
@@ -35,13 +46,14 @@ def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Op
 
     dirs, loaded = [], None
     for method in methods:
-        target = work_dir / f"{model.replace('/', '_')}-{method}"
+        target = work_dir / (f"{model.replace('/', '_')}-{method}" + ("" if kv_write == "scatternd" else f"-{kv_write}"))
         if not (target / MANIFEST_NAME).is_file():
             loaded = loaded or load_model(model)
             dims = loaded.dims
             plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
             err.print(f"exporting {model} ({plan.describe()}) to {target}")
-            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len))
+            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len,
+                                                     kv_write=kv_write))
         dirs.append(target)
     return dirs
 
@@ -59,6 +71,10 @@ def bench(
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="With --model: the exports' --max-seq-len.",
         show_default="the model's, at most 2048")] = None,
+    kv_write: Annotated[str, typer.Option(
+        "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
+        help="With --model: comma-separated KV-cache write forms (export --kv-write); each method is "
+             "exported and measured once per form, e.g. scatternd,gqa.")] = "scatternd",
     backend: Annotated[str, typer.Option("--backend", metavar="[auto|onnxruntime|tensorrt|torch]",
                                          help="Backend running every export.")] = "onnxruntime",
     device: Annotated[Optional[str], typer.Option("--device", metavar="[cpu|cuda|cuda:N]",
@@ -88,14 +104,15 @@ def bench(
     if export_dirs and model:
         raise HimapError("pass either --export-dir (one or more) or --model with --methods, not both")
     if model:
-        export_dirs = _exports_for(model, [m.strip() for m in methods.split(",") if m.strip()], work_dir, max_seq_len)
+        export_dirs = _exports_for(model, [m.strip() for m in methods.split(",") if m.strip()], work_dir, max_seq_len,
+                                   tuple(k.strip() for k in kv_write.split(",") if k.strip()))
     if not export_dirs:
         raise HimapError("pass --export-dir (one or more exports) or --model (with --methods)")
     contenders, first = [], None
     for directory in export_dirs:
         manifest = load_manifest(directory)
         opened = open_pipeline(export_dir=directory, backend=backend, device=device)
-        name = manifest.plan.method
+        name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
         contenders.append(PipelineContender(name, opened.pipeline, ignore_eos))

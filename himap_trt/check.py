@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.export.validate import OutputCheck, compare, record_reference, sample_requests, validation_backend
+from himap_trt.export.validate import (OutputCheck, compare, in_place_feeds, real_positions, record_reference,
+                                      sample_requests, validation_backend)
 
 
 #: dtypes whose end-to-end kept indices must equal PyTorch's. In bf16 (8-bit mantissa, run in ONNX's
@@ -138,9 +139,11 @@ def run_check(export_dir: Path, *, engines_dir: Path | None = None, max_new_toke
         for spec in specs:
             runner = pipeline.backends[spec.name]
             for phase, (feeds, outputs) in recorded[spec.name].items():
+                feeds, presents = in_place_feeds(spec, {k: v.to(pipeline.device) for k, v in feeds.items()})
                 with torch.inference_mode():
-                    got = runner.run({k: v.to(pipeline.device) for k, v in feeds.items()})
-                checks += compare(spec, phase, outputs, got, manifest.dtype, backend=runner.label)
+                    got = runner.run(feeds, presents) if presents else runner.run(feeds)
+                checks += compare(spec, phase, outputs, got, manifest.dtype, backend=runner.label,
+                                  positions=real_positions(spec, phase, feeds))
         report.graph_checks[backend] = checks
 
     step(f"end to end: greedy generation of {max_new_tokens} tokens on every backend")

@@ -210,10 +210,11 @@ def export(
         show_default="the model's positions, at most 2048")] = None,
     opset: Annotated[int, typer.Option("--opset", metavar="[18|19|20]", help="ONNX opset.")] = 18,
     kv_write: Annotated[str, typer.Option(
-        "--kv-write", metavar="[scatternd|tensorscatter]",
+        "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
         help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "
-             "TensorRT 10.x) or tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 in-place "
-             "KV-cache update).")] = "scatternd",
+             "TensorRT 10.x), tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 in-place "
+             "KV-cache update) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
+             "occupied cache only, flat TPOT; ONNX Runtime only, fp32/fp16).")] = "scatternd",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
@@ -256,6 +257,9 @@ def export(
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
+        if kv_write == "gqa":
+            raise HimapError("--build needs a TensorRT-parsable export: --kv-write gqa is ONNX Runtime only; "
+                             "use --kv-write scatternd or tensorscatter")
         _require_tensorrt()
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
@@ -653,6 +657,9 @@ def build(
         _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
         return
     manifest = load_manifest(export_dir)
+    from himap_trt.engines.build import check_buildable
+
+    check_buildable(manifest, export_dir)
     length = max_seq_len or manifest.max_seq_len
     if length > manifest.dims.max_position_embeddings:
         raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")

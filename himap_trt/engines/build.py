@@ -71,6 +71,20 @@ def default_timing_cache(tensorrt_version: str | None = None, capability: str | 
     return cache_root() / "timing.cache"
 
 
+def check_buildable(manifest, export_dir: Path) -> None:
+    """Refuse an export whose graphs TensorRT's ONNX parser cannot take (before TensorRT is imported).
+
+    Raises:
+        HimapError: for a ``kv_write='gqa'`` export (ONNX Runtime's contrib GroupQueryAttention).
+    """
+    from himap_trt.export.manifest import TENSORRT_KV_WRITES
+
+    if manifest.kv_write not in TENSORRT_KV_WRITES:
+        raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} (ONNX Runtime's "
+                         f"com.microsoft.GroupQueryAttention, which TensorRT cannot parse); re-export with "
+                         f"--kv-write {' or '.join(TENSORRT_KV_WRITES)} for TensorRT")
+
+
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
                   workspace: int = 0, timing_cache: Path | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
@@ -93,6 +107,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         HimapError: without TensorRT or a GPU (saying what to install), or if a graph fails to parse
             or build (naming the graph); an existing engines directory is then left untouched.
     """
+    check_buildable(manifest, export_dir)
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath

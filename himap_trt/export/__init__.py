@@ -41,7 +41,10 @@ class ExportOptions:
         validate: compare every graph with PyTorch in ONNX Runtime after export.
         kv_write: how segment graphs write their KV caches in place: ``scatternd`` (ScatterND, any
             opset here; ONNX Runtime and every TensorRT 10.x) or ``tensorscatter`` (ONNX opset-24
-            TensorScatter, TensorRT 10.15+/11's in-place KV-cache update; segment graphs at opset 24).
+            TensorScatter, TensorRT 10.15+/11's in-place KV-cache update; segment graphs at opset 24) or
+            ``gqa`` (ONNX Runtime's ``com.microsoft.GroupQueryAttention`` writes the cache and attends
+            over each row's occupied prefix only: flat decode on ONNX Runtime; fp32/fp16; TensorRT cannot
+            parse it).
         validate_chunk_layers: validate decoder segments in chunks of this many layers (0: whole
             segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
@@ -71,6 +74,8 @@ class ExportOptions:
             raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {self.opset}")
         if self.dtype not in DTYPE_NAMES:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.kv_write == "gqa" and self.dtype not in ("fp32", "fp16", "float32", "float16"):
+            raise HimapError(f"--kv-write gqa needs --dtype fp32 or fp16 (ONNX Runtime runs it), got {self.dtype!r}")
 
 
 Progress = Callable[[str, int, int], None]

@@ -23,6 +23,11 @@ buffer (ONNX Runtime's I/O binding; TensorRT's aliased I/O) writes the S new tok
 copies nothing (ONNX Runtime's CPU scatter kernels skip their input copy when input and output
 share memory; measured in docs/ARCHITECTURE.md).
 
+With ``kv_write='gqa'`` (ONNX Runtime only) the write and the attention of each layer are one
+``com.microsoft.GroupQueryAttention`` node instead (past = present buffer, ``seqlens_k`` from
+``cache_position``), which reads only each row's occupied prefix, followed by the traced ``output``
+piece (o_proj, residual, MLP); see :meth:`SegmentComposer._gqa` and docs/ARCHITECTURE.md.
+
 The templates take their weights as graph *inputs*; each stamped copy binds them to that
 layer's parameters as initializers named like the checkpoint
 (``model.language_model.layers.{l}.self_attn.q_proj.weight``). The composed graph computes exactly
@@ -51,7 +56,8 @@ _TENSOR_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "
 TENSORSCATTER_OPSET = 24
 
 
-def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attention: LayerTemplate) -> dict[str, GraphSpec]:
+def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attention: LayerTemplate,
+                 output: LayerTemplate) -> dict[str, GraphSpec]:
     config = llava.config.text_config
     d = config.hidden_size
     heads = config.num_attention_heads
@@ -80,6 +86,9 @@ def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attenti
              *weights(attention)),
             (TensorSpec("hidden_out", dtype, (b, s, d)),)),
         "head": GraphSpec("head", "piece", (hidden,), (TensorSpec("logits", dtype, (b, config.vocab_size)),)),
+        "output": GraphSpec("output", "piece", (hidden, TensorSpec("attention", dtype, (b, s, heads * hd)),
+                                                *weights(output)),
+                            (TensorSpec("hidden_out", dtype, (b, s, d)),)),
     }
 
 
@@ -90,8 +99,9 @@ class SegmentComposer:
         llava: the ``LlavaForConditionalGeneration`` (eval mode, export dtype).
         dtype: spec dtype name of the graphs.
         opset: ONNX opset of the traced pieces.
-        kv_write: ``scatternd`` or ``tensorscatter`` (:data:`KV_WRITES`; the latter raises the
-            segment graphs' opset to :data:`TENSORSCATTER_OPSET`).
+        kv_write: ``scatternd``, ``tensorscatter`` or ``gqa`` (:data:`KV_WRITES`; ``tensorscatter``
+            raises the segment graphs' opset to :data:`TENSORSCATTER_OPSET`, ``gqa`` adds the
+            ``com.microsoft`` domain).
         initializer: ``(state_dict name, parameter) -> onnx_ir tensor`` for a layer weight; default:
             the parameter's memory. A streamed export passes
             :meth:`himap_trt.models.streaming.StreamedWeights.initializer` (read from the checkpoint
@@ -107,16 +117,16 @@ class SegmentComposer:
         self.opset = opset
         self.kv_write = kv_write
         lm = llava.model.language_model
-        self.templates = {"qkv": LayerTemplate(lm.layers[0], "qkv").eval(),
-                          "attention": LayerTemplate(lm.layers[0], "attention").eval()}
-        self.specs = _piece_specs(llava, dtype, self.templates["qkv"], self.templates["attention"])
+        self.templates = {part: LayerTemplate(lm.layers[0], part).eval() for part in ("qkv", "attention", "output")}
+        self.specs = _piece_specs(llava, dtype, self.templates["qkv"], self.templates["attention"],
+                                  self.templates["output"])
         self._models: dict[str, ir.Model] = {}
         self._initializer = initializer or (lambda name, param: TorchTensor(param.detach(), name=name))
 
     def trace_pieces(self) -> None:
-        """Trace the four pieces now (otherwise on first use); a streamed export calls this while
+        """Trace the five pieces now (otherwise on first use); a streamed export calls this while
         layer 0's weights are materialised, since the templates are built on it."""
-        for name in ("prelude", "qkv", "attention", "head"):
+        for name in ("prelude", "qkv", "attention", "output", "head"):
             self._piece(name)
 
     def _piece(self, name: str) -> ir.Model:
@@ -125,7 +135,7 @@ class SegmentComposer:
             kv = self.specs["prelude"].outputs[3].shape[1]
             module = {"prelude": lambda: SegmentPrelude(lm.rotary_emb, kv),
                       "qkv": lambda: self.templates["qkv"], "attention": lambda: self.templates["attention"],
-                      "head": lambda: SegmentHead(self.llava)}[name]()
+                      "output": lambda: self.templates["output"], "head": lambda: SegmentHead(self.llava)}[name]()
             self._models[name] = export_program(module, self.specs[name], opset=self.opset,
                                                 vocab_size=self.llava.config.text_config.vocab_size)
         return self._models[name]
@@ -156,6 +166,88 @@ class SegmentComposer:
         graph.append(node)
         return node.outputs[0]
 
+    def _gqa_inputs(self, graph: ir.Graph, rope: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> dict[str, ir.Value]:
+        """What every GroupQueryAttention node of a segment shares (``kv_write='gqa'``).
+
+        ``seqlens_k`` [B] int32 = cache_position + S - 1 (the index of each row's last key: the row
+        attends over keys 0..seqlens_k[b], its S new keys written at cache_position[b]);
+        ``total_sequence_length`` scalar int32 T = max over rows of cache_position + S; ``bias``
+        [B,1,S,T] in the model dtype: the prelude's causal + padding bias cut to the T columns
+        GroupQueryAttention reads (left-padded prompts need it; at decode it masks nothing a row
+        reads except a free slot's dummy position).
+        """
+        def node(op: str, args: list, name: str, **attrs) -> ir.Value:
+            attributes = [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()]
+            n = ir.Node("", op, args, attributes=attributes, name=f"gqa/{name}")
+            n.outputs[0].name = f"gqa/{name}/out"
+            graph.append(n)
+            return n.outputs[0]
+
+        def const(name: str, array) -> ir.Value:
+            value = ir.Value(name=f"gqa/{name}", const_value=ir.tensor(array, name=f"gqa/{name}"))
+            graph.register_initializer(value)
+            return value
+
+        import numpy as np
+
+        seq = node("Shape", [inputs["hidden_states"]], "seq", start=1, end=2)                      # [1] int64
+        ends = node("Add", [inputs["cache_position"], seq], "ends")                                  # [B]
+        seqlens = node("Cast", [node("Sub", [ends, const("one", np.array([1], np.int64))], "last")], "seqlens_k",
+                       to=ir.DataType.INT32)
+        total64 = node("ReduceMax", [ends], "total64", keepdims=0)                                   # scalar
+        total = node("Cast", [total64], "total_sequence_length", to=ir.DataType.INT32)
+        bias = node("Slice", [rope["bias"], const("zero", np.array([0], np.int64)),
+                              node("Unsqueeze", [total64, const("axis0", np.array([0], np.int64))], "total_1d"),
+                              const("axis3", np.array([3], np.int64))], "bias")
+        if self.dtype != "float32":
+            # float32's most negative value is -inf in float16: clamp to the dtype's own (finite) minimum
+            finite = np.finfo(np.float16).min
+            bias = node("Max", [node("Cast", [bias], "bias_cast", to=_TENSOR_TYPES[self.dtype]),
+                                const("min", np.array(finite, np.float16))], "bias_min")
+        return {"seqlens_k": seqlens, "total_sequence_length": total, "bias": bias}
+
+    def _gqa(self, graph: ir.Graph, layer: int, new: dict[str, ir.Value], past_key: ir.Value, past_value: ir.Value,
+             shared: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """One ``com.microsoft.GroupQueryAttention`` node: writes the S new keys/values into the cache
+        buffers at each row's position (in place when present and past share a buffer) and attends
+        over each row's keys 0..seqlens_k[b] only. Returns (attention [B,S,H*Dh], present_key, present_value)."""
+        import numpy as np
+
+        attn = self.llava.model.language_model.layers[layer].self_attn
+        config = self.llava.config.text_config
+        heads = config.num_attention_heads
+        kv = config.num_key_value_heads or heads
+        prefix = f"layers.{layer}/gqa"
+        flat = graph.initializers.get("gqa/flat_shape")
+        if flat is None:
+            flat = ir.Value(name="gqa/flat_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64),
+                                                                          name="gqa/flat_shape"))
+            graph.register_initializer(flat)
+
+        def bsh(value: ir.Value, name: str) -> ir.Value:                 # [B,N,S,Dh] -> [B,S,N*Dh]
+            t = ir.Node("", "Transpose", [value], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])],
+                        name=f"{prefix}/{name}_bsnh")
+            t.outputs[0].name = f"{prefix}/{name}_bsnh/out"
+            graph.append(t)
+            r = ir.Node("", "Reshape", [t.outputs[0], flat], name=f"{prefix}/{name}_bsh")
+            r.outputs[0].name = f"{prefix}/{name}_bsh/out"
+            graph.append(r)
+            return r.outputs[0]
+
+        node = ir.Node("com.microsoft", "GroupQueryAttention",
+                       [bsh(new["query"], "query"), bsh(new["key"], "key"), bsh(new["value"], "value"), past_key,
+                        past_value, shared["seqlens_k"], shared["total_sequence_length"], None, None, None,
+                        shared["bias"]],
+                       attributes=[ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", kv),
+                                   ir.AttrFloat32("scale", float(attn.scaling))],
+                       name=prefix, num_outputs=3, version=1)
+        for value, suffix in zip(node.outputs, ("attention", "present_key", "present_value")):
+            value.name = f"{prefix}/{suffix}"
+        node.outputs[1].type, node.outputs[1].shape = past_key.type, past_key.shape
+        node.outputs[2].type, node.outputs[2].shape = past_value.type, past_value.shape
+        graph.append(node)
+        return node.outputs[0], node.outputs[1], node.outputs[2]
+
     def compose(self, spec: GraphSpec) -> ir.Model:
         """The ``onnx_ir`` model of segment ``spec`` (I/O named and shaped as the spec declares)."""
         start, end = spec.layers
@@ -164,9 +256,12 @@ class SegmentComposer:
         opsets = dict(self._piece("qkv").opset_imports)
         if self.kv_write == "tensorscatter":
             opsets[""] = max(opsets.get("", self.opset), TENSORSCATTER_OPSET)
+        if self.kv_write == "gqa":
+            opsets["com.microsoft"] = 1
         graph = ir.Graph(list(inputs.values()), [], nodes=[], opset_imports=opsets, name=spec.name)
         rope = _stamp(graph, self._piece("prelude").graph, "prelude/", {
             name: inputs[name] for name in ("hidden_states", "position_ids", "attention_mask", "cache_position")})
+        shared = self._gqa_inputs(graph, rope, inputs) if self.kv_write == "gqa" else {}
         hidden = inputs["hidden_states"]
         outputs: dict[str, ir.Value] = {}
         query = None
@@ -176,6 +271,15 @@ class SegmentComposer:
                           **self._weights(graph, layer, "qkv")})
             query = new["query"]
             past_key, past_value = past_names(layer)
+            if self.kv_write == "gqa":
+                attention, present_key, present_value = self._gqa(graph, layer, new, inputs[past_key],
+                                                                  inputs[past_value], shared)
+                hidden = _stamp(graph, self._piece("output").graph, f"layers.{layer}/output/",
+                                {"hidden_states": hidden, "attention": attention,
+                                 **self._weights(graph, layer, "output")})["hidden_out"]
+                outputs[present_names(layer)[0]] = present_key
+                outputs[present_names(layer)[1]] = present_value
+                continue
             present_key = self._write(graph, inputs[past_key], new["key"], rope, inputs["cache_position"],
                                       f"layers.{layer}/write_key")
             present_value = self._write(graph, inputs[past_value], new["value"], rope, inputs["cache_position"],

@@ -23,7 +23,10 @@ from himap_trt.plan import PruningPlan
 #: ``cache_position`` (written in place); version-1 exports are refused with a request to re-export.
 FORMAT_VERSION = 2
 #: How segment graphs write their KV caches (the export's ``--kv-write``; see export/compose.py).
-KV_WRITES = ("scatternd", "tensorscatter")
+#: ``gqa``: ONNX Runtime's ``com.microsoft.GroupQueryAttention`` writes and attends (ONNX Runtime only).
+KV_WRITES = ("scatternd", "tensorscatter", "gqa")
+#: The ``kv_write`` forms TensorRT's ONNX parser takes (``gqa`` is an ONNX Runtime contrib operator).
+TENSORRT_KV_WRITES = ("scatternd", "tensorscatter")
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
 
@@ -48,8 +51,10 @@ class Manifest:
         validation: per graph and phase, the max abs difference found against PyTorch (empty if skipped).
         files: every file of the export (graphs, their external data, the processor's files), relative
             path -> ``{"bytes": size, "sha256": hex}``; checked by :func:`load_manifest`.
-        kv_write: how segment graphs write their caches: ``scatternd`` (opset ``opset``) or
-            ``tensorscatter`` (segment graphs at opset 24); see :mod:`himap_trt.export.compose`.
+        kv_write: how segment graphs write their caches: ``scatternd`` (opset ``opset``),
+            ``tensorscatter`` (segment graphs at opset 24) or ``gqa`` (ONNX Runtime's
+            GroupQueryAttention writes the cache and attends over each row's occupied prefix; not
+            buildable with TensorRT); see :mod:`himap_trt.export.compose`.
     """
 
     format_version: int

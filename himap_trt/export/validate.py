@@ -121,15 +121,45 @@ def record_reference(pipeline_factory, torch_modules: dict[str, TorchBackend]):
     return recorded
 
 
+def real_positions(spec: GraphSpec, phase: str, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """[B,S] bool mask of the positions whose values a segment's prefill defines, or None (compare all).
+
+    At a segment's prefill, the outputs at a left-padded prompt's padding positions (their hidden
+    states, keys, values, queries) are unspecified: no real position attends to them (the bias masks
+    them) and :meth:`SlotKVCache.store` copies only real tokens into the slots. A fully masked padding
+    row's softmax is uniform over whichever keys a kernel considers (all M in the reference, the causal
+    prefix in ONNX Runtime's GroupQueryAttention), so only real positions are compared there.
+    """
+    if spec.kind != "segment" or phase != "prefill":
+        return None
+    return feeds["attention_mask"].bool()
+
+
 def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
             dtype: str, backend: str = "onnxruntime",
-            tolerances: Mapping[str, tuple[float, float]] | None = None) -> list[OutputCheck]:
-    """Compare one call's outputs with the reference's (see :data:`TOLERANCES`)."""
+            tolerances: Mapping[str, tuple[float, float]] | None = None,
+            positions: torch.Tensor | None = None) -> list[OutputCheck]:
+    """Compare one call's outputs with the reference's (see :data:`TOLERANCES`).
+
+    Args:
+        positions: optional [B,S] bool (:func:`real_positions`): outputs with that sequence axis
+            ([B,S,...] or [B,N,S,...]) are compared at these positions only; every element must still
+            be finite.
+    """
     atol, rtol = (tolerances or TOLERANCES)[dtype]
     checks = []
     for name in spec.output_names:
         ref = expected[name].detach().cpu()
         ours = got[name].detach().cpu()
+        if positions is not None and ours.shape == ref.shape and ref.is_floating_point():
+            if not bool(torch.isfinite(ours.double()).all()):
+                checks.append(OutputCheck(spec.name, phase, name, float("nan"), 0.0, False, backend))
+                continue
+            keep = positions.cpu()
+            if ref.dim() == 3 and ref.shape[1] == keep.shape[1]:
+                ref, ours = ref[keep], ours[keep]
+            elif ref.dim() == 4 and ref.shape[2] == keep.shape[1]:
+                ref, ours = ref.transpose(1, 2)[keep], ours.transpose(1, 2)[keep]
         scale = float(ref.double().abs().max()) if ref.numel() else 0.0
         if ours.shape != ref.shape:
             checks.append(OutputCheck(spec.name, phase, name, float("inf"), scale, False, backend))
@@ -180,12 +210,32 @@ def validate_graphs(export_dir: Path, specs: list[GraphSpec], recorded: dict[str
         label = getattr(backend, "label", type(backend).__name__)
         try:
             for phase, (feeds, outputs) in sorted(recorded[spec.name].items(), key=lambda item: item[0] != "prefill"):
+                feeds, presents = in_place_feeds(spec, feeds)
                 with torch.inference_mode():
-                    got = backend.run(feeds)
-                checks += compare(spec, phase, outputs, got, dtype, backend=label)
+                    got = backend.run(feeds, presents) if presents else backend.run(feeds)
+                checks += compare(spec, phase, outputs, got, dtype, backend=label,
+                                  positions=real_positions(spec, phase, feeds))
         finally:
             backend.close()
     return checks
+
+
+def in_place_feeds(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Feeds and output buffers that run a segment graph as the pipeline does: every ``past`` input a
+    fresh copy of the recorded one, its ``present`` output bound to that same copy (written in place; a
+    ``kv_write='gqa'`` graph needs the two to share one buffer). Other graphs: the feeds, no outputs.
+    The recorded feeds are not modified."""
+    if spec.kind != "segment":
+        return dict(feeds), {}
+    from himap_trt.graphs.spec import past_names, present_names
+
+    feeds, presents = dict(feeds), {}
+    for layer in range(*spec.layers):
+        for past, present in zip(past_names(layer), present_names(layer)):
+            feeds[past] = feeds[past].clone()
+            presents[present] = feeds[past]
+    return feeds, presents
 
 
 def raise_on_failures(checks: list[OutputCheck]) -> None:

@@ -175,7 +175,20 @@ def layer_attention(layer: nn.Module, hidden_states: torch.Tensor, query: torch.
     scores = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * attn.scaling
     probs = torch.softmax(scores.float() + bias, dim=-1).to(value.dtype)   # [B,H,S,M]
     out = torch.matmul(probs, repeat_kv(value, groups)).transpose(1, 2).reshape(batch, seq, -1)
-    hidden_states = hidden_states + attn.o_proj(out)
+    return layer_output(layer, hidden_states, out)
+
+
+def layer_output(layer: nn.Module, hidden_states: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """The end of a Llama layer after the attention product: o_proj, residual, MLP.
+
+    Args:
+        hidden_states: [B,S,D] (the layer's input). attention: [B,S,H*Dh] the attention output,
+            heads concatenated (what ONNX Runtime's GroupQueryAttention returns).
+
+    Returns:
+        hidden_states [B,S,D].
+    """
+    hidden_states = hidden_states + layer.self_attn.o_proj(attention)
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
@@ -267,32 +280,43 @@ class _AttentionStep(nn.Module):
         return (layer_attention(self.layer, hidden_states, query, key, value, bias),)
 
 
+class _OutputStep(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, attention):
+        return (layer_output(self.layer, hidden_states, attention),)
+
+
 class LayerTemplate(nn.Module):
     """One half of a decoder layer with the layer's weights as *inputs* (after the activations, in
     :attr:`weight_names` order), so one exported graph serves every layer of the decoder.
 
     ``part='qkv'``: (hidden_states, cos, sin) -> (query, key, value), :func:`layer_qkv`;
-    ``part='attention'``: (hidden_states, query, key, value, bias) -> hidden_states, :func:`layer_attention`.
+    ``part='attention'``: (hidden_states, query, key, value, bias) -> hidden_states, :func:`layer_attention`;
+    ``part='output'``: (hidden_states, attention [B,S,H*Dh]) -> hidden_states, :func:`layer_output` (the
+    attention weights' part after a fused attention node, ``kv_write='gqa'``).
     The cache write between them is a node :mod:`himap_trt.export.compose` builds itself.
     """
 
     def __init__(self, layer: nn.Module, part: str):
         super().__init__()
-        self.step = _QKVStep(layer) if part == "qkv" else _AttentionStep(layer)
+        self.step = {"qkv": _QKVStep, "attention": _AttentionStep, "output": _OutputStep}[part](layer)
         self.part = part
         self.weight_names = [name for name, _ in self.used_parameters(layer)]
 
     @staticmethod
     def _used(part: str, name: str) -> bool:
         attention = name.startswith(("self_attn.o_proj", "mlp.", "post_attention_layernorm"))
-        return attention if part == "attention" else not attention
+        return attention if part in ("attention", "output") else not attention
 
     def used_parameters(self, layer: nn.Module):
         """(name, parameter) of ``layer`` that this part reads, in a fixed order."""
         return [(name, p) for name, p in layer.named_parameters() if self._used(self.part, name)]
 
     def forward(self, *args):
-        n = 3 if self.part == "qkv" else 5
+        n = {"qkv": 3, "attention": 5, "output": 2}[self.part]
         activations, weights = args[:n], args[n:]
         params = {f"layer.{name}": w for name, w in zip(self.weight_names, weights)}
         return torch.func.functional_call(self.step, params, activations)
@@ -310,6 +334,16 @@ class SegmentHead(nn.Module):
         return last_token_logits(self.norm, self.lm_head, hidden_states)
 
 
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """Number of True values along the last axis, int64: [..., N] bool -> [...].
+
+    Summed in float32 (exact for N < 2**24) rather than int64: ONNX Runtime's int64 ReduceSum is
+    scalar code, its float32 one vectorised (the S x S rank count of a 653-token prompt took 1.2 ms as
+    int64 of a ~6 ms scoring graph; docs/PERFORMANCE.md). The counts, hence the kept indices, are the same.
+    """
+    return flags.float().sum(-1).long()
+
+
 def image_row_indices(token_type_ids: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the ``count`` image tokens of each row, ascending: [B,S] -> [B,count] int64.
 
@@ -318,7 +352,7 @@ def image_row_indices(token_type_ids: torch.Tensor, count: int) -> torch.Tensor:
     """
     running = (token_type_ids == TOKEN_IMAGE).float().cumsum(-1)                    # [B,S]
     slots = torch.arange(count, device=token_type_ids.device).float()               # [count]
-    return (running[:, None, :] <= slots[None, :, None]).sum(-1)                    # [B,count]
+    return _count(running[:, None, :] <= slots[None, :, None])                     # [B,count]
 
 
 def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor,
@@ -426,14 +460,14 @@ def kept_indices(scores: torch.Tensor, token_type_ids: torch.Tensor, keep: int, 
     index = torch.arange(seq, device=scores.device)
     beats = score[:, None, :] > score[:, :, None]                     # [B,v,u]: u outranks v
     ties = (score[:, None, :] == score[:, :, None]) & (index[None, :] < index[:, None])[None]
-    rank = (beats | ties).sum(-1)                                     # [B,S]: 0 for the best
+    rank = _count(beats | ties)                                       # [B,S]: 0 for the best
     survives = ~image | (rank < keep)
     # Running count of survivors in float32 (exact below 2**24 tokens): TensorRT's CumSum takes
     # floating-point inputs only.
     cumulative = survives.float().cumsum(-1)                           # [B,S]
     slots = torch.arange(seq - drop, device=scores.device).float()     # [S']
     # The (t+1)-th survivor sits at the number of positions whose running count is still <= t.
-    return (cumulative[:, None, :] <= slots[None, :, None]).sum(-1)  # [B,S']
+    return _count(cumulative[:, None, :] <= slots[None, :, None])   # [B,S']
 
 
 class StageScorer(nn.Module):

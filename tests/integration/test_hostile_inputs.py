@@ -608,6 +608,8 @@ def test_new_plan_and_export_options_are_checked_before_loading(tmp_path):
     out = tmp_path / "out"
     cases = [
         (("export", "--model", "tiny", "--kv-write", "inplace", "--out", out), "--kv-write must be one of"),
+        (("export", "--model", "tiny", "--kv-write", "gqa", "--dtype", "bf16", "--out", out), "--kv-write gqa needs"),
+        (("bench", "--model", "tiny", "--kv-write", "gqa,flash", "--work-dir", out), "--kv-write must be"),
         (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--assume-kept", "-1"), "--assume-kept"),
         (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--assume-kept", "nan"), "--assume-kept"),
         (("flops", "--model", "llava-1.5-7b", "--method", "visipruner", "--max-keep", "0"), "--max-keep"),

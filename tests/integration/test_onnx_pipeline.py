@@ -41,6 +41,23 @@ def test_onnxruntime_equals_reference(tmp_path_factory, name, method, kw, reques
             assert mine.kept_image_positions == theirs.kept_image_positions
 
 
+def test_groupqueryattention_export_equals_reference(tmp_path_factory, requests_3):
+    """--kv-write gqa (ONNX Runtime's GroupQueryAttention attends over each row's occupied prefix only):
+    grouped-query heads, padded batch of 3 and batch 1, the reference's tokens and kept indices."""
+    out, manifest, checks = exported(tmp_path_factory, "tiny-gqa", "himap", kv_write="gqa", **PLANS[2][1])
+    assert manifest.kv_write == "gqa" and checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    images, questions = requests_3
+    onnx_pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    ref_pipe = reference_pipeline(tiny("tiny-gqa"), manifest.plan)
+    for size in (1, 3):
+        batch = ref_pipe.prepare(images[:size], questions[:size])
+        ours = onnx_pipe.generate(batch, GenerationConfig(max_new_tokens=NEW_TOKENS))
+        ref = ref_pipe.generate(batch, GenerationConfig(max_new_tokens=NEW_TOKENS))
+        assert torch.equal(ours.sequences, ref.sequences)
+        for mine, theirs in zip(ours.stages, ref.stages):
+            assert torch.equal(mine.kept_indices, theirs.kept_indices)
+
+
 @pytest.mark.parametrize("method,kw", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_every_graph_validated_for_prefill_and_decode(tmp_path_factory, name, method, kw):

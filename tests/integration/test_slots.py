@@ -14,8 +14,9 @@ PLAN = dict(k1=2, r1=0.5, k2=8, r2=0.75)
 
 
 def _pipelines(tmp_path_factory, kind):
-    out, manifest, _ = exported(tmp_path_factory, "tiny", "himap", **PLAN)
-    if kind == "onnxruntime":
+    out, manifest, _ = exported(tmp_path_factory, "tiny", "himap", kv_write="gqa" if kind == "gqa" else "scatternd",
+                                **PLAN)
+    if kind in ("onnxruntime", "gqa"):
         return open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     return reference_pipeline(tiny("tiny"), manifest.plan)
 
@@ -54,7 +55,7 @@ def _step(pipe, cache, requests):
         request.logits.append(logits)
 
 
-@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch", "gqa"])
 def test_slots_joining_and_leaving_equal_solo_runs(tmp_path_factory, kind, requests_3):
     pipe = _pipelines(tmp_path_factory, kind)
     images, questions = requests_3
@@ -84,6 +85,9 @@ def test_slots_joining_and_leaving_equal_solo_runs(tmp_path_factory, kind, reque
         assert request.tokens == tokens
         worst = max(float((x - y).abs().max()) for x, y in zip(request.logits, logits))
         assert worst < 1e-4, worst
+    if kind == "gqa":   # GroupQueryAttention (prefix-only attention) gives the reference's tokens too
+        reference = _pipelines(tmp_path_factory, "torch")
+        assert [r.tokens for r in (a, b, c)] == [_solo(reference, batch, steps)[0] for batch in batches]
 
 
 def test_batch_prefill_into_chosen_slots_equals_generate(tmp_path_factory, requests_3):

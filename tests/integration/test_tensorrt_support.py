@@ -183,6 +183,20 @@ def test_build_and_tensorrt_run_without_tensorrt(tmp_path_factory, photo_path):
     assert "TensorRT is not installed" in result.stderr and "himap-trt[tensorrt]" in result.stderr
 
 
+def test_groupqueryattention_export_is_refused_by_build_and_flagged_by_compat(tmp_path_factory, tmp_path):
+    """--kv-write gqa is ONNX Runtime only: `build` (also its dry run, with or without TensorRT) refuses
+    it in one line, `export --build` refuses the option pair, and the static check names the contrib node."""
+    out, manifest, _ = exported(tmp_path_factory, "tiny", "himap", kv_write="gqa", k1=2, r1=0.5, k2=8, r2=0.75)
+    for args in (["build", "--export-dir", str(out)], ["build", "--export-dir", str(out), "--dry-run"],
+                 ["export", "--model", "tiny", "--out", str(tmp_path / "e"), "--kv-write", "gqa", "--build"]):
+        result = runner.invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and "gqa" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "e").exists()
+    report = check_onnx_file(out / manifest.graph("segment_0").file)
+    assert any(o.op_type == "GroupQueryAttention" and "com.microsoft" in o.reason for o in report.offenses)
+
+
 def _engines(plan, **changes):
     fields = dict(format_version=ENGINES_FORMAT_VERSION, package_version="x", export_fingerprint="sha256:aa",
                   plan=plan, dtype="float16", tensorrt_version="10.9.0", gpu_name="NVIDIA H200",

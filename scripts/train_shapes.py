@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from himap_trt.data.shapes import COLORS, SHAPES, SPLITS, TEMPLATES, generate, random_item  # noqa: E402
+from himap_trt.data.shapes import COLORS, SHAPES, SPLITS, TEMPLATES, generate, random_item, shape_mask  # noqa: E402
 from himap_trt.models.shapes import SHAPES_SPEC, new_shapes_model, shapes_processor  # noqa: E402
 from himap_trt.models.tiny import EOS_ID, PAD_ID  # noqa: E402
 from himap_trt.prompt import build_prompt  # noqa: E402
@@ -44,18 +45,24 @@ AUX_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, 2)
 
 
 def patch_labels(scene, spec) -> torch.Tensor:
-    """[patches, 3] int64 auxiliary targets of one scene (see the module docstring), row-major patches."""
-    grid = spec.image_size // spec.patch_size
-    labels = torch.tensor([len(COLORS), len(SHAPES), 0]).repeat(grid * grid, 1)
+    """[patches, sum(AUX_CLASSES)] float32 auxiliary targets of one scene, row-major patches: three
+    distributions per patch (each sums to 1), from the pixels :func:`render` paints: the fraction of
+    the patch covered by each colour and background, by each kind and background, and one-hot whether
+    the centre of a shape's bounding box lies in the patch."""
+    grid, size = spec.image_size // spec.patch_size, spec.patch_size
+    n_colors, n_kinds = len(COLORS), len(SHAPES)
+    color = np.zeros((grid * grid, n_colors + 1), np.float32)
+    kind = np.zeros((grid * grid, n_kinds + 1), np.float32)
+    centre = np.zeros(grid * grid, np.int64)
     for s in scene.shapes:
-        for r in range(grid):
-            for c in range(grid):
-                px, py = c * spec.patch_size + spec.patch_size / 2, r * spec.patch_size + spec.patch_size / 2
-                if s.x <= px < s.x + s.size and s.y <= py < s.y + s.size:
-                    labels[r * grid + c, :2] = torch.tensor([list(COLORS).index(s.color), SHAPES.index(s.kind)])
-        cx, cy = int((s.x + s.size / 2) // spec.patch_size), int((s.y + s.size / 2) // spec.patch_size)
-        labels[min(cy, grid - 1) * grid + min(cx, grid - 1), 2] = 1
-    return labels
+        cover = shape_mask(s)[:grid * size, :grid * size].reshape(grid, size, grid, size).mean((1, 3)).reshape(-1)
+        color[:, list(COLORS).index(s.color)] += cover
+        kind[:, SHAPES.index(s.kind)] += cover
+        cx, cy = int((s.x + s.size / 2) // size), int((s.y + s.size / 2) // size)
+        centre[min(cy, grid - 1) * grid + min(cx, grid - 1)] = 1
+    color[:, n_colors] = 1 - color[:, :n_colors].sum(1)   # shapes never overlap: coverage sums to <= 1
+    kind[:, n_kinds] = 1 - kind[:, :n_kinds].sum(1)
+    return torch.from_numpy(np.concatenate([color, kind, np.eye(2, dtype=np.float32)[centre]], axis=1))
 
 
 def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
@@ -65,7 +72,7 @@ def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
     Returns:
         input_ids, attention_mask, labels [B, T] int64 (labels IGNORE except answer + EOS, aligned
         with the token they predict: labels[t] is the target of position t), pixel_values [B,3,H,W],
-        patch_labels [B, patches, 3] int64 (:func:`patch_labels`).
+        patch_labels [B, patches, sum(AUX_CLASSES)] float32 (:func:`patch_labels`).
     """
     prompts = [build_prompt(processor, it.question) for it in items]
     processor.tokenizer.padding_side = "left"
@@ -105,8 +112,8 @@ def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
     exact = ((logits.argmax(-1) == labels) | ~target).all(-1)
     if probe is not None:
         aux = probe(captured["features"])                                             # [B,patches,sum(classes)]
-        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1), batch["patch_labels"].unbind(-1)):
-            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k.flatten()) / len(AUX_CLASSES)
+        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1), batch["patch_labels"].split(AUX_CLASSES, dim=-1)):
+            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k.flatten(0, 1)) / len(AUX_CLASSES)
     return loss, exact
 
 
@@ -126,7 +133,13 @@ def dev_accuracy(model, processor, items, spec=SHAPES_SPEC, batch_size: int = 64
     return result
 
 
-def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, seed: int = 0,
+def cpu_seconds() -> float:
+    """CPU time (user + sys, seconds) this process has used so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, final_lr: float = 0.1, seed: int = 0,
           spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1, aux: bool = True,
           init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train from scratch (or continue from the weights file ``init``, with a fresh optimizer,
@@ -153,12 +166,12 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = np.random.default_rng([seed, SPLITS["train"]])
     dev = generate(dev_items, seed=1, split="eval") if dev_items else []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     acc: dict[str, float] = {}
     running = []
     for step in range(1, steps + 1):
@@ -174,7 +187,8 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
             loss_avg, acc_avg = np.mean(running, axis=0)
             running.clear()
             log(f"step {step}/{steps} loss {loss_avg:.4f} train-acc {acc_avg:.3f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s")
+                f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s wall "
+                f"{cpu_seconds() - cpu_started:.0f}s cpu")
         if dev and (step % eval_every == 0 or step == steps):
             acc = dev_accuracy(model, processor, dev, spec)
             log(f"step {step} dev " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
@@ -200,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="items per step (default 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    parser.add_argument("--final-lr", type=float, default=0.1,
+                        help="learning rate at the last step, as a fraction of the peak (cosine decay; default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, more threads spin and run slower)")
     parser.add_argument("--dev-items", type=int, default=256, help="held-out dev items (default 256)")
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = dataclasses.replace(SHAPES_SPEC, **args.spec)
     print(f"spec {spec}", flush=True)
-    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, final_lr=args.final_lr, seed=args.seed,
                        spec=spec, dev_items=args.dev_items, eval_every=args.eval_every, threads=args.threads,
                        aux=not args.no_aux, init=args.init, log=lambda line: print(line, flush=True))
     params = sum(p.numel() for p in model.parameters())

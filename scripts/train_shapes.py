@@ -45,10 +45,25 @@ AUX_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, 2)
 
 
 def patch_labels(scene, spec) -> torch.Tensor:
-    """[patches, sum(AUX_CLASSES)] float32 auxiliary targets of one scene, row-major patches: three
-    distributions per patch (each sums to 1), from the pixels :func:`render` paints: the fraction of
-    the patch covered by each colour and background, by each kind and background, and one-hot whether
-    the centre of a shape's bounding box lies in the patch."""
+    """[patches, 3] int64 auxiliary targets of one scene (see the module docstring), row-major patches."""
+    grid = spec.image_size // spec.patch_size
+    labels = torch.tensor([len(COLORS), len(SHAPES), 0]).repeat(grid * grid, 1)
+    for s in scene.shapes:
+        for r in range(grid):
+            for c in range(grid):
+                px, py = c * spec.patch_size + spec.patch_size / 2, r * spec.patch_size + spec.patch_size / 2
+                if s.x <= px < s.x + s.size and s.y <= py < s.y + s.size:
+                    labels[r * grid + c, :2] = torch.tensor([list(COLORS).index(s.color), SHAPES.index(s.kind)])
+        cx, cy = int((s.x + s.size / 2) // spec.patch_size), int((s.y + s.size / 2) // spec.patch_size)
+        labels[min(cy, grid - 1) * grid + min(cx, grid - 1), 2] = 1
+    return labels
+
+
+def patch_coverage(scene, spec) -> torch.Tensor:
+    """[patches, sum(AUX_CLASSES)] float32 alternative auxiliary targets (``--aux-targets coverage``),
+    row-major patches: three distributions per patch (each sums to 1) from the pixels :func:`render`
+    paints: the fraction of the patch covered by each colour and by background, by each kind and by
+    background, and one-hot whether the centre of a shape's bounding box lies in the patch."""
     grid, size = spec.image_size // spec.patch_size, spec.patch_size
     n_colors, n_kinds = len(COLORS), len(SHAPES)
     color = np.zeros((grid * grid, n_colors + 1), np.float32)
@@ -65,14 +80,15 @@ def patch_labels(scene, spec) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([color, kind, np.eye(2, dtype=np.float32)[centre]], axis=1))
 
 
-def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
+def make_batch(items, processor, spec=SHAPES_SPEC, aux_targets: str = "box") -> dict[str, torch.Tensor]:
     """Training tensors for items: the processor's prompt ids (image tokens expanded), then the
     answer's ids and EOS, right-padded (so positions are 0..n-1 as in an unpadded prompt).
 
     Returns:
         input_ids, attention_mask, labels [B, T] int64 (labels IGNORE except answer + EOS, aligned
         with the token they predict: labels[t] is the target of position t), pixel_values [B,3,H,W],
-        patch_labels [B, patches, sum(AUX_CLASSES)] float32 (:func:`patch_labels`).
+        patch_labels [B, patches, 3] int64 (:func:`patch_labels`; ``aux_targets="box"``) or
+        [B, patches, sum(AUX_CLASSES)] float32 (:func:`patch_coverage`; ``aux_targets="coverage"``).
     """
     prompts = [build_prompt(processor, it.question) for it in items]
     processor.tokenizer.padding_side = "left"
@@ -93,7 +109,8 @@ def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
         attention_mask[i, :len(row)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": encoded["pixel_values"],
-            "patch_labels": torch.stack([patch_labels(it.scene, spec) for it in items])}
+            "patch_labels": torch.stack([(patch_coverage if aux_targets == "coverage" else patch_labels)(it.scene, spec)
+                                         for it in items])}
 
 
 def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +129,12 @@ def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
     exact = ((logits.argmax(-1) == labels) | ~target).all(-1)
     if probe is not None:
         aux = probe(captured["features"])                                             # [B,patches,sum(classes)]
-        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1), batch["patch_labels"].split(AUX_CLASSES, dim=-1)):
-            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k.flatten(0, 1)) / len(AUX_CLASSES)
+        targets = batch["patch_labels"]
+        soft = targets.is_floating_point()   # coverage distributions, else class indices
+        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1),
+                                  targets.split(AUX_CLASSES, dim=-1) if soft else targets.unbind(-1)):
+            target_k = target_k.flatten(0, 1) if soft else target_k.flatten()
+            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k) / len(AUX_CLASSES)
     return loss, exact
 
 
@@ -141,6 +162,7 @@ def cpu_seconds() -> float:
 
 def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, final_lr: float = 0.1, seed: int = 0,
           spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1, aux: bool = True,
+          aux_targets: str = "box",
           init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train from scratch (or continue from the weights file ``init``, with a fresh optimizer,
     schedule and data stream of ``seed``); returns the model (eval mode) and the final dev accuracy."""
@@ -175,7 +197,7 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
     acc: dict[str, float] = {}
     running = []
     for step in range(1, steps + 1):
-        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor, spec)
+        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor, spec, aux_targets)
         loss, exact = forward_loss(model, batch, probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     parser.add_argument("--final-lr", type=float, default=0.1,
                         help="learning rate at the last step, as a fraction of the peak (cosine decay; default 0.1)")
+    parser.add_argument("--aux-targets", choices=("box", "coverage"), default="box",
+                        help="per-patch auxiliary targets: box (colour/kind of the shape whose box holds the patch "
+                             "centre; the shipped weights) or coverage (pixel fraction of each colour/kind) "
+                             "(default box)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, more threads spin and run slower)")
     parser.add_argument("--dev-items", type=int, default=256, help="held-out dev items (default 256)")
@@ -230,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"spec {spec}", flush=True)
     model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, final_lr=args.final_lr, seed=args.seed,
                        spec=spec, dev_items=args.dev_items, eval_every=args.eval_every, threads=args.threads,
-                       aux=not args.no_aux, init=args.init, log=lambda line: print(line, flush=True))
+                       aux=not args.no_aux, aux_targets=args.aux_targets, init=args.init, log=lambda line: print(line, flush=True))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params}; final dev accuracy {acc.get('all', float('nan')):.3f}", flush=True)
     if args.out:

@@ -42,9 +42,25 @@ def test_training_batch_is_the_inference_prompt_then_the_answer():
         targets = batch["labels"][row]
         assert targets[len(prompt) - 1:length].tolist() == answer + [EOS_ID]
         assert (targets[:len(prompt) - 1] == train.IGNORE).all() and (targets[length:] == train.IGNORE).all()
-        colour, kind, centre = batch["patch_labels"][row].split(train.AUX_CLASSES, dim=-1)
+        shapes_here = batch["patch_labels"][row]
+        assert int(shapes_here[:, 2].sum()) <= len(item.scene.shapes)
+        colour, kind, centre = train.patch_coverage(item.scene, SHAPES_SPEC).split(train.AUX_CLASSES, dim=-1)
         assert torch.allclose(colour.sum(-1), torch.ones(n_image)) and torch.allclose(kind.sum(-1), torch.ones(n_image))
         assert int(centre[:, 1].sum()) == len(item.scene.shapes)   # boxes 2 px apart: never two centres in a patch
+
+
+def test_the_coverage_targets_train_the_probe():
+    train = _script()
+    items = generate(2, seed=6, split="train")
+    batch = train.make_batch(items, shapes_processor(), aux_targets="coverage")
+    assert batch["patch_labels"].dtype == torch.float32
+    model = new_shapes_model(seed=0)
+    probe = torch.nn.Linear(SHAPES_SPEC.hidden_size, sum(train.AUX_CLASSES))
+    with_aux, _ = train.forward_loss(model, batch, probe)
+    answer_only, _ = train.forward_loss(model, batch)
+    assert torch.isfinite(with_aux) and with_aux > answer_only   # soft cross-entropy is positive
+    with_aux.backward()
+    assert probe.weight.grad is not None and probe.weight.grad.abs().sum() > 0
 
 
 def test_patch_targets_are_the_covered_fraction_of_each_patch():
@@ -53,7 +69,7 @@ def test_patch_targets_are_the_covered_fraction_of_each_patch():
     train = _script()
     # a red square over x 10..33, y 20..39 and a blue circle with its box centre in patch (row 6, col 6)
     scene = Scene((240, 240, 240), (Shape("square", "red", 10, 20, 24), Shape("circle", "blue", 70, 70, 20)))
-    labels = train.patch_labels(scene, SHAPES_SPEC)
+    labels = train.patch_coverage(scene, SHAPES_SPEC)
     colour, kind, centre = labels.split(train.AUX_CLASSES, dim=-1)
     p, grid = SHAPES_SPEC.patch_size, SHAPES_SPEC.image_size // SHAPES_SPEC.patch_size
     red, square = list(COLORS).index("red"), SHAPES.index("square")

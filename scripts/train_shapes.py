@@ -160,10 +160,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, final_lr: float = 0.1, seed: int = 0,
-          spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1, aux: bool = True,
-          aux_targets: str = "box",
-          init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
+def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, final_lr: float = 0.1,
+          seed: int = 0, spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1,
+          aux: bool = True, aux_targets: str = "box", init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train from scratch (or continue from the weights file ``init``, with a fresh optimizer,
     schedule and data stream of ``seed``); returns the model (eval mode) and the final dev accuracy."""
     torch.set_num_threads(threads)
@@ -254,9 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = dataclasses.replace(SHAPES_SPEC, **args.spec)
     print(f"spec {spec}", flush=True)
-    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, final_lr=args.final_lr, seed=args.seed,
-                       spec=spec, dev_items=args.dev_items, eval_every=args.eval_every, threads=args.threads,
-                       aux=not args.no_aux, aux_targets=args.aux_targets, init=args.init, log=lambda line: print(line, flush=True))
+    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       final_lr=args.final_lr, seed=args.seed, spec=spec, dev_items=args.dev_items,
+                       eval_every=args.eval_every, threads=args.threads, aux=not args.no_aux,
+                       aux_targets=args.aux_targets, init=args.init, log=lambda line: print(line, flush=True))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params}; final dev accuracy {acc.get('all', float('nan')):.3f}", flush=True)
     if args.out:

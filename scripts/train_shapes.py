@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from himap_trt.data.shapes import COLORS, SHAPES, SPLITS, TEMPLATES, generate, random_item  # noqa: E402
+from himap_trt.data.shapes import COLORS, SHAPES, SPLITS, TEMPLATES, generate, random_item, shape_mask  # noqa: E402
 from himap_trt.models.shapes import SHAPES_SPEC, new_shapes_model, shapes_processor  # noqa: E402
 from himap_trt.models.tiny import EOS_ID, PAD_ID  # noqa: E402
 from himap_trt.prompt import build_prompt  # noqa: E402
@@ -58,14 +59,36 @@ def patch_labels(scene, spec) -> torch.Tensor:
     return labels
 
 
-def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
+def patch_coverage(scene, spec) -> torch.Tensor:
+    """[patches, sum(AUX_CLASSES)] float32 alternative auxiliary targets (``--aux-targets coverage``),
+    row-major patches: three distributions per patch (each sums to 1) from the pixels :func:`render`
+    paints: the fraction of the patch covered by each colour and by background, by each kind and by
+    background, and one-hot whether the centre of a shape's bounding box lies in the patch."""
+    grid, size = spec.image_size // spec.patch_size, spec.patch_size
+    n_colors, n_kinds = len(COLORS), len(SHAPES)
+    color = np.zeros((grid * grid, n_colors + 1), np.float32)
+    kind = np.zeros((grid * grid, n_kinds + 1), np.float32)
+    centre = np.zeros(grid * grid, np.int64)
+    for s in scene.shapes:
+        cover = shape_mask(s)[:grid * size, :grid * size].reshape(grid, size, grid, size).mean((1, 3)).reshape(-1)
+        color[:, list(COLORS).index(s.color)] += cover
+        kind[:, SHAPES.index(s.kind)] += cover
+        cx, cy = int((s.x + s.size / 2) // size), int((s.y + s.size / 2) // size)
+        centre[min(cy, grid - 1) * grid + min(cx, grid - 1)] = 1
+    color[:, n_colors] = 1 - color[:, :n_colors].sum(1)   # shapes never overlap: coverage sums to <= 1
+    kind[:, n_kinds] = 1 - kind[:, :n_kinds].sum(1)
+    return torch.from_numpy(np.concatenate([color, kind, np.eye(2, dtype=np.float32)[centre]], axis=1))
+
+
+def make_batch(items, processor, spec=SHAPES_SPEC, aux_targets: str = "box") -> dict[str, torch.Tensor]:
     """Training tensors for items: the processor's prompt ids (image tokens expanded), then the
     answer's ids and EOS, right-padded (so positions are 0..n-1 as in an unpadded prompt).
 
     Returns:
         input_ids, attention_mask, labels [B, T] int64 (labels IGNORE except answer + EOS, aligned
         with the token they predict: labels[t] is the target of position t), pixel_values [B,3,H,W],
-        patch_labels [B, patches, 3] int64 (:func:`patch_labels`).
+        patch_labels [B, patches, 3] int64 (:func:`patch_labels`; ``aux_targets="box"``) or
+        [B, patches, sum(AUX_CLASSES)] float32 (:func:`patch_coverage`; ``aux_targets="coverage"``).
     """
     prompts = [build_prompt(processor, it.question) for it in items]
     processor.tokenizer.padding_side = "left"
@@ -86,7 +109,8 @@ def make_batch(items, processor, spec=SHAPES_SPEC) -> dict[str, torch.Tensor]:
         attention_mask[i, :len(row)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": encoded["pixel_values"],
-            "patch_labels": torch.stack([patch_labels(it.scene, spec) for it in items])}
+            "patch_labels": torch.stack([(patch_coverage if aux_targets == "coverage" else patch_labels)(it.scene, spec)
+                                         for it in items])}
 
 
 def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +129,12 @@ def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
     exact = ((logits.argmax(-1) == labels) | ~target).all(-1)
     if probe is not None:
         aux = probe(captured["features"])                                             # [B,patches,sum(classes)]
-        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1), batch["patch_labels"].unbind(-1)):
-            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k.flatten()) / len(AUX_CLASSES)
+        targets = batch["patch_labels"]
+        soft = targets.is_floating_point()   # coverage distributions, else class indices
+        for part, target_k in zip(aux.split(AUX_CLASSES, dim=-1),
+                                  targets.split(AUX_CLASSES, dim=-1) if soft else targets.unbind(-1)):
+            target_k = target_k.flatten(0, 1) if soft else target_k.flatten()
+            loss = loss + torch.nn.functional.cross_entropy(part.flatten(0, 1), target_k) / len(AUX_CLASSES)
     return loss, exact
 
 
@@ -126,9 +154,15 @@ def dev_accuracy(model, processor, items, spec=SHAPES_SPEC, batch_size: int = 64
     return result
 
 
-def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, seed: int = 0,
-          spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1, aux: bool = True,
-          init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
+def cpu_seconds() -> float:
+    """CPU time (user + sys, seconds) this process has used so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 100, final_lr: float = 0.1,
+          seed: int = 0, spec=SHAPES_SPEC, dev_items: int = 256, eval_every: int = 250, threads: int = 1,
+          aux: bool = True, aux_targets: str = "box", init: Path | None = None, log=print) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train from scratch (or continue from the weights file ``init``, with a fresh optimizer,
     schedule and data stream of ``seed``); returns the model (eval mode) and the final dev accuracy."""
     torch.set_num_threads(threads)
@@ -153,16 +187,16 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = np.random.default_rng([seed, SPLITS["train"]])
     dev = generate(dev_items, seed=1, split="eval") if dev_items else []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     acc: dict[str, float] = {}
     running = []
     for step in range(1, steps + 1):
-        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor, spec)
+        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor, spec, aux_targets)
         loss, exact = forward_loss(model, batch, probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,7 +208,8 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
             loss_avg, acc_avg = np.mean(running, axis=0)
             running.clear()
             log(f"step {step}/{steps} loss {loss_avg:.4f} train-acc {acc_avg:.3f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s")
+                f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s wall "
+                f"{cpu_seconds() - cpu_started:.0f}s cpu")
         if dev and (step % eval_every == 0 or step == steps):
             acc = dev_accuracy(model, processor, dev, spec)
             log(f"step {step} dev " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
@@ -200,6 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="items per step (default 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    parser.add_argument("--final-lr", type=float, default=0.1,
+                        help="learning rate at the last step, as a fraction of the peak (cosine decay; default 0.1)")
+    parser.add_argument("--aux-targets", choices=("box", "coverage"), default="box",
+                        help="per-patch auxiliary targets: box (colour/kind of the shape whose box holds the patch "
+                             "centre; the shipped weights) or coverage (pixel fraction of each colour/kind) "
+                             "(default box)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared CPU, more threads spin and run slower)")
     parser.add_argument("--dev-items", type=int, default=256, help="held-out dev items (default 256)")
@@ -212,9 +253,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = dataclasses.replace(SHAPES_SPEC, **args.spec)
     print(f"spec {spec}", flush=True)
-    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
-                       spec=spec, dev_items=args.dev_items, eval_every=args.eval_every, threads=args.threads,
-                       aux=not args.no_aux, init=args.init, log=lambda line: print(line, flush=True))
+    model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       final_lr=args.final_lr, seed=args.seed, spec=spec, dev_items=args.dev_items,
+                       eval_every=args.eval_every, threads=args.threads, aux=not args.no_aux,
+                       aux_targets=args.aux_targets, init=args.init, log=lambda line: print(line, flush=True))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters {params}; final dev accuracy {acc.get('all', float('nan')):.3f}", flush=True)
     if args.out:

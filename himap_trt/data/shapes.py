@@ -168,16 +168,26 @@ def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
     draw = ImageDraw.Draw(image)
     for s in scene.shapes:
-        box = (s.x, s.y, s.x + s.size - 1, s.y + s.size - 1)
-        fill = COLORS[s.color]
-        if s.kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif s.kind == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(s.x + (s.size - 1) / 2, s.y), (s.x, s.y + s.size - 1), (s.x + s.size - 1, s.y + s.size - 1)],
-                         fill=fill)
+        _draw(draw, s, COLORS[s.color])
     return image
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, fill) -> None:
+    box = (s.x, s.y, s.x + s.size - 1, s.y + s.size - 1)
+    if s.kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif s.kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(s.x + (s.size - 1) / 2, s.y), (s.x, s.y + s.size - 1), (s.x + s.size - 1, s.y + s.size - 1)],
+                     fill=fill)
+
+
+def shape_mask(shape: Shape) -> np.ndarray:
+    """The pixels :func:`render` paints for one shape: [96, 96] bool (row = y, column = x)."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw(ImageDraw.Draw(image), shape, 255)
+    return np.asarray(image) > 0
 
 
 def answer(scene: Scene, question: Question) -> str:

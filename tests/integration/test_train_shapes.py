@@ -4,6 +4,7 @@ write weights the shapes loader accepts (the full training is not run in CI)."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from himap_trt.data.shapes import generate
@@ -43,6 +44,45 @@ def test_training_batch_is_the_inference_prompt_then_the_answer():
         assert (targets[:len(prompt) - 1] == train.IGNORE).all() and (targets[length:] == train.IGNORE).all()
         shapes_here = batch["patch_labels"][row]
         assert int(shapes_here[:, 2].sum()) <= len(item.scene.shapes)
+        colour, kind, centre = train.patch_coverage(item.scene, SHAPES_SPEC).split(train.AUX_CLASSES, dim=-1)
+        assert torch.allclose(colour.sum(-1), torch.ones(n_image)) and torch.allclose(kind.sum(-1), torch.ones(n_image))
+        assert int(centre[:, 1].sum()) == len(item.scene.shapes)   # boxes 2 px apart: never two centres in a patch
+
+
+def test_the_coverage_targets_train_the_probe():
+    train = _script()
+    items = generate(2, seed=6, split="train")
+    batch = train.make_batch(items, shapes_processor(), aux_targets="coverage")
+    assert batch["patch_labels"].dtype == torch.float32
+    model = new_shapes_model(seed=0)
+    probe = torch.nn.Linear(SHAPES_SPEC.hidden_size, sum(train.AUX_CLASSES))
+    with_aux, _ = train.forward_loss(model, batch, probe)
+    answer_only, _ = train.forward_loss(model, batch)
+    assert torch.isfinite(with_aux) and with_aux > answer_only   # soft cross-entropy is positive
+    with_aux.backward()
+    assert probe.weight.grad is not None and probe.weight.grad.abs().sum() > 0
+
+
+def test_patch_targets_are_the_covered_fraction_of_each_patch():
+    from himap_trt.data.shapes import COLORS, SHAPES, Scene, Shape
+
+    train = _script()
+    # a red square over x 10..33, y 20..39 and a blue circle with its box centre in patch (row 6, col 6)
+    scene = Scene((240, 240, 240), (Shape("square", "red", 10, 20, 24), Shape("circle", "blue", 70, 70, 20)))
+    labels = train.patch_coverage(scene, SHAPES_SPEC)
+    colour, kind, centre = labels.split(train.AUX_CLASSES, dim=-1)
+    p, grid = SHAPES_SPEC.patch_size, SHAPES_SPEC.image_size // SHAPES_SPEC.patch_size
+    red, square = list(COLORS).index("red"), SHAPES.index("square")
+    for r in range(grid):
+        for c in range(grid):
+            # overlap of the square's box with the patch, by hand
+            w = max(0, min(34, (c + 1) * p) - max(10, c * p))
+            h = max(0, min(44, (r + 1) * p) - max(20, r * p))
+            assert colour[r * grid + c, red].item() == pytest.approx(w * h / p**2)
+            assert kind[r * grid + c, square].item() == pytest.approx(w * h / p**2)
+    assert colour[6 * grid + 6, list(COLORS).index("blue")] > 0.5 and kind[6 * grid + 6, SHAPES.index("circle")] > 0.5
+    assert colour[0, len(COLORS)] == 1 and kind[0, len(SHAPES)] == 1          # background only
+    assert set(torch.nonzero(centre[:, 1]).flatten().tolist()) == {(32 // p) * grid + 22 // p, 6 * grid + 6}
 
 
 def test_a_few_training_steps_change_the_weights_and_save_loadable_safetensors(tmp_path):

@@ -73,6 +73,20 @@ def test_scenes_obey_the_spec_and_render_what_they_describe():
             assert tuple(pixels[0, 0]) == scene.background
 
 
+def test_shape_masks_are_the_pixels_render_paints():
+    for item in S.generate(20, seed=2, split="train"):
+        pixels = np.asarray(item.image)
+        painted = (pixels != np.array(item.scene.background)).any(-1)
+        masks = [S.shape_mask(s) for s in item.scene.shapes]
+        assert np.array_equal(painted, np.logical_or.reduce(masks))
+        for s, mask in zip(item.scene.shapes, masks):
+            assert (pixels[mask] == S.COLORS[s.color]).all()
+            ys, xs = np.nonzero(mask)   # inside the shape's box, touching its bottom edge
+            assert s.x <= xs.min() and xs.max() < s.x + s.size and s.y <= ys.min() and ys.max() == s.y + s.size - 1
+    square = S.Shape("square", "red", 10, 20, 15)
+    assert S.shape_mask(square).sum() == 15 * 15
+
+
 def test_write_jsonl_round_trips(tmp_path):
     path = S.write_jsonl(tmp_path, 6, seed=2)
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -159,7 +159,8 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
             def factory(backends):
                 return Pipeline(specs, backends, loaded.processor, plan, image_token_id=dims.image_token_id,
-                                device=loaded.model.device, eos_token_ids=eos, pad_token_id=pad)
+                                device=loaded.model.device, eos_token_ids=eos, pad_token_id=pad,
+                                architecture=dims.architecture)
 
             with torch.inference_mode():
                 recorded = record_reference(factory, torch_modules)

@@ -52,4 +52,4 @@ def reference_pipeline(loaded: Any, plan: Any, *, max_seq_len: int | None = None
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     return Pipeline(specs, torch_backends(loaded.model, specs), loaded.processor, plan,
                     image_token_id=dims.image_token_id, device=loaded.model.device, eos_token_ids=eos,
-                    pad_token_id=pad, max_seq_len=max_seq_len)
+                    pad_token_id=pad, max_seq_len=max_seq_len, architecture=dims.architecture)

@@ -236,3 +236,19 @@ def tiny_qwen_vision_config(out_hidden_size: int = 64, **overrides):
                   initializer_range=0.1)
     fields.update(overrides)
     return Qwen2_5_VLVisionConfig(**fields)
+
+
+def qwen_image_processor(min_pixels: int = 28 * 28, max_pixels: int = 112 * 112):
+    """Qwen2.5-VL's real image processor (transformers' ``Qwen2VLImageProcessor``, its PIL backend:
+    the project installs no torchvision) with patch 14, temporal patch 2, merge 2, bounded to
+    ``[min_pixels, max_pixels]`` pixels per image (the defaults give at most 8x8 patches = 16
+    image tokens, for tests; Qwen2.5-VL's own bounds are 3136 .. 12845056).
+
+    Returns:
+        The processor; ``processor(images=[...], return_tensors="pt")`` gives ``pixel_values``
+        [num_patches, 1176] float32 and ``image_grid_thw`` [num_images, 3] int64.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)

@@ -134,12 +134,15 @@ def test_module_equals_transformers_tower(visual, photo_cases):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_one_graph_validates_on_photos_and_grids(exported, photo_cases, dtype):
-    """ONE graph per dtype: the photo at 4x6 and 8x8 patches, both in one call, and the default
-    grids, all within the export's tolerances of transformers' tower in that dtype."""
+    """ONE graph per dtype: the photo at 4x6 and 8x8 patches, both in one call, the default grids,
+    and a one-token image with a two-frame video (frames attend only within themselves), all
+    within the export's tolerances of transformers' tower in that dtype."""
     tower, spec, path = exported[dtype]
-    checks = validate_qwen_vision(tower, spec, path, photo_cases) + validate_qwen_vision(tower, spec, path)
+    edge = np.array([[1, 2, 2], [2, 4, 4]])
+    checks = (validate_qwen_vision(tower, spec, path, photo_cases) + validate_qwen_vision(tower, spec, path)
+              + validate_qwen_vision(tower, spec, path, [(torch.randn(36, 1176), edge)]))
     assert [c.phase for c in checks] == ["grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8",
-                                         "grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8"]
+                                         "grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8", "grid 1x2x2+2x4x4"]
     assert all(c.ok for c in checks), checks
     assert all(c.max_abs_ref > 1 for c in checks)          # not a near-zero output passing trivially
     model = onnx.load(str(path), load_external_data=False)

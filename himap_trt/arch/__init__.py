@@ -52,6 +52,43 @@ def get_architecture(name: str) -> Architecture:
     raise HimapError(f"unknown architecture {name!r}; known: {', '.join(a.name for a in ARCHITECTURES.values())}")
 
 
+def resolve_dims(model: str, config: Any, max_image_tokens: int | None = None):
+    """The :class:`~himap_trt.models.loading.ModelDims` of ``--model`` without loading weights.
+
+    For a family with per-request image-token counts, ``num_image_tokens`` is the bound:
+    ``--max-image-tokens`` if given, else the processor's max pixels of a local directory (its
+    ``preprocessor_config.json``), else the published processors' bound.
+
+    Raises:
+        HimapError: ``--max-image-tokens`` below 1, or given for a model whose |V| is fixed.
+    """
+    from himap_trt.models.loading import _resolve
+
+    arch = architecture_for(config, model)
+    dims = arch.dims(config)
+    if not arch.variable_image_tokens:
+        if max_image_tokens is not None:
+            raise HimapError(f"--max-image-tokens is for models with per-request image-token counts (Qwen2.5-VL); "
+                             f"{model!r} always has {dims.num_image_tokens}")
+        return dims
+    if max_image_tokens is not None and max_image_tokens < 1:
+        raise HimapError(f"--max-image-tokens must be at least 1, got {max_image_tokens}")
+    bound = max_image_tokens
+    if bound is None and model not in known_models():
+        path, is_local = _resolve(model)
+        bound = arch.max_image_tokens_in(path) if is_local else None
+    return arch.with_max_image_tokens(dims, bound or dims.num_image_tokens)
+
+
+def plan_dims(dims: Any, plan: Any):
+    """``dims`` with the image-token bound of ``plan`` (an export's ``--max-image-tokens``) where
+    |V| varies per request; ``dims`` unchanged otherwise."""
+    arch = get_architecture(dims.architecture)
+    if arch.variable_image_tokens and plan.num_image_tokens != dims.num_image_tokens:
+        return arch.with_max_image_tokens(dims, plan.num_image_tokens)
+    return dims
+
+
 def known_models() -> dict[str, tuple[str, Any]]:
     """Every family's built-in configurations: short name -> (hub id, config factory)."""
     known: dict[str, tuple[str, Any]] = {}
@@ -60,5 +97,5 @@ def known_models() -> dict[str, tuple[str, Any]]:
     return known
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "get_architecture", "known_models",
-           "supported_models"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "get_architecture", "known_models", "plan_dims",
+           "resolve_dims", "supported_models"]

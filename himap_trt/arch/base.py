@@ -84,6 +84,10 @@ class Architecture(ABC):
         """The most image tokens one request can have under ``processor`` (None: |V| is fixed by the config)."""
         return None
 
+    def max_image_tokens_in(self, path: str) -> int | None:
+        """:meth:`max_image_tokens` read from a local directory's files, without loading the processor."""
+        return None
+
     def with_max_image_tokens(self, dims: ModelDims, tokens: int) -> ModelDims:
         """``dims`` with |V|'s bound set to ``tokens`` (the export's ``--max-image-tokens``)."""
         from dataclasses import replace
@@ -126,8 +130,14 @@ class Architecture(ABC):
         """
 
     @abstractmethod
-    def vision_feeds(self, batch: PromptBatch) -> dict[str, torch.Tensor]:
-        """The ``vision`` graph's inputs for a prepared batch (float tensors in float32)."""
+    def vision_feeds(self, batch: PromptBatch, spec: GraphSpec) -> dict[str, torch.Tensor]:
+        """The ``vision`` graph's inputs (``spec``) for a prepared batch (float tensors in float32)."""
+
+    def export_vision(self, model: nn.Module, spec: GraphSpec, path: Any, *, opset: int, vocab_size: int) -> None:
+        """Export the ``vision`` graph to ``path`` (default: trace :meth:`vision_module` like any graph)."""
+        from himap_trt.export.onnx_export import export_graph
+
+        export_graph(self.vision_module(model).eval(), spec, path, opset=opset, vocab_size=vocab_size)
 
     def next_positions(self, batch: PromptBatch) -> torch.Tensor:
         """[batch] int64: the position of each row's first generated token."""

@@ -93,5 +93,5 @@ class Llava(Architecture):
 
         return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
 
-    def vision_feeds(self, batch) -> dict[str, torch.Tensor]:
+    def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
         return {"pixel_values": batch.pixel_values}

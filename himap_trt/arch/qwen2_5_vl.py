@@ -92,20 +92,6 @@ def mrope_positions(input_ids: torch.Tensor, image_token_id: int, grid_hw: tuple
     return out
 
 
-class TransformersVision(nn.Module):
-    """pixel_values [patches, C·T·P·P], image_grid_thw [images, 3] -> image_features [tokens, D]:
-    transformers' own Qwen2.5-VL vision tower (``get_image_features``), the PyTorch reference until the
-    exportable vision graph is wired in (not exportable: it loops over images in Python)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor]:
-        out = self.model.model.get_image_features(pixel_values, image_grid_thw)
-        return (torch.cat(list(out.pooler_output), dim=0),)
-
-
 class Qwen2_5_VL(Architecture):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
@@ -151,6 +137,7 @@ class Qwen2_5_VL(Architecture):
             architecture=self.name,
             spatial_merge_size=merge,
             temporal_patch_size=vision.temporal_patch_size,
+            vision_window_size=vision.window_size,
         )
 
     def max_image_tokens(self, processor: Any) -> int | None:
@@ -162,6 +149,19 @@ class Qwen2_5_VL(Architecture):
             return None
         side = image.patch_size * image.merge_size
         return int(max_pixels // (side * side))
+
+    def max_image_tokens_in(self, path: str) -> int | None:
+        import json
+        import os
+
+        try:
+            with open(os.path.join(path, "preprocessor_config.json"), encoding="utf-8") as handle:
+                data = json.load(handle)
+            pixels = (data.get("size") or {}).get("longest_edge") or data.get("max_pixels")
+            side = int(data.get("patch_size", 14)) * int(data.get("merge_size", 2))
+            return int(pixels) // (side * side) if pixels else None
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None    # unreadable here: the processor's load reports it
 
     def with_max_image_tokens(self, dims, tokens: int):
         from dataclasses import replace
@@ -180,18 +180,33 @@ class Qwen2_5_VL(Architecture):
         return {name: (hub, lambda name=name: known_qwen_config(name)) for name, (hub, *_) in KNOWN_QWEN.items()}
 
     def vision_spec(self, dims, dtype: str):
-        from himap_trt.graphs.spec import GraphSpec, TensorSpec
+        """:func:`himap_trt.graphs.qwen_vision.qwen_vision_spec`; its attrs also carry what the host
+        side (:func:`~himap_trt.graphs.qwen_vision.qwen_vision_inputs`) needs at run time."""
+        from dataclasses import replace
 
-        patch = 3 * dims.temporal_patch_size * dims.patch_size ** 2
-        return GraphSpec(
-            name="vision", kind="vision",
-            inputs=(TensorSpec("pixel_values", dtype, ("patches", patch)),
-                    TensorSpec("image_grid_thw", "int64", ("images", 3))),
-            outputs=(TensorSpec("image_features", dtype, ("image_tokens", dims.hidden_size)),),
-        )
+        from himap_trt.graphs.qwen_vision import qwen_vision_spec
+
+        config = self._vision_config(dims)
+        spec = qwen_vision_spec(config, dtype)
+        return replace(spec, attrs={**spec.attrs, **config})
+
+    @staticmethod
+    def _vision_config(dims) -> dict[str, int]:
+        return {"in_channels": 3, "temporal_patch_size": dims.temporal_patch_size, "patch_size": dims.patch_size,
+                "out_hidden_size": dims.hidden_size, "spatial_merge_size": dims.spatial_merge_size,
+                "window_size": dims.vision_window_size}
 
     def vision_module(self, model):
-        return TransformersVision(model)
+        from himap_trt.graphs.qwen_vision import QwenVisionEncoder
+
+        return QwenVisionEncoder(model.model.visual)
+
+    def export_vision(self, model, spec, path, *, opset: int, vocab_size: int) -> None:
+        from himap_trt.export.qwen_vision import export_qwen_vision
+
+        written = export_qwen_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
+        if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
+            raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.inputs} vs {spec.inputs}")
 
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
         from himap_trt.prompt import (
@@ -249,8 +264,10 @@ class Qwen2_5_VL(Architecture):
             image_grid_thw=torch.cat(grids), image_tokens=counts,
         )
 
-    def vision_feeds(self, batch) -> dict[str, torch.Tensor]:
-        return {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+    def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
+        from himap_trt.export.qwen_vision import vision_feeds
+
+        return vision_feeds(batch.pixel_values, batch.image_grid_thw, spec.attrs)
 
     def next_positions(self, batch) -> torch.Tensor:
         real = batch.attention_mask.bool()[None].expand_as(batch.position_ids)

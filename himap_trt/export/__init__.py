@@ -114,6 +114,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     import torch
 
     from himap_trt import __version__
+    from himap_trt.arch import get_architecture, plan_dims
     from himap_trt.export.compose import SegmentComposer
     from himap_trt.export.onnx_export import export_graph
     from himap_trt.export.validate import raise_on_failures, record_reference, validate_graphs
@@ -122,7 +123,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     from himap_trt.graphs.modules import build_module
     from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
 
-    dims = loaded.dims
+    dims = plan_dims(loaded.dims, plan)        # a per-request-count model: the plan's --max-image-tokens
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype)
@@ -144,6 +145,9 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             path = tmp / f"{spec.name}.onnx"
             if spec.kind == "segment":
                 composer.export(spec, path)
+            elif spec.kind == "vision":
+                get_architecture(dims.architecture).export_vision(loaded.model, spec, path, opset=options.opset,
+                                                                  vocab_size=dims.vocab_size)
             else:
                 export_graph(build_module(loaded.model, spec), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)

@@ -82,6 +82,7 @@ class ModelDims:
     architecture: str = "llava"
     spatial_merge_size: int = 1
     temporal_patch_size: int = 1
+    vision_window_size: int = 0
 
 
 def check_supported(config: Any, source: str) -> None:

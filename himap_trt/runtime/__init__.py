@@ -47,7 +47,9 @@ def reference_pipeline(loaded: Any, plan: Any, *, max_seq_len: int | None = None
     """
     from himap_trt.graphs.spec import graph_specs
 
-    dims = loaded.dims
+    from himap_trt.arch import plan_dims
+
+    dims = plan_dims(loaded.dims, plan)
     specs = graph_specs(dims, plan, _DTYPE_NAMES[str(loaded.model.dtype)])
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     return Pipeline(specs, torch_backends(loaded.model, specs), loaded.processor, plan,

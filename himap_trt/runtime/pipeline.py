@@ -276,8 +276,8 @@ class Pipeline:
         input_ids = batch.input_ids.to(dev)
         t0 = time.perf_counter()
         vision = {name: t.to(dev, self.dtype if t.is_floating_point() else t.dtype)
-                  for name, t in self.arch.vision_feeds(batch).items()}
-        features = self._run("vision", vision)["image_features"]
+                  for name, t in self.arch.vision_feeds(batch, self.specs["vision"]).items()}
+        features = self._run("vision", vision)[self.specs["vision"].outputs[0].name]
         self._sync()
         t1 = time.perf_counter()
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]

@@ -129,15 +129,17 @@ class Pipeline:
         max_positions: the model's ``max_position_embeddings`` (tokens), or None if unknown: a prompt
             too long for ``max_seq_len`` suggests re-exporting only if the model allows more.
         architecture: the model family (:mod:`himap_trt.arch`): prompt preparation, the vision
-            graph's feeds, position ids; ``ModelDims.architecture``.
+            graph's feeds, position ids; ``ModelDims.architecture``. Default: the vision graph's
+            ``attrs['architecture']`` (set by families other than LLaVA-1.5), else ``llava``.
     """
 
     def __init__(self, specs: list[GraphSpec], backends: Mapping[str, Backend], processor: Any, plan: PruningPlan,
                  *, image_token_id: int, device: torch.device | str, eos_token_ids: list[int], pad_token_id: int,
-                 max_seq_len: int | None = None, max_positions: int | None = None, architecture: str = "llava"):
+                 max_seq_len: int | None = None, max_positions: int | None = None, architecture: str | None = None):
         from himap_trt.arch import get_architecture
 
-        self.arch = get_architecture(architecture)
+        vision = next((spec for spec in specs if spec.kind == "vision"), None)
+        self.arch = get_architecture(architecture or (vision.attrs.get("architecture", "llava") if vision else "llava"))
         self.specs = {spec.name: spec for spec in specs}
         self.segments = [spec for spec in specs if spec.kind == "segment"]
         self.scorings = [spec for spec in specs if spec.kind == "scoring"]

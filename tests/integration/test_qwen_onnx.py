@@ -103,3 +103,26 @@ def test_cli_flops_and_dry_run_for_known_qwen():
     assert scoring["position_ids"]["max"] == [3, 1, 2047]
     result = runner.invoke(app, ["build", "--dry-run", "--model", "qwen2.5-vl-7b"])
     assert result.exit_code != 0 and "--max-seq-len" in result.output
+
+
+def test_serving_engine_runs_qwen_requests_like_solo_runs(tmp_path_factory, qwen_requests):
+    """The continuous-batching engine (what `serve` runs) on a Qwen export: three requests of three
+    image sizes submitted at once (one decode batch, per-request counts) answer like each alone."""
+    from himap_trt.runtime.engine import Engine, SamplingParams
+
+    out, manifest, _ = exported(tmp_path_factory, MODEL, "himap", validate=True)
+    pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    images, questions = qwen_requests
+    solo = []
+    for image, question in zip(images, questions):
+        with torch.inference_mode():
+            result = pipe.generate(pipe.prepare([image], [question]), GenerationConfig(max_new_tokens=5))
+        solo.append((result.tokens[0], result.image_tokens_per_row[0]))
+    engine = Engine(pipe, max_batch=3).start()
+    try:
+        handles = [engine.submit(engine.prepare(image, question), SamplingParams(max_tokens=5, temperature=0))
+                   for image, question in zip(images, questions)]
+        done = [h.result(timeout=300) for h in handles]
+    finally:
+        engine.stop(timeout=10)
+    assert [(list(c.token_ids), c.image_tokens_per_segment) for c in done] == solo

@@ -109,17 +109,22 @@ DeepOpt = Annotated[Optional[int], typer.Option(
 ThresholdOpt = Annotated[float, typer.Option(
     "--threshold", help="VisiPruner: tau, keep image tokens whose value contribution norm exceeds it.")]
 MaxKeepOpt = Annotated[int, typer.Option("--max-keep", help="VisiPruner: C, most image tokens kept at K_M.")]
+MaxImageTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-image-tokens", help="Models with per-request image-token counts (Qwen2.5-VL): the most image tokens "
+                               "one request may have (bounds graphs, profiles, FLOPs).",
+    show_default="the processor's max pixels / 28², 16384 for the published Qwen2.5-VL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
 
 
-def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, **extra):
+def _plan(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, *, dims=None,
+          **extra):
     from himap_trt.models import model_dims
     from himap_trt.plan import build_plan
 
-    dims = model_dims(config)
+    dims = dims or model_dims(config)
     return build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens,
                       k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, **extra)
 
@@ -140,6 +145,10 @@ def flops(
     prompt_len: Annotated[Optional[int], typer.Option(
         "--prompt-len", help="Prompt tokens (image tokens included) for the whole-prompt count.",
         show_default="image tokens + 64")] = None,
+    image_tokens: Annotated[Optional[int], typer.Option(
+        "--image-tokens", help="This request's image tokens |V| (models with per-request counts, Qwen2.5-VL).",
+        show_default="the model's |V| (its bound where it varies)")] = None,
+    max_image_tokens: MaxImageTokensOpt = None,
     as_json: JsonOpt = False,
 ):
     """FLOPs of a plan: the paper's image-token count (Eq. 10) and the whole-prompt prefill count.
@@ -148,13 +157,22 @@ def flops(
     TFLOPs truncated to two decimals. The whole-prompt count (2 FLOPs per multiply-accumulate: all
     tokens, vision tower, scoring, lm_head) is the one to compare with measured time.
     """
+    from himap_trt.arch import resolve_dims
     from himap_trt.flops import flops_report, format_tflops
-    from himap_trt.models import load_config, model_dims
+    from himap_trt.models import load_config
 
     config = load_config(model)
-    plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+    dims = resolve_dims(model, config, max_image_tokens)
+    if image_tokens is not None:
+        if image_tokens < 1:
+            raise HimapError(f"--image-tokens must be at least 1, got {image_tokens}")
+        from himap_trt.arch import get_architecture
+
+        if not get_architecture(dims.architecture).variable_image_tokens and image_tokens != dims.num_image_tokens:
+            raise HimapError(f"--image-tokens: {model!r} always has {dims.num_image_tokens} image tokens per request")
+        dims = get_architecture(dims.architecture).with_max_image_tokens(dims, image_tokens)   # Eq. 10 with this |V|
+    plan = _plan(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep)
-    dims = model_dims(config)
     if assume_kept is not None:
         if method != "visipruner":
             raise HimapError("--assume-kept is for --method visipruner (its per-request kept count)")
@@ -202,6 +220,7 @@ def export(
     mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
     plan_seed: PlanSeedOpt = 0,
+    max_image_tokens: MaxImageTokensOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="Graph precision (TensorRT "
                                                    "builds strongly typed networks from it).")] = "fp32",
@@ -242,7 +261,8 @@ def export(
     from himap_trt.export import ExportOptions, check_max_seq_len, check_reference_device, export_model
     from himap_trt.export.manifest import MANIFEST_NAME, is_export_manifest
     from himap_trt.fsutil import check_target, output_lock
-    from himap_trt.models import load_config, load_model, model_dims
+    from himap_trt.arch import resolve_dims
+    from himap_trt.models import load_config, load_model
     from himap_trt.models.loading import DTYPES, canonical_dtype
 
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
@@ -252,8 +272,9 @@ def export(
     if validate:
         check_reference_device(device)
     config = load_config(model)
-    check_max_seq_len(model_dims(config), max_seq_len)
-    plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+    dims = resolve_dims(model, config, max_image_tokens)
+    check_max_seq_len(dims, max_seq_len)
+    plan = _plan(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
@@ -471,7 +492,9 @@ def run(
             out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
     from himap_trt.models.tiny import TINY_MODELS
 
-    if report["model"] in TINY_MODELS:
+    from himap_trt.models.tiny_qwen import TINY_QWEN_MODELS
+
+    if report["model"] in TINY_MODELS or report["model"] in TINY_QWEN_MODELS:
         out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
     _print_run_stats(report)
 
@@ -485,7 +508,8 @@ def _run_report(opened, paths, questions, result) -> dict:
             "image": str(path), "question": question, "answer": result.texts[row], "tokens": result.tokens[row],
             "finish_reason": result.finish_reasons[row], "prompt_tokens": result.prompt_tokens[row],
             "new_tokens": len(result.tokens[row]),
-            "image_tokens_per_segment": result.image_tokens_per_segment,
+            "image_tokens_per_segment": (result.image_tokens_per_row[row] if result.image_tokens_per_row
+                                         else result.image_tokens_per_segment),
             "kept_image_positions": kept_positions,
         })
     return {
@@ -509,7 +533,13 @@ def _print_run_stats(report: dict) -> None:
                   title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("image tokens per segment", kept)
+    rows = {tuple(r["image_tokens_per_segment"]) for r in report["requests"]}
+    if len(rows) == 1:
+        table.add_row("image tokens per segment", kept)
+    else:  # per-request image-token counts (Qwen2.5-VL): one row per request
+        for i, request in enumerate(report["requests"]):
+            table.add_row(f"[{i}] image tokens per segment", " -> ".join(
+                f"{n} (layers {a}-{b - 1})" for n, (a, b) in zip(request["image_tokens_per_segment"], segments)))
     table.add_row("prompt tokens", ", ".join(str(r["prompt_tokens"]) for r in report["requests"]))
     table.add_row("new tokens", ", ".join(f"{r['new_tokens']} ({r['finish_reason']})" for r in report["requests"]))
     table.add_row("TTFT", f"{stats['ttft_s'] * 1e3:.1f} ms")
@@ -579,7 +609,8 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
     from himap_trt.engines.profiles import graph_profiles, kv_cache_bytes
 
     profiles = {spec.name: graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
-    per_segment = [max_seq_len - 1 - (plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
+    variable = any(s.attrs.get("variable") for s in specs)   # per-request counts: no segment is shorter
+    per_segment = [max_seq_len - 1 - (0 if variable else plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
     kv = kv_cache_bytes(specs, max_batch, per_segment)
     if as_json:
         print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len,
@@ -626,6 +657,7 @@ def build(
     max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
                                        help="With --dry-run --model: graph dtype.")] = "fp16",
+    max_image_tokens: MaxImageTokensOpt = None,
     as_json: JsonOpt = False,
 ):
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
@@ -644,11 +676,12 @@ def build(
     if model is not None:
         if not dry_run:
             raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
-        from himap_trt.models import load_config, model_dims
+        from himap_trt.arch import resolve_dims
+        from himap_trt.models import load_config
 
         config = load_config(model)
-        dims = model_dims(config)
-        plan = _plan(config, method, k1, r1, k2, r2, k, r, mid_layer=mid_layer, deep_layer=deep_layer,
+        dims = resolve_dims(model, config, max_image_tokens)
+        plan = _plan(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                      threshold=threshold, max_keep=max_keep)
         specs = graph_specs(dims, plan, DTYPE_NAMES[canonical_dtype(dtype)])
         from himap_trt.export import default_max_seq_len

@@ -86,6 +86,23 @@ class PruningPlan:
         """Image tokens each segment sees (tokens): |V|, then each stage's keep count."""
         return [self.num_image_tokens, *(s.keep for s in self.stages)]
 
+    def image_tokens_for(self, image_tokens: int) -> list[int]:
+        """Image tokens each segment sees for one request with ``image_tokens`` image tokens (|V| of
+        that request): ``[|V|, n1, n2, ...]`` with every ratio stage's keep count computed from the
+        tokens entering it (METHODS.md, "Models with a variable number of image tokens":
+        ``n1 = round_half_up((1 - R1)·|V|)``, ``n2 = round_half_up((1 - R2)·n1)``), at least 1.
+        For ``|V| = num_image_tokens`` this is :attr:`image_tokens_per_segment`.
+
+        Raises:
+            HimapError: for a VisiPruner plan (its static form has no per-request counts here).
+        """
+        counts = [int(image_tokens)]
+        for stage in self.stages:
+            if stage.criterion in ("value_norm", "drop_all"):
+                raise HimapError("per-request image-token counts are not implemented for --method visipruner")
+            counts.append(max(1, keep_count(stage.ratio, counts[-1])))
+        return counts
+
     def describe(self) -> str:
         """One human-readable line, e.g. ``himap: K1=2 keep 288/576 (img2txt), K2=8 keep 72 (img2img)``."""
         if not self.stages:

@@ -234,8 +234,12 @@ class PromptBatch:
         attention_mask: [batch, sequence] int64 (1 real, 0 padding).
         pixel_values: [batch, 3, height, width] float32, normalised as the processor does.
         token_type_ids: [batch, sequence] int64 (see :func:`token_type_ids`).
-        position_ids: [batch, sequence] int64 (see :func:`position_ids_from_mask`).
+        position_ids: [batch, sequence] int64 (see :func:`position_ids_from_mask`); [3, batch,
+            sequence] for M-RoPE models (:mod:`himap_trt.arch.qwen2_5_vl`).
         prompts: the prompt strings.
+        image_grid_thw: [images, 3] int64 (temporal, height, width) patch grid of each image, for
+            dynamic-resolution models (then ``pixel_values`` is [patches, C·T·P·P]); else None.
+        image_tokens: |V| of each row (tokens) where it varies per request; else None.
     """
 
     input_ids: torch.Tensor
@@ -244,6 +248,8 @@ class PromptBatch:
     token_type_ids: torch.Tensor
     position_ids: torch.Tensor
     prompts: list[str]
+    image_grid_thw: torch.Tensor | None = None
+    image_tokens: list[int] | None = None
 
     @property
     def batch_size(self) -> int:

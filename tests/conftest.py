@@ -106,3 +106,14 @@ def exported(tmp_path_factory, name: str, method: str, dtype: str = "fp32", vali
                                                                     kv_write=kv_write))
         _EXPORTS[key] = (out, manifest, checks)
     return _EXPORTS[key]
+
+
+@pytest.fixture(scope="session")
+def qwen_requests(photo):
+    """Three (image, question) pairs for tiny-qwen2.5-vl: three image sizes (56, 16 and 20 image
+    tokens under its 4..64-token processor) and three question lengths."""
+    rgb = photo.convert("RGB")
+    return (
+        [rgb, rgb.resize((100, 120)), rgb.convert("L").resize((150, 90))],
+        ["What is shown?", "Describe the person in this photo in detail, please.", "Who?"],
+    )

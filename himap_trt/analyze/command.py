@@ -156,6 +156,11 @@ def register(app: typer.Typer, user_errors, out, err) -> None:
         err.print(f"loading {model} ({dtype}, {device})")
         loaded = load_model(model, dtype=torch_dtype, device=device)
         dims = loaded.dims
+        from himap_trt.arch import get_architecture
+
+        if get_architecture(dims.architecture).variable_image_tokens:
+            raise HimapError(f"analyze is implemented for LLaVA-1.5 models only, not {dims.architecture} "
+                             "(per-request image-token counts)")
         if threads == 0 and device == "cpu" and sum(p.numel() for p in loaded.model.parameters()) < SMALL_MODEL:
             threads = 1
         if threads:

@@ -106,6 +106,8 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
     batch = (1, opt_batch, max_batch)
     longest = max_seq_len - 1
     opt_prompt = min(n_img + OPT_TEXT_TOKENS, longest)
+    if _variable(spec):
+        return _variable_profiles(spec, plan, batch, longest)
     if spec.kind == "vision":
         return [_profile(spec, "prefill", {"batch": batch})]
     if spec.kind == "embed":
@@ -128,6 +130,42 @@ def graph_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_se
             _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, top + 1)}),
         ]
     raise HimapError(f"graph {spec.name!r}: no profiles for kind {spec.kind!r}")
+
+
+#: The image a per-request-count model's profiles are tuned for (tokens; a 448x448 Qwen2.5-VL image).
+OPT_IMAGE_TOKENS = 256
+
+
+def _variable(spec: GraphSpec) -> bool:
+    """Whether ``spec`` belongs to a model with per-request image-token counts (Qwen2.5-VL)."""
+    return bool(spec.attrs.get("variable")) or (spec.kind == "vision" and "spatial_merge_size" in spec.attrs) or \
+        (spec.kind == "segment" and spec.inputs[1].shape[0] == 3)
+
+
+def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int, int], longest: int) -> list[Profile]:
+    """Profiles where |V| varies per request, up to the export's bound ``plan.num_image_tokens``:
+    the vision graph takes 1 .. max_batch images of up to |V| tokens (``num_patches`` = tokens x
+    merge²); a scoring graph takes 1 .. E image slots and keeps 1 .. C; every segment's cache may hold
+    the whole ``max_seq_len`` (a small image drops few tokens)."""
+    n_img = plan.num_image_tokens
+    opt_img = min(n_img, OPT_IMAGE_TOKENS)
+    opt_prompt = min(opt_img + OPT_TEXT_TOKENS, longest)
+    if spec.kind == "vision":
+        area = spec.attrs["spatial_merge_size"] ** 2
+        return [_profile(spec, "prefill", {"num_patches": (area, area * opt_img * batch[1], area * n_img * batch[2])})]
+    if spec.kind == "embed":
+        return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest)}),
+                _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
+    if spec.kind == "scoring":
+        entering, keep = spec.attrs["entering"], spec.attrs["keep"]     # at the bound |V| = n_img
+        return [_profile(spec, "prefill", {
+            "batch": batch, "sequence": (2, opt_prompt, longest),
+            "image_slots": (1, max(1, round(opt_img * entering / n_img)), entering),
+            "kept_slots": (1, max(1, round(opt_img * keep / n_img)), keep)})]
+    cache = min(opt_prompt + OPT_NEW_TOKENS, longest + 1)
+    return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest),
+                                       "cache_sequence": (2, opt_prompt, longest)}),
+            _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, longest + 1)})]
 
 
 def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:

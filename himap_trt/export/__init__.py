@@ -137,6 +137,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     import torch
 
     from himap_trt import __version__
+    from himap_trt.arch import get_architecture, plan_dims
     from himap_trt.export.compose import SegmentComposer
     from himap_trt.export.onnx_export import export_graph
     from himap_trt.export.validate import raise_on_failures, record_reference
@@ -149,7 +150,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     from himap_trt.export.chunked import (ChunkedSegmentBackend, chunk_specs, release_memory, resolve_chunk_layers,
                                           validate_in_chunks)
 
-    dims = loaded.dims
+    dims = plan_dims(loaded.dims, plan)        # a per-request-count model: the plan's --max-image-tokens
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype)
@@ -181,6 +182,9 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             path = tmp / f"{spec.name}.onnx"
             if spec.kind == "segment":
                 composer.export(spec, path)
+            elif spec.kind == "vision":
+                get_architecture(dims.architecture).export_vision(loaded.model, spec, path, opset=options.opset,
+                                                                  vocab_size=dims.vocab_size)
             else:
                 export_graph(build_module(loaded.model, spec), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)
@@ -207,7 +211,8 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
             def factory(backends):
                 return Pipeline(specs, backends, loaded.processor, plan, image_token_id=dims.image_token_id,
-                                device=device, eos_token_ids=eos, pad_token_id=pad)
+                                device=device, eos_token_ids=eos, pad_token_id=pad,
+                                architecture=dims.architecture)
 
             with torch.inference_mode(), (weights.streaming() if weights else contextlib.nullcontext()):
                 recorded = record_reference(factory, torch_modules)

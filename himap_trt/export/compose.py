@@ -43,6 +43,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
+from himap_trt.arch import architecture_for
 from himap_trt.graphs.modules import LayerTemplate, SegmentHead, SegmentPrelude
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
 from himap_trt.export.manifest import KV_WRITES  # how segment graphs write their caches
@@ -64,6 +65,7 @@ def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attenti
     kv = config.num_key_value_heads or heads
     hd = getattr(config, "head_dim", None) or d // heads
     b, s, m = "batch", "sequence", "cache_sequence"
+    positions = architecture_for(llava.config).position_shape()      # [B,S], or [3,B,S] (M-RoPE)
     hidden = TensorSpec("hidden_states", dtype, (b, s, d))
     cos_sin = (TensorSpec("cos", dtype, (b, s, hd)), TensorSpec("sin", dtype, (b, s, hd)))
     bias = TensorSpec("bias", "float32", (b, 1, s, m))
@@ -74,7 +76,7 @@ def _piece_specs(llava: torch.nn.Module, dtype: str, qkv: LayerTemplate, attenti
                      for name, param in template.used_parameters(template.step.layer))
 
     return {
-        "prelude": GraphSpec("prelude", "piece", (hidden, TensorSpec("position_ids", "int64", (b, s)),
+        "prelude": GraphSpec("prelude", "piece", (hidden, TensorSpec("position_ids", "int64", positions),
                                                   TensorSpec("attention_mask", "int64", (b, m)),
                                                   TensorSpec("cache_position", "int64", (b,))),
                              (*cos_sin, bias, TensorSpec("write_indices", "int64", (b, kv, s, 3)))),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,9 @@ class Manifest:
             raise HimapError(f"{where} must be a JSON object")
         for key, kind in _FIELDS.items():
             _require(data, key, kind, where)
-        _require_each(data["dims"], "dims", {f.name: int for f in fields(ModelDims)}, where)
+        # fields with a default (the architecture's, added later) may be absent; present ones are typed
+        _require_each(data["dims"], "dims", {f.name: str if f.type in (str, "str") else int for f in fields(ModelDims)
+                                             if f.name in data["dims"] or f.default is MISSING}, where)
         _require_each(data["plan"], "plan", {"method": str, "num_layers": int, "num_image_tokens": int,
                                               "stages": list}, where)
         for i, graph in enumerate(data["graphs"]):

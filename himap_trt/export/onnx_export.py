@@ -40,6 +40,8 @@ def trace_sizes(spec: GraphSpec) -> dict[str, int]:
     sizes = dict(TRACE_SIZES)
     if spec.kind == "scoring":
         sizes["sequence"] = spec.attrs["entering"] + TRACE_SIZES["sequence"]
+        if spec.attrs.get("variable"):   # per-request counts: E and C image slots at the export's bound
+            sizes["image_slots"], sizes["kept_slots"] = spec.attrs["entering"], spec.attrs["keep"]
     return sizes
 
 
@@ -58,9 +60,13 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int], vocab_size: int, seed
         dtype = torch_dtype(tensor.dtype)
         if tensor.name == "input_ids":
             value = torch.randint(0, vocab_size, shape, generator=gen)
-        elif tensor.name == "position_ids":
-            start = sizes.get("cache_sequence", shape[1]) - shape[1]
-            value = (torch.arange(shape[1]) + start).expand(shape).contiguous()
+        elif tensor.name == "position_ids":             # [B,S], or [3,B,S] (M-RoPE)
+            start = sizes.get("cache_sequence", shape[-1]) - shape[-1]
+            value = (torch.arange(shape[-1]) + start).expand(shape).contiguous()
+        elif tensor.name in ("image_slots", "kept_slots"):   # per-request counts: slot ordinals
+            value = torch.arange(shape[0])
+        elif tensor.name == "keep_counts":
+            value = torch.full(shape, sizes["kept_slots"], dtype=torch.int64)
         elif tensor.name == "cache_position":       # write the new tokens at the end of the buffer
             value = torch.full(shape, sizes.get("cache_sequence", sizes["sequence"]) - sizes["sequence"],
                                dtype=torch.int64)

@@ -507,7 +507,9 @@ class StageScorer(nn.Module):
 def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
     """The torch module implementing ``spec`` on the parameters of ``llava`` (in eval mode)."""
     if spec.kind == "vision":
-        module = VisionEncoder(llava)
+        from himap_trt.arch import architecture_for
+
+        module = architecture_for(llava.config).vision_module(llava)
     elif spec.kind == "embed":
         module = TokenEmbedding(llava)
     elif spec.kind == "segment":
@@ -520,6 +522,12 @@ def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
         module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else
                   ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
+    elif spec.kind == "scoring" and spec.attrs.get("variable"):
+        from himap_trt.graphs.variable import VariableStageScorer
+
+        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
+        module = VariableStageScorer(spec.attrs["criterion"], scaling, entering=spec.attrs["entering"],
+                                     seed=spec.attrs.get("seed"), stage=spec.stage)
     elif spec.kind == "scoring":
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
         module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling,

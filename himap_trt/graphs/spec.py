@@ -180,27 +180,31 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
             f"the plan is for {plan.num_layers} layers / {plan.num_image_tokens} image tokens, "
             f"the model has {dims.num_layers} / {dims.num_image_tokens}"
         )
+    from himap_trt.arch import get_architecture
+
+    arch = get_architecture(dims.architecture)
+    variable = arch.variable_image_tokens
+    if variable and any(st.criterion in ("value_norm", "drop_all") for st in plan.stages):
+        raise HimapError(f"--method {plan.method} is not implemented for models with per-request image-token counts "
+                         f"({dims.architecture}); use himap, fastv, random or none")
     d, kv, h, hd = dims.hidden_size, dims.num_kv_heads, dims.num_heads, dims.head_dim
     b, s, m = "batch", "sequence", "cache_sequence"
     i64 = "int64"
     specs = [
-        GraphSpec(
-            name="vision", kind="vision",
-            inputs=(TensorSpec("pixel_values", dtype, (b, 3, dims.image_size, dims.image_size)),),
-            outputs=(TensorSpec("image_features", dtype, (b, dims.num_image_tokens, d)),),
-        ),
+        arch.vision_spec(dims, dtype),
         GraphSpec(
             name="embed", kind="embed",
             inputs=(TensorSpec("input_ids", i64, (b, s)),),
             outputs=(TensorSpec("inputs_embeds", dtype, (b, s, d)),),
         ),
     ]
+    positions = arch.position_shape()
     segments = plan.segments
     for j, (start, end) in enumerate(segments):
         final = j == len(segments) - 1
         inputs = [
             TensorSpec("hidden_states", dtype, (b, s, d)),
-            TensorSpec("position_ids", i64, (b, s)),
+            TensorSpec("position_ids", i64, positions),
             TensorSpec("attention_mask", i64, (b, m)),
             TensorSpec("cache_position", i64, (b,)),
         ]
@@ -220,6 +224,12 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
             entering = plan.image_tokens_per_segment[j]
             drop = entering - stage.keep
             kept = f"sequence - {drop}" if drop else s
+            # per-request counts: E image slots enter, C leave (the lengths of two shape inputs), each
+            # row keeps its own count (<= C) and masks the rest (graphs/variable.py)
+            counts = (TensorSpec("keep_counts", i64, (b,)), TensorSpec("image_slots", i64, ("image_slots",)),
+                      TensorSpec("kept_slots", i64, ("kept_slots",))) if variable else ()
+            if variable:
+                kept = "sequence - image_slots + kept_slots"
             scored = end - 1
             # what the criterion reads of layer K-1: queries and keys; VisiPruner's value_norm also
             # the values; drop_all nothing (it drops every image slot)
@@ -236,18 +246,20 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
                     TensorSpec("attention_mask", i64, (b, s)),
                     TensorSpec("token_type_ids", i64, (b, s)),
                     TensorSpec("hidden_states", dtype, (b, s, d)),
-                    TensorSpec("position_ids", i64, (b, s)),
+                    TensorSpec("position_ids", i64, positions),
+                    *counts,
                 ),
                 outputs=(
                     TensorSpec("kept_indices", i64, (b, kept)),
                     TensorSpec("kept_hidden_states", dtype, (b, kept, d)),
-                    TensorSpec("kept_position_ids", i64, (b, kept)),
+                    TensorSpec("kept_position_ids", i64, tuple(kept if x == s else x for x in positions)),
                     TensorSpec("kept_attention_mask", i64, (b, kept)),
                     TensorSpec("kept_token_type_ids", i64, (b, kept)),
                 ),
                 layers=(scored, end), stage=j,
                 attrs={"criterion": stage.criterion, "keep": stage.keep, "entering": entering,
                        **({"threshold": stage.threshold} if stage.threshold is not None else {}),
-                       **({"seed": stage.seed} if stage.seed is not None else {})},
+                       **({"seed": stage.seed} if stage.seed is not None else {}),
+                       **({"variable": True, "ratio": stage.ratio} if variable else {})},
             ))
     return specs

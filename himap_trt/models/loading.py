@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.models.known import KNOWN_MODELS, known_config
 from himap_trt.models.shapes import SHAPES_MODELS, shapes_model_dir
 from himap_trt.models.tiny import TINY_MODELS, tiny_model_dir
+from himap_trt.models.tiny_qwen import TINY_QWEN_MODELS, tiny_qwen_model_dir
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 
@@ -30,7 +30,9 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 
 def _model_choices() -> str:
-    return ", ".join([*TINY_MODELS, *SHAPES_MODELS, *KNOWN_MODELS])
+    from himap_trt.arch import known_models
+
+    return ", ".join([*TINY_MODELS, *TINY_QWEN_MODELS, *SHAPES_MODELS, *known_models()])
 
 
 def canonical_dtype(name: str, flag: str = "--dtype") -> str:
@@ -55,7 +57,10 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
 class ModelDims:
     """The dimensions the graphs, plans, FLOPs and profiles need, read from a ``LlavaConfig``.
 
-    All sizes are element counts; ``num_image_tokens`` is |V| per prompt (tokens).
+    All sizes are element counts; ``num_image_tokens`` is |V| per prompt (tokens), or its bound for
+    a family with per-request counts (``architecture``: the :mod:`himap_trt.arch` family's name;
+    ``spatial_merge_size`` / ``temporal_patch_size``: Qwen2.5-VL's patch merger and temporal
+    patches, 1 elsewhere).
     """
 
     hidden_size: int
@@ -74,54 +79,28 @@ class ModelDims:
     vision_layers_used: int
     vision_tokens: int
     image_token_id: int
+    architecture: str = "llava"
+    spatial_merge_size: int = 1
+    temporal_patch_size: int = 1
+    vision_window_size: int = 0
 
 
 def check_supported(config: Any, source: str) -> None:
-    """Raise unless ``config`` describes a supported architecture.
+    """Raise unless ``config`` describes a supported architecture (:func:`himap_trt.arch.architecture_for`).
 
     Raises:
         HimapError: naming ``source`` and what is supported.
     """
-    model_type = getattr(config, "model_type", None)
-    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-    vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
-    if model_type != "llava" or text_type != "llama" or vision_type != "clip_vision_model":
-        raise HimapError(
-            f"unsupported model {source!r} (model_type={model_type!r}, decoder={text_type!r}, "
-            f"vision={vision_type!r}); supported: {SUPPORTED}"
-        )
-    if not isinstance(config.vision_feature_layer, int):
-        raise HimapError(
-            f"unsupported model {source!r}: vision_feature_layer={config.vision_feature_layer!r}; "
-            "only a single feature layer (an int) is supported"
-        )
+    from himap_trt.arch import architecture_for
+
+    architecture_for(config, source).check_supported(config, source)
 
 
 def model_dims(config: Any) -> ModelDims:
-    """Dimensions of a supported ``LlavaConfig`` (see :class:`ModelDims`)."""
-    text, vision = config.text_config, config.vision_config
-    heads = text.num_attention_heads
-    patches = (vision.image_size // vision.patch_size) ** 2
-    layer = config.vision_feature_layer
-    used = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
-    return ModelDims(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=text.num_key_value_heads or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        vocab_size=text.vocab_size,
-        max_position_embeddings=text.max_position_embeddings,
-        num_image_tokens=patches if config.vision_feature_select_strategy == "default" else patches + 1,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        vision_hidden_size=vision.hidden_size,
-        vision_intermediate_size=vision.intermediate_size,
-        vision_layers_used=used,
-        vision_tokens=patches + 1,
-        image_token_id=config.image_token_id,
-    )
+    """Dimensions of a supported config (see :class:`ModelDims`), by its architecture."""
+    from himap_trt.arch import architecture_for
+
+    return architecture_for(config).dims(config)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -143,10 +122,14 @@ def _resolve(model: str) -> tuple[str, bool]:
     """(path or hub id, is_local) for a ``--model`` value."""
     if model in TINY_MODELS:
         return str(tiny_model_dir(model)), True
+    if model in TINY_QWEN_MODELS:
+        return str(tiny_qwen_model_dir(model)), True
     if model in SHAPES_MODELS:
         return str(shapes_model_dir(model)), True
-    if model in KNOWN_MODELS:
-        return KNOWN_MODELS[model][0], False
+    from himap_trt.arch import known_models
+
+    if model in known_models():
+        return known_models()[model][0], False
     if os.path.isdir(model):
         return model, True
     if os.path.exists(model):
@@ -205,9 +188,12 @@ def load_config(model: str):
     """
     from transformers import AutoConfig
 
-    known = {name: name for name in KNOWN_MODELS} | {hub: name for name, (hub, *_) in KNOWN_MODELS.items()}
+    from himap_trt.arch import known_models
+
+    builtin = known_models()
+    known = {name: name for name in builtin} | {hub: name for name, (hub, _) in builtin.items()}
     if model in known and not os.path.isdir(model):
-        config = known_config(known[model])  # the published checkpoints' dimensions, offline
+        config = builtin[known[model]][1]()  # the published checkpoints' dimensions, offline
     else:
         source, is_local = _resolve(model)
         config = _from_pretrained(AutoConfig.from_pretrained, source, is_local, "config")
@@ -237,8 +223,13 @@ class LoadedModel:
 
     @property
     def dims(self) -> ModelDims:
-        """The model's :class:`ModelDims`."""
-        return model_dims(self.model.config)
+        """The model's :class:`ModelDims` (|V|'s bound from the processor where |V| varies)."""
+        from himap_trt.arch import architecture_for
+
+        arch = architecture_for(self.model.config)
+        dims = arch.dims(self.model.config)
+        bound = arch.max_image_tokens(self.processor)
+        return arch.with_max_image_tokens(dims, bound) if bound else dims
 
 
 def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -258,17 +249,18 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | 
     Raises:
         HimapError: unknown model, hub unreachable, unsupported architecture, broken files.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
+
+    from himap_trt.arch import architecture_for
 
     hf_logging.disable_progress_bar()  # our commands show their own progress
     config = load_config(model)  # fails fast on unsupported architectures
     source, is_local = _resolve(model)
-    processor = _from_pretrained(AutoProcessor.from_pretrained, source, is_local, "processor")
+    processor = _from_pretrained(architecture_for(config).load_processor, source, is_local, "processor")
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise HimapError(f"the processor of {model!r} is not a multimodal (image + text) processor")
     hf_model = _from_pretrained(
-        LlavaForConditionalGeneration.from_pretrained, source, is_local, "weights",
+        architecture_for(config).model_class().from_pretrained, source, is_local, "weights",
         config=config, dtype=dtype, attn_implementation=attn_implementation,
     )
     hf_model.to(device).eval()

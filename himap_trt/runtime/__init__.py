@@ -47,9 +47,11 @@ def reference_pipeline(loaded: Any, plan: Any, *, max_seq_len: int | None = None
     """
     from himap_trt.graphs.spec import graph_specs
 
-    dims = loaded.dims
+    from himap_trt.arch import plan_dims
+
+    dims = plan_dims(loaded.dims, plan)
     specs = graph_specs(dims, plan, _DTYPE_NAMES[str(loaded.model.dtype)])
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     return Pipeline(specs, torch_backends(loaded.model, specs), loaded.processor, plan,
                     image_token_id=dims.image_token_id, device=loaded.model.device, eos_token_ids=eos,
-                    pad_token_id=pad, max_seq_len=max_seq_len)
+                    pad_token_id=pad, max_seq_len=max_seq_len, architecture=dims.architecture)

@@ -203,6 +203,8 @@ class _Request:
         self.handle = handle
         self.arrived = arrived
         self.length = int(prompt.input_ids.shape[1])
+        # prefilled together only with prompts of the same length and image-token count (no padding, no masked slots)
+        self.group_key = (self.length, tuple(prompt.image_tokens or ()))
         self.chooser = TokenChooser(GenerationConfig(max_new_tokens=1, temperature=params.temperature,
                                                      top_p=params.top_p, seed=params.seed), device)
         self.slot: int | None = None
@@ -400,8 +402,8 @@ class Engine:
         free = self.cache.free_slots()
         if not self._waiting or not free:
             return []
-        length = self._waiting[0].length
-        group = [r for r in self._waiting if r.length == length][:min(len(free), self.max_prefill_batch)]
+        key = self._waiting[0].group_key
+        group = [r for r in self._waiting if r.group_key == key][:min(len(free), self.max_prefill_batch)]
         for request, slot in zip(group, free):
             self._waiting.remove(request)
             request.slot = slot
@@ -414,8 +416,10 @@ class Engine:
             attention_mask=torch.cat([p.attention_mask for p in prompts]),
             pixel_values=torch.cat([p.pixel_values for p in prompts]),
             token_type_ids=torch.cat([p.token_type_ids for p in prompts]),
-            position_ids=torch.cat([p.position_ids for p in prompts]),
+            position_ids=torch.cat([p.position_ids for p in prompts], dim=-2),   # [B,S] or [3,B,S]
             prompts=[q for p in prompts for q in p.prompts],
+            image_grid_thw=None if prompts[0].image_grid_thw is None else torch.cat([p.image_grid_thw for p in prompts]),
+            image_tokens=None if prompts[0].image_tokens is None else [n for p in prompts for n in p.image_tokens],
         )
         slots = [r.slot for r in group]
         started = time.perf_counter()
@@ -433,7 +437,7 @@ class Engine:
             if self.max_seq_len is not None:
                 limit = min(limit, self.max_seq_len - request.length)
             request.limit = limit
-            request.completion.image_tokens_per_segment = image_tokens
+            request.completion.image_tokens_per_segment = state.image_tokens[row] if state.image_tokens else image_tokens
             request.completion.kept_image_positions = [stage.kept_image_positions[row] for stage in state.stages]
             self._running.append(request)
         self._accept_tokens(group, state.logits)

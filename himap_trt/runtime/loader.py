@@ -156,7 +156,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
                         image_token_id=manifest.image_token_id, device=dev,
                         eos_token_ids=list(manifest.eos_token_ids), pad_token_id=manifest.pad_token_id,
-                        max_seq_len=max_seq_len, max_positions=manifest.dims.max_position_embeddings)
+                        max_seq_len=max_seq_len, max_positions=manifest.dims.max_position_embeddings,
+                        architecture=manifest.dims.architecture)
     return OpenedPipeline(pipeline, backend, dev, manifest.source_model)
 
 
@@ -172,7 +173,7 @@ def load_export_processor(export_dir: Path, manifest):
     Raises:
         HimapError: naming the directory if it declares custom code or transformers cannot load it.
     """
-    from transformers import AutoProcessor
+    from himap_trt.arch import get_architecture
 
     from himap_trt.confine import confined_path, refuse_custom_code
 
@@ -180,7 +181,7 @@ def load_export_processor(export_dir: Path, manifest):
                          source=Path(export_dir) / "manifest.json", kind="dir")
     refuse_custom_code(path, "processor")
     try:
-        return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+        return get_architecture(manifest.dims.architecture).load_processor(str(path), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a bad processor directory is input, not a bug
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HimapError(f"cannot load the processor saved in {str(path)!r}: {text}") from None

@@ -32,7 +32,7 @@ import torch
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec, past_names, present_names, query_name
 from himap_trt.plan import PruningPlan
-from himap_trt.prompt import TOKEN_IMAGE, PromptBatch, prepare_batch
+from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
 from himap_trt.runtime.kv_cache import SlotKVCache, torch_dtype
 from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
@@ -63,6 +63,7 @@ class PrefillResult:
         stages: one :class:`StageOutput` per pruning stage.
         cache: the slot cache the prompts were written into.
         slots: the slot of each prompt row.
+        image_tokens: per row, the image tokens each segment saw (models with per-request counts).
     """
 
     logits: torch.Tensor
@@ -70,6 +71,7 @@ class PrefillResult:
     stages: list[StageOutput]
     cache: SlotKVCache
     slots: list[int] = field(default_factory=list)
+    image_tokens: list[list[int]] | None = None
 
 
 @dataclass
@@ -83,7 +85,8 @@ class GenerationOutput:
         texts: per row, the decoded answer (special tokens skipped).
         finish_reasons: per row, ``eos``, ``max_new_tokens`` or ``max_seq_len``.
         prompt_tokens: per row, real prompt tokens (tokens).
-        image_tokens_per_segment: image tokens each segment saw (tokens).
+        image_tokens_per_segment: image tokens each segment saw (tokens); for models with per-request
+            counts, those of the export's bound (each row's own: ``image_tokens_per_row``).
         stages: what each pruning stage kept.
         ttft_s: time to first token (seconds): preprocessing, vision, prefill, first pick (not the
             one-off KV-cache allocation, ``timings['allocate']``).
@@ -107,6 +110,7 @@ class GenerationOutput:
     kv_cache_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
     itl_s: list[float] = field(default_factory=list)
+    image_tokens_per_row: list[list[int]] | None = None
 
 
 class Pipeline:
@@ -124,11 +128,18 @@ class Pipeline:
         max_seq_len: most tokens (prompt + generated) per sequence, or None for no limit.
         max_positions: the model's ``max_position_embeddings`` (tokens), or None if unknown: a prompt
             too long for ``max_seq_len`` suggests re-exporting only if the model allows more.
+        architecture: the model family (:mod:`himap_trt.arch`): prompt preparation, the vision
+            graph's feeds, position ids; ``ModelDims.architecture``. Default: the vision graph's
+            ``attrs['architecture']`` (set by families other than LLaVA-1.5), else ``llava``.
     """
 
     def __init__(self, specs: list[GraphSpec], backends: Mapping[str, Backend], processor: Any, plan: PruningPlan,
                  *, image_token_id: int, device: torch.device | str, eos_token_ids: list[int], pad_token_id: int,
-                 max_seq_len: int | None = None, max_positions: int | None = None):
+                 max_seq_len: int | None = None, max_positions: int | None = None, architecture: str | None = None):
+        from himap_trt.arch import get_architecture
+
+        vision = next((spec for spec in specs if spec.kind == "vision"), None)
+        self.arch = get_architecture(architecture or (vision.attrs.get("architecture", "llava") if vision else "llava"))
         self.specs = {spec.name: spec for spec in specs}
         self.segments = [spec for spec in specs if spec.kind == "segment"]
         self.scorings = [spec for spec in specs if spec.kind == "scoring"]
@@ -178,7 +189,7 @@ class Pipeline:
         Raises:
             HimapError: empty question, or a prompt longer than ``max_seq_len``.
         """
-        batch = prepare_batch(self.processor, images, questions, self.image_token_id, self.num_image_tokens)
+        batch = self.arch.prepare_batch(self.processor, images, questions, self.image_token_id, self.num_image_tokens)
         length = batch.input_ids.shape[1]
         if self.max_seq_len is not None and length >= self.max_seq_len:
             if self.max_positions is not None and self.max_seq_len >= self.max_positions:
@@ -211,9 +222,13 @@ class Pipeline:
         length = max_seq_len or self.max_seq_len
         if length is None:
             raise HimapError("allocating a KV cache needs a max_seq_len (the pipeline has none; pass one)")
-        if length <= self.num_image_tokens:
+        if self.arch.variable_image_tokens:
+            # a request with few image tokens drops few: every segment may hold the whole length
+            dropped = [0] * len(self.plan.image_tokens_per_segment)
+        elif length <= self.num_image_tokens:
             raise HimapError(f"max_seq_len {length} cannot hold the {self.num_image_tokens} image tokens")
-        dropped = [self.num_image_tokens - n for n in self.plan.image_tokens_per_segment]
+        else:
+            dropped = [self.num_image_tokens - n for n in self.plan.image_tokens_per_segment]
         return SlotKVCache.allocate(self.segments, max_batch, [length - d for d in dropped], self.device)
 
     def release(self, cache: SlotKVCache, slots: Sequence[int]) -> None:
@@ -262,7 +277,9 @@ class Pipeline:
                              "(prompt plus at least one generated token must fit); allocate a larger cache")
         input_ids = batch.input_ids.to(dev)
         t0 = time.perf_counter()
-        features = self._run("vision", {"pixel_values": batch.pixel_values.to(dev, self.dtype)})["image_features"]
+        vision = {name: t.to(dev, self.dtype if t.is_floating_point() else t.dtype)
+                  for name, t in self.arch.vision_feeds(batch, self.specs["vision"]).items()}
+        features = self._run("vision", vision)[self.specs["vision"].outputs[0].name]
         self._sync()
         t1 = time.perf_counter()
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]
@@ -274,6 +291,10 @@ class Pipeline:
         origin = torch.arange(seq, device=dev).expand_as(input_ids)                     # original positions
         stages = []
         logits = None
+        # per-row image tokens of every segment (METHODS.md rounding per request)
+        counts = [self.plan.image_tokens_for(n) if self.arch.variable_image_tokens else
+                  self.plan.image_tokens_per_segment
+                  for n in self.arch.image_token_counts(batch, self.num_image_tokens)]
         start = torch.zeros(size, dtype=torch.int64, device=dev)
         for j, seg in enumerate(self.segments):
             length = mask.shape[1]
@@ -298,6 +319,9 @@ class Pipeline:
                 **{name: out[name] for name in present_names(scored)},
                 "attention_mask": mask, "token_type_ids": types,
                 "hidden_states": out["last_hidden_state"], "position_ids": positions,
+                "keep_counts": torch.tensor([c[j + 1] for c in counts], dtype=torch.int64, device=dev),
+                "image_slots": torch.arange(max(c[j] for c in counts), device=dev),
+                "kept_slots": torch.arange(max(c[j + 1] for c in counts), device=dev),
             }
             kept = self._run(scoring.name, {name: available[name] for name in scoring.input_names})
             index = kept["kept_indices"]
@@ -314,8 +338,9 @@ class Pipeline:
         if timings is not None:
             timings["vision"] = t1 - t0
             timings["prefill"] = time.perf_counter() - t1
-        next_positions = batch.position_ids[:, -1].to(dev) + 1
-        return PrefillResult(logits, next_positions, stages, cache, slots)
+        next_positions = self.arch.next_positions(batch).to(dev)
+        return PrefillResult(logits, next_positions, stages, cache, slots,
+                             counts if self.arch.variable_image_tokens else None)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -370,7 +395,7 @@ class Pipeline:
             buffers = {name: tensor[low:high + 1] for name, tensor in cache.tensors[j].items()}
             presents = {present: buffers[past] for layer in range(*seg.layers)
                         for past, present in zip(past_names(layer), present_names(layer))}
-            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": pos[:, None],
+            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": self.arch.decode_position_ids(pos),
                                        "attention_mask": cache.masks[j][low:high + 1],
                                        "cache_position": write.to(dev), **buffers}, presents)
             lengths[slot_index] += 1
@@ -468,4 +493,5 @@ class Pipeline:
             kv_cache_bytes=cache.nbytes(),
             timings=timings,
             itl_s=[b - a for a, b in zip(token_times, token_times[1:])],
+            image_tokens_per_row=state.image_tokens,
         )

@@ -1,0 +1,97 @@
+"""LLaVA-1.5 (transformers' ``LlavaForConditionalGeneration``: CLIP vision tower, Llama decoder).
+
+A fixed number of image tokens per prompt (|V| = (image_size / patch_size)², 576 for LLaVA-1.5),
+position ids [batch, sequence], the vision graph takes ``pixel_values`` [batch, 3, H, W].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from himap_trt.arch.base import Architecture
+from himap_trt.errors import HimapError
+
+
+class Llava(Architecture):
+    name = "llava"
+    model_type = "llava"
+    supported = ("LLaVA-1.5-style checkpoints in transformers' format: LlavaForConditionalGeneration "
+                 "(model_type 'llava') with a CLIP vision tower ('clip_vision_model') and a Llama decoder ('llama')")
+
+    def check_supported(self, config: Any, source: str) -> None:
+        from himap_trt.arch import supported_models
+
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if text_type != "llama" or vision_type != "clip_vision_model":
+            raise HimapError(
+                f"unsupported model {source!r} (model_type={config.model_type!r}, decoder={text_type!r}, "
+                f"vision={vision_type!r}); supported: {supported_models()}"
+            )
+        if not isinstance(config.vision_feature_layer, int):
+            raise HimapError(
+                f"unsupported model {source!r}: vision_feature_layer={config.vision_feature_layer!r}; "
+                "only a single feature layer (an int) is supported"
+            )
+
+    def dims(self, config: Any):
+        from himap_trt.models.loading import ModelDims
+
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        patches = (vision.image_size // vision.patch_size) ** 2
+        layer = config.vision_feature_layer
+        used = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
+        return ModelDims(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=text.num_key_value_heads or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            vocab_size=text.vocab_size,
+            max_position_embeddings=text.max_position_embeddings,
+            num_image_tokens=patches if config.vision_feature_select_strategy == "default" else patches + 1,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            vision_hidden_size=vision.hidden_size,
+            vision_intermediate_size=vision.intermediate_size,
+            vision_layers_used=used,
+            vision_tokens=patches + 1,
+            image_token_id=config.image_token_id,
+        )
+
+    def model_class(self) -> type:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def known_models(self):
+        from himap_trt.models.known import KNOWN_MODELS, known_config
+
+        return {name: (hub, lambda name=name: known_config(name)) for name, (hub, *_) in KNOWN_MODELS.items()}
+
+    def vision_spec(self, dims, dtype: str):
+        from himap_trt.graphs.spec import GraphSpec, TensorSpec
+
+        b = "batch"
+        return GraphSpec(
+            name="vision", kind="vision",
+            inputs=(TensorSpec("pixel_values", dtype, (b, 3, dims.image_size, dims.image_size)),),
+            outputs=(TensorSpec("image_features", dtype, (b, dims.num_image_tokens, dims.hidden_size)),),
+        )
+
+    def vision_module(self, model):
+        from himap_trt.graphs.modules import VisionEncoder
+
+        return VisionEncoder(model)
+
+    def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
+        from himap_trt.prompt import prepare_batch
+
+        return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
+
+    def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
+        return {"pixel_values": batch.pixel_values}

@@ -1,0 +1,318 @@
+"""Qwen2.5-VL (transformers' ``Qwen2_5_VLForConditionalGeneration``): dynamic-resolution vision
+tower (window attention, 2-D rotary, 2x2 patch merger), Qwen2 decoder with M-RoPE.
+
+What differs from LLaVA-1.5 (METHODS.md, "Models with a variable number of image tokens"):
+
+- |V| per request: ``(h/28)·(w/28)`` after the processor's resize (bounded by its min/max
+  pixels) and the 2x2 merge. ``ModelDims.num_image_tokens`` is the *bound* (the processor's max
+  pixels, or the export's ``--max-image-tokens``); keep counts are computed per request.
+- Position ids [3, batch, sequence] (temporal, height, width). Text tokens advance all three
+  together; an image's tokens get ``start + (0, row, col)`` on its merged grid and the text after it
+  continues at ``start + max(rows, cols)`` (:func:`mrope_positions`). A decoded token's three
+  positions are ``max(prompt positions) + 1 + step`` (transformers' ``rope_deltas``).
+- Batch layout (:meth:`Qwen2_5_VL.prepare_batch`): every row of a batch holds the same number E of
+  image *slots* (E = the batch's largest |V|); a row with fewer image tokens gets ``E - |V|_b``
+  masked image slots (token type image, attention mask 0, the pad id) before its prompt, after
+  the left padding. So scoring graphs see one image-slot count per batch, and masked slots are
+  never attended (they change no real token's output, like VisiPruner's slots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from himap_trt.arch.base import Architecture
+from himap_trt.errors import HimapError
+
+#: The published checkpoints' processors bound images to 12845056 pixels = 16384 tokens of 28x28 px.
+DEFAULT_MAX_IMAGE_TOKENS = 16384
+
+#: Short name -> (hub id, hidden, FFN, layers, heads, kv heads, vocab, tied embeddings).
+KNOWN_QWEN: dict[str, tuple[str, int, int, int, int, int, int, bool]] = {
+    "qwen2.5-vl-7b": ("Qwen/Qwen2.5-VL-7B-Instruct", 3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-vl-3b": ("Qwen/Qwen2.5-VL-3B-Instruct", 2048, 11008, 36, 16, 2, 151936, True),
+}
+
+
+def known_qwen_config(name: str):
+    """The ``Qwen2_5_VLConfig`` of a published checkpoint (dimensions of its ``config.json``), offline.
+
+    Raises:
+        KeyError: if ``name`` is not a key of :data:`KNOWN_QWEN`.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    _, hidden, ffn, layers, heads, kv, vocab, tied = KNOWN_QWEN[name]
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]},
+                         bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_chans=3,
+                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653, tie_word_embeddings=tied,
+    )
+
+
+def mrope_positions(input_ids: torch.Tensor, image_token_id: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """M-RoPE position ids of one unpadded prompt holding one image (Qwen2-VL paper, Sec. 2.1).
+
+    Args:
+        input_ids: [sequence] int64, one contiguous span of ``rows·cols`` image tokens.
+        image_token_id: the image placeholder id.
+        grid_hw: (rows, cols) of the image's *merged* token grid.
+
+    Returns:
+        [3, sequence] int64: text tokens ``(p, p, p)`` with p counting on; the image's token
+        (r, c) in row-major order ``(s, s + r, s + c)`` with s the position after the text before
+        it; text after the image continues at ``s + max(rows, cols)``.
+    """
+    rows, cols = grid_hw
+    where = (input_ids == image_token_id).nonzero().flatten()
+    seq = int(input_ids.shape[0])
+    first = int(where[0]) if where.numel() else seq
+    count = int(where.numel())
+    out = torch.empty((3, seq), dtype=torch.int64)
+    out[:, :first] = torch.arange(first)
+    if count:
+        r = torch.arange(rows).repeat_interleave(cols)
+        c = torch.arange(cols).repeat(rows)
+        out[0, first:first + count] = first
+        out[1, first:first + count] = first + r
+        out[2, first:first + count] = first + c
+        after = first + max(rows, cols)
+        out[:, first + count:] = after + torch.arange(seq - first - count)
+    return out
+
+
+class Qwen2_5_VL(Architecture):
+    name = "qwen2_5_vl"
+    model_type = "qwen2_5_vl"
+    supported = "Qwen2.5-VL checkpoints in transformers' format: Qwen2_5_VLForConditionalGeneration (model_type 'qwen2_5_vl')"
+    variable_image_tokens = True
+    position_axes = 3
+
+    def check_supported(self, config: Any, source: str) -> None:
+        text = getattr(config, "text_config", None)
+        section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        if not section or sum(section) != head_dim // 2 or len(section) != 3:
+            raise HimapError(f"unsupported model {source!r}: rope_parameters.mrope_section={section!r} must be three "
+                             f"numbers summing to head_dim/2 = {head_dim // 2}")
+        if getattr(text, "use_sliding_window", False):
+            raise HimapError(f"unsupported model {source!r}: use_sliding_window=true (sliding-window decoder "
+                             "attention is not implemented in the graphs)")
+
+    def dims(self, config: Any):
+        from himap_trt.models.loading import ModelDims
+
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        merge = vision.spatial_merge_size
+        return ModelDims(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=text.num_key_value_heads or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            vocab_size=text.vocab_size,
+            max_position_embeddings=text.max_position_embeddings,
+            num_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
+            image_size=0,                                   # dynamic resolution
+            patch_size=vision.patch_size,
+            vision_hidden_size=vision.hidden_size,
+            vision_intermediate_size=vision.intermediate_size,
+            vision_layers_used=vision.depth,
+            vision_tokens=DEFAULT_MAX_IMAGE_TOKENS * merge * merge,
+            image_token_id=config.image_token_id,
+            architecture=self.name,
+            spatial_merge_size=merge,
+            temporal_patch_size=vision.temporal_patch_size,
+            vision_window_size=vision.window_size,
+        )
+
+    def max_image_tokens(self, processor: Any) -> int | None:
+        """The processor's bound on |V|: ``max_pixels / (patch·merge)²`` (tokens)."""
+        image = getattr(processor, "image_processor", None)
+        size = getattr(image, "size", None) or {}
+        max_pixels = size.get("longest_edge") or getattr(image, "max_pixels", None)
+        if not max_pixels:
+            return None
+        side = image.patch_size * image.merge_size
+        return int(max_pixels // (side * side))
+
+    def max_image_tokens_in(self, path: str) -> int | None:
+        import json
+        import os
+
+        try:
+            with open(os.path.join(path, "preprocessor_config.json"), encoding="utf-8") as handle:
+                data = json.load(handle)
+            pixels = (data.get("size") or {}).get("longest_edge") or data.get("max_pixels")
+            side = int(data.get("patch_size", 14)) * int(data.get("merge_size", 2))
+            return int(pixels) // (side * side) if pixels else None
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None    # unreadable here: the processor's load reports it
+
+    def with_max_image_tokens(self, dims, tokens: int):
+        from dataclasses import replace
+
+        return replace(dims, num_image_tokens=tokens, vision_tokens=tokens * dims.spatial_merge_size ** 2)
+
+    def load_processor(self, path: str, **kwargs):
+        return load_qwen_processor(path, **kwargs)
+
+    def model_class(self) -> type:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def known_models(self):
+        return {name: (hub, lambda name=name: known_qwen_config(name)) for name, (hub, *_) in KNOWN_QWEN.items()}
+
+    def vision_spec(self, dims, dtype: str):
+        """:func:`himap_trt.graphs.qwen_vision.qwen_vision_spec`; its attrs also carry what the host
+        side (:func:`~himap_trt.graphs.qwen_vision.qwen_vision_inputs`) needs at run time."""
+        from dataclasses import replace
+
+        from himap_trt.graphs.qwen_vision import qwen_vision_spec
+
+        config = self._vision_config(dims)
+        spec = qwen_vision_spec(config, dtype)
+        return replace(spec, attrs={**spec.attrs, **config})
+
+    @staticmethod
+    def _vision_config(dims) -> dict[str, int]:
+        return {"in_channels": 3, "temporal_patch_size": dims.temporal_patch_size, "patch_size": dims.patch_size,
+                "out_hidden_size": dims.hidden_size, "spatial_merge_size": dims.spatial_merge_size,
+                "window_size": dims.vision_window_size}
+
+    def vision_module(self, model):
+        from himap_trt.graphs.qwen_vision import QwenVisionEncoder
+
+        return QwenVisionEncoder(model.model.visual)
+
+    def export_vision(self, model, spec, path, *, opset: int, vocab_size: int) -> None:
+        from himap_trt.export.qwen_vision import export_qwen_vision
+
+        written = export_qwen_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
+        if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
+            raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.inputs} vs {spec.inputs}")
+
+    def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
+        from himap_trt.prompt import (
+            TOKEN_IMAGE, PromptBatch, build_prompt, check_question, encode_as_text, has_special_text, token_type_ids,
+        )
+
+        if len(images) != len(questions):
+            raise HimapError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
+        if not images:
+            raise HimapError("no (image, question) pairs given")
+        for question in questions:
+            check_question(question)
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"
+        merge = processor.image_processor.merge_size
+        rows, pixels, grids, prompts, counts = [], [], [], [], []
+        for image, question in zip(images, questions):
+            vision = processor.image_processor([image], return_tensors="pt")
+            grid = vision["image_grid_thw"].long()                                  # [1, 3]
+            count = int(grid.prod()) // (merge * merge)
+            if count > num_image_tokens:
+                raise HimapError(f"the image gives {count} image tokens, more than the {num_image_tokens} the "
+                                 "export allows (--max-image-tokens); downscale it or re-export")
+            if has_special_text(tokenizer, question):
+                ids, _, [prompt] = encode_as_text(processor, [question], image_token_id, count)
+                ids = ids[0]
+            else:
+                prompt = build_prompt(processor, question)
+                ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].long()
+            rows.append(ids)
+            pixels.append(vision["pixel_values"])
+            grids.append(grid)
+            prompts.append(prompt)
+            counts.append(count)
+        slots = max(counts)                                              # E: image slots per row
+        width = max(len(ids) - n for ids, n in zip(rows, counts)) + slots
+        size = len(rows)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.full((size, width), pad, dtype=torch.int64)
+        mask = torch.zeros((size, width), dtype=torch.int64)
+        types = torch.zeros((size, width), dtype=torch.int64)
+        positions = torch.zeros((3, size, width), dtype=torch.int64)
+        for b, (ids, n, grid) in enumerate(zip(rows, counts, grids)):
+            length = len(ids)
+            start = width - length
+            input_ids[b, start:] = ids
+            mask[b, start:] = 1
+            types[b, start:] = token_type_ids(ids[None], torch.ones_like(ids)[None], image_token_id, n)[0]
+            types[b, start - (slots - n):start] = TOKEN_IMAGE              # masked image slots
+            _, h, w = (int(v) for v in grid[0])
+            positions[:, b, start:] = mrope_positions(ids, image_token_id, (h // merge, w // merge))
+        return PromptBatch(
+            input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(pixels).float(),
+            token_type_ids=types, position_ids=positions, prompts=prompts,
+            image_grid_thw=torch.cat(grids), image_tokens=counts,
+        )
+
+    def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
+        from himap_trt.export.qwen_vision import vision_feeds
+
+        return vision_feeds(batch.pixel_values, batch.image_grid_thw, spec.attrs)
+
+    def next_positions(self, batch) -> torch.Tensor:
+        real = batch.attention_mask.bool()[None].expand_as(batch.position_ids)
+        return torch.where(real, batch.position_ids, 0).amax(dim=(0, 2)) + 1
+
+    def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[None, :, None].expand(3, -1, 1)
+
+    def image_token_counts(self, batch, num_image_tokens) -> list[int]:
+        return list(batch.image_tokens)
+
+
+def _image_only_processor_class():
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class QwenImageProcessor(Qwen2_5_VLProcessor):
+        """transformers' ``Qwen2_5_VLProcessor`` for images only: the same prompt expansion (one
+        ``<|image_pad|>`` per merged 28x28 patch), without the video processor, which needs
+        torchvision (not a dependency of this project)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            self.video_processor = None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return QwenImageProcessor
+
+
+def load_qwen_processor(path: str, **kwargs):
+    """Tokenizer, image processor and chat template of a Qwen2.5-VL directory (or hub id), as one
+    image-only processor (see :func:`_image_only_processor_class`).
+
+    ``kwargs`` go to every ``from_pretrained`` (``trust_remote_code=False``, ``local_files_only``).
+    The image processor is transformers' PIL ``Qwen2VLImageProcessorPil`` with the directory's
+    settings (min/max pixels, patch, merge, normalisation).
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    kwargs.pop("trust_remote_code", None)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
+    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=getattr(tokenizer, "chat_template", None))

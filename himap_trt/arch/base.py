@@ -43,6 +43,9 @@ class Architecture(ABC):
             the scoring graphs take per-row keep counts and slot ordinals as inputs, and every
             segment's cache holds ``max_seq_len`` positions (a small image drops fewer tokens).
         position_axes: 1 (position ids [batch, sequence]) or 3 (M-RoPE: [3, batch, sequence]).
+        streams_weights: whether ``export`` may build this family as a skeleton whose decoder-layer
+            weights stay in the checkpoint files (:func:`himap_trt.models.streaming.load_streamed`,
+            the bounded-memory export); False: the whole model is loaded (``load_model``).
     """
 
     name: ClassVar[str]
@@ -50,6 +53,7 @@ class Architecture(ABC):
     supported: ClassVar[str]
     variable_image_tokens: ClassVar[bool] = False
     position_axes: ClassVar[int] = 1
+    streams_weights: ClassVar[bool] = False
 
     # -- configs and loading -----------------------------------------------------------------
     @abstractmethod

@@ -17,6 +17,7 @@ from himap_trt.errors import HimapError
 class Llava(Architecture):
     name = "llava"
     model_type = "llava"
+    streams_weights = True
     supported = ("LLaVA-1.5-style checkpoints in transformers' format: LlavaForConditionalGeneration "
                  "(model_type 'llava') with a CLIP vision tower ('clip_vision_model') and a Llama decoder ('llama')")
 

@@ -332,7 +332,8 @@ def load_streamed(model: str, *, dtype: torch.dtype = torch.float32, device: str
 
     Returns:
         A :class:`~himap_trt.models.LoadedModel` whose ``weights`` is a :class:`StreamedWeights`, or
-        None when ``model`` is not a local directory of safetensors files (then use ``load_model``).
+        None when ``model`` is not a local directory of safetensors files or its family does not
+        stream (``Architecture.streams_weights``; Qwen2.5-VL does not yet): then use ``load_model``.
 
     Raises:
         HimapError: as ``load_model`` (unsupported architecture, custom code, unreadable files), or a
@@ -341,6 +342,7 @@ def load_streamed(model: str, *, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoProcessor, GenerationConfig
     from transformers.utils import logging as hf_logging
 
+    from himap_trt.arch import architecture_for
     from himap_trt.models.loading import LoadedModel, _from_pretrained, _resolve, load_config
 
     source, is_local = _resolve(model)
@@ -351,6 +353,8 @@ def load_streamed(model: str, *, dtype: torch.dtype = torch.float32, device: str
         return None
     hf_logging.disable_progress_bar()
     config = load_config(model)
+    if not architecture_for(config).streams_weights:
+        return None
     processor = _from_pretrained(AutoProcessor.from_pretrained, source, True, "processor")
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise HimapError(f"the processor of {model!r} is not a multimodal (image + text) processor")

@@ -182,9 +182,19 @@ class RequestHandle:
                 return
 
     def result(self, timeout: float | None = None) -> Completion:
-        """Block until the request finished (thread callers); consumes the stream."""
+        """Block until the request finished (thread callers); consumes the stream.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds (None: wait for ever).
+        """
         if self._sync is not None:
-            for event in self:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    event = self._sync.get(timeout=remaining)
+                except queue.Empty:
+                    raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s") from None
                 if isinstance(event, Completion):
                     return event
         if not self.done.wait(timeout):
@@ -266,6 +276,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
+        self._prefilling: list[_Request] = []   # admitted (slots assigned), prefill not finished
         self._accepting = True
         self._stop = False
         self._ids = itertools.count(1)
@@ -374,7 +385,10 @@ class Engine:
                     self._iteration()
                 except Exception as exc:   # a bug: fail every request rather than hang them
                     log.exception("scheduler iteration failed")
-                    self._fail(list(self._running), f"internal error: {exc}")
+                    # the group being prefilled holds admitted slots but is not running yet
+                    self._fail(list(self._running) + self._prefilling, f"internal error: {exc}")
+                finally:
+                    self._prefilling = []
                 with self._cond:
                     self._cond.notify_all()
             with self._cond:
@@ -423,6 +437,7 @@ class Engine:
         )
         slots = [r.slot for r in group]
         started = time.perf_counter()
+        self._prefilling = group
         try:
             state = self.pipeline.prefill(batch, cache=self.cache, slots=slots)
         except HimapError as exc:
@@ -440,6 +455,7 @@ class Engine:
             request.completion.image_tokens_per_segment = state.image_tokens[row] if state.image_tokens else image_tokens
             request.completion.kept_image_positions = [stage.kept_image_positions[row] for stage in state.stages]
             self._running.append(request)
+        self._prefilling = []
         self._accept_tokens(group, state.logits)
 
     def _decode(self) -> None:

@@ -92,7 +92,7 @@ class FakePipeline:
             logits[row, expected_token(key, 0, self.eos_at(key))] = 1.0
         stages = [SimpleNamespace(kept_image_positions=[[1, 2]] * batch.batch_size)]
         return SimpleNamespace(logits=logits, next_positions=torch.full((batch.batch_size,), batch.input_ids.shape[1]),
-                               stages=stages, cache=cache)
+                               stages=stages, cache=cache, image_tokens=None)
 
     def decode_step(self, cache, tokens, positions, slots):
         time.sleep(self.step_delay)
@@ -268,6 +268,29 @@ def test_prefill_error_fails_only_that_request(engine_factory):
     engine = engine_factory(pipe, max_batch=2)
     bad = engine.submit(engine.prepare(None, "bad"), SamplingParams(max_tokens=3, temperature=0)).result(timeout=5)
     assert bad.finish_reason == "error" and "does not fit" in bad.error
+    good = engine.generate(None, "goo", SamplingParams(max_tokens=3, temperature=0))
+    assert good.token_ids == answer(pipe, "goo", 3)
+    assert engine.stats().free_slots == 2
+
+
+def test_internal_prefill_bug_fails_that_group_and_frees_its_slots(engine_factory):
+    """A non-HimapError raised by prefill (a bug) answers the admitted requests with an internal error
+    instead of leaving them, and their slots, stranded (the scheduler then served nothing, forever)."""
+    pipe = FakePipeline(eos=False)
+    real = pipe.prefill
+
+    def buggy(batch, timings=None, *, cache=None, slots=None):
+        if batch.prompts[0] == "bug":
+            raise KeyError("a bug")
+        return real(batch, timings, cache=cache, slots=slots)
+
+    pipe.prefill = buggy
+    engine = engine_factory(pipe, max_batch=2)
+    handles = [engine.submit(engine.prepare(None, "bug"), SamplingParams(max_tokens=3, temperature=0))
+               for _ in range(2)]
+    for handle in handles:
+        failed = handle.result(timeout=5)
+        assert failed.finish_reason == "error" and "internal error" in failed.error
     good = engine.generate(None, "goo", SamplingParams(max_tokens=3, temperature=0))
     assert good.token_ids == answer(pipe, "goo", 3)
     assert engine.stats().free_slots == 2

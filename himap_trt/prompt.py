@@ -155,6 +155,22 @@ def check_question(text: Any, where: str = "the question") -> str:
     return text
 
 
+def check_requests(images: list[Any], questions: list[Any]) -> None:
+    """Check one prompt batch's (image, question) pairs before tokenizing (every family's
+    ``prepare_batch``).
+
+    Raises:
+        HimapError: the lists differ in length, are empty, or a question is invalid
+            (:func:`check_question`).
+    """
+    if len(images) != len(questions):
+        raise HimapError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
+    if not images:
+        raise HimapError("no (image, question) pairs given")
+    for question in questions:
+        check_question(question)
+
+
 def json_type_name(value: Any) -> str:
     names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
              dict: "an object", str: "a string"}
@@ -345,12 +361,7 @@ def prepare_batch(processor: Any, images: list[Image.Image], questions: list[str
     Raises:
         HimapError: empty or invalid question, mismatched list lengths, or an unexpected image-token count.
     """
-    if len(images) != len(questions):
-        raise HimapError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
-    if not images:
-        raise HimapError("no (image, question) pairs given")
-    for question in questions:
-        check_question(question)
+    check_requests(images, questions)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -154,3 +154,20 @@ class Architecture(ABC):
     def image_token_counts(self, batch: PromptBatch, num_image_tokens: int) -> list[int]:
         """|V| of every row of a batch (tokens); ``num_image_tokens`` where it is fixed."""
         return [num_image_tokens] * batch.batch_size
+
+
+def decoder_dims(text_config: Any) -> dict[str, int]:
+    """The decoder fields of :class:`~himap_trt.models.loading.ModelDims` from a Llama-shaped text config
+    (every family's decoder, see the module docstring): hidden/intermediate sizes, layers, heads,
+    KV heads (default: heads), head_dim (default: hidden / heads), vocabulary and position limit."""
+    heads = text_config.num_attention_heads
+    return dict(
+        hidden_size=text_config.hidden_size,
+        intermediate_size=text_config.intermediate_size,
+        num_layers=text_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=text_config.num_key_value_heads or heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+        vocab_size=text_config.vocab_size,
+        max_position_embeddings=text_config.max_position_embeddings,
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from himap_trt.arch.base import Architecture
+from himap_trt.arch.base import Architecture, decoder_dims
 from himap_trt.errors import HimapError
 
 
@@ -41,19 +41,11 @@ class Llava(Architecture):
         from himap_trt.models.loading import ModelDims
 
         text, vision = config.text_config, config.vision_config
-        heads = text.num_attention_heads
         patches = (vision.image_size // vision.patch_size) ** 2
         layer = config.vision_feature_layer
         used = layer if layer >= 0 else vision.num_hidden_layers + 1 + layer
         return ModelDims(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=text.num_key_value_heads or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-            vocab_size=text.vocab_size,
-            max_position_embeddings=text.max_position_embeddings,
+            **decoder_dims(text),
             num_image_tokens=patches if config.vision_feature_select_strategy == "default" else patches + 1,
             image_size=vision.image_size,
             patch_size=vision.patch_size,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from himap_trt.arch.base import Architecture
+from himap_trt.arch.base import Architecture, decoder_dims
 from himap_trt.errors import HimapError
 
 #: The published checkpoints' processors bound images to 12845056 pixels = 16384 tokens of 28x28 px.
@@ -102,8 +102,7 @@ class Qwen2_5_VL(Architecture):
     def check_supported(self, config: Any, source: str) -> None:
         text = getattr(config, "text_config", None)
         section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        head_dim = decoder_dims(text)["head_dim"]
         if not section or sum(section) != head_dim // 2 or len(section) != 3:
             raise HimapError(f"unsupported model {source!r}: rope_parameters.mrope_section={section!r} must be three "
                              f"numbers summing to head_dim/2 = {head_dim // 2}")
@@ -115,17 +114,9 @@ class Qwen2_5_VL(Architecture):
         from himap_trt.models.loading import ModelDims
 
         text, vision = config.text_config, config.vision_config
-        heads = text.num_attention_heads
         merge = vision.spatial_merge_size
         return ModelDims(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=text.num_key_value_heads or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-            vocab_size=text.vocab_size,
-            max_position_embeddings=text.max_position_embeddings,
+            **decoder_dims(text),
             num_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
             image_size=0,                                   # dynamic resolution
             patch_size=vision.patch_size,
@@ -210,15 +201,10 @@ class Qwen2_5_VL(Architecture):
 
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
         from himap_trt.prompt import (
-            TOKEN_IMAGE, PromptBatch, build_prompt, check_question, encode_as_text, has_special_text, token_type_ids,
+            TOKEN_IMAGE, PromptBatch, build_prompt, check_requests, encode_as_text, has_special_text, token_type_ids,
         )
 
-        if len(images) != len(questions):
-            raise HimapError(f"got {len(images)} images and {len(questions)} questions; pass one question per image")
-        if not images:
-            raise HimapError("no (image, question) pairs given")
-        for question in questions:
-            check_question(question)
+        check_requests(images, questions)
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         merge = processor.image_processor.merge_size

@@ -104,3 +104,34 @@ def test_a_few_training_steps_change_the_weights_and_save_loadable_safetensors(t
     missing, unexpected = fresh.load_state_dict(load_file(path), strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing)
     assert torch.equal(fresh.state_dict()["model.language_model.norm.weight"], after["model.language_model.norm.weight"])
+
+
+def test_image_features_are_the_image_tokens_llava_inserts():
+    train = _script()
+    model = new_shapes_model(seed=0).eval()
+    items = generate(2, seed=7, split="train")
+    batch = train.make_batch(items, shapes_processor())
+    with torch.no_grad():
+        ours = train.image_features(model, batch["pixel_values"])
+        theirs = model.model.get_image_features(
+            pixel_values=batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    assert ours.shape == (2, (SHAPES_SPEC.image_size // SHAPES_SPEC.patch_size) ** 2, SHAPES_SPEC.hidden_size)
+    assert torch.equal(ours, torch.stack(list(theirs)))
+
+
+def test_vision_pretraining_moves_only_the_vision_tower_and_projector():
+    import numpy as np
+
+    train = _script()
+    model = new_shapes_model(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = torch.nn.Linear(SHAPES_SPEC.hidden_size, sum(train.AUX_CLASSES))
+    lines = []
+    train.pretrain_vision(model, probe, shapes_processor(), steps=2, batch_size=3, lr=1e-3,
+                          rng=np.random.default_rng(0), log=lines.append)
+    assert lines and lines[-1].startswith("vision step 2/2 aux-loss")
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("model.vision_tower.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in changed)

@@ -444,19 +444,23 @@ class Pipeline:
         finished = torch.zeros(batch.batch_size, dtype=torch.bool, device=self.device)
         eos = torch.tensor(self.eos_token_ids if self.eos_token_ids and not config.ignore_eos else [-1],
                            device=self.device)
-        generated: list[torch.Tensor] = []
+        # The tokens so far, written in place: a step costs the same at token 1,000 as at token 1
+        # (stacking a growing list every step cost ~1 us per generated token per step).
+        generated = torch.empty((batch.batch_size, max(limit, 1)), dtype=torch.int64, device=self.device)
+        count = 0
         token_times = [first_token_at]
         while True:
             tokens = torch.where(finished, self.pad_token_id, tokens)
-            generated.append(tokens)
+            generated[:, count] = tokens
+            count += 1
             if streamer is not None:
                 streamer.put(tokens.cpu())
             finished |= torch.isin(tokens, eos)
-            if bool(finished.all()) or len(generated) >= limit:
+            if bool(finished.all()) or count >= limit:
                 break
-            positions = state.next_positions + len(generated) - 1
+            positions = state.next_positions + count - 1
             logits = self.decode_step(cache, tokens, positions, slots)
-            tokens = chooser(logits, torch.stack(generated, dim=1))
+            tokens = chooser(logits, generated[:, :count])
             self._sync()
             token_times.append(time.perf_counter())
         self._sync()
@@ -464,7 +468,7 @@ class Pipeline:
         if streamer is not None:
             streamer.end()
 
-        sequences = torch.stack(generated, dim=1).cpu()                      # [B,T]
+        sequences = generated[:, :count].cpu()                                # [B,T]
         rows, reasons = [], []
         for row in sequences.tolist():
             cut = None if config.ignore_eos else next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), None)

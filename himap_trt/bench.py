@@ -241,7 +241,10 @@ def sample_batch(pipeline, batch_size: int):
 def run_bench(contenders: list[Contender], batch_factory: Callable[[int], Any], *, batch_sizes: Sequence[int],
               new_tokens: Sequence[int], repeats: int, warmup: bool = True,
               progress: Callable[[str], None] | None = None) -> list[RunFigures]:
-    """Interleaved runs: for each (batch size, answer length), ``repeats`` rounds of every contender.
+    """Interleaved runs: for each batch size, ``repeats`` rounds, each running every answer length
+    of every contender once, so a ratio between contenders *and* between answer lengths (e.g. the
+    flat-decode ratio: mean TPOT of a 1,024-token answer over a 32-token one) is taken under the same
+    machine conditions.
 
     Raises:
         HimapError: with no contenders or a non-positive repeat count.
@@ -253,19 +256,19 @@ def run_bench(contenders: list[Contender], batch_factory: Callable[[int], Any], 
     figures = []
     for size in batch_sizes:
         batch = batch_factory(size)
-        for tokens in new_tokens:
-            if warmup:
-                for contender in contenders:
-                    if progress:
-                        progress(f"warm-up {contender.name} batch {size}")
-                    contender.run(batch, min(tokens, 4))
-            samples: dict[str, list[_Sample]] = {c.name: [] for c in contenders}
-            for round_ in range(repeats):
+        if warmup:
+            for contender in contenders:
+                if progress:
+                    progress(f"warm-up {contender.name} batch {size}")
+                contender.run(batch, min(min(new_tokens), 4))
+        samples: dict[tuple[int, str], list[_Sample]] = {(t, c.name): [] for t in new_tokens for c in contenders}
+        for round_ in range(repeats):
+            for tokens in new_tokens:
                 for contender in contenders:
                     if progress:
                         progress(f"{contender.name} batch {size} x {tokens} tokens, round {round_ + 1}/{repeats}")
-                    samples[contender.name].append(contender.run(batch, tokens))
-            figures += [_summarise(c.name, batch, tokens, samples[c.name]) for c in contenders]
+                    samples[tokens, contender.name].append(contender.run(batch, tokens))
+        figures += [_summarise(c.name, batch, t, samples[t, c.name]) for t in new_tokens for c in contenders]
     return figures
 
 

@@ -20,10 +20,14 @@ PLANS = [
     ("himap", dict(k1=3, r1=0.6, k2=6, r2=0.5)),
 ]
 PLAN_IDS = ["none", "fastv-k2", "himap-k1_2-k2_8", "himap-k1_3-k2_6"]
+# Every plan on tiny; tiny-gqa (the GQA dimension) with all but the second HiMAP plan, which only
+# varies the plan (already covered on tiny): one export less for CI time.
+CASES = [pytest.param(name, method, kw, id=f"{name}-{plan_id}")
+         for name in ("tiny", "tiny-gqa") for (method, kw), plan_id in zip(PLANS, PLAN_IDS)
+         if not (name == "tiny-gqa" and plan_id == "himap-k1_3-k2_6")]
 
 
-@pytest.mark.parametrize("method,kw", PLANS, ids=PLAN_IDS)
-@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("name,method,kw", CASES)
 def test_onnxruntime_equals_reference(tmp_path_factory, name, method, kw, requests_3):
     out, manifest, checks = exported(tmp_path_factory, name, method, **kw)
     images, questions = requests_3
@@ -58,8 +62,7 @@ def test_groupqueryattention_export_equals_reference(tmp_path_factory, requests_
             assert torch.equal(mine.kept_indices, theirs.kept_indices)
 
 
-@pytest.mark.parametrize("method,kw", PLANS, ids=PLAN_IDS)
-@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("name,method,kw", CASES)
 def test_every_graph_validated_for_prefill_and_decode(tmp_path_factory, name, method, kw):
     out, manifest, checks = exported(tmp_path_factory, name, method, **kw)
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
@@ -113,8 +116,8 @@ def test_external_weight_files(tmp_path, monkeypatch, requests_3):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     loaded = tiny("tiny")
     plan = build_plan("fastv", num_layers=12, num_image_tokens=144)
-    manifest, checks = export_model(loaded, plan, ExportOptions(out=tmp_path / "export"))
-    assert checks and all(c.ok for c in checks)
+    # validation is not needed here: the token comparison below runs the external-data graphs
+    manifest, _ = export_model(loaded, plan, ExportOptions(out=tmp_path / "export", validate=False))
     for spec in (s for s in manifest.graphs if s.kind != "scoring"):   # scoring graphs hold no weights
         data = tmp_path / "export" / f"{spec.file}.data"
         assert data.is_file() and data.stat().st_size > 0, spec.name

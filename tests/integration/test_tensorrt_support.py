@@ -33,8 +33,10 @@ def _ids(plans):
 
 
 # ---- the static TensorRT compatibility check -----------------------------------------------------
-@pytest.mark.parametrize("method,kw", FP32_PLANS, ids=_ids(FP32_PLANS))
-@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+@pytest.mark.parametrize("name,method,kw", [
+    pytest.param(name, method, kw, id=f"{name}-{plan_id}")
+    for name in ("tiny", "tiny-gqa") for (method, kw), plan_id in zip(FP32_PLANS, _ids(FP32_PLANS))
+    if not (name == "tiny-gqa" and kw.get("k1") == 3)])   # the exports test_onnx_pipeline makes
 def test_compat_passes_on_fp32_exports(tmp_path_factory, name, method, kw):
     out, manifest, _ = exported(tmp_path_factory, name, method, **kw)
     result = runner.invoke(app, ["check", "--tensorrt-compat", "--export-dir", str(out), "--json"])

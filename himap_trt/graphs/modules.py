@@ -356,7 +356,8 @@ def image_row_indices(token_type_ids: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor,
-                 token_type_ids: torch.Tensor, criterion: str, scaling: float, entering: int) -> torch.Tensor:
+                 token_type_ids: torch.Tensor, criterion: str, scaling: float, entering,
+                 masked_image_slots: bool = False) -> torch.Tensor:
     """Score every position by a stage's criterion (METHODS.md; HiMAP Eq. 8/9, FastV).
 
     ``A = softmax(Q K^T * scaling + causal/padding bias)`` over *all* keys, averaged over heads
@@ -377,7 +378,11 @@ def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
         token_type_ids: [B,S] int64 (``himap_trt.prompt.TOKEN_*``).
         criterion: ``img2txt`` | ``img2img`` | ``last_row``.
         scaling: the attention scale, 1/sqrt(Dh).
-        entering: image tokens per row (|V| at the first stage, the previous keep count after).
+        entering: image tokens per row (|V| at the first stage, the previous keep count after; an
+            int or a traced size).
+        masked_image_slots: rows carry per-request image-token counts padded with masked slots
+            (:mod:`himap_trt.graphs.variable`): ``img2img`` rows are weighted by their attention
+            mask, so a masked slot's row counts 0 (False: every image row weighs 1).
 
     Returns:
         [B,S] float32 scores (meaningful at image positions only).
@@ -395,7 +400,8 @@ def stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     else:  # img2img
         positions = image_row_indices(token_type_ids, entering)                        # [B,R]
         query = torch.gather(query, 2, positions[:, None, :, None].expand(batch, heads, entering, head_dim))
-        weights = torch.ones((batch, entering), dtype=torch.float32, device=dev)
+        weights = (torch.gather(attention_mask, 1, positions).float() if masked_image_slots
+                   else torch.ones((batch, entering), dtype=torch.float32, device=dev))
     groups = heads // key.shape[1]
     scores = torch.matmul(query.float(), repeat_kv(key.float(), groups).transpose(2, 3)) * scaling
     probs = torch.softmax(scores + attention_bias(attention_mask, positions), dim=-1)   # [B,H,R,S]

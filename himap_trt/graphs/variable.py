@@ -18,48 +18,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv
 
-from himap_trt.graphs.modules import attention_bias, image_row_indices, random_score_table
-from himap_trt.prompt import TOKEN_IMAGE, TOKEN_INSTRUCTION
-
-
-def variable_stage_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor,
-                          token_type_ids: torch.Tensor, criterion: str, scaling: float, entering) -> torch.Tensor:
-    """:func:`~himap_trt.graphs.modules.stage_scores` with masked image slots: ``img2img`` rows are
-    weighted by their attention mask (a masked slot's row counts 0).
-
-    Args:
-        query: [B,H,S,Dh]; key: [B,Hkv,S,Dh] (layer K-1, after RoPE).
-        attention_mask, token_type_ids: [B,S] int64.
-        criterion: ``img2txt`` | ``img2img`` | ``last_row``.
-        scaling: 1/sqrt(Dh).
-        entering: E, image slots per row (an int or a traced size).
-
-    Returns:
-        [B,S] float32 scores (meaningful at real image positions only).
-    """
-    batch, heads, seq, head_dim = query.shape
-    dev = query.device
-    if criterion == "last_row":
-        positions = torch.full((batch, 1), seq - 1, dtype=torch.int64, device=dev)
-        query = query[:, :, -1:]
-        weights = None
-    elif criterion == "img2txt":
-        positions = torch.arange(entering, seq, device=dev)[None, :].expand(batch, seq - entering)
-        query = query[:, :, entering:]
-        weights = (token_type_ids[:, entering:] == TOKEN_INSTRUCTION).float()
-    else:  # img2img over the real image slots
-        positions = image_row_indices(token_type_ids, entering)                        # [B,E]
-        query = torch.gather(query, 2, positions[:, None, :, None].expand(batch, heads, entering, head_dim))
-        weights = torch.gather(attention_mask, 1, positions).float()
-    groups = heads // key.shape[1]
-    scores = torch.matmul(query.float(), repeat_kv(key.float(), groups).transpose(2, 3)) * scaling
-    probs = torch.softmax(scores + attention_bias(attention_mask, positions), dim=-1)   # [B,H,R,S]
-    mean = probs.mean(dim=1)
-    if weights is None:
-        return mean[:, 0]
-    return torch.matmul(weights[:, None, :], mean)[:, 0]
+from himap_trt.graphs.modules import random_score_table, stage_scores
+from himap_trt.prompt import TOKEN_IMAGE
 
 
 def variable_kept(scores: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -119,8 +80,8 @@ class VariableStageScorer(nn.Module):
             ordinal = (image.cumsum(-1) - 1.0).clamp(min=0.0).long()       # t at the row's t-th real image token
             scores = self.random_table[ordinal]
         else:
-            scores = variable_stage_scores(query, key, attention_mask, token_type_ids, self.criterion, self.scaling,
-                                           entering)
+            scores = stage_scores(query, key, attention_mask, token_type_ids, self.criterion, self.scaling,
+                                  entering, masked_image_slots=True)
         index, mask = variable_kept(scores, token_type_ids, attention_mask, keep_counts, kept, entering - kept)
         gathered = torch.gather(hidden_states, 1, index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
         if position_ids.dim() == 3:

@@ -91,6 +91,12 @@ def patch_coverage(scene, spec) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([color, kind, np.eye(2, dtype=np.float32)[centre]], axis=1))
 
 
+def patch_targets(scenes, spec, aux_targets: str = "box") -> torch.Tensor:
+    """The auxiliary targets of ``scenes`` stacked: [B, patches, 3] int64 (:func:`patch_labels`,
+    ``box``) or [B, patches, sum(AUX_CLASSES)] float32 (:func:`patch_coverage`, ``coverage``)."""
+    return torch.stack([(patch_coverage if aux_targets == "coverage" else patch_labels)(s, spec) for s in scenes])
+
+
 def make_batch(items, processor, spec=SHAPES_SPEC, aux_targets: str = "box") -> dict[str, torch.Tensor]:
     """Training tensors for items: the processor's prompt ids (image tokens expanded), then the
     answer's ids and EOS, right-padded (so positions are 0..n-1 as in an unpadded prompt).
@@ -120,8 +126,7 @@ def make_batch(items, processor, spec=SHAPES_SPEC, aux_targets: str = "box") -> 
         attention_mask[i, :len(row)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "pixel_values": encoded["pixel_values"],
-            "patch_labels": torch.stack([(patch_coverage if aux_targets == "coverage" else patch_labels)(it.scene, spec)
-                                         for it in items])}
+            "patch_labels": patch_targets([it.scene for it in items], spec, aux_targets)}
 
 
 def aux_loss(probe, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -159,12 +164,23 @@ def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """[B, patches, hidden] float32: the projector's output for ``pixel_values`` [B, 3, H, W] (what
-    the decoder receives as image tokens: second-to-last vision layer, CLS dropped)."""
+    the decoder receives as image tokens: transformers' ``get_image_features`` with the config's
+    feature layer and CLS strategy)."""
     config = model.config
-    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-    if config.vision_feature_select_strategy == "default":
-        hidden = hidden[:, 1:]
-    return model.model.multi_modal_projector(hidden)
+    return torch.stack(list(model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output))
+
+
+def warmup_cosine(steps: int, warmup: int, final: float):
+    """The learning-rate factor of step ``step`` (0-based): linear warm-up over ``warmup`` steps,
+    then cosine decay to ``final`` (a fraction of the peak) at ``steps``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 def pretrain_vision(model, probe, processor, *, steps: int, batch_size: int, lr: float, rng: np.random.Generator,
@@ -180,15 +196,12 @@ def pretrain_vision(model, probe, processor, *, steps: int, batch_size: int, lr:
     params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()) \
         + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / warmup if step < warmup
-        else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20), 0.1))
     started, running = time.perf_counter(), []
     for step in range(1, steps + 1):
         scenes = [random_scene(rng) for _ in range(batch_size)]
         pixels = processor.image_processor(images=[render(s) for s in scenes], return_tensors="pt")["pixel_values"]
-        targets = torch.stack([(patch_coverage if aux_targets == "coverage" else patch_labels)(s, spec) for s in scenes])
+        targets = patch_targets(scenes, spec, aux_targets)
         features = image_features(model, pixels)
         loss = aux_loss(probe, features, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -264,13 +277,7 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup, final_lr))
     rng = np.random.default_rng([seed, SPLITS["train"]])
     dev = generate(dev_items, seed=1, split="eval") if dev_items else []
     started, cpu_started = time.perf_counter(), cpu_seconds()

@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON overrides of the model spec for experiments, e.g. '{\"hidden_size\": 96}' "
                              "(the shipped weights must use the default spec)")
     args = parser.parse_args(argv)
+    if args.vision_steps < 0 or args.vision_lr <= 0:
+        parser.error(f"--vision-steps must be >= 0 and --vision-lr > 0, got {args.vision_steps} and {args.vision_lr}")
+    if args.vision_steps and args.no_aux:
+        parser.error("--vision-steps trains on the auxiliary patch loss: it cannot be combined with --no-aux "
+                     "(use --vision-steps 0)")
     spec = dataclasses.replace(SHAPES_SPEC, **args.spec)
     print(f"spec {spec}", flush=True)
     model, acc = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,

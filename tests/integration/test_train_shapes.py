@@ -135,3 +135,17 @@ def test_vision_pretraining_moves_only_the_vision_tower_and_projector():
     assert any(k.startswith("model.vision_tower.") for k in changed)
     assert any(k.startswith("model.multi_modal_projector.") for k in changed)
     assert all(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in changed)
+
+
+@pytest.mark.parametrize("args,flag", [(["--vision-steps", "-1"], "--vision-steps"), (["--vision-lr", "0"], "--vision-lr"),
+                                       (["--no-aux"], "--no-aux")])
+def test_bad_vision_stage_options_are_one_clear_error(args, flag):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and flag in error[0]
+    assert not proc.stdout    # refused before any training or writing

@@ -281,7 +281,7 @@ def export(
         if kv_write == "gqa":
             raise HimapError("--build needs a TensorRT-parsable export: --kv-write gqa is ONNX Runtime only; "
                              "use --kv-write scatternd or tensorscatter")
-        _require_tensorrt()
+        build_target = _require_tensorrt(dtype=options.dtype)
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
         from himap_trt.models.streaming import load_streamed
@@ -299,7 +299,7 @@ def export(
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     built = _build_engines(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
-                           timing_cache=None) if build_engines_too else None
+                           timing_cache=None, target=build_target) if build_engines_too else None
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
                           "checks": [c.__dict__ for c in checks],
@@ -560,20 +560,20 @@ def _parse_bytes(text: str) -> int:
     return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
 
 
-def _require_tensorrt() -> None:
-    from himap_trt.engines.build import gpu_identity, import_tensorrt
+def _require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] = None, dtype: Optional[str] = None):
+    """The build target (flavour, capabilities), checked before any work (see engines.build.resolve_target)."""
+    from himap_trt.engines.build import resolve_target
 
-    import_tensorrt()
-    gpu_identity()
+    return resolve_target(tensorrt, compute_capability, dtype=dtype)
 
 
 def _build_engines(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
-                   workspace: int, timing_cache: Optional[Path]):
-    """Build engines with a progress display (TensorRT and a GPU are checked first)."""
+                   workspace: int, timing_cache: Optional[Path], target=None):
+    """Build engines with a progress display (the flavour and its targets are checked first)."""
     from himap_trt.engines.build import build_engines
     from himap_trt.runtime.loader import default_engines_dir
 
-    _require_tensorrt()
+    target = target or _require_tensorrt(dtype=manifest.dtype)
     with _progress() as progress:
         task = progress.add_task("build", total=len(manifest.graphs))
 
@@ -582,12 +582,15 @@ def _build_engines(export_dir: Path, engines_dir: Optional[Path], manifest, *, m
 
         return build_engines(export_dir, engines_dir or default_engines_dir(export_dir), manifest,
                              max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
-                             timing_cache=timing_cache, progress=report)
+                             timing_cache=timing_cache, target=target, progress=report)
 
 
 def _print_built(built) -> None:
-    out.print(f"built {len(built.engines)} engines with TensorRT {built.tensorrt_version} for {built.gpu_name} "
-              f"(compute capability {built.compute_capability}), batch <= {built.max_batch}, "
+    from himap_trt.engines.flavour import flavour_of
+    from himap_trt.engines.manifest import targets
+
+    out.print(f"built {len(built.engines)} engines with {flavour_of(built.tensorrt_flavour).display} "
+              f"{built.tensorrt_version} for {targets(built)}, batch <= {built.max_batch}, "
               f"<= {built.max_seq_len} tokens")
 
 
@@ -645,6 +648,19 @@ def build(
         "--timing-cache", help="Tactic timing cache, reused across builds (one per TensorRT version and GPU "
                                "architecture).",
         show_default="~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache")] = None,
+    tensorrt: Annotated[str, typer.Option(
+        "--tensorrt", metavar="[auto|tensorrt|rtx]",
+        help="Which TensorRT builds: tensorrt (NVIDIA TensorRT, module tensorrt; builds for the GPU it runs on), "
+             "rtx (TensorRT-RTX, module tensorrt_rtx; builds ahead of time, also without a GPU) or auto "
+             "(tensorrt if installed, else rtx).")] = "auto",
+    compute_capability: Annotated[Optional[str], typer.Option(
+        "--compute-capability", metavar="[8.6,8.9,12.0|current]",
+        help="TensorRT-RTX targets: comma-separated compute capabilities (7.5, 8.0, 8.6, 8.9, 12.0, 12.1 in "
+             "TensorRT-RTX 1.7), or current (the GPU this runs on; the only choice for TensorRT).",
+        show_default="rtx: every capability it targets ahead of time (without 7.5 for fp32 exports); "
+                     "tensorrt: current")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,
+    int8: Annotated[bool, typer.Option("--int8", hidden=True)] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(
@@ -663,14 +679,22 @@ def build(
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
 
     Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
-    for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
-    they were built with; `run` refuses others.
+    for reduced precision). With TensorRT-RTX (--tensorrt rtx) engines are built ahead of time for
+    the --compute-capability targets, also on a machine without a GPU. Engines are only valid for
+    the TensorRT flavour and version and the GPU architectures they were built for; `run` refuses others.
     """
     from himap_trt.export.manifest import load_manifest
     from himap_trt.graphs.spec import DTYPE_NAMES, graph_specs
     from himap_trt.models.loading import canonical_dtype
 
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    if fp16 or int8:
+        raise HimapError(f"--{'fp16' if fp16 else 'int8'}: networks are strongly typed, precision comes from the "
+                         "export (`himap-trt export --dtype fp16|bf16`); TensorRT-RTX has no FP16/INT8 builder flags")
+    from himap_trt.engines.flavour import TENSORRT_CHOICES
+
+    if tensorrt not in TENSORRT_CHOICES:
+        raise HimapError(f"--tensorrt must be one of {', '.join(TENSORRT_CHOICES)}, got {tensorrt!r}")
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
     if model is not None:
@@ -700,8 +724,9 @@ def build(
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
+    target = _require_tensorrt(tensorrt, compute_capability, manifest.dtype)
     built = _build_engines(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=workspace_bytes, timing_cache=timing_cache)
+                           workspace=workspace_bytes, timing_cache=timing_cache, target=target)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

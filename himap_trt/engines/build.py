@@ -1,20 +1,26 @@
-"""``himap-trt build``: one TensorRT engine per exported graph, through Polygraphy's loaders.
+"""``himap-trt build``: one engine per exported graph, with TensorRT or TensorRT-RTX.
 
-Each network is parsed *strongly typed* from the exported ONNX graph (TensorRT 11 removed weak
-typing: precision comes from the graph, exported in fp32/fp16/bf16), gets the optimization
-profiles of :mod:`himap_trt.engines.profiles`, and is built with a timing cache that is reused
-across builds. Engines are written into a temporary directory swapped into place when all are
-built (:func:`himap_trt.fsutil.atomic_directory`).
+Each network is parsed *strongly typed* from the exported ONNX graph (precision comes from the
+graph, exported in fp32/fp16/bf16; TensorRT-RTX has no other mode), gets the optimization profiles
+of :mod:`himap_trt.engines.profiles`, and is built by the builder API of the chosen flavour
+(:mod:`himap_trt.engines.flavour`): the same calls for both modules. TensorRT builds for the GPU
+it runs on, with a tactic timing cache reused across builds; TensorRT-RTX builds ahead of time for
+chosen compute capabilities, also on a machine without a GPU (no timing cache there: it queries a
+GPU). Engines are written into a temporary directory swapped into place when all are built
+(:func:`himap_trt.fsutil.atomic_directory`): a failure leaves nothing half-written.
 
-TensorRT is imported lazily: everything else in the package works without it.
+TensorRT is imported lazily (through :mod:`himap_trt.engines.flavour`): everything else in the
+package works without it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from himap_trt.engines.flavour import CURRENT, Flavour, parse_capabilities, select_flavour
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
     ENGINES_MANIFEST,
@@ -23,24 +29,8 @@ from himap_trt.engines.manifest import (
     export_fingerprint,
     is_engines_manifest,
 )
-from himap_trt.engines.profiles import graph_profiles
+from himap_trt.engines.profiles import Profile, graph_profiles
 from himap_trt.errors import HimapError
-
-INSTALL_HINT = ("install TensorRT 10.x or 11.x for Python (`pip install 'himap-trt[tensorrt]'`, wheels from "
-                "pypi.nvidia.com) on a machine with an NVIDIA GPU and driver")
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module.
-
-    Raises:
-        HimapError: if it is not installed, saying what to install.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        raise HimapError(f"TensorRT is not installed: {INSTALL_HINT}") from None
-    return tensorrt
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -52,22 +42,31 @@ def gpu_identity() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
-        raise HimapError(f"no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines are built "
-                         f"and run on an NVIDIA GPU: {INSTALL_HINT}")
+        raise HimapError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines run on an "
+                         "NVIDIA GPU (TensorRT-RTX builds without one: `build --tensorrt rtx`)")
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None) -> Path:
-    """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (or under
-    ``~/.cache/himap-trt``): outside the engines directory, so rebuilds reuse it, and keyed by
-    TensorRT version and GPU compute capability, since a timing cache is only valid for the
-    TensorRT build and GPU architecture that measured it. Without a version and capability:
-    ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
+def has_gpu() -> bool:
+    """Whether torch sees a CUDA GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None,
+                         flavour: str = "tensorrt") -> Path:
+    """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (``timing-rtx...`` for
+    TensorRT-RTX; under ``~/.cache/himap-trt`` by default): outside the engines directory, so
+    rebuilds reuse it, and keyed by flavour, version and GPU compute capability, since a timing
+    cache is only valid for the build and GPU architecture that measured it. Without a version and
+    capability: ``timing.cache``."""
     from himap_trt.models.tiny import cache_root
 
     if tensorrt_version and capability:
-        return cache_root() / f"timing-trt{tensorrt_version}-sm{capability.replace('.', '')}.cache"
+        prefix = "trt" if flavour == "tensorrt" else "rtx"
+        return cache_root() / f"timing-{prefix}{tensorrt_version}-sm{capability.replace('.', '')}.cache"
     return cache_root() / "timing.cache"
 
 
@@ -75,7 +74,8 @@ def check_buildable(manifest, export_dir: Path) -> None:
     """Refuse an export whose graphs TensorRT's ONNX parser cannot take (before TensorRT is imported).
 
     Raises:
-        HimapError: for a ``kv_write='gqa'`` export (ONNX Runtime's contrib GroupQueryAttention).
+        HimapError: for a ``kv_write`` that is not TensorRT-parsable (``gqa``: ONNX Runtime's contrib
+            GroupQueryAttention).
     """
     from himap_trt.export.manifest import TENSORRT_KV_WRITES
 
@@ -85,8 +85,160 @@ def check_buildable(manifest, export_dir: Path) -> None:
                          f"--kv-write {' or '.join(TENSORRT_KV_WRITES)} for TensorRT")
 
 
+@dataclass(frozen=True)
+class BuildTarget:
+    """What a build is for: the flavour, and the GPU or the compute capabilities.
+
+    Attributes:
+        flavour: the TensorRT flavour.
+        capabilities: ``major.minor`` targets, or ``("current",)`` for the GPU this runs on.
+        gpu_name / gpu_capability: the GPU built on (``current``), else None.
+    """
+
+    flavour: Flavour
+    capabilities: tuple[str, ...]
+    gpu_name: str | None = None
+    gpu_capability: str | None = None
+
+    @property
+    def recorded_capabilities(self) -> tuple[str, ...]:
+        """The capabilities the engines run on (the GPU's for a ``current`` build)."""
+        return (self.gpu_capability,) if self.capabilities == (CURRENT,) else self.capabilities
+
+
+def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None, *,
+                   dtype: str | None = None) -> BuildTarget:
+    """Check ``--tensorrt`` / ``--compute-capability`` (before any file is written).
+
+    Raises:
+        HimapError: unknown flavour or capability, a flavour that is not installed, ``current`` (or
+            TensorRT) without a GPU.
+    """
+    flavour = select_flavour(tensorrt)
+    capabilities = parse_capabilities(compute_capability, flavour, dtype=dtype)
+    if capabilities == (CURRENT,):
+        name, capability = gpu_identity()
+        if flavour.ahead_of_time and capability not in flavour.capabilities():
+            raise HimapError(f"--compute-capability current: this GPU ({name}, compute capability {capability}) is "
+                             f"not one {flavour.display} {flavour.version} targets ({', '.join(flavour.capabilities())})")
+        return BuildTarget(flavour, capabilities, name, capability)
+    return BuildTarget(flavour, capabilities)
+
+
+def parser_errors(parser) -> list[str]:
+    """The ONNX parser's errors, one line each (node name, operator, description)."""
+    lines = []
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        where = []
+        for attr in ("node_name", "node_operator"):
+            getter = getattr(error, attr, None)
+            value = getter() if callable(getter) else None
+            if value:
+                where.append(str(value))
+        text = " ".join(str(error.desc()).split())
+        lines.append(f"{' '.join(where)}: {text}" if where else text)
+    return lines
+
+
+def _parse(trt, builder, logger, path: Path):
+    flags = 0
+    creation = trt.NetworkDefinitionCreationFlag
+    if hasattr(creation, "STRONGLY_TYPED"):
+        flags |= 1 << int(creation.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    return network, parser, [] if ok else (parser_errors(parser) or ["parse failed (no error recorded)"])
+
+
+def parse_network(trt, builder, logger, path: Path):
+    """Parse one ONNX file into a strongly typed network (weights included: external data files are
+    read from beside ``path``).
+
+    Returns:
+        ``(network, parser)`` (keep the parser alive as long as the network).
+
+    Raises:
+        HimapError: naming the file and the parser's first errors.
+    """
+    network, parser, errors = _parse(trt, builder, logger, path)
+    if errors:
+        more = f" (+{len(errors) - 2} more)" if len(errors) > 2 else ""
+        raise HimapError(f"the {trt.__name__} ONNX parser rejects {Path(path).name}: {'; '.join(errors[:2])}{more}")
+    return network, parser
+
+
+def parse_file(flavour: Flavour, path: Path) -> list[str]:
+    """Run the real ONNX parser of ``flavour`` on one file (no build).
+
+    Returns:
+        The parser's errors, one line each; empty if the graph parsed.
+    """
+    trt = flavour.module()
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    return _parse(trt, trt.Builder(logger), logger, Path(path))[2]
+
+
+def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile], *, workspace: int = 0,
+                       timing_cache: Path | None = None) -> bytes:
+    """Parse and build one graph.
+
+    Args:
+        target: flavour and capabilities (:func:`resolve_target`).
+        path: the ONNX file.
+        profiles: its optimization profiles, in order.
+        workspace: builder workspace limit in bytes (0: the flavour's default).
+        timing_cache: tactic timing cache file, read if present and rewritten after the build (None:
+            no cache).
+
+    Returns:
+        The serialized engine.
+
+    Raises:
+        HimapError: parse or build failure, naming the file.
+    """
+    trt = target.flavour.module()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network, parser = parse_network(trt, builder, logger, path)
+    config = builder.create_builder_config()
+    # TF32 off: an fp32 export is the exact path, compared with PyTorch token for token (TensorRT-RTX
+    # turns it on by default); export fp16/bf16 for speed.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    for profile in profiles:
+        optimization = builder.create_optimization_profile()
+        for name, shape in profile.shapes.items():
+            optimization.set_shape(name, shape.min, shape.opt, shape.max)
+        if config.add_optimization_profile(optimization) < 0:
+            raise HimapError(f"{path.name}: {trt.__name__} rejected optimization profile {profile.name!r}")
+    if target.flavour.ahead_of_time:
+        config.num_compute_capabilities = len(target.capabilities)
+        for i, capability in enumerate(target.capabilities):
+            if not config.set_compute_capability(target.flavour.capability_member(capability), i):
+                raise HimapError(f"{path.name}: {target.flavour.display} refused compute capability {capability}")
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise HimapError(f"{target.flavour.display} could not build {path.name} (the builder returned no engine; "
+                         "run with a larger --workspace or see the log above)")
+    if cache is not None:
+        data = config.get_timing_cache().serialize()
+        tmp = timing_cache.with_name(timing_cache.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, timing_cache)
+    del parser
+    return bytes(serialized)
+
+
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
-                  workspace: int = 0, timing_cache: Path | None = None,
+                  workspace: int = 0, timing_cache: Path | None = None, target: BuildTarget | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
     """Build one engine per graph of the export.
 
@@ -95,31 +247,34 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         engines_dir: where to write the engines (replaced atomically on success).
         max_batch: most prompts per batch (profile maximum).
         max_seq_len: most tokens per sequence (profile maxima, see :mod:`himap_trt.engines.profiles`).
-        workspace: builder workspace limit in bytes (0: TensorRT's default, the GPU's memory).
-        timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`
-            for this TensorRT version and GPU).
+        workspace: builder workspace limit in bytes (0: the flavour's default).
+        timing_cache: tactic timing cache file (default :func:`default_timing_cache` for this flavour,
+            version and GPU); never used for a TensorRT-RTX build without a GPU.
+        target: flavour and capabilities (default: :func:`resolve_target` ``("auto")``).
         progress: optional ``(description, step, total)`` callback.
 
     Returns:
         The written :class:`EnginesManifest`.
 
     Raises:
-        HimapError: without TensorRT or a GPU (saying what to install), or if a graph fails to parse
+        HimapError: without a TensorRT flavour (saying what to install), or if a graph fails to parse
             or build (naming the graph); an existing engines directory is then left untouched.
     """
     check_buildable(manifest, export_dir)
-    trt = import_tensorrt()
-    gpu_name, capability = gpu_identity()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
-    from polygraphy.backend.trt import Profile as PolygraphyProfile
-    from polygraphy.exception import PolygraphyException
-
+    target = target or resolve_target("auto", dtype=manifest.dtype)
+    flavour = target.flavour
+    version = flavour.version
     from himap_trt import __version__
     from himap_trt.confine import record_files
     from himap_trt.fsutil import atomic_directory
 
-    timing_cache = Path(timing_cache or default_timing_cache(trt.__version__, capability))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    if flavour.timing_cache_allowed(has_gpu()) and target.gpu_capability is not None:
+        timing_cache = Path(timing_cache or default_timing_cache(version, target.gpu_capability, flavour.key))
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    elif flavour.timing_cache_allowed(has_gpu()) and timing_cache is not None:
+        timing_cache = Path(timing_cache)
+    else:
+        timing_cache = None
     entries = []
     total = len(manifest.graphs)
     with atomic_directory(engines_dir, marker=ENGINES_MANIFEST, flag="--engines", recognise=is_engines_manifest) as tmp:
@@ -127,25 +282,11 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             if progress:
                 progress(f"building {spec.name}.engine", step, total)
             profiles = graph_profiles(spec, manifest.plan, max_batch=max_batch, max_seq_len=max_seq_len)
-            trt_profiles = []
-            for profile in profiles:
-                pg = PolygraphyProfile()
-                for name, shape in profile.shapes.items():
-                    pg.add(name, min=shape.min, opt=shape.opt, max=shape.max)
-                trt_profiles.append(pg)
-            network = NetworkFromOnnxPath(str(Path(export_dir) / spec.file), strongly_typed=True)
-            # TF32 stays off (Polygraphy's default, stated here): an fp32 export is the exact path,
-            # whose kept indices and tokens are compared with PyTorch; export fp16/bf16 for speed.
-            config = CreateConfig(
-                tf32=False,
-                profiles=trt_profiles,
-                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
-                load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
-            )
             try:
-                engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
-            except PolygraphyException as exc:
-                raise HimapError(f"TensorRT could not build graph {spec.name!r} ({spec.file}): {exc}") from None
+                engine_bytes = build_engine_bytes(target, Path(export_dir) / spec.file, profiles, workspace=workspace,
+                                                  timing_cache=timing_cache)
+            except HimapError as exc:
+                raise HimapError(f"graph {spec.name!r}: {exc}") from None
             engine_file = f"{spec.name}.engine"
             with open(tmp / engine_file, "wb") as handle:
                 handle.write(engine_bytes)
@@ -155,7 +296,8 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         engines = EnginesManifest(
             format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
             export_fingerprint=export_fingerprint(export_dir), plan=manifest.plan, dtype=manifest.dtype,
-            tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+            tensorrt_flavour=flavour.key, tensorrt_version=version, gpu_name=target.gpu_name,
+            compute_capabilities=target.recorded_capabilities, kv_write=manifest.kv_write,
             max_batch=max_batch, max_seq_len=max_seq_len, workspace_bytes=workspace, engines=tuple(entries),
             files=record_files(tmp, [entry.file for entry in entries]),
         )

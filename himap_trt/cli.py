@@ -231,8 +231,8 @@ def export(
     kv_write: Annotated[str, typer.Option(
         "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
         help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "
-             "TensorRT 10.x), tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 in-place "
-             "KV-cache update) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
+             "TensorRT 10.x and TensorRT-RTX), tensorscatter (opset-24 TensorScatter; ONNX Runtime only: "
+             "TensorRT's parser needs a static cache length there) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
              "occupied cache only, flat TPOT; ONNX Runtime only, fp32/fp16).")] = "scatternd",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
@@ -278,9 +278,11 @@ def export(
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
     if build_engines_too:
-        if kv_write == "gqa":
-            raise HimapError("--build needs a TensorRT-parsable export: --kv-write gqa is ONNX Runtime only; "
-                             "use --kv-write scatternd or tensorscatter")
+        from himap_trt.export.manifest import NOT_TENSORRT
+
+        if kv_write in NOT_TENSORRT:
+            raise HimapError(f"--build needs a TensorRT-parsable export: --kv-write {kv_write} is ONNX Runtime only "
+                             f"({NOT_TENSORRT[kv_write]}); use --kv-write scatternd")
         build_target = _require_tensorrt(dtype=options.dtype)
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
@@ -740,8 +742,9 @@ def check(
     export_dir: ExportDirOpt = Path("export"),
     engines_dir: EnginesOpt = None,
     tensorrt_compat: Annotated[bool, typer.Option(
-        "--tensorrt-compat", help="Only the static check: every node's operator, input dtypes and constant inputs "
-                                  "against TensorRT's ONNX parser support table (no TensorRT needed).")] = False,
+        "--tensorrt-compat", help="Only the TensorRT checks: every node's operator, input dtypes and constant "
+                                  "inputs against TensorRT's ONNX parser support table (no TensorRT needed), then "
+                                  "the real ONNX parser of TensorRT or TensorRT-RTX where one is installed.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated end to end.")] = 8,
     as_json: JsonOpt = False,
 ):
@@ -757,11 +760,20 @@ def check(
         from himap_trt.engines.compat import check_export, support_table
         from himap_trt.export.manifest import load_manifest
 
+        from himap_trt.engines.compat import parser_check
+        from himap_trt.engines.flavour import installed_flavour
+
         manifest = load_manifest(export_dir)
         reports = check_export(export_dir, manifest)
         offenses = [o for r in reports for o in r.offenses]
+        flavour = installed_flavour()     # the real parser, where TensorRT or TensorRT-RTX is installed
+        parsed = parser_check(export_dir, manifest, flavour) if flavour else []
+        rejected = [p for p in parsed if p.errors]
+        parser_json = ({"flavour": flavour.key, "version": flavour.version,
+                        "graphs": [{"graph": p.graph, "errors": list(p.errors)} for p in parsed]}
+                       if flavour else None)
         if as_json:
-            print(json.dumps({"ok": not offenses, "source": support_table()["source"],
+            print(json.dumps({"ok": not offenses and not rejected, "parser": parser_json, "source": support_table()["source"],
                               "min_tensorrt": max((r.min_tensorrt for r in reports),
                                                   key=lambda v: tuple(map(int, v.split(".")))),
                               "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
@@ -777,11 +789,24 @@ def check(
                        f"TensorRT >= {r.min_tensorrt}")
                 for o in r.offenses:
                     _plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
-            _plain(f"[I] {'PASSED' if not offenses else 'FAILED'} | {len(reports)} graphs, "
-                      f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending | "
-                      f"Runtime: {time.perf_counter() - started:.3f}s")
+            if flavour:
+                _plain(f"[I] {flavour.display} {flavour.version} ONNX parser (module {flavour.module_name})")
+                for p in parsed:
+                    _plain(f"[I]     {'FAILED' if p.errors else 'PASSED'} | {p.graph} | parsed by {flavour.module_name}")
+                    for error in p.errors:
+                        _plain(f"[E]         {error}")
+            else:
+                _plain("[W] real ONNX parser not run: neither tensorrt nor tensorrt_rtx is installed "
+                       "(`make install` installs TensorRT-RTX)")
+            _plain(f"[I] {'PASSED' if not offenses and not rejected else 'FAILED'} | {len(reports)} graphs, "
+                      f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending"
+                      + (f", {len(rejected)} rejected by the {flavour.display} parser" if flavour else "")
+                      + f" | Runtime: {time.perf_counter() - started:.3f}s")
         if offenses:
             raise HimapError(f"{len(offenses)} node(s) in {export_dir} would be rejected by TensorRT's ONNX parser")
+        if rejected:
+            raise HimapError(f"the {flavour.display} {flavour.version} ONNX parser rejects {len(rejected)} graph(s) of "
+                             f"{export_dir}: {', '.join(p.graph for p in rejected)}")
         return
 
     from himap_trt.check import run_check

@@ -75,13 +75,14 @@ def check_buildable(manifest, export_dir: Path) -> None:
 
     Raises:
         HimapError: for a ``kv_write`` that is not TensorRT-parsable (``gqa``: ONNX Runtime's contrib
-            GroupQueryAttention).
+            GroupQueryAttention; ``tensorscatter``: rejected by the parser, see
+            :data:`himap_trt.export.manifest.NOT_TENSORRT`).
     """
-    from himap_trt.export.manifest import TENSORRT_KV_WRITES
+    from himap_trt.export.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
 
     if manifest.kv_write not in TENSORRT_KV_WRITES:
-        raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} (ONNX Runtime's "
-                         f"com.microsoft.GroupQueryAttention, which TensorRT cannot parse); re-export with "
+        raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} "
+                         f"({NOT_TENSORRT.get(manifest.kv_write, 'not TensorRT-parsable')}); re-export with "
                          f"--kv-write {' or '.join(TENSORRT_KV_WRITES)} for TensorRT")
 
 
@@ -181,7 +182,7 @@ def parse_file(flavour: Flavour, path: Path) -> list[str]:
 
 
 def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile], *, workspace: int = 0,
-                       timing_cache: Path | None = None) -> bytes:
+                       timing_cache: Path | None = None, optimization_level: int | None = None) -> bytes:
     """Parse and build one graph.
 
     Args:
@@ -191,6 +192,8 @@ def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile],
         workspace: builder workspace limit in bytes (0: the flavour's default).
         timing_cache: tactic timing cache file, read if present and rewritten after the build (None:
             no cache).
+        optimization_level: ``IBuilderConfig.builder_optimization_level`` (0..5; None: the
+            flavour's default, 3). Lower builds faster with fewer kernels tried (the CI test uses 0).
 
     Returns:
         The serialized engine.
@@ -207,6 +210,8 @@ def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile],
     # turns it on by default); export fp16/bf16 for speed.
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
+    if optimization_level is not None:
+        config.builder_optimization_level = optimization_level
     if workspace:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     for profile in profiles:

@@ -62,7 +62,7 @@ class Flavour:
 
     def installed(self) -> bool:
         """Whether the module can be imported (without importing it)."""
-        return importlib.util.find_spec(self.module_name) is not None
+        return _find_spec(self.module_name) is not None
 
     def module(self):
         """The imported module.
@@ -123,8 +123,13 @@ RTX = Flavour("rtx", "tensorrt_rtx", "TensorRT-RTX", "pip install 'himap-trt[ten
 FLAVOURS = {TENSORRT.key: TENSORRT, RTX.key: RTX}
 
 
+_find_spec = importlib.util.find_spec     # one seam, for tests that hide a flavour
+
+
 @lru_cache(maxsize=None)
 def _import(module_name: str, display: str, install: str):
+    if _find_spec(module_name) is None:
+        raise HimapError(f"{display} is not installed (no module {module_name!r}); {install}")
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
@@ -155,6 +160,11 @@ def select_flavour(choice: str = "auto") -> Flavour:
         raise HimapError(f"--tensorrt {choice}: {flavour.display} is not installed (no module "
                          f"{flavour.module_name!r}); {flavour.install}")
     return flavour
+
+
+def installed_flavour() -> Flavour | None:
+    """TensorRT if installed, else TensorRT-RTX if installed, else None (``auto``'s order)."""
+    return next((f for f in (TENSORRT, RTX) if f.installed()), None)
 
 
 def flavour_of(key: str) -> Flavour:

@@ -254,7 +254,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         max_seq_len: most tokens per sequence (profile maxima, see :mod:`himap_trt.engines.profiles`).
         workspace: builder workspace limit in bytes (0: the flavour's default).
         timing_cache: tactic timing cache file (default :func:`default_timing_cache` for this flavour,
-            version and GPU); never used for a TensorRT-RTX build without a GPU.
+            version and GPU); none for a TensorRT-RTX build without a GPU (refused if given).
         target: flavour and capabilities (default: :func:`resolve_target` ``("auto")``).
         progress: optional ``(description, step, total)`` callback.
 
@@ -273,6 +273,9 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     from himap_trt.confine import record_files
     from himap_trt.fsutil import atomic_directory
 
+    if timing_cache is not None and not flavour.timing_cache_allowed(has_gpu()):
+        raise HimapError(f"--timing-cache {str(timing_cache)!r}: {flavour.display} measures tactics on a GPU for a "
+                         "timing cache and none is visible; drop --timing-cache for an ahead-of-time build")
     if flavour.timing_cache_allowed(has_gpu()) and target.gpu_capability is not None:
         timing_cache = Path(timing_cache or default_timing_cache(version, target.gpu_capability, flavour.key))
         timing_cache.parent.mkdir(parents=True, exist_ok=True)

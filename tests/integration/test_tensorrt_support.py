@@ -211,6 +211,8 @@ def test_build_refuses_bad_flavour_capability_and_precision_flags(tmp_path_facto
         _one_line(runner.invoke(app, [*base, "--compute-capability", "8.6,8.6"]), "names a capability twice")
         if not torch.cuda.is_available():
             _one_line(runner.invoke(app, [*base, "--compute-capability", "current"]), "no CUDA GPU")
+            _one_line(runner.invoke(app, [*base, "--compute-capability", "8.6", "--timing-cache", str(tmp_path / "t")]),
+                      "--timing-cache", "none is visible")
     without("tensorrt_rtx")
     _one_line(runner.invoke(app, [*base, "--tensorrt", "rtx"]), "TensorRT-RTX is not installed",
               "himap-trt[tensorrt-rtx]")

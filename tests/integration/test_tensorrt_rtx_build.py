@@ -104,11 +104,11 @@ def test_every_graph_builds_with_tensorrt_rtx(tmp_path_factory, variant):
 
 
 def test_build_cli_writes_an_rtx_engines_directory_on_cpu(tmp_path_factory, tmp_path):
-    """`himap-trt build --tensorrt rtx` on an export: the manifest names the flavour, version and
-    targets, every engine's header agrees, and a rebuild for two capabilities replaces it."""
-    out, manifest, _ = exported(tmp_path_factory, "tiny", "fastv", k=2, r=0.5)
+    """`himap-trt build --tensorrt rtx` on an export, for two architectures: the manifest names the
+    flavour, version and targets, and every engine's header agrees."""
+    out, manifest, _ = exported(tmp_path_factory, "tiny", "none")
     engines = tmp_path / "engines"
-    for capabilities in ("8.6", "8.9,12.0"):
+    for capabilities in ("8.6,12.0",):
         result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--engines", str(engines), "--tensorrt",
                                           "rtx", "--compute-capability", capabilities, "--max-batch", "2",
                                           "--max-seq-len", "256", "--json"])

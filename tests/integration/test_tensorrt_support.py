@@ -45,6 +45,13 @@ def test_compat_passes_on_fp32_exports(tmp_path_factory, name, method, kw):
     assert report["ok"] and len(report["graphs"]) == len(manifest.graphs)
     assert all(g["unchecked_types"] == 0 and g["opset"] == 18 for g in report["graphs"])
     assert report["min_tensorrt"] == "10.1"        # ScatterND cache writes: in the 10.1 GA matrix
+    from himap_trt.engines.flavour import installed_flavour
+
+    if installed_flavour() is None:                # TRT_RTX=0 and no TensorRT: the static table only
+        assert report["parser"] is None
+    else:                                          # then the real parser, on every graph
+        assert [g["graph"] for g in report["parser"]["graphs"]] == [g.file for g in manifest.graphs]
+        assert all(g["errors"] == [] for g in report["parser"]["graphs"])
 
 
 def test_tensorscatter_export_validates_and_needs_tensorrt_10_15(tmp_path_factory, requests_3):
@@ -73,6 +80,9 @@ def test_tensorscatter_export_validates_and_needs_tensorrt_10_15(tmp_path_factor
         else:
             assert report.offenses == (), report.offenses
             assert report.min_tensorrt == "10.1"
+    # not a TensorRT kv-write: build (also its dry run) refuses it in one line, with the parser's reason
+    for args in (["build", "--export-dir", str(ts)], ["build", "--export-dir", str(ts), "--dry-run"]):
+        _one_line(runner.invoke(app, args), "--kv-write tensorscatter", "static sequence length dimension")
     images, questions = requests_3
     pipe = open_pipeline(export_dir=ts, backend="onnxruntime").pipeline
     batch = pipe.prepare(images, questions)

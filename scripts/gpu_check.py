@@ -21,8 +21,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 
 def _open(export_dir: Path, backend: str):
     from himap_trt.runtime.loader import open_pipeline
@@ -38,6 +36,7 @@ def _error(backend: str, exc: BaseException) -> None:
 
 
 def tokens(export_dir: Path, questions: Path) -> int:
+    import torch
     from PIL import Image
 
     from himap_trt.export.manifest import load_manifest
@@ -78,12 +77,14 @@ def tokens(export_dir: Path, questions: Path) -> int:
 
 
 def timing(export_dirs: list[Path]) -> int:
+    import torch
+
     from himap_trt.bench import PipelineContender, run_bench, sample_batch
     from himap_trt.export.manifest import load_manifest
     from himap_trt.runtime import GenerationConfig
 
     rows = []
-    answers: dict[str, dict[str, torch.Tensor]] = {}     # backend -> method -> greedy tokens
+    answers: dict[str, dict[str, object]] = {}     # backend -> method -> greedy tokens
     for backend in ("tensorrt", "torch"):
         contenders = []
         for directory in export_dirs:

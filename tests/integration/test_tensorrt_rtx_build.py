@@ -120,6 +120,14 @@ def test_build_cli_writes_an_rtx_engines_directory_on_cpu(tmp_path_factory, tmp_
         assert [e["graph"] for e in data["engines"]] == [g.name for g in manifest.graphs]
         for entry in data["engines"]:
             assert list(rtx_header_capabilities((engines / entry["file"]).read_bytes())) == wanted
+    # the runtime's validity check, asked before deserialising: without a GPU every engine is INVALID
+    import torch
+
+    trt = _rtx()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.INTERNAL_ERROR))
+    verdict = RTX.engine_validity(runtime, (engines / "vision.engine").read_bytes())
+    if not torch.cuda.is_available():
+        assert verdict is not None, "get_engine_validity accepted an engine on a machine without a GPU"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]       # nothing left beside it
 
 

@@ -727,6 +727,9 @@ def build(
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
     target = _require_tensorrt(tensorrt, compute_capability, manifest.dtype)
+    from himap_trt.engines.build import check_timing_cache
+
+    check_timing_cache(target.flavour, timing_cache)
     built = _build_engines(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
                            workspace=workspace_bytes, timing_cache=timing_cache, target=target)
     if as_json:

@@ -131,18 +131,23 @@ def parser_errors(parser) -> list[str]:
     lines = []
     for i in range(parser.num_errors):
         error = parser.get_error(i)
-        where = []
-        for attr in ("node_name", "node_operator"):
-            getter = getattr(error, attr, None)
-            value = getter() if callable(getter) else None
-            if value:
-                where.append(str(value))
-        text = " ".join(str(error.desc()).split())
-        lines.append(f"{' '.join(where)}: {text}" if where else text)
+
+        def field(name):
+            getter = getattr(error, name, None)
+            return str(getter()) if callable(getter) and getter() not in (None, "") else ""
+
+        node = " ".join(v for v in (field("node_name"), f"({field('node_operator')})" if field("node_operator") else "") if v)
+        code = field("code").rsplit(".", 1)[-1]
+        text = " ".join(field("desc").split())
+        where = f" in {field('func')}" if field("func") else ""
+        lines.append(f"{node + ': ' if node else ''}{code}{where}: {text}")
     return lines
 
 
 def _parse(trt, builder, logger, path: Path):
+    """Parse with a quiet logger of its own: the parser's errors are reported through
+    :func:`parser_errors` (one line each), not TensorRT's multi-line log."""
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
     flags = 0
     creation = trt.NetworkDefinitionCreationFlag
     if hasattr(creation, "STRONGLY_TYPED"):
@@ -242,6 +247,17 @@ def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile],
     return bytes(serialized)
 
 
+def check_timing_cache(flavour: Flavour, timing_cache: Path | None) -> None:
+    """Refuse ``--timing-cache`` where the flavour cannot use one (TensorRT-RTX without a GPU).
+
+    Raises:
+        HimapError: naming the flag.
+    """
+    if timing_cache is not None and not flavour.timing_cache_allowed(has_gpu()):
+        raise HimapError(f"--timing-cache {str(timing_cache)!r}: {flavour.display} measures tactics on a GPU for a "
+                         "timing cache and none is visible; drop --timing-cache for an ahead-of-time build")
+
+
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
                   workspace: int = 0, timing_cache: Path | None = None, target: BuildTarget | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
@@ -273,9 +289,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     from himap_trt.confine import record_files
     from himap_trt.fsutil import atomic_directory
 
-    if timing_cache is not None and not flavour.timing_cache_allowed(has_gpu()):
-        raise HimapError(f"--timing-cache {str(timing_cache)!r}: {flavour.display} measures tactics on a GPU for a "
-                         "timing cache and none is visible; drop --timing-cache for an ahead-of-time build")
+    check_timing_cache(flavour, timing_cache)
     if flavour.timing_cache_allowed(has_gpu()) and target.gpu_capability is not None:
         timing_cache = Path(timing_cache or default_timing_cache(version, target.gpu_capability, flavour.key))
         timing_cache.parent.mkdir(parents=True, exist_ok=True)

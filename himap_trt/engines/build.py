@@ -118,10 +118,9 @@ def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None
     flavour = select_flavour(tensorrt)
     capabilities = parse_capabilities(compute_capability, flavour, dtype=dtype)
     if capabilities == (CURRENT,):
+        # Not refused for a GPU outside TensorRT-RTX's ahead-of-time list (Hopper SM90, Blackwell
+        # SM100): NVIDIA's samples built with CURRENT on a B200; the builder answers for this GPU.
         name, capability = gpu_identity()
-        if flavour.ahead_of_time and capability not in flavour.capabilities():
-            raise HimapError(f"--compute-capability current: this GPU ({name}, compute capability {capability}) is "
-                             f"not one {flavour.display} {flavour.version} targets ({', '.join(flavour.capabilities())})")
         return BuildTarget(flavour, capabilities, name, capability)
     return BuildTarget(flavour, capabilities)
 

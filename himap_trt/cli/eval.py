@@ -1,4 +1,4 @@
-"""``himap-trt eval``: the command-line layer over :mod:`himap_trt.evaluate` (registered by cli.py)."""
+"""``himap-trt eval``: the command-line layer over :mod:`himap_trt.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt.cli.app import app, err, out, progress_bar, user_errors
 from himap_trt.errors import HimapError
 from himap_trt.plan import DEFAULT_K, DEFAULT_K1, DEFAULT_K2, DEFAULT_R, DEFAULT_R1, DEFAULT_R2
 
@@ -61,6 +62,8 @@ def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[s
     return result
 
 
+@app.command("eval")
+@user_errors
 def eval_command(
     data: Annotated[str, typer.Option(
         "--data", help="Questions: a JSONL file (one {\"image\", \"question\", \"answers\": [..], \"choices\": [..]?} per "
@@ -98,7 +101,6 @@ def eval_command(
     """Accuracy of pruning methods on a question set, side by side: per method accuracy (exact match;
     VQA score with several answers; chosen letter for multiple choice), agreement with the unpruned
     answers, image tokens kept per stage, prefill FLOPs (Eq. 10 and whole prompt) and TTFT, and a plot."""
-    from himap_trt.cli import _progress, err, out
     from himap_trt.evaluate import load_items, plot, report, run_items
 
     items = load_items(data, limit=limit, seed=seed)
@@ -107,7 +109,7 @@ def eval_command(
     plan_kw = dict(k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, seed=plan_seed)
     methods_ = _open_methods(list(export_dirs or []), model, list(methods or []), backend, device, plan_kw)
     try:
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task(f"eval: {len(items)} questions x {len(methods_)} methods",
                                      total=len(items) * len(methods_))
             run_items(items, methods_, max_new_tokens=max_new_tokens, on_step=lambda: progress.advance(task))

@@ -1,4 +1,4 @@
-"""The ``serve`` and ``bench-serve`` commands (registered in :mod:`himap_trt.cli`).
+"""The ``serve`` and ``bench-serve`` commands (:mod:`himap_trt.serve`).
 
 Heavy imports (FastAPI, uvicorn, the runtime) happen inside the commands, so ``--help`` is quick.
 """
@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt.cli.app import app, user_errors
 from himap_trt.errors import HimapError
 
 
@@ -23,6 +24,8 @@ def _concurrencies(text: str) -> list[int]:
     return values
 
 
+@app.command("serve")
+@user_errors
 def serve(
     export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
     = Path("export"),
@@ -101,6 +104,8 @@ def serve(
     run_server(config, host=host, port=port, log_level=log_level.lower())
 
 
+@app.command("bench-serve")
+@user_errors
 def bench_serve(
     url: Annotated[str, typer.Option("--url", help="Base URL of an OpenAI-compatible server.")]
     = "http://127.0.0.1:8000",

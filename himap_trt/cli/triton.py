@@ -1,4 +1,4 @@
-"""``himap-trt triton repo`` and ``himap-trt triton serve`` (registered in :mod:`himap_trt.cli`)."""
+"""``himap-trt triton repo`` and ``himap-trt triton serve`` (:mod:`himap_trt.triton`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt.cli.app import app, user_errors
+
 triton_app = typer.Typer(
     name="triton",
     help="Scale out on NVIDIA Triton Inference Server: write a model repository, serve it locally.",
@@ -19,6 +21,8 @@ triton_app = typer.Typer(
 )
 
 
+@triton_app.command("repo")
+@user_errors
 def repo(
     export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
     = Path("export"),
@@ -66,6 +70,8 @@ def repo(
     print(f"serve it: himap-trt triton serve --repository {out}")
 
 
+@triton_app.command("serve")
+@user_errors
 def serve(
     repository: Annotated[Path, typer.Option("--repository", help="Model repository (`himap-trt triton repo`).")]
     = Path("model_repository"),
@@ -109,3 +115,6 @@ def serve(
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+app.add_typer(triton_app, name="triton")

@@ -1,5 +1,4 @@
-"""The ``himap-trt bench`` command (registered in :mod:`himap_trt.cli`); the measuring is in
-:mod:`himap_trt.bench`."""
+"""The ``himap-trt bench`` command; the measuring is in :mod:`himap_trt.bench`."""
 
 from __future__ import annotations
 
@@ -8,12 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from himap_trt.cli.app import app, err, out, user_errors
 from himap_trt.errors import HimapError
-
-err = Console(stderr=True)
-out = Console(highlight=False)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -58,6 +54,8 @@ def _exports_one(model: str, methods: list[str], work_dir: Path, max_seq_len: Op
     return dirs
 
 
+@app.command(name="bench")
+@user_errors
 def bench(
     export_dirs: Annotated[Optional[list[Path]], typer.Option(
         "--export-dir", metavar="<path>", help="An export to measure (repeat for several: side by side).",

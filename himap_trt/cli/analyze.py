@@ -1,4 +1,4 @@
-"""The ``himap-trt analyze`` command (:mod:`himap_trt.analyze`)."""
+"""The ``himap-trt analyze`` command (:mod:`himap_trt.analysis.analyze`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import typer
 
 from himap_trt.cli.app import app, err, out, progress_bar, user_errors
 from himap_trt.errors import HimapError
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+analysis_report = lazy_import("himap_trt.analysis.analyze.report")
+analyze_lib = lazy_import("himap_trt.analysis.analyze")
+arch = lazy_import("himap_trt.arch")
+loading = lazy_import("himap_trt.models.loading")
+models = lazy_import("himap_trt.models")
+prompt = lazy_import("himap_trt.prompt")
 
 #: Parameters below which ``--threads 0`` runs PyTorch on one CPU thread.
 SMALL_MODEL = 100_000_000
@@ -131,12 +140,6 @@ def analyze(
     """
     import torch
 
-    from himap_trt.analyze import Request, analyze_model
-    from himap_trt.analyze.report import aggregate, analysis_document, recommend, write_plots
-    from himap_trt.models import load_model
-    from himap_trt.models.loading import parse_dtype
-    from himap_trt.prompt import load_image
-
     if not threshold >= 0:
         raise HimapError(f"--threshold must be >= 0, got {threshold}")
     if max_keep < 1:
@@ -148,14 +151,13 @@ def analyze(
     if out_dir.exists() and not out_dir.is_dir():
         raise HimapError(f"--out {str(out_dir)!r} exists and is not a directory")
     items = read_requests(data, image, question, limit)
-    torch_dtype = parse_dtype(dtype)
-    requests = [Request(load_image(path), q, answer) for path, q, answer in items]
+    torch_dtype = loading.parse_dtype(dtype)
+    requests = [analyze_lib.Request(prompt.load_image(path), q, answer) for path, q, answer in items]
     err.print(f"loading {model} ({dtype}, {device})")
-    loaded = load_model(model, dtype=torch_dtype, device=device)
+    loaded = models.load_model(model, dtype=torch_dtype, device=device)
     dims = loaded.dims
-    from himap_trt.arch import get_architecture
 
-    if get_architecture(dims.architecture).variable_image_tokens:
+    if arch.get_architecture(dims.architecture).variable_image_tokens:
         raise HimapError(f"analyze is implemented for LLaVA-1.5 models only, not {dims.architecture} "
                          "(per-request image-token counts)")
     if threads == 0 and device == "cpu" and sum(p.numel() for p in loaded.model.parameters()) < SMALL_MODEL:
@@ -166,16 +168,16 @@ def analyze(
         raise HimapError(f"--max-keep {max_keep} exceeds the model's {dims.num_image_tokens} image tokens")
     with progress_bar() as progress:
         task = progress.add_task("analyze", total=len(requests))
-        results = analyze_model(loaded, requests, tau=threshold,
+        results = analyze_lib.analyze_model(loaded, requests, tau=threshold,
                                 on_request=lambda i, _: progress.update(task, completed=i + 1))
-    means = aggregate(results, dims.num_layers)
-    plans = recommend(results, means, dims, tau=threshold, max_keep=max_keep)
+    means = analysis_report.aggregate(results, dims.num_layers)
+    plans = analysis_report.recommend(results, means, dims, tau=threshold, max_keep=max_keep)
     settings = {"threshold": threshold, "max_keep": max_keep, "dtype": dtype, "device": device,
                 "data": None if data is None else str(data)}
-    document = analysis_document(model, dims, results, means, plans, settings)
+    document = analysis_report.analysis_document(model, dims, results, means, plans, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "analysis.json").write_text(json.dumps(document, indent=1))
-    plots = write_plots(document, out_dir)
+    plots = analysis_report.write_plots(document, out_dir)
     if as_json:
         print(json.dumps(document, indent=1))
         return

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from himap_trt.errors import HimapError
+from himap_trt import __version__
 
 app = typer.Typer(
     name="himap-trt",
@@ -59,8 +60,6 @@ def user_errors(func):
 
 def _version(value: bool) -> None:
     if value:
-        from himap_trt import __version__
-
         print(f"himap-trt {__version__}")
         raise typer.Exit()
 

@@ -40,6 +40,17 @@ from himap_trt.plan import (
     DEFAULT_R2,
     DEFAULT_THRESHOLD,
 )
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
+engine_build = lazy_import("himap_trt.engines.build")
+engine_profiles = lazy_import("himap_trt.engines.profiles")
+export_lib = lazy_import("himap_trt.export")
+export_manifest = lazy_import("himap_trt.manifest")
+graph_spec = lazy_import("himap_trt.graphs.spec")
+loading = lazy_import("himap_trt.models.loading")
+models = lazy_import("himap_trt.models")
 
 
 def _parse_bytes(text: str) -> int:
@@ -68,12 +79,10 @@ def _profile_rows(profiles):
 
 
 def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
-    from himap_trt.engines.profiles import graph_profiles, kv_cache_bytes
-
-    profiles = {spec.name: graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
+    profiles = {spec.name: engine_profiles.graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
     variable = any(s.attrs.get("variable") for s in specs)   # per-request counts: no segment is shorter
     per_segment = [max_seq_len - 1 - (0 if variable else plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
-    kv = kv_cache_bytes(specs, max_batch, per_segment)
+    kv = engine_profiles.kv_cache_bytes(specs, max_batch, per_segment)
     if as_json:
         print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len,
                           "kv_cache_bytes_at_max": kv,
@@ -128,33 +137,26 @@ def build(
     for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
     they were built with; `run` refuses others.
     """
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.graphs.spec import DTYPE_NAMES, graph_specs
-    from himap_trt.models.loading import canonical_dtype
-
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
     if model is not None:
         if not dry_run:
             raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
-        from himap_trt.arch import resolve_dims
-        from himap_trt.models import load_config
 
-        config = load_config(model)
-        dims = resolve_dims(model, config, max_image_tokens)
+        config = models.load_config(model)
+        dims = models.resolve_dims(model, config, max_image_tokens)
         plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                      threshold=threshold, max_keep=max_keep)
-        specs = graph_specs(dims, plan, DTYPE_NAMES[canonical_dtype(dtype)])
-        from himap_trt.export import default_max_seq_len
+        specs = graph_spec.graph_specs(dims, plan, graph_spec.DTYPE_NAMES[loading.canonical_dtype(dtype)],
+                                        arch=arch.get_architecture(dims.architecture))
 
-        length = max_seq_len or default_max_seq_len(dims)
+        length = max_seq_len or export_lib.default_max_seq_len(dims)
         _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
         return
-    manifest = load_manifest(export_dir)
-    from himap_trt.engines.build import check_buildable
+    manifest = export_manifest.load_manifest(export_dir)
 
-    check_buildable(manifest, export_dir)
+    engine_build.check_buildable(manifest, export_dir)
     length = max_seq_len or manifest.max_seq_len
     if length > manifest.dims.max_position_embeddings:
         raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")

@@ -1,4 +1,4 @@
-"""``himap-trt check``: backends compared graph by graph and end to end, or the static TensorRT parser check (:mod:`himap_trt.check`, :mod:`himap_trt.engines.compat`)."""
+"""``himap-trt check``: backends compared graph by graph and end to end, or the static TensorRT parser check (:mod:`himap_trt.analysis.check`, :mod:`himap_trt.engines.compat`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import typer
 from himap_trt.cli.app import app, err, plain, user_errors
 from himap_trt.cli.options import EnginesOpt, ExportDirOpt, JsonOpt
 from himap_trt.errors import HimapError
+from himap_trt.engines.compat import check_export, support_table
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+check_lib = lazy_import("himap_trt.analysis.check")
+export_manifest = lazy_import("himap_trt.manifest")
+validate = lazy_import("himap_trt.export.validate")
 
 
 @app.command()
@@ -33,10 +40,7 @@ def check(
     if max_new_tokens < 1:
         raise HimapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if tensorrt_compat:
-        from himap_trt.engines.compat import check_export, support_table
-        from himap_trt.export.manifest import load_manifest
-
-        manifest = load_manifest(export_dir)
+        manifest = export_manifest.load_manifest(export_dir)
         reports = check_export(export_dir, manifest)
         offenses = [o for r in reports for o in r.offenses]
         if as_json:
@@ -63,17 +67,14 @@ def check(
             raise HimapError(f"{len(offenses)} node(s) in {export_dir} would be rejected by TensorRT's ONNX parser")
         return
 
-    from himap_trt.check import run_check
-    from himap_trt.export.validate import TOLERANCES
-
-    report = run_check(export_dir, engines_dir=engines_dir, max_new_tokens=max_new_tokens,
+    report = check_lib.run_check(export_dir, engines_dir=engines_dir, max_new_tokens=max_new_tokens,
                        on_step=lambda text: err.print(f"[dim]{text}[/]"))
     if as_json:
         print(json.dumps({"ok": report.ok, "dtype": report.dtype, "skipped": report.skipped,
                           "graphs": {b: [c.__dict__ for c in checks] for b, checks in report.graph_checks.items()},
                           "end_to_end": [e.__dict__ | {"ok": e.ok} for e in report.end_to_end]}, indent=1))
     else:
-        atol, rtol = TOLERANCES[report.dtype]
+        atol, rtol = validate.TOLERANCES[report.dtype]
         for checks in report.graph_checks.values():
             groups: dict[tuple[str, str], list] = {}
             for c in checks:

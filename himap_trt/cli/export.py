@@ -39,6 +39,15 @@ from himap_trt.plan import (
     DEFAULT_R2,
     DEFAULT_THRESHOLD,
 )
+from himap_trt.fsutil import check_target, output_lock
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+export_lib = lazy_import("himap_trt.export")
+export_manifest = lazy_import("himap_trt.manifest")
+loading = lazy_import("himap_trt.models.loading")
+models = lazy_import("himap_trt.models")
+streaming = lazy_import("himap_trt.models.streaming")
 
 
 @app.command()
@@ -89,25 +98,18 @@ def export(
     A local safetensors checkpoint is streamed: each decoder layer's weights are read from the files
     when its graph is written (or the reference runs it) and released after.
     """
-    from himap_trt.export import ExportOptions, check_max_seq_len, check_reference_device, export_model
-    from himap_trt.export.manifest import MANIFEST_NAME, is_export_manifest
-    from himap_trt.fsutil import check_target, output_lock
-    from himap_trt.arch import resolve_dims
-    from himap_trt.models import load_config, load_model
-    from himap_trt.models.loading import DTYPES, canonical_dtype
-
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
-    options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
+    options = export_lib.ExportOptions(out=out_dir, dtype=loading.canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
                             device=device)
     if validate:
-        check_reference_device(device)
-    config = load_config(model)
-    dims = resolve_dims(model, config, max_image_tokens)
-    check_max_seq_len(dims, max_seq_len)
+        export_lib.check_reference_device(device)
+    config = models.load_config(model)
+    dims = models.resolve_dims(model, config, max_image_tokens)
+    export_lib.check_max_seq_len(dims, max_seq_len)
     plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
-    check_target(out_dir, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest)
+    check_target(out_dir, marker=export_manifest.MANIFEST_NAME, flag="--out", recognise=export_manifest.is_export_manifest)
     if build_engines_too:
         if kv_write == "gqa":
             raise HimapError("--build needs a TensorRT-parsable export: --kv-write gqa is ONNX Runtime only; "
@@ -115,9 +117,8 @@ def export(
         require_tensorrt()
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
-        from himap_trt.models.streaming import load_streamed
 
-        loaded = load_streamed(model, dtype=DTYPES[options.dtype]) or load_model(model, dtype=DTYPES[options.dtype])
+        loaded = streaming.load_streamed(model, dtype=loading.DTYPES[options.dtype]) or models.load_model(model, dtype=loading.DTYPES[options.dtype])
         err.print(f"plan: {plan.describe()}")
         with progress_bar() as progress:
             task = progress.add_task("export", total=None)
@@ -125,7 +126,7 @@ def export(
             def report(text: str, done: int, total: int) -> None:
                 progress.update(task, description=text, completed=done, total=total)
 
-            manifest, checks = export_model(loaded, plan, options, progress=report)
+            manifest, checks = export_lib.export_model(loaded, plan, options, progress=report)
             progress.update(task, description="export complete", completed=progress.tasks[0].total)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())

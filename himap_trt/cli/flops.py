@@ -36,6 +36,12 @@ from himap_trt.plan import (
     DEFAULT_R2,
     DEFAULT_THRESHOLD,
 )
+from himap_trt.flops import flops_report, format_tflops
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
+models = lazy_import("himap_trt.models")
 
 
 @app.command()
@@ -65,20 +71,15 @@ def flops(
     TFLOPs truncated to two decimals. The whole-prompt count (2 FLOPs per multiply-accumulate: all
     tokens, vision tower, scoring, lm_head) is the one to compare with measured time.
     """
-    from himap_trt.arch import resolve_dims
-    from himap_trt.flops import flops_report, format_tflops
-    from himap_trt.models import load_config
-
-    config = load_config(model)
-    dims = resolve_dims(model, config, max_image_tokens)
+    config = models.load_config(model)
+    dims = models.resolve_dims(model, config, max_image_tokens)
     if image_tokens is not None:
         if image_tokens < 1:
             raise HimapError(f"--image-tokens must be at least 1, got {image_tokens}")
-        from himap_trt.arch import get_architecture
 
-        if not get_architecture(dims.architecture).variable_image_tokens and image_tokens != dims.num_image_tokens:
+        if not arch.get_architecture(dims.architecture).variable_image_tokens and image_tokens != dims.num_image_tokens:
             raise HimapError(f"--image-tokens: {model!r} always has {dims.num_image_tokens} image tokens per request")
-        dims = get_architecture(dims.architecture).with_max_image_tokens(dims, image_tokens)   # Eq. 10 with this |V|
+        dims = arch.get_architecture(dims.architecture).with_max_image_tokens(dims, image_tokens)   # Eq. 10 with this |V|
     plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep)
     if assume_kept is not None:

@@ -9,6 +9,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from himap_trt.plan import METHODS
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+models = lazy_import("himap_trt.models")
 
 METHOD_CHOICES = f"[{'|'.join(METHODS)}]"
 
@@ -50,9 +55,6 @@ EnginesOpt = Annotated[Optional[Path], typer.Option(
 def plan_from_options(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, *, dims=None,
           **extra):
     """The pruning plan of the plan options for ``config`` (``dims``: the model's, if already resolved)."""
-    from himap_trt.models import model_dims
-    from himap_trt.plan import build_plan
-
-    dims = dims or model_dims(config)
+    dims = dims or models.model_dims(config)
     return build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens,
                       k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, **extra)

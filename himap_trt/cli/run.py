@@ -23,6 +23,19 @@ from himap_trt.plan import (
     DEFAULT_R2,
     DEFAULT_THRESHOLD,
 )
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+export_manifest = lazy_import("himap_trt.manifest")
+inputs = lazy_import("himap_trt.inputs")
+loader = lazy_import("himap_trt.runtime.loader")
+loading = lazy_import("himap_trt.models.loading")
+memory = lazy_import("himap_trt.runtime.memory")
+prompt = lazy_import("himap_trt.prompt")
+sampling = lazy_import("himap_trt.runtime.sampling")
+tiny = lazy_import("himap_trt.models.tiny")
+tiny_qwen = lazy_import("himap_trt.models.tiny_qwen")
 
 
 def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
@@ -32,38 +45,31 @@ def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], devi
     other backends and unreadable exports are left to open_pipeline."""
     import torch
 
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.runtime.memory import check_run_memory
-
     on_cpu = device in (None, "cpu") and not (device is None and torch.cuda.is_available())
     if model is not None or backend not in ("auto", "onnxruntime") or not on_cpu:
         return
     try:
-        manifest = load_manifest(export_dir, verify=False)
+        manifest = export_manifest.load_manifest(export_dir, verify=False)
     except HimapError:
         return      # open_pipeline reports it
-    from himap_trt.runtime.memory import GiB, available_bytes
 
-    estimate = check_run_memory(export_dir, manifest, batch=batch, force=force)
-    available = available_bytes()
-    if estimate.weights >= GiB or (available and estimate.total > available / 4):   # big exports only
+    estimate = memory.check_run_memory(export_dir, manifest, batch=batch, force=force)
+    available = memory.available_bytes()
+    if estimate.weights >= memory.GiB or (available and estimate.total > available / 4):   # big exports only
         err.print(f"memory: {estimate.describe()}", highlight=False, soft_wrap=True)
 
 
 
 def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
     """(image paths, questions) from the arguments or a JSONL file (checked, nothing loaded yet)."""
-    from himap_trt.inputs import read_batch_file
-    from himap_trt.prompt import check_question
-
     if batch is not None:
         if image is not None or question is not None:
             raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
-        requests = read_batch_file(batch)
+        requests = inputs.read_batch_file(batch)
         return [r.image for r in requests], [r.question for r in requests]
     if image is None or question is None:
         raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
-    return [image], [check_question(question)]
+    return [image], [prompt.check_question(question)]
 
 
 @app.command()
@@ -126,29 +132,20 @@ def run(
     """
     import time
 
-    from himap_trt.prompt import load_image
-    from himap_trt.runtime.loader import open_pipeline
-    from himap_trt.runtime.sampling import GenerationConfig
-
-    from himap_trt.models.loading import canonical_dtype
-    from himap_trt.runtime.loader import BACKENDS, check_device
-
     # every option and request is checked before an image or a model is loaded
     paths, questions = _requests(image, question, batch)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+    config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
-    if backend not in BACKENDS:
-        raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    check_device(device)
-    canonical_dtype(dtype)
+    if backend not in loader.BACKENDS:
+        raise HimapError(f"--backend must be one of {', '.join(loader.BACKENDS)}, got {backend!r}")
+    loader.check_device(device)
+    loading.canonical_dtype(dtype)
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
-    images = [load_image(p) for p in paths]
+    images = [prompt.load_image(p) for p in paths]
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
-        from himap_trt.plan import build_plan
-
         def requested(num_layers: int, num_image_tokens: int):
             return build_plan(method or "himap", num_layers=num_layers, num_image_tokens=num_image_tokens,
                               k1=DEFAULT_K1 if k1 is None else k1, r1=DEFAULT_R1 if r1 is None else r1,
@@ -159,7 +156,7 @@ def run(
                               max_keep=DEFAULT_MAX_KEEP if max_keep is None else max_keep)
 
     _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
-    opened = open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
+    opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
                            engines_dir=engines_dir, device=device, dtype=dtype)
     pipeline = opened.pipeline
     try:
@@ -184,11 +181,8 @@ def run(
         for i, request in enumerate(report["requests"]):
             prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
             out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
-    from himap_trt.models.tiny import TINY_MODELS
 
-    from himap_trt.models.tiny_qwen import TINY_QWEN_MODELS
-
-    if report["model"] in TINY_MODELS or report["model"] in TINY_QWEN_MODELS:
+    if report["model"] in tiny.TINY_MODELS or report["model"] in tiny_qwen.TINY_QWEN_MODELS:
         out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
     _print_run_stats(report)
 

@@ -11,6 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from himap_trt.cli.app import app, user_errors
+from himap_trt.triton.server import TritonServer, gpu_visible
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+repository = lazy_import("himap_trt.triton.repository")
 
 triton_app = typer.Typer(
     name="triton",
@@ -55,12 +60,10 @@ def repo(
     with one response per request (HTTP /infer clients). configs/cpu.pbtxt and configs/gpu.pbtxt hold
     the instance groups; pick one with tritonserver --model-config-name.
     """
-    from himap_trt.triton.repository import RepositoryOptions, write_repository
-
     default = model_config_name or ("gpu" if engines_dir is not None else "cpu")
-    options = RepositoryOptions(max_batch=max_batch, instances=instances, default_config=default,
+    options = repository.RepositoryOptions(max_batch=max_batch, instances=instances, default_config=default,
                                 default_max_tokens=default_max_tokens, max_queue=max_queue, max_seq_len=max_seq_len)
-    info = write_repository(export_dir, out, options, engines_dir=engines_dir)
+    info = repository.write_repository(export_dir, out, options, engines_dir=engines_dir)
     if as_json:
         print(json.dumps({"out": str(out), **info.to_dict()}, indent=1))
         return
@@ -92,8 +95,6 @@ def serve(
     PATH). Stops on Ctrl-C / SIGTERM, finishing in-flight requests. In production, run NGC's Triton
     container instead: docs/DEPLOY.md.
     """
-    from himap_trt.triton.server import TritonServer, gpu_visible
-
     name = model_config_name or ("gpu" if gpu_visible() else "cpu")
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           model_config_name=name, log_verbose=log_verbose)

@@ -39,8 +39,8 @@ def tokens(export_dir: Path, questions: Path) -> int:
     import torch
     from PIL import Image
 
-    from himap_trt.export.manifest import load_manifest
     from himap_trt.inputs import read_batch_file
+    from himap_trt.manifest import load_manifest
     from himap_trt.runtime import GenerationConfig
 
     manifest = load_manifest(export_dir)
@@ -79,8 +79,8 @@ def tokens(export_dir: Path, questions: Path) -> int:
 def timing(export_dirs: list[Path]) -> int:
     import torch
 
-    from himap_trt.bench import PipelineContender, run_bench, sample_batch
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.analysis.bench import PipelineContender, run_bench, sample_batch
+    from himap_trt.manifest import load_manifest
     from himap_trt.runtime import GenerationConfig
 
     rows = []

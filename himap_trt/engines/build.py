@@ -20,6 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from himap_trt import __version__
+from himap_trt.confine import record_files
+# gpu_identity and has_gpu live in engines/environment.py (engines/manifest.py needs them too); imported
+# here for build_engines and for callers that import them from this module.
+from himap_trt.engines.environment import gpu_identity, has_gpu  # noqa: F401
 from himap_trt.engines.flavour import CURRENT, Flavour, parse_capabilities, select_flavour
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
@@ -29,30 +34,13 @@ from himap_trt.engines.manifest import (
     export_fingerprint,
     is_engines_manifest,
 )
+# the ONNX parser (engines/parser.py, no torch: engines/compat.py uses it too); parse_file and
+# parser_errors re-exported for callers that import them from this module.
+from himap_trt.engines.parser import parse_file, parse_network, parser_errors  # noqa: F401
 from himap_trt.engines.profiles import Profile, graph_profiles
 from himap_trt.errors import HimapError
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(GPU name, compute capability ``major.minor``) of the current CUDA device.
-
-    Raises:
-        HimapError: if no CUDA GPU is visible.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        raise HimapError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines run on an "
-                         "NVIDIA GPU (TensorRT-RTX builds without one: `build --tensorrt rtx`)")
-    major, minor = torch.cuda.get_device_capability()
-    return torch.cuda.get_device_name(), f"{major}.{minor}"
-
-
-def has_gpu() -> bool:
-    """Whether torch sees a CUDA GPU."""
-    import torch
-
-    return torch.cuda.is_available()
+from himap_trt.fsutil import atomic_directory, cache_root
+from himap_trt.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
 
 
 def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None,
@@ -61,9 +49,7 @@ def default_timing_cache(tensorrt_version: str | None = None, capability: str | 
     TensorRT-RTX; under ``~/.cache/himap-trt`` by default): outside the engines directory, so
     rebuilds reuse it, and keyed by flavour, version and GPU compute capability, since a timing
     cache is only valid for the build and GPU architecture that measured it. Without a version and
-    capability: ``timing.cache``."""
-    from himap_trt.models.tiny import cache_root
-
+    capability: ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
     if tensorrt_version and capability:
         prefix = "trt" if flavour == "tensorrt" else "rtx"
         return cache_root() / f"timing-{prefix}{tensorrt_version}-sm{capability.replace('.', '')}.cache"
@@ -76,10 +62,8 @@ def check_buildable(manifest, export_dir: Path) -> None:
     Raises:
         HimapError: for a ``kv_write`` that is not TensorRT-parsable (``gqa``: ONNX Runtime's contrib
             GroupQueryAttention; ``tensorscatter``: rejected by the parser, see
-            :data:`himap_trt.export.manifest.NOT_TENSORRT`).
+            :data:`himap_trt.manifest.NOT_TENSORRT`).
     """
-    from himap_trt.export.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
-
     if manifest.kv_write not in TENSORRT_KV_WRITES:
         raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} "
                          f"({NOT_TENSORRT.get(manifest.kv_write, 'not TensorRT-parsable')}); re-export with "
@@ -123,66 +107,6 @@ def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None
         name, capability = gpu_identity()
         return BuildTarget(flavour, capabilities, name, capability)
     return BuildTarget(flavour, capabilities)
-
-
-def parser_errors(parser) -> list[str]:
-    """The ONNX parser's errors, one line each (node name, operator, description)."""
-    lines = []
-    for i in range(parser.num_errors):
-        error = parser.get_error(i)
-
-        def field(name):
-            getter = getattr(error, name, None)
-            return str(getter()) if callable(getter) and getter() not in (None, "") else ""
-
-        node = " ".join(v for v in (field("node_name"), f"({field('node_operator')})" if field("node_operator") else "") if v)
-        code = field("code").rsplit(".", 1)[-1]
-        text = " ".join(field("desc").split())
-        where = f" in {field('func')}" if field("func") else ""
-        lines.append(f"{node + ': ' if node else ''}{code}{where}: {text}")
-    return lines
-
-
-def _parse(trt, builder, logger, path: Path):
-    """Parse with a quiet logger of its own: the parser's errors are reported through
-    :func:`parser_errors` (one line each), not TensorRT's multi-line log."""
-    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
-    flags = 0
-    creation = trt.NetworkDefinitionCreationFlag
-    if hasattr(creation, "STRONGLY_TYPED"):
-        flags |= 1 << int(creation.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(path))
-    return network, parser, [] if ok else (parser_errors(parser) or ["parse failed (no error recorded)"])
-
-
-def parse_network(trt, builder, logger, path: Path):
-    """Parse one ONNX file into a strongly typed network (weights included: external data files are
-    read from beside ``path``).
-
-    Returns:
-        ``(network, parser)`` (keep the parser alive as long as the network).
-
-    Raises:
-        HimapError: naming the file and the parser's first errors.
-    """
-    network, parser, errors = _parse(trt, builder, logger, path)
-    if errors:
-        more = f" (+{len(errors) - 2} more)" if len(errors) > 2 else ""
-        raise HimapError(f"the {trt.__name__} ONNX parser rejects {Path(path).name}: {'; '.join(errors[:2])}{more}")
-    return network, parser
-
-
-def parse_file(flavour: Flavour, path: Path) -> list[str]:
-    """Run the real ONNX parser of ``flavour`` on one file (no build).
-
-    Returns:
-        The parser's errors, one line each; empty if the graph parsed.
-    """
-    trt = flavour.module()
-    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
-    return _parse(trt, trt.Builder(logger), logger, Path(path))[2]
 
 
 def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile], *, workspace: int = 0,
@@ -284,9 +208,6 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     target = target or resolve_target("auto", dtype=manifest.dtype)
     flavour = target.flavour
     version = flavour.version
-    from himap_trt import __version__
-    from himap_trt.confine import record_files
-    from himap_trt.fsutil import atomic_directory
 
     check_timing_cache(flavour, timing_cache)
     if flavour.timing_cache_allowed(has_gpu()) and target.gpu_capability is not None:

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from himap_trt.engines.parser import parse_file
 from himap_trt.errors import HimapError
 
 TABLE_PATH = Path(__file__).with_name("tensorrt_onnx_support.json")
@@ -181,6 +182,4 @@ def parser_check(export_dir: Path, manifest, flavour) -> list[ParserReport]:
     Raises:
         HimapError: if the flavour is not installed.
     """
-    from himap_trt.engines.build import parse_file
-
     return [ParserReport(spec.file, tuple(parse_file(flavour, Path(export_dir) / spec.file))) for spec in manifest.graphs]

@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from himap_trt.confine import confined_path, parse_file_records, verify_files
+from himap_trt.engines.environment import gpu_identity
+from himap_trt.engines.flavour import FLAVOURS, flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
-from himap_trt.export.manifest import read_versioned_json
+from himap_trt.manifest import MANIFEST_NAME, read_versioned_json
 from himap_trt.plan import PruningPlan
 
 ENGINES_MANIFEST = "manifest.json"
@@ -33,8 +36,6 @@ def engines_present(directory: Path) -> bool:
 
 def export_fingerprint(export_dir: Path) -> str:
     """``sha256:<hex>`` of the export's ``manifest.json`` (which hashes the model and lists every graph)."""
-    from himap_trt.export.manifest import MANIFEST_NAME
-
     return "sha256:" + hashlib.sha256((Path(export_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
@@ -116,8 +117,6 @@ class EnginesManifest:
         capabilities = data["compute_capabilities"]
         if not isinstance(capabilities, list) or not capabilities or not all(isinstance(c, str) for c in capabilities):
             raise HimapError(f"{where}: field 'compute_capabilities' must be a non-empty array of strings such as \"8.6\"")
-        from himap_trt.engines.flavour import FLAVOURS
-
         if data["tensorrt_flavour"] not in FLAVOURS:
             raise HimapError(f"{where}: field 'tensorrt_flavour' must be one of {', '.join(FLAVOURS)}, "
                              f"got {data['tensorrt_flavour']!r}")
@@ -173,8 +172,6 @@ def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
     Raises:
         HimapError: naming the engine file and the manifest.
     """
-    from himap_trt.confine import confined_path, parse_file_records, verify_files
-
     source = Path(directory) / ENGINES_MANIFEST
     records = parse_file_records(engines.files, field="files", source=source)
     for i, entry in enumerate(engines.engines):
@@ -198,8 +195,6 @@ def check_compatible(engines: EnginesManifest, *, fingerprint: str, plan: Prunin
     Raises:
         HimapError: naming what differs and how to fix it.
     """
-    from himap_trt.engines.flavour import flavour_of
-
     built = flavour_of(engines.tensorrt_flavour)
     if engines.export_fingerprint != fingerprint:
         raise HimapError(f"the engines in {where} were built from another export (its manifest changed since); "
@@ -226,9 +221,6 @@ def load_engines_manifest(directory: Path, *, export, export_dir: Path) -> Engin
         HimapError: see :func:`read_engines_manifest` and :func:`check_compatible`; the engines'
             flavour not installed; no GPU.
     """
-    from himap_trt.engines.build import gpu_identity
-    from himap_trt.engines.flavour import flavour_of
-
     engines = read_engines_manifest(directory)
     verify_engine_files(directory, engines)  # before TensorRT reads anything
     flavour = flavour_of(engines.tensorrt_flavour)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.engines.flavour import flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
@@ -249,14 +250,12 @@ def tensorrt_backends(engines_dir: Path, engines, export) -> dict[str, TensorRTB
     Args:
         engines_dir: the engines directory.
         engines: its checked :class:`~himap_trt.engines.manifest.EnginesManifest`.
-        export: the export's :class:`~himap_trt.export.manifest.Manifest` (graph declarations).
+        export: the export's :class:`~himap_trt.manifest.Manifest` (graph declarations).
 
     Raises:
         HimapError: see :class:`TensorRTBackend`; for TensorRT-RTX also an engine that
             ``get_engine_validity`` declares invalid on this GPU (naming the diagnostics).
     """
-    from himap_trt.engines.flavour import flavour_of
-
     flavour = flavour_of(engines.tensorrt_flavour)
     shared = SharedResources(flavour.module(), flavour)
     backends = {}

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import exported
-from himap_trt.engines.build import parse_file
+from himap_trt.engines.parser import parse_file
 from himap_trt.engines.compat import check_onnx_file
 from himap_trt.engines.flavour import RTX
 from test_tensorrt_rtx_build import VARIANTS

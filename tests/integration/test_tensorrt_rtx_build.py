@@ -29,10 +29,11 @@ from typer.testing import CliRunner
 
 from conftest import exported
 from himap_trt.cli import app
-from himap_trt.engines.build import BuildTarget, build_engine_bytes, parse_file, parse_network
+from himap_trt.engines.build import BuildTarget, build_engine_bytes
 from himap_trt.engines.flavour import RTX, rtx_header_capabilities
+from himap_trt.engines.parser import parse_file, parse_network
 from himap_trt.engines.profiles import graph_profiles
-from himap_trt.export.manifest import TENSORRT_KV_WRITES
+from himap_trt.manifest import TENSORRT_KV_WRITES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                                 reason="needs TensorRT-RTX: module 'tensorrt_rtx' is not installed "

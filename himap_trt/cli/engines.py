@@ -1,0 +1,41 @@
+"""Engine building with a progress display, shared by ``export --build`` and ``build``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from himap_trt.cli.app import out, progress_bar
+from himap_trt.cli.lazy import lazy_import
+from himap_trt.engines.flavour import flavour_of
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+engine_build = lazy_import("himap_trt.engines.build")
+engine_manifest = lazy_import("himap_trt.engines.manifest")
+loader = lazy_import("himap_trt.runtime.loader")
+
+
+def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] = None, dtype: Optional[str] = None):
+    """The build target (flavour, capabilities), checked before any work (see engines.build.resolve_target)."""
+    return engine_build.resolve_target(tensorrt, compute_capability, dtype=dtype)
+
+
+def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
+                   workspace: int, timing_cache: Optional[Path], target=None):
+    """Build engines with a progress display (the flavour and its targets are checked first)."""
+    target = target or require_tensorrt(dtype=manifest.dtype)
+    with progress_bar() as progress:
+        task = progress.add_task("build", total=len(manifest.graphs))
+
+        def report(text: str, done: int, total: int) -> None:
+            progress.update(task, description=text, completed=done, total=total)
+
+        return engine_build.build_engines(export_dir, engines_dir or loader.default_engines_dir(export_dir), manifest,
+                             max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
+                             timing_cache=timing_cache, target=target, progress=report)
+
+
+def print_built(built) -> None:
+    out.print(f"built {len(built.engines)} engines with {flavour_of(built.tensorrt_flavour).display} "
+              f"{built.tensorrt_version} for {engine_manifest.targets(built)}, batch <= {built.max_batch}, "
+              f"<= {built.max_seq_len} tokens")

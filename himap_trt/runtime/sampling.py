@@ -46,6 +46,8 @@ class GenerationConfig:
             raise HimapError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise HimapError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise HimapError(f"--seed must be a signed 64-bit integer (-2**63 .. 2**63-1), got {self.seed}")
 
     @property
     def ignored_options(self) -> list[str]:

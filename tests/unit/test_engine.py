@@ -70,7 +70,7 @@ class FakePipeline:
         self.allocated_len = max_seq_len
         return FakeCache(max_batch)
 
-    def prepare(self, images, questions):
+    def prepare(self, images, questions, processor=None):
         (question,) = questions
         ids = torch.tensor([[5] + [ord(c) % 50 + 2 for c in question]], dtype=torch.int64)
         ones = torch.ones_like(ids)

@@ -246,10 +246,19 @@ class BodyLimit:
 
 
 def _field(loc) -> str:
+    """pydantic's error location -> ``messages[0].content[1].image_url.url`` (union member tags such as
+    ``list[constrained-str]`` left out)."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and (not part.isidentifier() or part in ("str", "int", "float", "bool", "list")):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """Of a union's errors, one from the member of the right type (a constraint broken) if there is one, else the deepest."""
+    return min(errors, key=lambda e: (e["type"].endswith("_type") or e["type"] == "union_tag_invalid", -len(e["loc"])))
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
@@ -262,7 +271,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         request = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
+        first = _most_telling(exc.errors(include_url=False))
         where = _field(first["loc"]) or "body"
         if first["type"] == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {first['msg']}") from None

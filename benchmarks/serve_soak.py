@@ -48,7 +48,15 @@ def bomb_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def small_url() -> str:
+    """An 8x8 PNG (so that a 1.5 MB question stays under the body limit)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 BOMB = None
+SMALL = small_url()
 
 
 def rss_bytes(pid: int) -> int:
@@ -96,7 +104,7 @@ def malformed(k: int, model: str, url: str) -> tuple[dict, int]:
         ({"json": {"model": model, "messages": msgs(url), "stream": "true"}}, 400),
         ({"json": {"model": model, "messages": msgs(url), "seed": 2**64}}, 400),
         ({"content": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400),
-        ({"json": {"model": model, "messages": msgs(url, "x" * 1_500_000)}}, 400),
+        ({"json": {"model": model, "messages": msgs(SMALL, "x" * 1_500_000)}}, 400),
         ({"json": {"model": model, "messages": msgs(BOMB)}}, 400),
     ]
     return kinds[k % len(kinds)]

@@ -95,7 +95,15 @@ class TokenChooser:
         logits = logits.float()
         if not self.config.do_sample:
             return logits.argmax(dim=-1)
+        warped = logits
         for warper in self.warpers:
-            logits = warper(input_ids, logits)
-        probs = torch.softmax(logits, dim=-1)
+            warped = warper(input_ids, warped)
+        probs = torch.softmax(warped, dim=-1)
+        finite = torch.isfinite(probs).all(dim=-1)
+        if not bool(finite.all()):
+            # A temperature so small (below ~1e-38) that logits / temperature overflows float32 gives NaN
+            # probabilities (found by API fuzzing: HTTP 500); the limit of sampling as the temperature
+            # goes to 0 is the most likely token, so those rows decode greedily.
+            greedy = logits.argmax(dim=-1)
+            probs = torch.where(finite[:, None], probs, torch.nn.functional.one_hot(greedy, probs.shape[-1]).float())
         return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]

@@ -58,6 +58,9 @@ DISCONNECT_POLL_S = 0.25
 #: Seconds a client refused with 429 is told to wait (``Retry-After``): about one decode step's worth
 #: of slots turning over on a busy server.
 RETRY_AFTER_S = 1
+#: One server-sent event of a streamed answer (OpenAPI 3.1: the schema of each event).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a chat.completion.chunk or an error body as JSON, or [DONE] at the end"}}}
 
 
 @dataclass(frozen=True)
@@ -414,7 +417,7 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
               "description": "The answer: JSON, or server-sent events with \"stream\": true"},
         **_errors(400, 401, 413, 429, 500, 503)})
     async def chat_completions(http: Request):

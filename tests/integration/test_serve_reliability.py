@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -42,6 +43,8 @@ from conftest import exported
 from test_serve import ServerProcess, messages
 
 KEY = "test-key-0123456789"
+#: Cases per operation and mode of the fuzzing test; the longer run in docs/RELIABILITY.md sets more.
+FUZZ_EXAMPLES = int(os.environ.get("HIMAP_TRT_FUZZ_EXAMPLES", "25"))
 AUTH = {"Authorization": f"Bearer {KEY}"}
 READ_TIMEOUT_S = 2
 MAX_BATCH, MAX_QUEUE = 2, 2
@@ -224,11 +227,12 @@ def api_schema(guarded):
 ])
 def test_openapi_fuzz(api_schema, label, mode):
     """Zero 5xx, zero responses outside the schema, no schema-invalid request accepted (25 cases per
-    operation and mode, derandomized: the same cases every run)."""
+    operation and mode unless HIMAP_TRT_FUZZ_EXAMPLES says otherwise; derandomized: the same cases
+    every run)."""
     (operation,) = [r.ok() for r in api_schema.get_all_operations() if r.ok().label == label]
     statuses = []
 
-    @settings(max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
     def run(case):
         usable(case, positive=mode == "positive")

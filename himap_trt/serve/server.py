@@ -74,7 +74,7 @@ class TimedH11Protocol(H11Protocol):
         self._read_deadline = None
         if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) or self.transport.is_closing():
             return
-        prefix = "%s:%d - " % tuple(self.client) if self.client else ""
+        prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
         log.warning("%sclosing the connection: no complete request within %g s (--read-timeout)", prefix,
                     self.read_timeout_s)
         self.transport.close()

@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 import schemathesis
+from conftest import exported
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.checks import not_a_server_error
@@ -37,10 +38,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
     unsupported_method,
 )
-from typer.testing import CliRunner
-
-from conftest import exported
 from test_serve import ServerProcess, messages
+from typer.testing import CliRunner
 
 KEY = "test-key-0123456789"
 #: Cases per operation and mode of the fuzzing test; the longer run in docs/RELIABILITY.md sets more.
@@ -299,7 +298,7 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
     try:
         while sock.recv(4096):
             pass
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return None
     except ConnectionResetError:
         pass

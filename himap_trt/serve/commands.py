@@ -97,7 +97,7 @@ def serve(
     from himap_trt.serve.server import check_exposure, check_positive
     from himap_trt.serve.server import serve as run_server
 
-    check_exposure(host, api_key, insecure_no_auth)
+    check_exposure(host, api_key, insecure_no_auth, metrics_auth)
     check_positive(**{"--max-image-memory": max_image_memory, "--read-timeout": read_timeout,
                       "--keep-alive-timeout": keep_alive_timeout, "--wedged-after": wedged_after})
     if not 0 < port < 65536:

@@ -115,12 +115,15 @@ def check_positive(**values: float) -> None:
             raise HimapError(f"{flag} must be a number > 0, got {value}")
 
 
-def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool, metrics_auth: bool = False) -> None:
     """Refuse to listen beyond loopback without an API key unless told so.
 
     Raises:
-        HimapError: ``host`` is not loopback, no key, and not ``insecure_no_auth``.
+        HimapError: ``host`` is not loopback, no key, and not ``insecure_no_auth``; an empty key;
+            ``metrics_auth`` without a key.
     """
+    if metrics_auth and api_key is None:
+        raise HimapError("--metrics-auth needs --api-key (or HIMAP_TRT_API_KEY): there is no key to ask for")
     if api_key is not None and not api_key.strip():
         raise HimapError("--api-key / HIMAP_TRT_API_KEY is empty; give a key, or leave both unset")
     if not is_loopback(host) and api_key is None and not insecure_no_auth:

@@ -275,6 +275,7 @@ def test_bench_serve_sends_the_key(guarded):
     (["--keep-alive-timeout", "-1"], {}, "--keep-alive-timeout"),
     (["--wedged-after", "nan"], {}, "--wedged-after"),
     (["--max-image-memory", "0"], {}, "--max-image-memory"),
+    (["--metrics-auth"], {}, "--metrics-auth needs --api-key"),
     # past the exposure check: the error is about the (missing) export
     (["--host", "0.0.0.0", "--insecure-no-auth"], {}, "nope"),
     (["--host", "0.0.0.0"], {"HIMAP_TRT_API_KEY": KEY}, "nope"),

@@ -430,9 +430,12 @@ def create_app(state: ServerState) -> FastAPI:
         url, param, question = image_and_question(request)
         try:
             params = sampling_params(request)
+        except HimapError as exc:
+            raise ApiError(400, str(exc)) from None
+        try:
             engine.check_question(question)        # by bytes, before anything is tokenized
         except HimapError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
+            raise ApiError(400, f"messages: {exc}", param="messages") from None
         # admission, before decoding the image: requests being prepared count against the queue
         if state.preparing >= engine.room():
             raise ApiError(429, f"the queue is full ({engine.max_queue} requests waiting); retry later",

@@ -139,7 +139,7 @@ def test_long_question_refused_by_bytes_without_stalling_others(guarded):
     refused_after = time.perf_counter() - started
     thread.join(60)
     openai_error(response, 400, "5000000 bytes", "--max-seq-len")
-    assert refused_after < 3, refused_after            # the body alone is 5 MB of JSON to parse
+    assert refused_after < 5, refused_after            # the body alone is 5 MB of JSON to send and parse
     assert results["ordinary"][0] == 200 and results["ordinary"][1] < 10, results
 
 

@@ -397,3 +397,18 @@ def test_health_reports_a_wedged_engine(faulty):
     assert (503, "wedged") in states, states
     assert out["r"].status_code == 200
     assert httpx.get(f"{faulty.base}/health").status_code == 200
+
+
+def test_malformed_fault_hook_stops_serve_in_one_line(export_dir):
+    """The test-only hook is read when the engine starts: a bad value is a failed load, one line, exit 1."""
+    from himap_trt.cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = CliRunner().invoke(app, ["serve", "--export-dir", str(export_dir), "--port", str(port), "--log-level",
+                                      "warning"], env={"HIMAP_TRT_TEST_FAULT": "decode:0"})
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: HIMAP_TRT_TEST_FAULT: 'decode:0' is not PHASE:N[:error|hang=SECONDS] with PHASE prefill or decode and "
+        "N >= 1 (a test-only hook; unset it)"], result.stderr

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from himap_trt.manifest import load_manifest
 from himap_trt.serve.bench import image_data_url, wait_healthy
 
 
@@ -210,8 +211,6 @@ def main() -> None:
     parser.add_argument("--fault-at", type=int, default=6, help="decode call that fails in the fault phase")
     parser.add_argument("--only", choices=["overload", "fault", "wedge"], default=None)
     args = parser.parse_args()
-
-    from himap_trt.export.manifest import load_manifest
 
     model = load_manifest(args.export_dir).source_model
     url = image_data_url(None)

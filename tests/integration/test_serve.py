@@ -492,6 +492,19 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_bench_serve_prints_a_table_without_json(server):
+    """Without --json, bench-serve prints its table, not JSON (the flag, not a module's function, decides)."""
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    result = CliRunner().invoke(app, ["bench-serve", "--url", server.base, "--concurrency", "1", "--requests", "1",
+                                      "--max-tokens", "2", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "TTFT ms" in result.stdout and "1/1" in result.stdout
+    assert not result.stdout.lstrip().startswith("{")
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["serve", "--export-dir", "{tmp}/nope"], "nope"),
     (["serve", "--export-dir", "{export}", "--port", "0"], "--port"),

@@ -49,6 +49,10 @@ class ExportOptions:
             segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
             tracing and the ONNX Runtime checks stay on the CPU.
+        quantize: ``none``, ``int8`` or ``int4``: weight-only quantization of the decoder's linear
+            layers (:mod:`himap_trt.export.quantize`); fp32 only.
+        quant_block_size: int4: input rows per scale (None: 32); int8 takes none (per output channel).
+        quantize_lm_head: quantize the LM head too.
     """
 
     out: Path
@@ -59,6 +63,9 @@ class ExportOptions:
     kv_write: str = "scatternd"
     validate_chunk_layers: int | None = None
     device: str = "cpu"
+    quantize: str = "none"
+    quant_block_size: int | None = None
+    quantize_lm_head: bool = False
 
     def __post_init__(self):
         from himap_trt.export.manifest import KV_WRITES
@@ -76,6 +83,19 @@ class ExportOptions:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_write == "gqa" and self.dtype not in ("fp32", "fp16", "float32", "float16"):
             raise HimapError(f"--kv-write gqa needs --dtype fp32 or fp16 (ONNX Runtime runs it), got {self.dtype!r}")
+        self.quantization(None)   # scheme, block size and dtype (the model's sizes: export_model)
+
+    def quantization(self, dims):
+        """The checked :class:`~himap_trt.export.quantize.Quantization` (None: ``--quantize none``);
+        ``dims`` (or None) for the block-size checks against the model's layer sizes.
+
+        Raises:
+            HimapError: see :func:`himap_trt.export.quantize.check_quantization`.
+        """
+        from himap_trt.export.quantize import check_quantization
+
+        return check_quantization(self.quantize, self.quant_block_size, dims, DTYPE_NAMES[self.dtype],
+                                  self.quantize_lm_head)
 
 
 Progress = Callable[[str, int, int], None]
@@ -154,6 +174,10 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype)
+    quantization = options.quantization(dims)
+    if quantization is not None:   # quantized segments record it (their ONNX Runtime session options, tolerances)
+        specs = [replace(spec, attrs={**spec.attrs, "quantization": quantization.to_dict()})
+                 if spec.kind == "segment" else spec for spec in specs]
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     check_reference_device(options.device)
     weights = getattr(loaded, "weights", None)
@@ -172,7 +196,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
     with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest) as tmp:
         composer = SegmentComposer(loaded.model, dtype, options.opset, options.kv_write,
-                                   initializer=weights.initializer if weights else None)
+                                   initializer=weights.initializer if weights else None, quantization=quantization)
         if weights:   # the layer templates are traced on layer 0's modules
             with weights.materialized([0]):
                 composer.trace_pieces()
@@ -231,6 +255,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             validation={f"{c.graph}/{c.phase}/{c.output}": c.max_abs_diff for c in checks},
             files=record_files(tmp, files_under(tmp)),
             kv_write=options.kv_write,
+            quantization=quantization.to_dict() if quantization else {},
         )
         manifest.save(tmp)
     return manifest, checks

@@ -55,6 +55,8 @@ class Manifest:
             ``tensorscatter`` (segment graphs at opset 24) or ``gqa`` (ONNX Runtime's
             GroupQueryAttention writes the cache and attends over each row's occupied prefix; not
             buildable with TensorRT); see :mod:`himap_trt.export.compose`.
+        quantization: ``{}`` (float weights) or the weight quantization of the segment graphs
+            (``export --quantize``): :meth:`himap_trt.export.quantize.Quantization.to_dict`.
     """
 
     format_version: int
@@ -74,6 +76,12 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     kv_write: str = "scatternd"
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantize(self) -> str:
+        """``none``, ``int8`` or ``int4``: the export's ``--quantize``."""
+        return self.quantization.get("scheme", "none") if self.quantization else "none"
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; raises :class:`HimapError` if the export has none."""
@@ -119,6 +127,9 @@ class Manifest:
         if data.get("kv_write", "scatternd") not in KV_WRITES:
             raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
                              f"got {data.get('kv_write')!r:.40}")
+        from himap_trt.export.quantize import Quantization
+
+        quantization = Quantization.from_dict(data.get("quantization"), where)
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
         try:
@@ -140,6 +151,7 @@ class Manifest:
                 validation=dict(data.get("validation") or {}),
                 files=dict(data["files"]),
                 kv_write=str(data.get("kv_write", "scatternd")),
+                quantization=quantization.to_dict() if quantization else {},
             )
         except HimapError as exc:
             raise HimapError(f"{where}: {exc}") from None

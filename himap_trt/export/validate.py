@@ -174,6 +174,17 @@ def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], g
     return checks
 
 
+def graph_tolerances(spec: GraphSpec, dtype: str) -> dict[str, tuple[float, float]] | None:
+    """The (atol, rtol) of a graph with quantized weights (``attrs['quantization']``; against the fp32
+    PyTorch model: :data:`himap_trt.export.quantize.TOLERANCES`), or None (:data:`TOLERANCES`)."""
+    quantization = spec.attrs.get("quantization")
+    if not quantization:
+        return None
+    from himap_trt.export.quantize import TOLERANCES as QUANTIZED
+
+    return {dtype: QUANTIZED[quantization["scheme"]]}
+
+
 def validation_backend(spec: GraphSpec, path: Path) -> Backend:
     """ONNX Runtime on CPU where it can run the graph, else ONNX's reference evaluator (e.g. for
     bfloat16, which ONNX Runtime's Python binding cannot feed, or fp16 kernels missing on CPU)."""
@@ -214,6 +225,7 @@ def validate_graphs(export_dir: Path, specs: list[GraphSpec], recorded: dict[str
                 with torch.inference_mode():
                     got = backend.run(feeds, presents) if presents else backend.run(feeds)
                 checks += compare(spec, phase, outputs, got, dtype, backend=label,
+                                  tolerances=graph_tolerances(spec, dtype),
                                   positions=real_positions(spec, phase, feeds))
         finally:
             backend.close()

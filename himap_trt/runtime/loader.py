@@ -125,6 +125,10 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             backend = "onnxruntime"
 
     if backend == "torch":
+        if manifest.quantize != "none":
+            raise HimapError(f"the export in {str(export_dir)!r} has {manifest.quantize} weights (export --quantize); "
+                             "--backend torch would run the float checkpoint instead: use --backend onnxruntime "
+                             "or tensorrt, or --backend torch --model <checkpoint> for the float reference")
         from himap_trt.export.manifest import model_hash
         from himap_trt.models import load_model
         from himap_trt.models.loading import parse_dtype

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from himap_trt.errors import HimapError
+from himap_trt.export.quantize import session_config
 from himap_trt.graphs.spec import GraphSpec
 from himap_trt.runtime.backend import BackendBase
 from himap_trt.runtime.kv_cache import torch_dtype
@@ -64,6 +65,9 @@ class OnnxRuntimeBackend(BackendBase):
         # Each graph has its own session and thread pool; a pool whose threads spin after a run steals
         # cores from the next graph's pool (measured: docs/PERFORMANCE.md, "ONNX Runtime threads").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # quantized weights (export --quantize): the MatMulNBits accuracy level the export recorded
+        for key, value in session_config(spec.attrs.get("quantization")).items():
+            options.add_session_config_entry(key, value)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" \
             else ["CPUExecutionProvider"]
         try:

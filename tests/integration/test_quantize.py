@@ -1,0 +1,173 @@
+"""``export --quantize``: weight-only int8/int4 decoder graphs checked against the fp32 PyTorch model.
+
+One export per scheme of the smallest model (``tiny``, plan ``none``: one segment of all layers);
+the export's own validation compares every segment output with PyTorch within
+:data:`himap_trt.export.quantize.TOLERANCES`, and these tests check independently that the stored
+codes dequantize to the checkpoint's weights within half a quantization step, that ONNX Runtime runs
+them as fused ``MatMulNBits`` kernels, and that TensorRT-RTX parses and builds them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import exported, tiny
+from himap_trt.cli import app
+from himap_trt.export.quantize import TOLERANCES, check_quantization, fused_op_counts
+from himap_trt.errors import HimapError
+from typer.testing import CliRunner
+
+runner = CliRunner()
+SCHEMES = ("int8", "int4")
+
+
+@pytest.fixture(scope="module", params=SCHEMES)
+def quantized(request, tmp_path_factory):
+    export_dir, manifest, checks = exported(tmp_path_factory, "tiny", "none", quantize=request.param)
+    return request.param, export_dir, manifest, checks
+
+
+def _codes(tensor: onnx.TensorProto) -> np.ndarray:
+    if tensor.data_type == onnx.TensorProto.INT4:   # two's-complement nibbles, low nibble first
+        raw = np.frombuffer(tensor.raw_data, np.uint8)
+        nibbles = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[:int(np.prod(tensor.dims))]
+        return np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor).astype(np.int16)
+
+
+def test_quantized_segments_match_pytorch_within_tolerance(quantized):
+    scheme, _, manifest, checks = quantized
+    assert manifest.quantize == scheme and manifest.quantization["accuracy_level"] == 4
+    assert manifest.quantization["block_size"] == (16 if scheme == "int4" else None)   # tiny's FFN is 176 = 11 x 16
+    segment = [c for c in checks if c.graph == "segment_0"]
+    assert {c.phase for c in segment} == {"prefill", "decode"} and all(c.ok for c in checks), \
+        [c for c in checks if not c.ok]
+    atol, rtol = TOLERANCES[scheme]
+    hidden = [c for c in segment if c.output == "logits"]
+    assert hidden and all(c.max_abs_diff <= atol + rtol * c.max_abs_ref for c in hidden)
+    # the weights really are quantized: the logits differ from the float model's by more than fp32 rounding
+    assert max(c.max_abs_diff for c in hidden) > 1e-3
+
+
+def test_codes_dequantize_to_the_checkpoint_weights(quantized):
+    """Independent of ONNX Runtime: every linear weight of every layer, rebuilt from the stored codes
+    and scales, is within half a quantization step of the PyTorch parameter."""
+    scheme, export_dir, manifest, _ = quantized
+    model = onnx.load(str(export_dir / manifest.graph("segment_0").file))
+    inits = {t.name: t for t in model.graph.initializer}
+    lm = tiny("tiny").model.model.language_model
+    seen = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        name = node.input[0].rsplit(".transposed", 1)[0]                    # <checkpoint name>.transposed_DQ_Q*
+        weight = dict(lm.named_parameters())[name.removeprefix("model.language_model.")].detach().numpy().T  # [K,N]
+        codes = _codes(inits[node.input[0]]).astype(np.float64)
+        scales = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if scheme == "int8":
+            assert attrs["axis"] == 1 and scales.shape == (weight.shape[1],) and codes.min() >= -127
+            step = scales[None, :]
+        else:
+            block = attrs["block_size"]
+            assert attrs["axis"] == 0 and block == 16 and scales.shape == (weight.shape[0] // block, weight.shape[1])
+            step = np.repeat(scales, block, axis=0)
+            assert -8 <= codes.min() and codes.max() <= 7
+        assert np.all(np.abs(codes * step - weight) <= step / 2 + 1e-7)
+        seen += 1
+    assert seen == 7 * manifest.dims.num_layers     # q, k, v, o, gate, up, down of every layer
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and "proj" in t.name
+                   for t in model.graph.initializer)
+
+
+def test_onnxruntime_fuses_into_matmulnbits(quantized):
+    scheme, export_dir, manifest, _ = quantized
+    spec = manifest.graph("segment_0")
+    ops = fused_op_counts(export_dir / spec.file, spec.attrs["quantization"])
+    assert ops.get("MatMulNBits") == 7 * manifest.dims.num_layers and "DequantizeLinear" not in ops, ops
+
+
+def test_tensorrt_rtx_builds_quantized_segment(quantized):
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
+    from himap_trt.engines.profiles import graph_profiles
+
+    scheme, export_dir, manifest, _ = quantized
+    spec = manifest.graph("segment_0")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)            # TensorRT-RTX: strongly typed networks only
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(export_dir / spec.file)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    layers = [network.get_layer(i).type for i in range(network.num_layers)]
+    assert layers.count(trt.LayerType.DEQUANTIZE) == 7 * manifest.dims.num_layers
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM86, 0)
+    for profile in graph_profiles(spec, manifest.plan, max_batch=1, max_seq_len=256):
+        trt_profile = builder.create_optimization_profile()
+        for name, shape in profile.shapes.items():
+            trt_profile.set_shape(name, shape.min, shape.opt, shape.max)
+        config.add_optimization_profile(trt_profile)
+    engine = builder.build_serialized_network(network, config)
+    assert engine is not None and engine.nbytes > 0
+
+
+# ---- bad inputs: one line, exit 1, nothing written --------------------------------------------------
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--quantize", "fp8"], ["--quantize must be one of none, int8, int4", "'fp8'"]),
+    (["--quantize", "int4", "--quant-block-size", "32"], ["--quant-block-size 32 does not divide", "176"]),
+    (["--quantize", "int4", "--quant-block-size", "48"], ["--quant-block-size must be one of 16, 32"]),
+    (["--quantize", "int8", "--quant-block-size", "16"], ["int8 has one scale per output channel"]),
+    (["--quantize", "int8", "--dtype", "fp16"], ["--quantize int8 needs --dtype fp32"]),
+    (["--quant-block-size", "16"], ["--quant-block-size needs --quantize int4"]),
+    (["--quantize-lm-head"], ["--quantize-lm-head needs --quantize"]),
+])
+def test_export_refuses_bad_quantization(tmp_path, args, fragments):
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", "--model", "tiny", "--out", str(out), *args])
+    _one_line_error(result, *fragments)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_torch_backend_refuses_quantized_export(quantized, photo_path):
+    scheme, export_dir, _, _ = quantized
+    result = runner.invoke(app, ["run", str(photo_path), "Hi?", "--export-dir", str(export_dir), "--backend", "torch"])
+    _one_line_error(result, f"has {scheme} weights", "--backend torch")
+
+
+def test_quantized_export_runs_and_manifest_round_trips(quantized, photo_path):
+    scheme, export_dir, _, _ = quantized
+    result = runner.invoke(app, ["run", str(photo_path), "What is shown?", "--export-dir", str(export_dir),
+                                 "--backend", "onnxruntime", "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == scheme
+    bad = dict(manifest, quantization={"scheme": "int3"})
+    from himap_trt.export.manifest import Manifest
+
+    with pytest.raises(HimapError, match="quantization.scheme"):
+        Manifest.from_dict(bad)
+
+
+def test_block_size_default_fits_the_model():
+    dims = tiny("tiny").dims
+    assert check_quantization("int4", None, dims, "float32").block_size == 16
+    medium = type(dims)(**{**dims.__dict__, "hidden_size": 512, "intermediate_size": 1408, "num_heads": 8,
+                           "head_dim": 64})
+    assert check_quantization("int4", None, medium, "float32").block_size == 32
+    assert check_quantization("int8", None, medium, "float32").block_size is None
+    with pytest.raises(HimapError, match="does not divide"):
+        check_quantization("int4", 256, medium, "float32")

@@ -46,7 +46,8 @@ class ExportOptions:
             over each row's occupied prefix only: flat decode on ONNX Runtime; fp32/fp16; TensorRT cannot
             parse it).
         validate_chunk_layers: validate decoder segments in chunks of this many layers (0: whole
-            segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
+            segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`;
+            one layer with ``quantize``, so each layer's error is measured on the fp32 model's inputs).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
             tracing and the ONNX Runtime checks stay on the CPU.
         quantize: ``none``, ``int8`` or ``int4``: weight-only quantization of the decoder's linear
@@ -183,6 +184,10 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     weights = getattr(loaded, "weights", None)
     itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     chunk_layers = resolve_chunk_layers(options.validate_chunk_layers, dims, itemsize)
+    if quantization is not None and options.validate_chunk_layers is None:
+        # one layer per check: each layer's quantization error against the fp32 model on the same inputs
+        # (over a whole segment it compounds layer after layer: the tolerance would say nothing)
+        chunk_layers = 1
     chunks = {spec.name: parts for spec in specs if spec.kind == "segment" and (parts := chunk_specs(spec, chunk_layers))}
     validation_steps = sum(len(chunks.get(spec.name) or [spec]) for spec in specs)
     steps = len(specs) + (validation_steps + 1 if options.validate else 0) + 1

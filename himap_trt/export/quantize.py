@@ -55,10 +55,14 @@ INT4_OPSET = 21
 QUANTIZE_DTYPES = ("float32",)
 
 #: (atol, rtol) of a quantized segment graph against the fp32 PyTorch model, per scheme, as in
-#: :data:`himap_trt.export.validate.TOLERANCES`: pass when ``max |ours - ref| <= atol + rtol * max |ref|``.
-#: Worst cases measured on the tiny models (docs/PERFORMANCE.md, "Quantized exports"), with about
-#: 2x margin.
-TOLERANCES = {"int8": (1e-2, 2e-2), "int4": (5e-2, 1e-1)}
+#: :data:`himap_trt.export.validate.TOLERANCES`: pass when ``max |ours - ref| <= atol + rtol * max |ref|``
+#: over one output of ONE decoder layer (a quantized export is validated layer by layer on the fp32
+#: model's inputs: across layers the error compounds, and in a random-weight model it grows without
+#: bound). Worst cases measured on tiny and tiny-gqa, plans none and HiMAP (docs/PERFORMANCE.md,
+#: "Quantized exports"): int8 0.025 and int4 0.157 of max |ref| (layer 0's hidden states, |x| ~ 14-37;
+#: int4 in blocks of 16 on N(0, 0.2) weights: ~12% rms error per weight), with about 2x margin.
+#: Accuracy of whole answers: the shapes eval (``himap-trt eval``), same section.
+TOLERANCES = {"int8": (1e-2, 5e-2), "int4": (5e-2, 3e-1)}
 
 
 @dataclass(frozen=True)

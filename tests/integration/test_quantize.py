@@ -44,7 +44,8 @@ def test_quantized_segments_match_pytorch_within_tolerance(quantized):
     scheme, _, manifest, checks = quantized
     assert manifest.quantize == scheme and manifest.quantization["accuracy_level"] == 4
     assert manifest.quantization["block_size"] == (16 if scheme == "int4" else None)   # tiny's FFN is 176 = 11 x 16
-    segment = [c for c in checks if c.graph == "segment_0"]
+    segment = [c for c in checks if c.graph.startswith("segment_0")]     # validated layer by layer
+    assert {c.graph for c in segment} == {f"segment_0.layers_{i}-{i}" for i in range(manifest.dims.num_layers)}
     assert {c.phase for c in segment} == {"prefill", "decode"} and all(c.ok for c in checks), \
         [c for c in checks if not c.ok]
     atol, rtol = TOLERANCES[scheme]
@@ -78,7 +79,8 @@ def test_codes_dequantize_to_the_checkpoint_weights(quantized):
             assert attrs["axis"] == 0 and block == 16 and scales.shape == (weight.shape[0] // block, weight.shape[1])
             step = np.repeat(scales, block, axis=0)
             assert -8 <= codes.min() and codes.max() <= 7
-        assert np.all(np.abs(codes * step - weight) <= step / 2 + 1e-7)
+        # half a step (ONNX Runtime's int4 scales carry the sign of each block's largest-magnitude weight)
+        assert np.all(np.abs(codes * step - weight) <= np.abs(step) / 2 + 1e-6)
         seen += 1
     assert seen == 7 * manifest.dims.num_layers     # q, k, v, o, gate, up, down of every layer
     assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and "proj" in t.name

@@ -25,8 +25,8 @@ import torch
 
 from himap_trt.export.manifest import load_manifest
 from himap_trt.export.onnx_export import example_inputs
-from himap_trt.export.quantize import session_config
 from himap_trt.graphs.spec import past_names
+from himap_trt.runtime.onnxrt import session_config
 
 
 def session(path: Path, spec, threads: int, profile_dir: str) -> ort.InferenceSession:

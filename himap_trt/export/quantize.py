@@ -325,13 +325,6 @@ def quantize_model(model: ir.Model, quantization: Quantization) -> ir.Model:
     return model
 
 
-def session_config(quantization: dict | None) -> dict[str, str]:
-    """ONNX Runtime session config entries for a graph with ``attrs['quantization']`` (or None)."""
-    if not quantization:
-        return {}
-    return {"session.qdq_matmulnbits_accuracy_level": str(int(quantization.get("accuracy_level", ACCURACY_LEVEL)))}
-
-
 def fused_op_counts(path, quantization: dict | None = None) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime actually runs (its optimised graph, CPU, all optimisations).
 
@@ -344,6 +337,8 @@ def fused_op_counts(path, quantization: dict | None = None) -> dict[str, int]:
 
     import onnx
     import onnxruntime as ort
+
+    from himap_trt.runtime.onnxrt import session_config
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.export.quantize import session_config
 from himap_trt.graphs.spec import GraphSpec
 from himap_trt.runtime.backend import BackendBase
 from himap_trt.runtime.kv_cache import torch_dtype
@@ -23,6 +22,15 @@ from himap_trt.runtime.kv_cache import torch_dtype
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int64)": "int64"}
+
+
+def session_config(quantization: dict | None) -> dict[str, str]:
+    """ONNX Runtime session config entries for a graph with quantized weights (``spec.attrs['quantization']``,
+    written by ``export --quantize``; see :mod:`himap_trt.export.quantize`), or ``{}``: the accuracy level
+    of the ``MatMulNBits`` kernels ONNX Runtime fuses the ``DequantizeLinear -> MatMul`` pairs into."""
+    if not quantization:
+        return {}
+    return {"session.qdq_matmulnbits_accuracy_level": str(int(quantization.get("accuracy_level", 4)))}
 
 
 def cuda_provider_available() -> bool:

@@ -217,9 +217,11 @@ def fold_weight_transposes(model: ir.Model, lm_head: bool) -> int:
         else:
             matmul = ir.Node("", "MatMul", [node.inputs[0], value], name=f"{node.name}/matmul")
             graph.insert_before(node, matmul)
-            ir.convenience.replace_all_uses_with(node.outputs[0], matmul.outputs[0])
-            matmul.outputs[0].name, matmul.outputs[0].type = node.outputs[0].name, node.outputs[0].type
+            old = node.outputs[0]
+            name, matmul.outputs[0].type, matmul.outputs[0].shape = old.name, old.type, old.shape
+            old.replace_all_uses_with(matmul.outputs[0], replace_graph_outputs=True)   # the head's output is 'logits'
             graph.remove(node, safe=True)
+            matmul.outputs[0].name = name
         graph.initializers.pop(weight.name)
         folded += 1
     return folded

@@ -177,3 +177,32 @@ def test_block_size_default_fits_the_model():
     assert check_quantization("int8", None, medium, "float32").block_size is None
     with pytest.raises(HimapError, match="does not divide"):
         check_quantization("int4", 256, medium, "float32")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_lm_head_gemm_is_quantized_when_asked(scheme):
+    """The LM head is a Gemm(x, W, transB=1) whose output is the graph's ``logits``: with lm_head it
+    becomes DequantizeLinear -> MatMul and still matches x @ W^T (numpy) within the quantization error."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from himap_trt.export.quantize import Quantization, quantize_model
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.2, (48, 64)).astype(np.float32)                        # [V, D]
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1, name="head/linear")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 48])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with pytest.raises(HimapError, match="quantized 0 linear"):      # without lm_head the head stays a float Gemm
+        quantize_model(ir.serde.deserialize_model(ir.serde.serialize_model(model)), Quantization(scheme, 16 if scheme == "int4" else None))
+    out = quantize_model(model, Quantization(scheme, 16 if scheme == "int4" else None, lm_head=True))
+    assert [n.op_type for n in out.graph] == ["DequantizeLinear", "MatMul"] and out.graph.outputs[0].name == "logits"
+    session = ort.InferenceSession(ir.serde.serialize_model(out).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(0, 1, (3, 64)).astype(np.float32)
+    expected = x @ weight.T
+    got = session.run(None, {"x": x})[0]
+    atol, rtol = TOLERANCES[scheme]
+    assert np.abs(got - expected).max() <= atol + rtol * np.abs(expected).max()

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from himap_trt.export.manifest import load_manifest  # noqa: E402
+from himap_trt.manifest import load_manifest  # noqa: E402
 
 
 def main(result_path: str, out: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from himap_trt.export.manifest import load_manifest
+from himap_trt.manifest import load_manifest
 from himap_trt.export.onnx_export import example_inputs
 from himap_trt.graphs.spec import past_names
 from himap_trt.runtime.onnxrt import session_config

@@ -32,23 +32,21 @@ LM head (a ``Gemm`` with ``transB=1``) becomes such a ``MatMul`` only with ``lm_
 
 from __future__ import annotations
 
+import collections
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from himap_trt.errors import HimapError
+from himap_trt.manifest import ACCURACY_LEVEL, SCHEMES, Quantization  # the manifest's record (re-exported here)
+from himap_trt.runtime.onnxrt import session_config
 
-#: ``--quantize`` choices.
-SCHEMES = ("none", "int8", "int4")
 #: ``--quant-block-size`` choices for int4 (what ONNX Runtime's MLAS block quantizer and MatMulNBits take).
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_INT4_BLOCK_SIZE = 32
-#: ONNX Runtime MatMulNBits accuracy level recorded in the export and set on the session
-#: (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 compute of the activations).
-ACCURACY_LEVEL = 4
 #: Opset of an int4 graph (blocked DequantizeLinear, INT4).
 INT4_OPSET = 21
 #: The dtypes quantized exports support (ONNX Runtime's CPU MatMulNBits takes float32 activations here).
@@ -65,59 +63,6 @@ QUANTIZE_DTYPES = ("float32",)
 TOLERANCES = {"int8": (1e-2, 5e-2), "int4": (5e-2, 3e-1)}
 
 
-@dataclass(frozen=True)
-class Quantization:
-    """How an export's decoder weights are quantized (recorded in the manifest).
-
-    Attributes:
-        scheme: ``int8`` or ``int4`` (see the module docstring).
-        block_size: int4: input rows (K) per scale; int8: None (one scale per output channel).
-        lm_head: whether the LM head is quantized too.
-        accuracy_level: ONNX Runtime MatMulNBits accuracy level (:data:`ACCURACY_LEVEL`).
-        symmetric: always True (no zero points).
-        tool: the library that computed the codes.
-    """
-
-    scheme: str
-    block_size: int | None = None
-    lm_head: bool = False
-    accuracy_level: int = ACCURACY_LEVEL
-    symmetric: bool = True
-    tool: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "manifest") -> Quantization | None:
-        """Parse a manifest's ``quantization`` field (``{}`` or absent: none).
-
-        Raises:
-            HimapError: naming the field that is malformed.
-        """
-        if not data:
-            return None
-        if not isinstance(data, dict):
-            raise HimapError(f"{where}: field 'quantization' must be an object")
-        scheme = data.get("scheme")
-        if scheme not in SCHEMES[1:]:
-            raise HimapError(f"{where}: field 'quantization.scheme' must be one of {', '.join(SCHEMES[1:])}, "
-                             f"got {scheme!r:.40}")
-        block = data.get("block_size")
-        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
-            raise HimapError(f"{where}: field 'quantization.block_size' must be a positive integer or null")
-        level = data.get("accuracy_level", ACCURACY_LEVEL)
-        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
-            raise HimapError(f"{where}: field 'quantization.accuracy_level' must be an integer 0-4")
-        return cls(scheme=scheme, block_size=block, lm_head=bool(data.get("lm_head", False)), accuracy_level=level,
-                   symmetric=bool(data.get("symmetric", True)), tool=str(data.get("tool", "")))
-
-    def describe(self) -> str:
-        where = "decoder linear layers" + (" and LM head" if self.lm_head else "")
-        grain = f"blocks of {self.block_size}" if self.block_size else "per output channel"
-        return f"{self.scheme} weights ({grain}, symmetric) on the {where}"
-
-
 def linear_input_sizes(dims) -> dict[str, int]:
     """The K (input) size of every linear layer of a decoder layer: name -> size."""
     return {"hidden size (q/k/v/gate/up projections)": dims.hidden_size,
@@ -132,7 +77,7 @@ def check_quantization(scheme: str, block_size: int | None, dims, dtype: str, lm
         scheme: ``none``, ``int8`` or ``int4``.
         block_size: int4 only: K rows per scale (None: :data:`DEFAULT_INT4_BLOCK_SIZE`, or the largest
             smaller block size that divides the model's sizes: 16 for the tiny models' FFN of 176).
-        dims: the model's :class:`~himap_trt.models.loading.ModelDims` (None: skip the size checks).
+        dims: the model's :class:`~himap_trt.dims.ModelDims` (None: skip the size checks).
         dtype: the export dtype (``float32`` ...).
 
     Returns:
@@ -333,14 +278,8 @@ def fused_op_counts(path, quantization: dict | None = None) -> dict[str, int]:
     What the export's tests and docs use to show that every DequantizeLinear -> MatMul pair became a
     ``MatMulNBits`` node.
     """
-    import collections
-    import tempfile
-    from pathlib import Path
-
     import onnx
     import onnxruntime as ort
-
-    from himap_trt.runtime.onnxrt import session_config
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()

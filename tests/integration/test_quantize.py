@@ -18,8 +18,10 @@ from onnx import numpy_helper
 
 from conftest import exported, tiny
 from himap_trt.cli import app
-from himap_trt.export.quantize import TOLERANCES, check_quantization, fused_op_counts
+from himap_trt.engines.profiles import graph_profiles
 from himap_trt.errors import HimapError
+from himap_trt.export.quantize import TOLERANCES, Quantization, check_quantization, fused_op_counts, quantize_model
+from himap_trt.manifest import Manifest
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -100,7 +102,6 @@ def test_onnxruntime_fuses_into_matmulnbits(quantized):
 
 def test_tensorrt_rtx_builds_quantized_segment(quantized):
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
-    from himap_trt.engines.profiles import graph_profiles
 
     scheme, export_dir, manifest, _ = quantized
     spec = manifest.graph("segment_0")
@@ -162,8 +163,6 @@ def test_quantized_export_runs_and_manifest_round_trips(quantized, photo_path):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme
     bad = dict(manifest, quantization={"scheme": "int3"})
-    from himap_trt.export.manifest import Manifest
-
     with pytest.raises(HimapError, match="quantization.scheme"):
         Manifest.from_dict(bad)
 
@@ -186,8 +185,6 @@ def test_lm_head_gemm_is_quantized_when_asked(scheme):
     import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper
-
-    from himap_trt.export.quantize import Quantization, quantize_model
 
     rng = np.random.default_rng(0)
     weight = rng.normal(0, 0.2, (48, 64)).astype(np.float32)                        # [V, D]

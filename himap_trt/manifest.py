@@ -3,6 +3,9 @@
 The manifest is the contract between ``export``, ``build`` and ``run``: the plan, the model it was
 exported from (id and content hash), dtype, opset, and for every graph its file, layer range and
 input/output specs (name, dtype, symbolic shape). See ``docs/ARCHITECTURE.md``.
+
+It sits below both sides of that contract (the layers in docs/ARCHITECTURE.md): ``export``
+writes it, ``runtime``, ``engines``, ``triton`` and ``check`` read it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
-from himap_trt.models.loading import ModelDims
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
@@ -29,6 +33,64 @@ KV_WRITES = ("scatternd", "tensorscatter", "gqa")
 TENSORRT_KV_WRITES = ("scatternd", "tensorscatter")
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
+#: ``--quantize`` choices.
+SCHEMES = ("none", "int8", "int4")
+#: ONNX Runtime MatMulNBits accuracy level recorded in the export and set on the session
+#: (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 compute of the activations).
+ACCURACY_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an export's decoder weights are quantized (recorded in the manifest).
+
+    Attributes:
+        scheme: ``int8`` or ``int4`` (see :mod:`himap_trt.export.quantize`).
+        block_size: int4: input rows (K) per scale; int8: None (one scale per output channel).
+        lm_head: whether the LM head is quantized too.
+        accuracy_level: ONNX Runtime MatMulNBits accuracy level (:data:`ACCURACY_LEVEL`).
+        symmetric: always True (no zero points).
+        tool: the library that computed the codes.
+    """
+
+    scheme: str
+    block_size: int | None = None
+    lm_head: bool = False
+    accuracy_level: int = ACCURACY_LEVEL
+    symmetric: bool = True
+    tool: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Quantization | None:
+        """Parse a manifest's ``quantization`` field (``{}`` or absent: none).
+
+        Raises:
+            HimapError: naming the field that is malformed.
+        """
+        if not data:
+            return None
+        if not isinstance(data, dict):
+            raise HimapError(f"{where}: field 'quantization' must be an object")
+        scheme = data.get("scheme")
+        if scheme not in SCHEMES[1:]:
+            raise HimapError(f"{where}: field 'quantization.scheme' must be one of {', '.join(SCHEMES[1:])}, "
+                             f"got {scheme!r:.40}")
+        block = data.get("block_size")
+        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
+            raise HimapError(f"{where}: field 'quantization.block_size' must be a positive integer or null")
+        level = data.get("accuracy_level", ACCURACY_LEVEL)
+        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+            raise HimapError(f"{where}: field 'quantization.accuracy_level' must be an integer 0-4")
+        return cls(scheme=scheme, block_size=block, lm_head=bool(data.get("lm_head", False)), accuracy_level=level,
+                   symmetric=bool(data.get("symmetric", True)), tool=str(data.get("tool", "")))
+
+    def describe(self) -> str:
+        where = "decoder linear layers" + (" and LM head" if self.lm_head else "")
+        grain = f"blocks of {self.block_size}" if self.block_size else "per output channel"
+        return f"{self.scheme} weights ({grain}, symmetric) on the {where}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +118,7 @@ class Manifest:
             GroupQueryAttention writes the cache and attends over each row's occupied prefix; not
             buildable with TensorRT); see :mod:`himap_trt.export.compose`.
         quantization: ``{}`` (float weights) or the weight quantization of the segment graphs
-            (``export --quantize``): :meth:`himap_trt.export.quantize.Quantization.to_dict`.
+            (``export --quantize``): :meth:`Quantization.to_dict`.
     """
 
     format_version: int
@@ -127,8 +189,6 @@ class Manifest:
         if data.get("kv_write", "scatternd") not in KV_WRITES:
             raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
                              f"got {data.get('kv_write')!r:.40}")
-        from himap_trt.export.quantize import Quantization
-
         quantization = Quantization.from_dict(data.get("quantization"), where)
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
@@ -232,8 +292,6 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
             malformed field (named with the file), a path leaving the directory, or a file that is
             missing, changed or from another export (named).
     """
-    from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
-
     directory = Path(directory)
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from conftest import exported, tiny
 from himap_trt.cli import app
+from himap_trt.engines.flavour import installed_flavour
 from himap_trt.engines.profiles import graph_profiles
 from himap_trt.errors import HimapError
 from himap_trt.export.quantize import TOLERANCES, Quantization, check_quantization, fused_op_counts, quantize_model
@@ -165,6 +166,22 @@ def test_quantized_export_runs_and_manifest_round_trips(quantized, photo_path):
     bad = dict(manifest, quantization={"scheme": "int3"})
     with pytest.raises(HimapError, match="quantization.scheme"):
         Manifest.from_dict(bad)
+
+
+def test_tensorrt_compat_of_int4_opset_21(tmp_path_factory):
+    """int4 graphs are opset 21, outside the static table's 9..20: the real parser's acceptance waives
+    that rule (engines/compat.py PARSER_OVERRIDES); without a parser installed the static rule stands."""
+    export_dir, manifest, _ = exported(tmp_path_factory, "tiny", "none", quantize="int4")
+    result = runner.invoke(app, ["check", "--tensorrt-compat", "--export-dir", str(export_dir), "--json"])
+    segment = next(g for g in json.loads(result.stdout)["graphs"] if g["graph"] == manifest.graph("segment_0").file)
+    assert segment["opset"] == 21 and [o["rule"] for o in segment["offenses"]] == ["opset"]
+    if installed_flavour() is None:
+        assert result.exit_code == 1 and "would be rejected" in result.stderr
+        return
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0, result.stderr
+    assert report["ok"] and not any(g["errors"] for g in report["parser"]["graphs"])
+    assert [o["reason"] for o in report["waived"]] == ["opset 21 is outside TensorRT's parser range 9..20"]
 
 
 def test_block_size_default_fits_the_model():

@@ -42,6 +42,64 @@ NOT_TENSORRT = {
 }
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
+#: ``--quantize`` choices.
+SCHEMES = ("none", "int8", "int4")
+#: ONNX Runtime MatMulNBits accuracy level recorded in the export and set on the session
+#: (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 compute of the activations).
+ACCURACY_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an export's decoder weights are quantized (recorded in the manifest).
+
+    Attributes:
+        scheme: ``int8`` or ``int4`` (see :mod:`himap_trt.export.quantize`).
+        block_size: int4: input rows (K) per scale; int8: None (one scale per output channel).
+        lm_head: whether the LM head is quantized too.
+        accuracy_level: ONNX Runtime MatMulNBits accuracy level (:data:`ACCURACY_LEVEL`).
+        symmetric: always True (no zero points).
+        tool: the library that computed the codes.
+    """
+
+    scheme: str
+    block_size: int | None = None
+    lm_head: bool = False
+    accuracy_level: int = ACCURACY_LEVEL
+    symmetric: bool = True
+    tool: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Quantization | None:
+        """Parse a manifest's ``quantization`` field (``{}`` or absent: none).
+
+        Raises:
+            HimapError: naming the field that is malformed.
+        """
+        if not data:
+            return None
+        if not isinstance(data, dict):
+            raise HimapError(f"{where}: field 'quantization' must be an object")
+        scheme = data.get("scheme")
+        if scheme not in SCHEMES[1:]:
+            raise HimapError(f"{where}: field 'quantization.scheme' must be one of {', '.join(SCHEMES[1:])}, "
+                             f"got {scheme!r:.40}")
+        block = data.get("block_size")
+        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
+            raise HimapError(f"{where}: field 'quantization.block_size' must be a positive integer or null")
+        level = data.get("accuracy_level", ACCURACY_LEVEL)
+        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+            raise HimapError(f"{where}: field 'quantization.accuracy_level' must be an integer 0-4")
+        return cls(scheme=scheme, block_size=block, lm_head=bool(data.get("lm_head", False)), accuracy_level=level,
+                   symmetric=bool(data.get("symmetric", True)), tool=str(data.get("tool", "")))
+
+    def describe(self) -> str:
+        where = "decoder linear layers" + (" and LM head" if self.lm_head else "")
+        grain = f"blocks of {self.block_size}" if self.block_size else "per output channel"
+        return f"{self.scheme} weights ({grain}, symmetric) on the {where}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +126,8 @@ class Manifest:
             ``tensorscatter`` (segment graphs at opset 24) or ``gqa`` (ONNX Runtime's
             GroupQueryAttention writes the cache and attends over each row's occupied prefix; not
             buildable with TensorRT); see :mod:`himap_trt.export.compose`.
+        quantization: ``{}`` (float weights) or the weight quantization of the segment graphs
+            (``export --quantize``): :meth:`Quantization.to_dict`.
     """
 
     format_version: int
@@ -87,6 +147,12 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     kv_write: str = "scatternd"
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantize(self) -> str:
+        """``none``, ``int8`` or ``int4``: the export's ``--quantize``."""
+        return self.quantization.get("scheme", "none") if self.quantization else "none"
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; raises :class:`HimapError` if the export has none."""
@@ -132,6 +198,7 @@ class Manifest:
         if data.get("kv_write", "scatternd") not in KV_WRITES:
             raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
                              f"got {data.get('kv_write')!r:.40}")
+        quantization = Quantization.from_dict(data.get("quantization"), where)
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
         try:
@@ -153,6 +220,7 @@ class Manifest:
                 validation=dict(data.get("validation") or {}),
                 files=dict(data["files"]),
                 kv_write=str(data.get("kv_write", "scatternd")),
+                quantization=quantization.to_dict() if quantization else {},
             )
         except HimapError as exc:
             raise HimapError(f"{where}: {exc}") from None

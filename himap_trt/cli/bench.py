@@ -108,7 +108,8 @@ def bench(
     for directory in export_dirs:
         manifest = export_manifest.load_manifest(directory)
         opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
-        name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})")
+        name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \
+            + ("" if manifest.quantize == "none" else f" {manifest.quantize}")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
         contenders.append(bench_lib.PipelineContender(name, opened.pipeline, ignore_eos))

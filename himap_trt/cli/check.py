@@ -11,7 +11,7 @@ import typer
 from himap_trt.cli.app import app, err, plain, user_errors
 from himap_trt.cli.options import EnginesOpt, ExportDirOpt, JsonOpt
 from himap_trt.errors import HimapError
-from himap_trt.engines.compat import check_export, parser_check, support_table
+from himap_trt.engines.compat import check_export, parser_check, reconcile, support_table
 from himap_trt.engines.flavour import installed_flavour
 from himap_trt.cli.lazy import lazy_import
 
@@ -44,15 +44,17 @@ def check(
     if tensorrt_compat:
         manifest = export_manifest.load_manifest(export_dir)
         reports = check_export(export_dir, manifest)
-        offenses = [o for r in reports for o in r.offenses]
         flavour = installed_flavour()     # the real parser, where TensorRT or TensorRT-RTX is installed
         parsed = parser_check(export_dir, manifest, flavour) if flavour else []
         rejected = [p for p in parsed if p.errors]
+        # the opset range is waived on a graph the real parser parsed (engines/compat.py PARSER_OVERRIDES)
+        offenses, waived = reconcile(reports, parsed)
         parser_json = ({"flavour": flavour.key, "version": flavour.version,
                         "graphs": [{"graph": p.graph, "errors": list(p.errors)} for p in parsed]}
                        if flavour else None)
         if as_json:
-            print(json.dumps({"ok": not offenses and not rejected, "parser": parser_json, "source": support_table()["source"],
+            print(json.dumps({"ok": not offenses and not rejected, "parser": parser_json,
+                              "waived": [o.__dict__ for o in waived], "source": support_table()["source"],
                               "min_tensorrt": max((r.min_tensorrt for r in reports),
                                                   key=lambda v: tuple(map(int, v.split(".")))),
                               "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
@@ -63,11 +65,15 @@ def check(
             source = support_table()["source"]
             plain(f"[I] TensorRT ONNX parser support table: {source['repository']} {source['path']} @ {source['ref']}")
             for r in reports:
-                status = "PASSED" if not r.offenses else "FAILED"
+                status = "PASSED" if not any(o in offenses for o in r.offenses) else "FAILED"
                 plain(f"[I]     {status} | {r.graph} | {r.nodes} nodes | opset {r.opset} | "
                        f"TensorRT >= {r.min_tensorrt}")
                 for o in r.offenses:
-                    plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
+                    if o in waived:
+                        plain(f"[W]         {o.reason}: waived, the {flavour.display} {flavour.version} parser "
+                              "parses this graph (TensorRT parsers older than it may not)")
+                    else:
+                        plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
             if flavour:
                 plain(f"[I] {flavour.display} {flavour.version} ONNX parser (module {flavour.module_name})")
                 for p in parsed:
@@ -79,6 +85,7 @@ def check(
                       "(`make install` installs TensorRT-RTX)")
             plain(f"[I] {'PASSED' if not offenses and not rejected else 'FAILED'} | {len(reports)} graphs, "
                       f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending"
+                      + (f", {len(waived)} waived" if waived else "")
                       + (f", {len(rejected)} rejected by the {flavour.display} parser" if flavour else "")
                       + f" | Runtime: {time.perf_counter() - started:.3f}s")
         if offenses:

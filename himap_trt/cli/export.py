@@ -88,6 +88,17 @@ def export(
         help="Where the PyTorch reference of the validation runs (tracing and ONNX Runtime stay on the CPU).")] = "cpu",
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
+    quantize: Annotated[str, typer.Option(
+        "--quantize", metavar="[none|int8|int4]",
+        help="Weight-only quantization of the decoder's linear layers (DequantizeLinear -> MatMul; ONNX Runtime "
+             "fuses it into MatMulNBits, TensorRT parses weight-only GEMMs): int8 per output channel, int4 in "
+             "blocks of --quant-block-size; fp32 only.")] = "none",
+    quant_block_size: Annotated[Optional[int], typer.Option(
+        "--quant-block-size", metavar="[16|32|64|128|256]",
+        help="int4: input rows per scale; must divide the model's hidden, attention and FFN sizes.",
+        show_default="32 with int4, or the largest smaller size dividing the model's (16 for tiny/shapes)")] = None,
+    quantize_lm_head: Annotated[bool, typer.Option(
+        "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4).")] = False,
     as_json: JsonOpt = False,
 ):
     """Export a LLaVA checkpoint as a chain of ONNX graphs for a pruning plan.
@@ -101,12 +112,14 @@ def export(
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
     options = export_lib.ExportOptions(out=out_dir, dtype=loading.canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
-                            device=device)
+                            device=device, quantize=quantize, quant_block_size=quant_block_size,
+                            quantize_lm_head=quantize_lm_head)
     if validate:
         export_lib.check_reference_device(device)
     config = models.load_config(model)
     dims = models.resolve_dims(model, config, max_image_tokens)
     export_lib.check_max_seq_len(dims, max_seq_len)
+    options.quantization(dims)
     plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=export_manifest.MANIFEST_NAME, flag="--out", recognise=export_manifest.is_export_manifest)

@@ -37,12 +37,14 @@ class Offense:
         node: the node's name ('' for graph-level problems such as the opset).
         op_type: the node's operator.
         reason: what is wrong, with the expected value.
+        rule: which rule of the table: ``opset`` for the opset range, ``""`` for the node rules.
     """
 
     graph: str
     node: str
     op_type: str
     reason: str
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
                        key=lambda v: tuple(int(x) for x in v.split(".")))
     high = max([high, *(e["opset"] for e in newer)])      # an operator of a later parser brings its opset
     if not low <= opset <= high:
-        offenses.append(Offense(path.name, "", "", f"opset {opset} is outside TensorRT's parser range {low}..{high}"))
+        offenses.append(Offense(path.name, "", "", f"opset {opset} is outside TensorRT's parser range {low}..{high}",
+                                "opset"))
 
     types: dict[str, int] = {}
     shapes: dict[str, list[int | None]] = {}
@@ -183,3 +186,29 @@ def parser_check(export_dir: Path, manifest, flavour) -> list[ParserReport]:
         HimapError: if the flavour is not installed.
     """
     return [ParserReport(spec.file, tuple(parse_file(flavour, Path(export_dir) / spec.file))) for spec in manifest.graphs]
+
+
+#: Static rules the real parser overrides on a graph it parses. The opset range (9..20, onnx-tensorrt
+#: 10.1's matrix) stands in for "this parser version reads this opset", which an installed parser
+#: answers for itself: int4 exports are opset 21 (blocked ``DequantizeLinear``, INT4), and
+#: TensorRT-RTX 1.7.1's parser takes them (tests/integration/test_quantize.py). The node rules
+#: (operators, dtypes, constant inputs) stand whatever the installed parser says: they describe
+#: the TensorRT 10.x parsers the project also targets.
+PARSER_OVERRIDES = ("opset",)
+
+
+def reconcile(reports: list[CompatReport], parsed: list[ParserReport]) -> tuple[list[Offense], list[Offense]]:
+    """Split the static offenses of ``reports`` (:func:`check_export`) by the real parser's verdicts
+    ``parsed`` (:func:`parser_check`; empty where no parser is installed).
+
+    Returns:
+        ``(standing, waived)``: waived are the offenses of a rule in :data:`PARSER_OVERRIDES` on a graph
+        the real parser parsed without error; every other offense stands.
+    """
+    accepted = {p.graph for p in parsed if not p.errors}
+    standing: list[Offense] = []
+    waived: list[Offense] = []
+    for report in reports:
+        for offense in report.offenses:
+            (waived if offense.rule in PARSER_OVERRIDES and report.graph in accepted else standing).append(offense)
+    return standing, waived

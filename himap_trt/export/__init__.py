@@ -23,6 +23,7 @@ from himap_trt.export.chunked import (
     validate_in_chunks,
 )
 from himap_trt.export.compose import SegmentComposer
+from himap_trt.export.quantize import check_quantization
 from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS, export_graph
 from himap_trt.export.validate import raise_on_failures, record_reference
 from himap_trt.fsutil import atomic_directory, pause_point
@@ -66,9 +67,14 @@ class ExportOptions:
             over each row's occupied prefix only: flat decode on ONNX Runtime; fp32/fp16; TensorRT cannot
             parse it).
         validate_chunk_layers: validate decoder segments in chunks of this many layers (0: whole
-            segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
+            segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`;
+            one layer with ``quantize``, so each layer's error is measured on the fp32 model's inputs).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
             tracing and the ONNX Runtime checks stay on the CPU.
+        quantize: ``none``, ``int8`` or ``int4``: weight-only quantization of the decoder's linear
+            layers (:mod:`himap_trt.export.quantize`); fp32 only.
+        quant_block_size: int4: input rows per scale (None: 32); int8 takes none (per output channel).
+        quantize_lm_head: quantize the LM head too.
     """
 
     out: Path
@@ -79,6 +85,9 @@ class ExportOptions:
     kv_write: str = "scatternd"
     validate_chunk_layers: int | None = None
     device: str = "cpu"
+    quantize: str = "none"
+    quant_block_size: int | None = None
+    quantize_lm_head: bool = False
 
     def __post_init__(self):
         check_device(self.device)
@@ -93,6 +102,17 @@ class ExportOptions:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_write == "gqa" and self.dtype not in ("fp32", "fp16", "float32", "float16"):
             raise HimapError(f"--kv-write gqa needs --dtype fp32 or fp16 (ONNX Runtime runs it), got {self.dtype!r}")
+        self.quantization(None)   # scheme, block size and dtype (the model's sizes: export_model)
+
+    def quantization(self, dims):
+        """The checked :class:`~himap_trt.export.quantize.Quantization` (None: ``--quantize none``);
+        ``dims`` (or None) for the block-size checks against the model's layer sizes.
+
+        Raises:
+            HimapError: see :func:`himap_trt.export.quantize.check_quantization`.
+        """
+        return check_quantization(self.quantize, self.quant_block_size, dims, DTYPE_NAMES[self.dtype],
+                                  self.quantize_lm_head)
 
 
 Progress = Callable[[str, int, int], None]
@@ -164,11 +184,19 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype, arch=arch)
+    quantization = options.quantization(dims)
+    if quantization is not None:   # quantized segments record it (their ONNX Runtime session options, tolerances)
+        specs = [replace(spec, attrs={**spec.attrs, "quantization": quantization.to_dict()})
+                 if spec.kind == "segment" else spec for spec in specs]
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     check_reference_device(options.device)
     weights = getattr(loaded, "weights", None)
     itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     chunk_layers = resolve_chunk_layers(options.validate_chunk_layers, dims, itemsize)
+    if quantization is not None and options.validate_chunk_layers is None:
+        # one layer per check: each layer's quantization error against the fp32 model on the same inputs
+        # (over a whole segment it compounds layer after layer: the tolerance would say nothing)
+        chunk_layers = 1
     chunks = {spec.name: parts for spec in specs if spec.kind == "segment" and (parts := chunk_specs(spec, chunk_layers))}
     validation_steps = sum(len(chunks.get(spec.name) or [spec]) for spec in specs)
     steps = len(specs) + (validation_steps + 1 if options.validate else 0) + 1
@@ -182,7 +210,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
     with atomic_directory(options.out, marker=MANIFEST_NAME, flag="--out", recognise=is_export_manifest) as tmp:
         composer = SegmentComposer(loaded.model, dtype, options.opset, options.kv_write,
-                                   initializer=weights.initializer if weights else None)
+                                   initializer=weights.initializer if weights else None, quantization=quantization)
         if weights:   # the layer templates are traced on layer 0's modules
             with weights.materialized([0]):
                 composer.trace_pieces()
@@ -238,6 +266,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             validation={f"{c.graph}/{c.phase}/{c.output}": c.max_abs_diff for c in checks},
             files=record_files(tmp, files_under(tmp)),
             kv_write=options.kv_write,
+            quantization=quantization.to_dict() if quantization else {},
         )
         manifest.save(tmp)
     return manifest, checks

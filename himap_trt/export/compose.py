@@ -48,6 +48,7 @@ from himap_trt.graphs.modules import LayerTemplate, SegmentHead, SegmentPrelude
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
 from himap_trt.manifest import KV_WRITES  # how segment graphs write their caches
 from himap_trt.export.onnx_export import export_program, save_model
+from himap_trt.export.quantize import Quantization, quantize_model
 
 _TENSOR_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,
                  "int64": ir.DataType.INT64}
@@ -108,16 +109,19 @@ class SegmentComposer:
             the parameter's memory. A streamed export passes
             :meth:`himap_trt.models.streaming.StreamedWeights.initializer` (read from the checkpoint
             file when the graph is written; the parameters are then ``meta``).
+        quantization: quantize the linear layers' weights of every composed segment
+            (:mod:`himap_trt.export.quantize`; ``export --quantize``), or None.
     """
 
     def __init__(self, llava: torch.nn.Module, dtype: str, opset: int, kv_write: str = "scatternd",
-                 initializer=None):
+                 initializer=None, quantization: Quantization | None = None):
         if kv_write not in KV_WRITES:
             raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}")
         self.llava = llava
         self.dtype = dtype
         self.opset = opset
         self.kv_write = kv_write
+        self.quantization = quantization
         lm = llava.model.language_model
         self.templates = {part: LayerTemplate(lm.layers[0], part).eval() for part in ("qkv", "attention", "output")}
         self.specs = _piece_specs(llava, dtype, self.templates["qkv"], self.templates["attention"],
@@ -306,13 +310,17 @@ class SegmentComposer:
         return ir.Model(graph, ir_version=ir_version, producer_name="himap-trt")
 
     def export(self, spec: GraphSpec, path: Path) -> Path:
-        """Compose segment ``spec``, save it to ``path`` and check it (see :func:`save_model`)."""
+        """Compose segment ``spec`` (quantized with ``quantization``), save it to ``path`` and check it
+        (see :func:`save_model`)."""
         start, end = spec.layers
         lm = self.llava.model.language_model
         weight_bytes = sum(p.numel() * p.element_size() for layer in lm.layers[start:end] for p in layer.parameters())
         if spec.attrs["final"]:
             weight_bytes += sum(p.numel() * p.element_size() for p in SegmentHead(self.llava).parameters())
-        return save_model(self.compose(spec), spec, path, weight_bytes)
+        model = self.compose(spec)
+        if self.quantization is not None:
+            model = quantize_model(model, self.quantization)
+        return save_model(model, spec, path, weight_bytes)
 
 def _value(tensor: TensorSpec) -> ir.Value:
     shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in tensor.shape])

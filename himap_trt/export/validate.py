@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from himap_trt.errors import HimapError
+from himap_trt.export.quantize import TOLERANCES as QUANTIZED  # tolerances of quantized graphs
 from himap_trt.graphs.spec import GraphSpec, past_names, present_names
 from himap_trt.runtime.backend import Backend, TorchBackend
 from himap_trt.runtime.onnxrt import OnnxRuntimeBackend
@@ -175,6 +176,15 @@ def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], g
     return checks
 
 
+def graph_tolerances(spec: GraphSpec, dtype: str) -> dict[str, tuple[float, float]] | None:
+    """The (atol, rtol) of a graph with quantized weights (``attrs['quantization']``; against the fp32
+    PyTorch model: :data:`himap_trt.export.quantize.TOLERANCES`), or None (:data:`TOLERANCES`)."""
+    quantization = spec.attrs.get("quantization")
+    if not quantization:
+        return None
+    return {dtype: QUANTIZED[quantization["scheme"]]}
+
+
 def validation_backend(spec: GraphSpec, path: Path) -> Backend:
     """ONNX Runtime on CPU where it can run the graph, else ONNX's reference evaluator (e.g. for
     bfloat16, which ONNX Runtime's Python binding cannot feed, or fp16 kernels missing on CPU)."""
@@ -211,6 +221,7 @@ def validate_graphs(export_dir: Path, specs: list[GraphSpec], recorded: dict[str
                 with torch.inference_mode():
                     got = backend.run(feeds, presents) if presents else backend.run(feeds)
                 checks += compare(spec, phase, outputs, got, dtype, backend=label,
+                                  tolerances=graph_tolerances(spec, dtype),
                                   positions=real_positions(spec, phase, feeds))
         finally:
             backend.close()

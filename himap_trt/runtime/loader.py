@@ -127,6 +127,10 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             backend = "onnxruntime"
 
     if backend == "torch":
+        if manifest.quantize != "none":
+            raise HimapError(f"the export in {str(export_dir)!r} has {manifest.quantize} weights (export --quantize); "
+                             "--backend torch would run the float checkpoint instead: use --backend onnxruntime "
+                             "or tensorrt, or --backend torch --model <checkpoint> for the float reference")
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(manifest.source_model, dtype=parse_dtype(manifest.dtype), device=dev)
         if model_hash(loaded.model) != manifest.model_hash:

@@ -24,6 +24,15 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64"}
 
 
+def session_config(quantization: dict | None) -> dict[str, str]:
+    """ONNX Runtime session config entries for a graph with quantized weights (``spec.attrs['quantization']``,
+    written by ``export --quantize``; see :mod:`himap_trt.export.quantize`), or ``{}``: the accuracy level
+    of the ``MatMulNBits`` kernels ONNX Runtime fuses the ``DequantizeLinear -> MatMul`` pairs into."""
+    if not quantization:
+        return {}
+    return {"session.qdq_matmulnbits_accuracy_level": str(int(quantization.get("accuracy_level", 4)))}
+
+
 def cuda_provider_available() -> bool:
     """Whether the installed ONNX Runtime has the CUDA execution provider and torch sees a GPU."""
     import onnxruntime as ort
@@ -64,6 +73,9 @@ class OnnxRuntimeBackend(BackendBase):
         # Each graph has its own session and thread pool; a pool whose threads spin after a run steals
         # cores from the next graph's pool (measured: docs/PERFORMANCE.md, "ONNX Runtime threads").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # quantized weights (export --quantize): the MatMulNBits accuracy level the export recorded
+        for key, value in session_config(spec.attrs.get("quantization")).items():
+            options.add_session_config_entry(key, value)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" \
             else ["CPUExecutionProvider"]
         try:

@@ -12,10 +12,11 @@ from typing import Any
 from himap_trt.arch.base import Architecture
 from himap_trt.arch.llava import Llava
 from himap_trt.arch.qwen2_5_vl import Qwen2_5_VL
+from himap_trt.arch.qwen3_vl import Qwen3_VL
 from himap_trt.errors import HimapError
 
 #: ``config.model_type`` -> the family implementing it.
-ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (Llava(), Qwen2_5_VL())}
+ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (Llava(), Qwen2_5_VL(), Qwen3_VL())}
 
 
 def supported_models() -> str:

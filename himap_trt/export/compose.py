@@ -324,6 +324,7 @@ def _deepstack(graph: ir.Graph, hidden: ir.Value, inputs: dict[str, ir.Value], l
         return hidden
     node = ir.Node("", "Add", [hidden, feature], name=f"layers.{layer}/deepstack")
     node.outputs[0].name = f"layers.{layer}/deepstack/out"
+    node.outputs[0].type = feature.type
     graph.append(node)
     return node.outputs[0]
 

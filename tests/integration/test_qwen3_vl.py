@@ -10,8 +10,8 @@ project's graph code, and the exported graphs against the reference.
   probabilities, with transformers' own decoder layers (and its own DeepStack additions, for the kept
   image tokens) between the stages, for stages inside (K1 = 1, 2) and after (K = 5) the DeepStack
   layers 0..2 (docs/QWEN3VL.md);
-- ONNX Runtime = the PyTorch reference token for token (HiMAP validated graph by graph, FastV end to
-  end), batch 1 and the mixed batch.
+
+
 """
 
 import copy
@@ -185,19 +185,19 @@ def test_kept_indices_equal_transformers_eager_attention(method, kw, qwen_reques
 
 
 # ---- exported graphs ----------------------------------------------------------------------------
-ONNX_PLANS = [("himap", {}, True), ("fastv", dict(k=3, r=0.75), False)]
-
-
+# One export (HiMAP, validated graph by graph): its scoring graphs are the Qwen2.5-VL ones
+# (tests/integration/test_qwen_onnx.py covers FastV's); what is new here is the vision graph and the
+# DeepStack inputs of segments 0 and 1. One export keeps the added CI time small.
 @pytest.mark.slow
-@pytest.mark.parametrize("method,kw,validate", ONNX_PLANS, ids=[p[0] for p in ONNX_PLANS])
-def test_onnxruntime_equals_reference(tmp_path_factory, method, kw, validate, qwen_requests):
-    out, manifest, checks = exported(tmp_path_factory, MODEL, method, validate=validate, **kw)
-    if validate:
-        assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
-        assert {c.graph for c in checks} == {g.name for g in manifest.graphs}
-        deep_inputs = [t.name for g in manifest.graphs if g.kind == "segment" for t in g.inputs
-                       if t.name.startswith("deepstack.")]
-        assert deep_inputs == ["deepstack.0", "deepstack.1", "deepstack.2"]   # K1 = 2: layer 2 in segment 1
+def test_onnxruntime_equals_reference(tmp_path_factory, qwen_requests):
+    out, manifest, checks = exported(tmp_path_factory, MODEL, "himap")
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert {c.graph for c in checks} == {g.name for g in manifest.graphs}
+    deep_inputs = {g.name: [t.name for t in g.inputs if t.name.startswith("deepstack.")]
+                   for g in manifest.graphs if g.kind == "segment"}
+    # K1 = 2 falls inside the DeepStack layers 0..2: layer 2's addition is segment 1's
+    assert deep_inputs == {"segment_0": ["deepstack.0", "deepstack.1"], "segment_1": ["deepstack.2"],
+                           "segment_2": []}
     images, questions = qwen_requests
     onnx_pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     ref_pipe = reference_pipeline(tiny(MODEL), manifest.plan)

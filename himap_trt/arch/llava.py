@@ -83,6 +83,11 @@ class Llava(Architecture):
 
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
         from himap_trt.prompt import prepare_batch
+        from himap_trt.video import Video
+
+        if any(isinstance(item, Video) for item in images):
+            raise HimapError("video prompts need a Qwen2.5-VL or Qwen3-VL export; this export is LLaVA-1.5 "
+                             "(one image per prompt)")
 
         return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
 

@@ -134,6 +134,24 @@ class Qwen3_VL(Qwen2_5_VL):
         if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
             raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.outputs} vs {spec.outputs}")
 
+    def _video_placeholder(self, processor, video, grid) -> str:
+        """transformers' ``Qwen3VLProcessor.replace_video_token``: per temporal patch, its timestamp
+        (the mean time of its first and last frame, seconds, one decimal) then the patch's tokens
+        between vision markers."""
+        merge = processor.image_processor.merge_size
+        t, h, w = (int(v) for v in grid[0])
+        temporal = int(processor.image_processor.temporal_patch_size)
+        times = list(video.times) + [video.times[-1]] * (t * temporal - len(video.times))
+        per = h * w // (merge * merge)
+        return "".join(f"<{(times[k * temporal] + times[k * temporal + temporal - 1]) / 2:.1f} seconds>"
+                       + "<|vision_start|>" + "<|video_pad|>" * per + "<|vision_end|>" for k in range(t))
+
+    def _video_groups(self, video, grid, merge):
+        """transformers' ``get_rope_index`` splits a video into its temporal patches, each placed like
+        an image (t = 1) after its timestamp text."""
+        t, h, w = (int(v) for v in grid[0])
+        return [(1, h // merge, w // merge, 1.0)] * t
+
     def vision_feeds(self, batch, spec):
         from himap_trt.graphs.qwen3_vision import qwen3_vision_feeds
 

@@ -180,3 +180,26 @@ def moving_shapes_clip(path: str | Path, *, frames: int = 16, fps: int = 8, size
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def video_request(video: str | Path | None, frames: list | None, *, fps: float = DEFAULT_FPS,
+                  max_frames: int = DEFAULT_MAX_FRAMES) -> Video | None:
+    """The :class:`Video` of ``himap-trt run --video FILE`` or ``--frames A --frames B ...`` (None if neither).
+
+    Raises:
+        HimapError: both given, a missing/unreadable file, zero or too many frames, bad sampling flags.
+    """
+    from himap_trt.prompt import load_image
+
+    if video is not None and frames:
+        raise HimapError("pass either --video FILE or --frames IMAGE ..., not both")
+    if video is not None:
+        if not Path(video).is_file():
+            raise HimapError(f"--video {str(video)!r} is not a file")
+        return load_video(video, fps=fps, max_frames=max_frames, name=f"--video {str(video)!r}")
+    if frames:
+        _check_sampling(fps, max_frames)
+        if len(frames) > max_frames:
+            raise HimapError(f"--frames: {len(frames)} frames, more than --max-frames {max_frames}")
+        return frames_video([load_image(p) for p in frames], fps=fps, max_frames=max_frames, source="--frames")
+    return None

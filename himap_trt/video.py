@@ -201,5 +201,11 @@ def video_request(video: str | Path | None, frames: list | None, *, fps: float =
         _check_sampling(fps, max_frames)
         if len(frames) > max_frames:
             raise HimapError(f"--frames: {len(frames)} frames, more than --max-frames {max_frames}")
-        return frames_video([load_image(p) for p in frames], fps=fps, max_frames=max_frames, source="--frames")
+        images = []
+        for path in frames:
+            try:
+                images.append(load_image(path))
+            except HimapError as exc:
+                raise HimapError(f"--frames: {exc}") from None
+        return frames_video(images, fps=fps, max_frames=max_frames, source="--frames")
     return None

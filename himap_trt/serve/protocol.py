@@ -34,7 +34,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    """vLLM's video content part (Qwen exports): ``{"type": "video_url", "video_url": {"url": ...}}``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(BaseModel):

@@ -210,3 +210,21 @@ def test_onnxruntime_equals_reference(tmp_path_factory, qwen_requests):
         assert ours.image_tokens_per_row == ref.image_tokens_per_row
         for mine, theirs in zip(ours.stages, ref.stages):
             assert torch.equal(mine.kept_indices, theirs.kept_indices)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", MODEL])
+def test_analyze_inputs_equal_transformers(model, qwen_requests):
+    """`analyze` runs the Qwen families: its prompt embedding, M-RoPE positions and (Qwen3-VL)
+    DeepStack features give transformers' own next-token logits."""
+    from himap_trt.analyze import Request, prepare_inputs
+    from himap_trt.analyze.measure import last_logits
+
+    loaded = tiny(model)
+    images, questions = qwen_requests
+    inputs = prepare_inputs(loaded, Request(images[1], questions[1]))
+    assert (inputs.deepstack is not None) == (model == MODEL)
+    prompt = _plan_prompt(loaded, images[1], questions[1])
+    with torch.no_grad():
+        ours = last_logits(loaded.model, inputs.embeds, inputs.position_ids, inputs.deepstack)[0]
+        theirs = loaded.model(**_hf_inputs(loaded, images[1:2], [prompt])).logits[0, -1].float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

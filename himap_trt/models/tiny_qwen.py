@@ -30,7 +30,7 @@ import torch
 
 from himap_trt.models.tiny import _randomize, cache_root, cached_model_dir
 
-RECIPE_VERSION = 2  # 2: the chat template places videos
+RECIPE_VERSION = 2  # 2: the chat template places videos; Qwen's special tokens stay whole after loading
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -103,13 +103,16 @@ CHAT_TEMPLATE_QWEN3 = (
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # registered in the backend itself, so tokenizer.json keeps them whole after save/load (transformers
+    # 5 does not persist ``additional_special_tokens``: before recipe 2, '<|im_start|>' came back as bytes)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(

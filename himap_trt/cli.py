@@ -454,11 +454,11 @@ def run(
     from himap_trt.prompt import check_question
     from himap_trt.video import video_request
 
-    if (video is not None or frames) and question is None and image is not None:
+    clip = video is not None or bool(frames)
+    if clip and question is None and image is not None:
         image, question = None, str(image)          # himap-trt run --video clip.mp4 "question"
-    if (video is not None or frames) and (image is not None or batch is not None):
+    if clip and (image is not None or batch is not None):
         raise HimapError("--video / --frames take the place of IMAGE (and of --batch); pass QUESTION only")
-    clip = video_request(video, frames, fps=video_fps, max_frames=max_frames) if (video is not None or frames) else None
     paths, questions = ([video or "--frames"], [check_question(question or "")]) if clip else _requests(image, question, batch)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
@@ -469,7 +469,8 @@ def run(
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
-    images = [clip] if clip else [load_image(p) for p in paths]
+    images = ([video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
+              else [load_image(p) for p in paths])
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
         from himap_trt.plan import build_plan

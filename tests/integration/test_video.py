@@ -203,3 +203,22 @@ def test_too_many_frames_for_the_token_bound():
         pipe.prepare([frames], [QUESTION])
     with pytest.raises(HimapError, match="zero frames"):
         frames_video([], fps=2)
+
+
+def test_run_video_answers_as_the_pipeline(clip):
+    """`himap-trt run --video clip.mp4 "question"` (torch reference): the pipeline's own answer."""
+    import json
+
+    result = CliRunner().invoke(app, ["run", "--backend", "torch", "--model", "tiny-qwen3-vl", "--method", "himap",
+                                      "--video", str(clip), QUESTION, "--max-frames", "4", "--max-new-tokens", "3",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    loaded = tiny("tiny-qwen3-vl")
+    pipe = reference_pipeline(loaded, build_plan("himap", num_layers=12, num_image_tokens=loaded.dims.num_image_tokens))
+    with torch.inference_mode():
+        expected = pipe.generate(pipe.prepare([load_video(clip, fps=2, max_frames=4)], [QUESTION]),
+                                 GenerationConfig(max_new_tokens=3))
+    request = report["requests"][0]
+    assert request["image"] == str(clip) and request["tokens"] == expected.tokens[0]
+    assert request["image_tokens_per_segment"] == expected.image_tokens_per_row[0] == [18, 9, 2]

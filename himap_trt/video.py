@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from himap_trt.data.shapes import random_scene, render
 from himap_trt.errors import HimapError
+from himap_trt.prompt import load_image
 
 #: Defaults of ``--video-fps`` (frames per second sampled) and ``--max-frames``.
 DEFAULT_FPS = 2.0
@@ -159,8 +161,6 @@ def moving_shapes_clip(path: str | Path, *, frames: int = 16, fps: int = 8, size
     """
     import av
 
-    from himap_trt.data.shapes import random_scene, render
-
     rng = np.random.default_rng(seed)
     scene = random_scene(rng, num_shapes=3)
     velocities = rng.integers(-3, 4, size=(len(scene.shapes), 2))
@@ -189,8 +189,6 @@ def video_request(video: str | Path | None, frames: list | None, *, fps: float =
     Raises:
         HimapError: both given, a missing/unreadable file, zero or too many frames, bad sampling flags.
     """
-    from himap_trt.prompt import load_image
-
     if video is not None and frames:
         raise HimapError("pass either --video FILE or --frames IMAGE ..., not both")
     if video is not None:

@@ -23,7 +23,9 @@ from typing import Any
 
 from himap_trt.arch.base import decoder_dims
 from himap_trt.arch.qwen2_5_vl import DEFAULT_MAX_IMAGE_TOKENS, Qwen2_5_VL
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
+from himap_trt.graphs.qwen3_vision import Qwen3VisionEncoder, qwen3_vision_feeds, qwen3_vision_spec
 
 #: Short name -> (hub id, hidden, FFN, layers, heads, kv heads, tied embeddings, vision depth,
 #: vision hidden, vision FFN, DeepStack vision layers). From the published ``config.json`` files.
@@ -78,8 +80,6 @@ class Qwen3_VL(Qwen2_5_VL):
                              f"{vision.num_position_embeddings} is not a square grid")
 
     def dims(self, config: Any):
-        from himap_trt.models.loading import ModelDims
-
         text, vision = config.text_config, config.vision_config
         merge = vision.spatial_merge_size
         return ModelDims(
@@ -111,8 +111,6 @@ class Qwen3_VL(Qwen2_5_VL):
         return {name: (hub, lambda name=name: known_qwen3_config(name)) for name, (hub, *_) in KNOWN_QWEN3.items()}
 
     def vision_spec(self, dims, dtype: str):
-        from himap_trt.graphs.qwen3_vision import qwen3_vision_spec
-
         return qwen3_vision_spec(self._vision_config(dims), dtype)
 
     @staticmethod
@@ -123,16 +121,7 @@ class Qwen3_VL(Qwen2_5_VL):
                 "deepstack_visual_indexes": list(range(dims.deepstack_layers))}
 
     def vision_module(self, model):
-        from himap_trt.graphs.qwen3_vision import Qwen3VisionEncoder
-
         return Qwen3VisionEncoder(model.model.visual)
-
-    def export_vision(self, model, spec, path, *, opset: int, vocab_size: int) -> None:
-        from himap_trt.export.qwen3_vision import export_qwen3_vision
-
-        written = export_qwen3_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
-        if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
-            raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.outputs} vs {spec.outputs}")
 
     def _video_placeholder(self, processor, video, grid) -> str:
         """transformers' ``Qwen3VLProcessor.replace_video_token``: per temporal patch, its timestamp
@@ -153,8 +142,6 @@ class Qwen3_VL(Qwen2_5_VL):
         return [(1, h // merge, w // merge, 1.0)] * t
 
     def vision_feeds(self, batch, spec):
-        from himap_trt.graphs.qwen3_vision import qwen3_vision_feeds
-
         return qwen3_vision_feeds(batch.pixel_values, batch.image_grid_thw, spec.attrs)
 
 

@@ -19,8 +19,7 @@ from himap_trt.errors import HimapError
 from himap_trt.export.onnx_export import DEFAULT_OPSET, _quiet_exporter, save_model
 from himap_trt.export.qwen_vision import TRACE_GRID
 from himap_trt.graphs.qwen3_vision import Qwen3VisionEncoder, qwen3_vision_attrs, qwen3_vision_feeds, qwen3_vision_spec
-from himap_trt.graphs.spec import GraphSpec
-from himap_trt.runtime.kv_cache import torch_dtype
+from himap_trt.graphs.spec import GraphSpec, torch_dtype
 
 
 def export_qwen3_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "float32",
@@ -56,3 +55,15 @@ def export_qwen3_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "fl
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     save_model(program.model, spec, Path(path), weight_bytes)
     return replace(spec, file=Path(path).name)
+
+
+def export_vision_graph(model: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int, vocab_size: int) -> None:
+    """Export Qwen3-VL's ``vision`` graph of ``spec`` to ``path`` (the export's vision exporter for
+    this family, see :data:`himap_trt.export.VISION_EXPORTERS`; ``vocab_size`` is unused).
+
+    Raises:
+        HimapError: if the written graph's inputs/outputs (DeepStack output included) differ from ``spec``.
+    """
+    written = export_qwen3_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
+    if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
+        raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.outputs} vs {spec.outputs}")

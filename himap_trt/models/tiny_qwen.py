@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.arch import qwen2_5_vl, qwen3_vl
 from himap_trt.models.tiny import _randomize, cache_root, cached_model_dir
 
 RECIPE_VERSION = 2  # 2: the chat template places videos; Qwen's special tokens stay whole after loading
@@ -124,7 +125,6 @@ def _tokenizer():
 
 
 def _processor(spec: TinyQwenSpec, tokenizer):
-    from himap_trt.arch import qwen2_5_vl, qwen3_vl
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     qwen3 = spec.family == "qwen3_vl"

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from himap_trt.errors import HimapError
+from himap_trt.runtime.sampling import GenerationConfig
+from himap_trt.video import load_video
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,6 @@ def _decode_video(data: bytes):
     Raises:
         HimapError: neither an image nor a decodable video.
     """
-    from himap_trt.video import load_video
-
     try:
         return load_video(data, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
     except HimapError as exc:
@@ -163,8 +163,6 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
     Raises:
         HimapError: one line naming the input and what was expected.
     """
-    from himap_trt.runtime.sampling import GenerationConfig
-
     decl = {t.name: t for t in INPUTS}
     image_value = _scalar(get, decl["image"])
     if not isinstance(image_value, (bytes, np.bytes_)):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_tensorrt_pipeline_matches_onnxruntime(tmp_path_factory, tmp_path, dtype, requests_3):
     from himap_trt.engines.build import build_engines
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.manifest import load_manifest
 
     out, manifest, _ = exported(tmp_path_factory, "tiny-gqa", "himap", dtype=dtype, k1=2, r1=0.5, k2=8, r2=0.75)
     engines = tmp_path / "engines"

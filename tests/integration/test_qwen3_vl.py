@@ -216,8 +216,8 @@ def test_onnxruntime_equals_reference(tmp_path_factory, qwen_requests):
 def test_analyze_inputs_equal_transformers(model, qwen_requests):
     """`analyze` runs the Qwen families: its prompt embedding, M-RoPE positions and (Qwen3-VL)
     DeepStack features give transformers' own next-token logits."""
-    from himap_trt.analyze import Request, prepare_inputs
-    from himap_trt.analyze.measure import last_logits
+    from himap_trt.analysis.analyze import Request, prepare_inputs
+    from himap_trt.analysis.analyze.measure import last_logits
 
     loaded = tiny(model)
     images, questions = qwen_requests

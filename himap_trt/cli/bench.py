@@ -1,5 +1,4 @@
-"""The ``himap-trt bench`` command (registered in :mod:`himap_trt.cli`); the measuring is in
-:mod:`himap_trt.bench`."""
+"""The ``himap-trt bench`` command; the measuring is in :mod:`himap_trt.analysis.bench`."""
 
 from __future__ import annotations
 
@@ -8,12 +7,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from himap_trt.cli.app import app, err, out, user_errors
 from himap_trt.errors import HimapError
+from himap_trt.flops import request_flops
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
 
-err = Console(stderr=True)
-out = Console(highlight=False)
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+bench_lib = lazy_import("himap_trt.analysis.bench")
+export_lib = lazy_import("himap_trt.export")
+export_manifest = lazy_import("himap_trt.manifest")
+loader = lazy_import("himap_trt.runtime.loader")
+models = lazy_import("himap_trt.models")
+video_mod = lazy_import("himap_trt.video")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -30,34 +37,29 @@ def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Op
                  kv_writes: tuple[str, ...] = ("scatternd",)) -> list[Path]:
     """Export ``model`` once per method and KV-cache write form into ``work_dir/<model>-<method>``
     (``-<kv_write>`` appended unless ``scatternd``; reused when present)."""
-    from himap_trt.export.manifest import KV_WRITES
-
-    bad = [k for k in kv_writes if k not in KV_WRITES]
+    bad = [k for k in kv_writes if k not in export_manifest.KV_WRITES]
     if bad or not kv_writes:
-        raise HimapError(f"--kv-write must be comma-separated values of {', '.join(KV_WRITES)}, got {','.join(kv_writes)!r}")
+        raise HimapError(f"--kv-write must be comma-separated values of {', '.join(export_manifest.KV_WRITES)}, got {','.join(kv_writes)!r}")
     return [path for kv_write in kv_writes for path in _exports_one(model, methods, work_dir, max_seq_len, kv_write)]
 
 
 def _exports_one(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int], kv_write: str) -> list[Path]:
-    from himap_trt.export import ExportOptions, export_model
-    from himap_trt.export.manifest import MANIFEST_NAME
-    from himap_trt.models import load_model
-    from himap_trt.plan import build_plan
-
     dirs, loaded = [], None
     for method in methods:
         target = work_dir / (f"{model.replace('/', '_')}-{method}" + ("" if kv_write == "scatternd" else f"-{kv_write}"))
-        if not (target / MANIFEST_NAME).is_file():
-            loaded = loaded or load_model(model)
+        if not (target / export_manifest.MANIFEST_NAME).is_file():
+            loaded = loaded or models.load_model(model)
             dims = loaded.dims
             plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
             err.print(f"exporting {model} ({plan.describe()}) to {target}")
-            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len,
+            export_lib.export_model(loaded, plan, export_lib.ExportOptions(out=target, validate=False, max_seq_len=max_seq_len,
                                                      kv_write=kv_write))
         dirs.append(target)
     return dirs
 
 
+@app.command(name="bench")
+@user_errors
 def bench(
     export_dirs: Annotated[Optional[list[Path]], typer.Option(
         "--export-dir", metavar="<path>", help="An export to measure (repeat for several: side by side).",
@@ -101,10 +103,6 @@ def bench(
     over batch sizes and answer lengths; optionally against transformers' generate."""
     import torch
 
-    from himap_trt.bench import PipelineContender, TransformersContender, figures_to_json, plot, run_bench, sample_batch
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.runtime.loader import open_pipeline
-
     sizes = _ints(batch_sizes, "--batch-sizes")
     lengths = _ints(new_tokens, "--max-new-tokens")
     if export_dirs and model:
@@ -114,34 +112,30 @@ def bench(
                                    tuple(k.strip() for k in kv_write.split(",") if k.strip()))
     if not export_dirs:
         raise HimapError("pass --export-dir (one or more exports) or --model (with --methods)")
-    from himap_trt.video import video_request
-
-    clip = video_request(video, None, fps=video_fps, max_frames=max_frames) if video is not None else None
+    clip = video_mod.video_request(video, None, fps=video_fps, max_frames=max_frames) if video is not None else None
     contenders, first, manifests = [], None, []
     for directory in export_dirs:
-        manifest = load_manifest(directory)
+        manifest = export_manifest.load_manifest(directory)
         manifests.append(manifest)
-        opened = open_pipeline(export_dir=directory, backend=backend, device=device)
+        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
         name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
-        contenders.append(PipelineContender(name, opened.pipeline, ignore_eos))
+        contenders.append(bench_lib.PipelineContender(name, opened.pipeline, ignore_eos))
         first = first or (manifest, opened)
     if vs_transformers:
-        from himap_trt.models import load_model
-
         manifest, opened = first
         dev = opened.device if opened.backend != "tensorrt" else "cuda"
-        loaded = load_model(manifest.source_model, dtype={"float32": torch.float32, "float16": torch.float16,
+        loaded = models.load_model(manifest.source_model, dtype={"float32": torch.float32, "float16": torch.float16,
                                                           "bfloat16": torch.bfloat16}[manifest.dtype],
                             device=dev, attn_implementation="sdpa")
-        contenders.append(TransformersContender("transformers (sdpa)", loaded.model))
+        contenders.append(bench_lib.TransformersContender("transformers (sdpa)", loaded.model))
     pipe = contenders[0].pipeline
     question = "What happens in this video? Answer in one sentence."
     factory = ((lambda size: pipe.prepare([clip] * size, [question] * size)) if clip else
-               (lambda size: sample_batch(pipe, size)))
+               (lambda size: bench_lib.sample_batch(pipe, size)))
     flops = video_flops(pipe.prepare([clip], [question]), manifests, contenders) if clip else None
-    figures = run_bench(contenders, factory, batch_sizes=sizes, new_tokens=lengths,
+    figures = bench_lib.run_bench(contenders, factory, batch_sizes=sizes, new_tokens=lengths,
                         repeats=repeats, progress=lambda text: err.print(f"[dim]{text}[/]"))
     setup = {"backend": first[1].backend, "device": first[1].device, "model": first[0].source_model,
              "dtype": first[0].dtype, "threads": torch.get_num_threads(), "repeats": repeats,
@@ -149,9 +143,9 @@ def bench(
     if clip:
         setup["video"] = {"file": str(video), "frames": len(clip.frames), "fps": clip.fps, "prefill_flops": flops}
     if plot_path:
-        plot(figures, plot_path)
+        bench_lib.plot(figures, plot_path)
     if as_json:
-        print(json.dumps(figures_to_json(figures, setup), indent=1))
+        print(json.dumps(bench_lib.figures_to_json(figures, setup), indent=1))
         return
     from rich.table import Table
 
@@ -181,8 +175,6 @@ def bench(
 def video_flops(batch, manifests, contenders) -> dict[str, dict]:
     """Per contender: the video request's visual tokens per segment and its prefill FLOPs
     (:func:`himap_trt.flops.request_flops`: Eq. 10, decoder, whole prompt)."""
-    from himap_trt.flops import request_flops
-
     n, length = batch.image_tokens[0], batch.prompt_lengths[0]
     result = {}
     for manifest, contender in zip(manifests, contenders):

@@ -3,6 +3,9 @@
 The manifest is the contract between ``export``, ``build`` and ``run``: the plan, the model it was
 exported from (id and content hash), dtype, opset, and for every graph its file, layer range and
 input/output specs (name, dtype, symbolic shape). See ``docs/ARCHITECTURE.md``.
+
+It sits below both sides of that contract (the layers in docs/ARCHITECTURE.md): ``export``
+writes it, ``runtime``, ``engines``, ``triton`` and ``check`` read it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
-from himap_trt.models.loading import ModelDims
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
@@ -220,8 +224,6 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
             malformed field (named with the file), a path leaving the directory, or a file that is
             missing, changed or from another export (named).
     """
-    from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
-
     directory = Path(directory)
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")

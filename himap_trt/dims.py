@@ -16,7 +16,9 @@ class ModelDims:
     All sizes are element counts; ``num_image_tokens`` is |V| per prompt (tokens), or its bound for
     a family with per-request counts (``architecture``: the :mod:`himap_trt.arch` family's name;
     ``spatial_merge_size`` / ``temporal_patch_size``: Qwen2.5-VL's patch merger and temporal
-    patches, 1 elsewhere).
+    patches, 1 elsewhere; ``deepstack_layers``: Qwen3-VL's DeepStack, the number of first decoder
+    layers after which vision features are added to the image tokens' hidden states, and
+    ``vision_position_embeddings`` the size of its learned position table; 0 elsewhere).
     """
 
     hidden_size: int
@@ -39,4 +41,6 @@ class ModelDims:
     spatial_merge_size: int = 1
     temporal_patch_size: int = 1
     vision_window_size: int = 0
+    deepstack_layers: int = 0
+    vision_position_embeddings: int = 0
 

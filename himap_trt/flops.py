@@ -146,3 +146,30 @@ def flops_report(model: str, plan: PruningPlan, dims: ModelDims, prompt_tokens: 
         image_tokens_baseline=base, image_tokens_plan=pruned, image_tokens_ratio=pruned / base,
         prompt_baseline=prompt_base, prompt_plan=prompt_plan, prompt_ratio=prompt_plan.total / prompt_base.total,
     )
+
+
+def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_tokens: int
+                  ) -> tuple[float, PromptFlops]:
+    """Eq. 10 and whole-prompt prefill FLOPs of one request with its own |V| (``image_tokens``, e.g. a
+    video's visual tokens) under a plan with per-request keep counts (METHODS.md's rounding,
+    :meth:`PruningPlan.image_tokens_for`).
+
+    Args:
+        plan: a ratio plan (``none``, ``himap``, ``fastv``, ``random``).
+        dims: the model's dimensions (its |V| bound is replaced by ``image_tokens``).
+        image_tokens: |V| of the request (tokens); prompt_tokens: its real prompt length (tokens).
+
+    Returns:
+        (Eq. 10 FLOPs, :class:`PromptFlops`).
+
+    Raises:
+        HimapError: a VisiPruner plan, or a prompt no longer than its image tokens.
+    """
+    from dataclasses import replace
+
+    counts = plan.image_tokens_for(image_tokens)
+    own = replace(plan, num_image_tokens=image_tokens,
+                  stages=tuple(replace(s, keep=k) for s, k in zip(plan.stages, counts[1:])))
+    merge = max(1, dims.spatial_merge_size)
+    own_dims = replace(dims, num_image_tokens=image_tokens, vision_tokens=image_tokens * merge * merge)
+    return image_token_flops(own, dims.hidden_size, dims.intermediate_size), prompt_flops(own, own_dims, prompt_tokens)

@@ -193,7 +193,7 @@ def build_prompt(processor: Any, question: str) -> str:
 
 
 def token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
-                   num_image_tokens: int) -> torch.Tensor:
+                   num_image_tokens: int, contiguous: bool = True) -> torch.Tensor:
     """Label every prompt position as padding, system, image or instruction.
 
     Args:
@@ -201,6 +201,8 @@ def token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
         attention_mask: [batch, sequence] int64, 1 for real tokens, 0 for padding.
         image_token_id: the placeholder id of image tokens.
         num_image_tokens: |V|, image tokens each prompt must hold (one contiguous span).
+        contiguous: False: the image tokens may come in several groups (Qwen3-VL's video frames with
+            timestamps between them); tokens between the groups are labelled system tokens.
 
     Returns:
         [batch, sequence] int64 with values ``TOKEN_PAD/SYSTEM/IMAGE/INSTRUCTION``.
@@ -214,7 +216,7 @@ def token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
     for row in range(input_ids.shape[0]):
         where = positions[is_image[row]]
         count = int(where.numel())
-        if count != num_image_tokens or (count and int(where[-1] - where[0]) + 1 != count):
+        if count != num_image_tokens or (contiguous and count and int(where[-1] - where[0]) + 1 != count):
             raise HimapError(
                 f"prompt {row} holds {count} image tokens (contiguous: {count and int(where[-1] - where[0]) + 1 == count}); "
                 f"the model expects one contiguous span of {num_image_tokens}"
@@ -222,7 +224,8 @@ def token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
         first, last = int(where[0]), int(where[-1])
         real = attention_mask[row].bool()
         types[row, real & (positions < first)] = TOKEN_SYSTEM
-        types[row, first:last + 1] = TOKEN_IMAGE
+        types[row, first:last + 1] = TOKEN_SYSTEM       # text between visual groups (timestamps) counts as system
+        types[row, where] = TOKEN_IMAGE
         types[row, real & (positions > last)] = TOKEN_INSTRUCTION
     return types
 
@@ -256,6 +259,8 @@ class PromptBatch:
         image_grid_thw: [images, 3] int64 (temporal, height, width) patch grid of each image, for
             dynamic-resolution models (then ``pixel_values`` is [patches, C·T·P·P]); else None.
         image_tokens: |V| of each row (tokens) where it varies per request; else None.
+        media: per row, ``image`` or ``video`` (Qwen families: a video's visual tokens are handled as
+            image tokens, docs/QWEN3VL.md "Video"); None: images only.
     """
 
     input_ids: torch.Tensor
@@ -266,6 +271,7 @@ class PromptBatch:
     prompts: list[str]
     image_grid_thw: torch.Tensor | None = None
     image_tokens: list[int] | None = None
+    media: list[str] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -12,10 +12,11 @@ from typing import Any
 from himap_trt.arch.base import Architecture, register, supported_models
 from himap_trt.arch.llava import Llava
 from himap_trt.arch.qwen2_5_vl import Qwen2_5_VL
+from himap_trt.arch.qwen3_vl import Qwen3_VL
 from himap_trt.errors import HimapError
 
 #: ``config.model_type`` -> the family implementing it.
-ARCHITECTURES: dict[str, Architecture] = register(Llava(), Qwen2_5_VL())
+ARCHITECTURES: dict[str, Architecture] = register(Llava(), Qwen2_5_VL(), Qwen3_VL())
 
 
 def architecture_for(config: Any, source: str = "the model") -> Architecture:

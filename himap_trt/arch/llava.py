@@ -17,6 +17,7 @@ from himap_trt.errors import HimapError
 from himap_trt.graphs.modules import VisionEncoder
 from himap_trt.graphs.spec import GraphSpec, TensorSpec
 from himap_trt.prompt import prepare_batch
+from himap_trt.video import Video
 
 
 class Llava(Architecture):
@@ -77,6 +78,10 @@ class Llava(Architecture):
         return VisionEncoder(model)
 
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
+        if any(isinstance(item, Video) for item in images):
+            raise HimapError("video prompts need a Qwen2.5-VL or Qwen3-VL export; this export is LLaVA-1.5 "
+                             "(one image per prompt)")
+
         return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:

@@ -32,11 +32,13 @@ from himap_trt.prompt import (
     TOKEN_IMAGE,
     PromptBatch,
     build_prompt,
+    check_question,
     check_requests,
     encode_as_text,
     has_special_text,
     token_type_ids,
 )
+from himap_trt.video import Video
 
 #: The published checkpoints' processors bound images to 12845056 pixels = 16384 tokens of 28x28 px.
 DEFAULT_MAX_IMAGE_TOKENS = 16384
@@ -103,6 +105,109 @@ def mrope_positions(input_ids: torch.Tensor, image_token_id: int, grid_hw: tuple
     return out
 
 
+def mrope_group_positions(input_ids: torch.Tensor, image_token_id: int,
+                          groups: list[tuple[int, int, int, float]]) -> torch.Tensor:
+    """M-RoPE position ids of one unpadded prompt whose visual tokens come in ``groups``, as
+    transformers' ``get_rope_index`` (Qwen2.5-VL, Qwen3-VL) computes them.
+
+    Args:
+        input_ids: [sequence] int64; the visual tokens (``image_token_id``) form ``len(groups)``
+            contiguous runs, in order.
+        groups: per run, (t, rows, cols, interval): its merged grid (t temporal patches of rows x
+            cols tokens, t-major then row-major) and the temporal step per patch (1 for an image;
+            ``tokens_per_second · second_per_grid_t`` for a Qwen2.5-VL video).
+
+    Returns:
+        [3, sequence] int64: text tokens ``(p, p, p)`` with p counting on; token (k, r, c) of a run
+        starting at s: ``(s + floor(k·interval), s + r, s + c)``; text after the run continues at
+        ``s + max(rows, cols)``.
+
+    Raises:
+        HimapError: if the runs do not match ``groups``.
+    """
+    visual = (input_ids == image_token_id).tolist()
+    seq = len(visual)
+    out = torch.empty((3, seq), dtype=torch.int64)
+    pos, i, runs = 0, 0, iter(groups)
+    while i < seq:
+        if not visual[i]:
+            out[:, i] = pos
+            pos += 1
+            i += 1
+            continue
+        try:
+            t, rows, cols, interval = next(runs)
+        except StopIteration:
+            raise HimapError("the prompt holds more visual-token runs than its visual inputs give") from None
+        count = t * rows * cols
+        if visual[i:i + count] != [True] * count or (i + count < seq and visual[i + count]):
+            raise HimapError(f"a visual-token run at {i} does not hold the {count} tokens of its grid {t}x{rows}x{cols}")
+        k = (torch.arange(t, dtype=torch.float64) * interval).long().repeat_interleave(rows * cols)
+        r = torch.arange(rows).repeat_interleave(cols).repeat(t)
+        c = torch.arange(cols).repeat(rows * t)
+        out[0, i:i + count] = pos + k
+        out[1, i:i + count] = pos + r
+        out[2, i:i + count] = pos + c
+        pos += max(rows, cols)
+        i += count
+    return out
+
+
+def video_patches(image_processor, video, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video's frames as Qwen temporal patches, for the vision graph.
+
+    Each frame is resized and normalised by the checkpoint's own image processor (transformers'
+    ``Qwen2VLImageProcessorPil``: sides multiples of patch x merge px, within its min/max pixels and
+    within this video's share of ``max_tokens``), which lays each frame's patches out block-major and
+    repeats it along the temporal axis; consecutive frame pairs are then put into that axis, which is
+    the layout of transformers' Qwen video processors (``[t·h·w, C·T·P·P]``, C outer, then T; t-major).
+    transformers' video processors are not used: they need torchvision, which the project does not
+    install.
+
+    Args:
+        image_processor: the checkpoint's image processor.
+        video: :class:`himap_trt.video.Video` (an even number of same-size frames).
+        max_tokens: the most visual tokens the whole video may give (the export's bound).
+
+    Returns:
+        pixel_values [t·h·w, C·T·P·P] float32 and grid [1, 3] int64 (t, h, w), t = frames / T.
+
+    Raises:
+        HimapError: more temporal patches than ``max_tokens`` (no frame size fits).
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    temporal = int(image_processor.temporal_patch_size)
+    frames = list(video.frames)
+    if len(frames) % temporal:
+        frames += [frames[-1]] * (temporal - len(frames) % temporal)
+    t = len(frames) // temporal
+    patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
+    side = patch * merge
+    per_frame = max_tokens // t
+    if per_frame < 1:
+        raise HimapError(f"{video.source}: {len(frames)} frames make {t} temporal patches, more visual tokens than "
+                         f"the {max_tokens} the export allows (--max-image-tokens); use fewer frames "
+                         "(--max-frames / --video-fps) or re-export with a larger --max-image-tokens")
+    size = image_processor.size
+    low = min(int(size["shortest_edge"]), per_frame * side * side)
+    high = min(int(size["longest_edge"]), per_frame * side * side)
+    width, height = video.size
+    h, w = smart_resize(height, width, factor=side, min_pixels=low, max_pixels=high)
+    if (h // side) * (w // side) > per_frame:        # smart_resize keeps at least one token per side
+        raise HimapError(f"{video.source}: frames of {width}x{height} px cannot fit {per_frame} visual tokens per "
+                         "temporal patch; use fewer frames or re-export with a larger --max-image-tokens")
+    out = image_processor(frames, size={"shortest_edge": h * w, "longest_edge": h * w}, return_tensors="pt")
+    grid = out["image_grid_thw"]
+    if not bool((grid[:, 1:] == grid[0, 1:]).all()):
+        raise HimapError(f"{video.source}: frames resized to different grids {grid.tolist()}")
+    gh, gw = int(grid[0, 1]), int(grid[0, 2])
+    channels = out["pixel_values"].shape[1] // (temporal * patch * patch)
+    per = out["pixel_values"].reshape(len(frames), gh * gw, channels, temporal, patch, patch)[:, :, :, 0]
+    pairs = per.reshape(t, temporal, gh * gw, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
+    return pairs.reshape(t * gh * gw, channels * temporal * patch * patch), torch.tensor([[t, gh, gw]])
+
+
 class Qwen2_5_VL(Architecture):
     name = "qwen2_5_vl"
     model_type = "qwen2_5_vl"
@@ -117,6 +222,10 @@ class Qwen2_5_VL(Architecture):
         if not section or sum(section) != head_dim // 2 or len(section) != 3:
             raise HimapError(f"unsupported model {source!r}: rope_parameters.mrope_section={section!r} must be three "
                              f"numbers summing to head_dim/2 = {head_dim // 2}")
+        tps = getattr(getattr(config, "vision_config", None), "tokens_per_second", self.tokens_per_second)
+        if tps != self.tokens_per_second:
+            raise HimapError(f"unsupported model {source!r}: vision_config.tokens_per_second={tps!r} (video positions "
+                             f"are implemented for {self.tokens_per_second})")
         if getattr(text, "use_sliding_window", False):
             raise HimapError(f"unsupported model {source!r}: use_sliding_window=true (sliding-window decoder "
                              "attention is not implemented in the graphs)")
@@ -197,30 +306,82 @@ class Qwen2_5_VL(Architecture):
     def vision_module(self, model):
         return QwenVisionEncoder(model.model.visual)
 
+    #: transformers' ``vision_config.tokens_per_second`` this family's video positions assume
+    #: (every published Qwen2.5-VL checkpoint: 2; ``check_supported`` refuses others).
+    tokens_per_second = 2
+
+    def _encode_image(self, processor, image, question, image_token_id, num_image_tokens):
+        """One image request -> (ids [S], pixel patches, grid [1,3], |V|, M-RoPE groups, prompt)."""
+        merge = processor.image_processor.merge_size
+        vision = processor.image_processor([image], return_tensors="pt")
+        grid = vision["image_grid_thw"].long()                                  # [1, 3]
+        count = int(grid.prod()) // (merge * merge)
+        if count > num_image_tokens:
+            raise HimapError(f"the image gives {count} image tokens, more than the {num_image_tokens} the "
+                             "export allows (--max-image-tokens); downscale it or re-export")
+        if has_special_text(processor.tokenizer, question):
+            ids, _, [prompt] = encode_as_text(processor, [question], image_token_id, count)
+            ids = ids[0]
+        else:
+            prompt = build_prompt(processor, question)
+            ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].long()
+        _, h, w = (int(v) for v in grid[0])
+        return ids, vision["pixel_values"], grid, count, [(1, h // merge, w // merge, 1.0)], prompt
+
+    def _video_placeholder(self, processor, video, grid) -> str:
+        """The text that replaces the template's ``<|vision_start|><|video_pad|><|vision_end|>``: one pad
+        per visual token (transformers' ``Qwen2_5_VLProcessor``)."""
+        merge = processor.image_processor.merge_size
+        return "<|vision_start|>" + "<|video_pad|>" * (int(grid.prod()) // (merge * merge)) + "<|vision_end|>"
+
+    def _video_groups(self, video, grid, merge) -> list[tuple[int, int, int, float]]:
+        """M-RoPE groups of a video (transformers' ``get_rope_index``): one (t, rows, cols) span whose
+        temporal ids advance by ``tokens_per_second · second_per_grid_t`` per temporal patch."""
+        t, h, w = (int(v) for v in grid[0])
+        return [(t, h // merge, w // merge, self.tokens_per_second * 2 / video.fps)]
+
+    def _encode_video(self, processor, video, question, image_token_id, num_image_tokens):
+        """One video request (:class:`himap_trt.video.Video`): frames -> temporal patches, the
+        template's video placeholder expanded, the video pads relabelled as image tokens."""
+        check_question(question)
+        if has_special_text(processor.tokenizer, question):
+            raise HimapError("a question about a video must not contain special-token text (such as "
+                             "'<|im_end|>'); rephrase it")
+        merge = processor.image_processor.merge_size
+        pixels, grid = video_patches(processor.image_processor, video, num_image_tokens)
+        count = int(grid.prod()) // (merge * merge)
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
+        if prompt.count(wrapper) != 1:
+            raise HimapError("the model's chat template does not place a video ('<|vision_start|><|video_pad|>"
+                             "<|vision_end|>'); this checkpoint cannot take video prompts")
+        prompt = prompt.replace(wrapper, self._video_placeholder(processor, video, grid))
+        ids = processor.tokenizer(prompt, return_tensors="pt")["input_ids"][0].long()
+        video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        if int((ids == video_id).sum()) != count:
+            raise HimapError(f"the video prompt holds {int((ids == video_id).sum())} video tokens, expected {count}")
+        ids = torch.where(ids == video_id, image_token_id, ids)        # handled as image tokens from here on
+        return ids, pixels, grid, count, self._video_groups(video, grid, merge), prompt
+
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
+        """Requests are images or :class:`himap_trt.video.Video` s (one visual input per prompt,
+        mixed freely across rows); a video's tokens are image tokens to everything after this."""
         check_requests(images, questions)
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
-        merge = processor.image_processor.merge_size
-        rows, pixels, grids, prompts, counts = [], [], [], [], []
-        for image, question in zip(images, questions):
-            vision = processor.image_processor([image], return_tensors="pt")
-            grid = vision["image_grid_thw"].long()                                  # [1, 3]
-            count = int(grid.prod()) // (merge * merge)
-            if count > num_image_tokens:
-                raise HimapError(f"the image gives {count} image tokens, more than the {num_image_tokens} the "
-                                 "export allows (--max-image-tokens); downscale it or re-export")
-            if has_special_text(tokenizer, question):
-                ids, _, [prompt] = encode_as_text(processor, [question], image_token_id, count)
-                ids = ids[0]
-            else:
-                prompt = build_prompt(processor, question)
-                ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].long()
+        rows, pixels, grids, prompts, counts, groups, media = [], [], [], [], [], [], []
+        for item, question in zip(images, questions):
+            encode = self._encode_video if isinstance(item, Video) else self._encode_image
+            ids, patches, grid, count, group, prompt = encode(processor, item, question, image_token_id,
+                                                              num_image_tokens)
             rows.append(ids)
-            pixels.append(vision["pixel_values"])
+            pixels.append(patches)
             grids.append(grid)
             prompts.append(prompt)
             counts.append(count)
+            groups.append(group)
+            media.append("video" if isinstance(item, Video) else "image")
         slots = max(counts)                                              # E: image slots per row
         width = max(len(ids) - n for ids, n in zip(rows, counts)) + slots
         size = len(rows)
@@ -229,19 +390,19 @@ class Qwen2_5_VL(Architecture):
         mask = torch.zeros((size, width), dtype=torch.int64)
         types = torch.zeros((size, width), dtype=torch.int64)
         positions = torch.zeros((3, size, width), dtype=torch.int64)
-        for b, (ids, n, grid) in enumerate(zip(rows, counts, grids)):
+        for b, (ids, n, group) in enumerate(zip(rows, counts, groups)):
             length = len(ids)
             start = width - length
             input_ids[b, start:] = ids
             mask[b, start:] = 1
-            types[b, start:] = token_type_ids(ids[None], torch.ones_like(ids)[None], image_token_id, n)[0]
+            types[b, start:] = token_type_ids(ids[None], torch.ones_like(ids)[None], image_token_id, n,
+                                              contiguous=len(group) == 1)[0]
             types[b, start - (slots - n):start] = TOKEN_IMAGE              # masked image slots
-            _, h, w = (int(v) for v in grid[0])
-            positions[:, b, start:] = mrope_positions(ids, image_token_id, (h // merge, w // merge))
+            positions[:, b, start:] = mrope_group_positions(ids, image_token_id, group)
         return PromptBatch(
             input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(pixels).float(),
             token_type_ids=types, position_ids=positions, prompts=prompts,
-            image_grid_thw=torch.cat(grids), image_tokens=counts,
+            image_grid_thw=torch.cat(grids), image_tokens=counts, media=media,
         )
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:

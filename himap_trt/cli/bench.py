@@ -10,6 +10,7 @@ import typer
 
 from himap_trt.cli.app import app, err, out, user_errors
 from himap_trt.errors import HimapError
+from himap_trt.flops import request_flops
 from himap_trt.plan import build_plan
 from himap_trt.cli.lazy import lazy_import
 
@@ -19,6 +20,7 @@ export_lib = lazy_import("himap_trt.export")
 export_manifest = lazy_import("himap_trt.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 models = lazy_import("himap_trt.models")
+video_mod = lazy_import("himap_trt.video")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -88,6 +90,12 @@ def bench(
     vs_transformers: Annotated[bool, typer.Option(
         "--vs-transformers", help="Also time transformers' generate (sdpa attention) on the same checkpoint.")] = False,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here.", show_default=False)] = None,
+    video: Annotated[Optional[Path], typer.Option(
+        "--video", help="Measure on this video (Qwen exports; every row of a batch asks about it) instead of "
+                        "the synthetic 640x480 image; also prints each plan's prefill FLOPs for it.",
+        show_default="none: the synthetic image")] = None,
+    video_fps: Annotated[float, typer.Option("--video-fps", help="With --video: frames per second sampled.")] = 2.0,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="With --video: most frames sampled.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ):
     """Measure several exports (methods) side by side in one interleaved run: TTFT, TPOT, inter-token
@@ -104,9 +112,11 @@ def bench(
                                    tuple(k.strip() for k in kv_write.split(",") if k.strip()))
     if not export_dirs:
         raise HimapError("pass --export-dir (one or more exports) or --model (with --methods)")
-    contenders, first = [], None
+    clip = video_mod.video_request(video, None, fps=video_fps, max_frames=max_frames) if video is not None else None
+    contenders, first, manifests = [], None, []
     for directory in export_dirs:
         manifest = export_manifest.load_manifest(directory)
+        manifests.append(manifest)
         opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
         name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \
             + ("" if manifest.quantize == "none" else f" {manifest.quantize}")
@@ -122,11 +132,17 @@ def bench(
                             device=dev, attn_implementation="sdpa")
         contenders.append(bench_lib.TransformersContender("transformers (sdpa)", loaded.model))
     pipe = contenders[0].pipeline
-    figures = bench_lib.run_bench(contenders, lambda size: bench_lib.sample_batch(pipe, size), batch_sizes=sizes, new_tokens=lengths,
+    question = "What happens in this video? Answer in one sentence."
+    factory = ((lambda size: pipe.prepare([clip] * size, [question] * size)) if clip else
+               (lambda size: bench_lib.sample_batch(pipe, size)))
+    flops = video_flops(pipe.prepare([clip], [question]), manifests, contenders) if clip else None
+    figures = bench_lib.run_bench(contenders, factory, batch_sizes=sizes, new_tokens=lengths,
                         repeats=repeats, progress=lambda text: err.print(f"[dim]{text}[/]"))
     setup = {"backend": first[1].backend, "device": first[1].device, "model": first[0].source_model,
              "dtype": first[0].dtype, "threads": torch.get_num_threads(), "repeats": repeats,
              "ignore_eos": ignore_eos, "exports": [str(d) for d in export_dirs]}
+    if clip:
+        setup["video"] = {"file": str(video), "frames": len(clip.frames), "fps": clip.fps, "prefill_flops": flops}
     if plot_path:
         bench_lib.plot(figures, plot_path)
     if as_json:
@@ -149,5 +165,22 @@ def bench(
             total = sum(f.prefill_graph_s.values())
             parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.1%})" for k, v in f.prefill_graph_s.items())
             out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}): {parts}; sum {total * 1e3:.1f} ms")
+    for name, f in (flops or {}).items():
+        out.print(f"prefill FLOPs of the video request, {name}: {f['image_tokens']} -> "
+                  f"{' -> '.join(map(str, f['kept']))} visual tokens; Eq. 10 {f['eq10'] / 1e9:.3f} GFLOPs, "
+                  f"decoder {f['decoder'] / 1e9:.3f} GFLOPs, whole prompt {f['total'] / 1e9:.3f} GFLOPs")
     if plot_path:
         out.print(f"plot: {plot_path}")
+
+
+def video_flops(batch, manifests, contenders) -> dict[str, dict]:
+    """Per contender: the video request's visual tokens per segment and its prefill FLOPs
+    (:func:`himap_trt.flops.request_flops`: Eq. 10, decoder, whole prompt)."""
+    n, length = batch.image_tokens[0], batch.prompt_lengths[0]
+    result = {}
+    for manifest, contender in zip(manifests, contenders):
+        eq10, prompt = request_flops(manifest.plan, manifest.dims, n, length)
+        result[contender.name] = {"image_tokens": n, "prompt_tokens": length,
+                                  "kept": manifest.plan.image_tokens_for(n)[1:], "eq10": eq10,
+                                  "decoder": prompt.decoder, "total": prompt.total}
+    return result

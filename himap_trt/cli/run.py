@@ -36,6 +36,7 @@ prompt = lazy_import("himap_trt.prompt")
 sampling = lazy_import("himap_trt.runtime.sampling")
 tiny = lazy_import("himap_trt.models.tiny")
 tiny_qwen = lazy_import("himap_trt.models.tiny_qwen")
+video_mod = lazy_import("himap_trt.video")
 
 
 def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
@@ -123,9 +124,20 @@ def run(
     force: Annotated[bool, typer.Option(
         "--force", help="Run even when the memory estimate of ONNX Runtime on CPU exceeds the available "
                         "memory.")] = False,
+    video: Annotated[Optional[Path], typer.Option(
+        "--video", help="Ask QUESTION about this video file (MP4, WebM, ...; decoded with PyAV; Qwen2.5-VL / "
+                        "Qwen3-VL exports): himap-trt run --video clip.mp4 \"question\".",
+        show_default="none: an image")] = None,
+    frames: Annotated[Optional[list[Path]], typer.Option(
+        "--frames", help="A video given as frames, in order, 1/--video-fps seconds apart (repeat: --frames a.png "
+                         "--frames b.png).", show_default="none")] = None,
+    video_fps: Annotated[float, typer.Option("--video-fps", help="Frames per second sampled from --video (the "
+                                                                  "rate of --frames).")] = 2.0,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames sampled from --video (spread over "
+                                                                  "the whole clip; even count).")] = 16,
     as_json: JsonOpt = False,
 ):
-    """Answer a question about an image with the exported pipeline.
+    """Answer a question about an image (or a video: --video, --frames) with the exported pipeline.
 
     Prints the answer, the image tokens kept by each pruning stage, TTFT, TPOT, tokens/s and the
     KV-cache size. --json prints everything (and the kept tokens' positions) as JSON.
@@ -133,7 +145,13 @@ def run(
     import time
 
     # every option and request is checked before an image or a model is loaded
-    paths, questions = _requests(image, question, batch)
+    clip = video is not None or bool(frames)
+    if clip and question is None and image is not None:
+        image, question = None, str(image)          # himap-trt run --video clip.mp4 "question"
+    if clip and (image is not None or batch is not None):
+        raise HimapError("--video / --frames take the place of IMAGE (and of --batch); pass QUESTION only")
+    paths, questions = (([video or "--frames"], [prompt.check_question(question or "")]) if clip
+                        else _requests(image, question, batch))
     config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
     if backend not in loader.BACKENDS:
@@ -143,7 +161,8 @@ def run(
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
-    images = [prompt.load_image(p) for p in paths]
+    images = ([video_mod.video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
+              else [prompt.load_image(p) for p in paths])
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
         def requested(num_layers: int, num_image_tokens: int):

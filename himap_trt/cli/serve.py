@@ -20,6 +20,8 @@ images = lazy_import("himap_trt.serve.images")
 serve_app = lazy_import("himap_trt.serve.app")
 serve_bench = lazy_import("himap_trt.serve.bench")
 serve_server = lazy_import("himap_trt.serve.server")
+serve_videos = lazy_import("himap_trt.serve.videos")
+video_mod = lazy_import("himap_trt.video")
 
 
 def _concurrencies(text: str) -> list[int]:
@@ -74,6 +76,14 @@ def serve(
                                                                          "(seconds).")] = 10.0,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body; larger get HTTP 413 "
                                                                          "(bytes).")] = 32 * 2**20,
+    video_fps: Annotated[float, typer.Option("--video-fps", help="Frames per second sampled from a video_url "
+                                                                  "(Qwen exports).")] = 2.0,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames kept from a video_url (spread over "
+                                                                  "the clip; 2..256).")] = 16,
+    max_video_bytes: Annotated[int, typer.Option("--max-video-bytes", help="Largest encoded video (bytes).")]
+    = 20 * 2**20,
+    max_video_pixels: Annotated[int, typer.Option("--max-video-pixels", help="Largest video frame (pixels).")]
+    = 4096 * 4096,
     drain_timeout: Annotated[float, typer.Option(
         "--drain-timeout", help="On SIGTERM: most seconds to let requests in flight finish.")] = 600.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
@@ -113,6 +123,9 @@ def serve(
         raise HimapError(f"--max-queue must be >= 0, got {max_queue}")
     if max_seq_len is not None and max_seq_len < 2:
         raise HimapError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    frame_limit = video_mod.FRAME_LIMIT
+    if not (video_fps > 0) or not 2 <= max_frames <= frame_limit:
+        raise HimapError(f"--video-fps must be > 0 and --max-frames in [2, {frame_limit}], got {video_fps} and {max_frames}")
     if image_root is not None and not image_root.is_dir():
         raise HimapError(f"--image-root {str(image_root)!r} is not a directory")
     if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -126,6 +139,8 @@ def serve(
         max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
         images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                                   max_pixels=max_image_pixels, max_memory=max_image_memory, timeout_s=image_timeout),
+        videos=serve_videos.VideoPolicy(fps=video_fps, max_frames=max_frames, max_bytes=max_video_bytes,
+                                        max_pixels=max_video_pixels),
         max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key, metrics_auth=metrics_auth,
         wedged_after_s=wedged_after, read_timeout_s=read_timeout, keep_alive_s=keep_alive_timeout)
     serve_server.serve(config, host=host, port=port, log_level=log_level.lower())

@@ -28,6 +28,7 @@ from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS, export_graph
 from himap_trt.export.validate import raise_on_failures, record_reference
 from himap_trt.fsutil import atomic_directory, pause_point
 from himap_trt.export.qwen_vision import export_vision_graph as export_qwen2_5_vl_vision
+from himap_trt.export.qwen3_vision import export_vision_graph as export_qwen3_vl_vision
 from himap_trt.graphs.build import build_module
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
 from himap_trt.manifest import (
@@ -125,7 +126,7 @@ DEFAULT_MAX_SEQ_LEN_CAP = 2048
 #: graph: ``Architecture.name`` -> ``(model, spec, path, *, opset, vocab_size) -> None``. (The
 #: families sit below the export in the layers of docs/ARCHITECTURE.md, so the export, not the
 #: family, holds the exporter.)
-VISION_EXPORTERS = {"qwen2_5_vl": export_qwen2_5_vl_vision}
+VISION_EXPORTERS = {"qwen2_5_vl": export_qwen2_5_vl_vision, "qwen3_vl": export_qwen3_vl_vision}
 
 
 def default_max_seq_len(dims) -> int:

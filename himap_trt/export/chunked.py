@@ -30,7 +30,7 @@ import torch
 
 from himap_trt.errors import HimapError
 from himap_trt.export.validate import RecordingBackend, validate_graphs
-from himap_trt.graphs.modules import DecoderSegment
+from himap_trt.graphs.modules import DecoderSegment, deepstack_layers
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
 from himap_trt.runtime.backend import BackendBase, TorchBackend, place_outputs
 
@@ -80,6 +80,8 @@ def chunk_specs(segment: GraphSpec, chunk_layers: int) -> list[GraphSpec]:
         b = min(a + chunk_layers, end)
         last = b == end
         inputs = common + [segment.input(n) for layer in range(a, b) for n in past_names(layer)]
+        inputs += [t for t in segment.inputs if t.name.startswith("deepstack.")
+                   and a <= int(t.name.split(".")[1]) < b]
         head = [segment.outputs[0]] if last else [TensorSpec("last_hidden_state", hidden.dtype, hidden.shape)]
         outputs = head + [segment.output(n) for layer in range(a, b) for n in present_names(layer)]
         if last and not segment.attrs["final"]:
@@ -94,7 +96,8 @@ def chunk_module(llava: torch.nn.Module, spec: GraphSpec) -> torch.nn.Module:
     """The PyTorch reference of a chunk (or of any segment spec): its layers as one DecoderSegment."""
     start, end = spec.layers
     emit_query = any(name.startswith("query.") for name in spec.output_names)
-    return DecoderSegment(llava, start, end, final=spec.attrs["final"], emit_query=emit_query).eval()
+    return DecoderSegment(llava, start, end, final=spec.attrs["final"], emit_query=emit_query,
+                          deepstack_layers=deepstack_layers(spec)).eval()
 
 
 class ChunkedSegmentBackend(BackendBase):

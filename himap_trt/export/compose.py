@@ -45,7 +45,7 @@ from onnx_ir.tensor_adapters import TorchTensor
 
 from himap_trt.arch import architecture_for
 from himap_trt.graphs.modules import LayerTemplate, SegmentHead, SegmentPrelude
-from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
+from himap_trt.graphs.spec import GraphSpec, TensorSpec, deepstack_name, past_names, present_names, query_name
 from himap_trt.manifest import KV_WRITES  # how segment graphs write their caches
 from himap_trt.export.onnx_export import export_program, save_model
 from himap_trt.export.quantize import Quantization, quantize_model
@@ -285,6 +285,7 @@ class SegmentComposer:
                                  **self._weights(graph, layer, "output")})["hidden_out"]
                 outputs[present_names(layer)[0]] = present_key
                 outputs[present_names(layer)[1]] = present_value
+                hidden = _deepstack(graph, hidden, inputs, layer)
                 continue
             present_key = self._write(graph, inputs[past_key], new["key"], rope, inputs["cache_position"],
                                       f"layers.{layer}/write_key")
@@ -295,6 +296,7 @@ class SegmentComposer:
                              "bias": rope["bias"], **self._weights(graph, layer, "attention")})["hidden_out"]
             outputs[present_names(layer)[0]] = present_key
             outputs[present_names(layer)[1]] = present_value
+            hidden = _deepstack(graph, hidden, inputs, layer)
         if final:
             outputs["logits"] = _stamp(graph, self._piece("head").graph, "head/", {"hidden_states": hidden})["logits"]
         else:
@@ -321,6 +323,19 @@ class SegmentComposer:
         if self.quantization is not None:
             model = quantize_model(model, self.quantization)
         return save_model(model, spec, path, weight_bytes)
+
+def _deepstack(graph: ir.Graph, hidden: ir.Value, inputs: dict[str, ir.Value], layer: int) -> ir.Value:
+    """``hidden + deepstack.{layer}`` where the segment takes that input (Qwen3-VL's DeepStack,
+    :class:`~himap_trt.graphs.modules.DecoderSegment`), else ``hidden``."""
+    feature = inputs.get(deepstack_name(layer))
+    if feature is None:
+        return hidden
+    node = ir.Node("", "Add", [hidden, feature], name=f"layers.{layer}/deepstack")
+    node.outputs[0].name = f"layers.{layer}/deepstack/out"
+    node.outputs[0].type = feature.type
+    graph.append(node)
+    return node.outputs[0]
+
 
 def _value(tensor: TensorSpec) -> ir.Value:
     shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in tensor.shape])

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from himap_trt.graphs.modules import DecoderSegment, StageScorer, TokenEmbedding
+from himap_trt.graphs.modules import DecoderSegment, StageScorer, TokenEmbedding, deepstack_layers
 from himap_trt.graphs.spec import GraphSpec
 from himap_trt.graphs.variable import VariableStageScorer
 from himap_trt.graphs.visipruner import DropImageTokens, ValueNormScorer
@@ -30,7 +30,7 @@ def build_module(llava: nn.Module, spec: GraphSpec, arch: Any) -> nn.Module:
     elif spec.kind == "segment":
         start, end = spec.layers
         module = DecoderSegment(llava, start, end, final=spec.attrs["final"],
-                                emit_query=not spec.attrs["final"])
+                                emit_query=not spec.attrs["final"], deepstack_layers=deepstack_layers(spec))
     elif spec.kind == "scoring" and spec.attrs["criterion"] in ("value_norm", "drop_all"):
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
         module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else

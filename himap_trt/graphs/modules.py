@@ -137,7 +137,8 @@ def rope_and_bias(rotary_emb: nn.Module, hidden_states: torch.Tensor, position_i
 
 
 def layer_qkv(layer: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A Llama layer's new query/key/value states (after RoPE) from its input hidden states.
+    """A Llama layer's new query/key/value states (after RoPE) from its input hidden states
+    (with the per-head ``q_norm``/``k_norm`` RMSNorms first where the layer has them: Qwen3).
 
     Args:
         hidden_states: [B,S,D]. cos, sin: [B,S,Dh].
@@ -149,8 +150,11 @@ def layer_qkv(layer: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, 
     batch, seq, _ = hidden_states.shape
     x = layer.input_layernorm(hidden_states)
     shape = (batch, seq, -1, attn.head_dim)
-    query = attn.q_proj(x).view(shape).transpose(1, 2)          # [B,H,S,Dh]
-    key = attn.k_proj(x).view(shape).transpose(1, 2)            # [B,Hkv,S,Dh]
+    query = attn.q_proj(x).view(shape)                          # [B,S,H,Dh]
+    key = attn.k_proj(x).view(shape)                            # [B,S,Hkv,Dh]
+    if hasattr(attn, "q_norm"):     # Qwen3's per-head RMSNorm of queries and keys, before RoPE
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)     # [B,H,S,Dh], [B,Hkv,S,Dh]
     value = attn.v_proj(x).view(shape).transpose(1, 2)          # [B,Hkv,S,Dh]
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     return query, key, value
@@ -224,10 +228,14 @@ def last_token_logits(norm: nn.Module, lm_head: nn.Module, hidden_states: torch.
 class DecoderSegment(nn.Module):
     """Decoder layers [start, end) with an explicit KV cache (see the module diagram)."""
 
-    def __init__(self, llava: nn.Module, start: int, end: int, *, final: bool, emit_query: bool):
+    def __init__(self, llava: nn.Module, start: int, end: int, *, final: bool, emit_query: bool,
+                 deepstack_layers: int = 0):
         super().__init__()
         lm = llava.model.language_model
         self.layers = nn.ModuleList(lm.layers[start:end])
+        # DeepStack (Qwen3-VL): the segment's layers l < deepstack_layers are followed by
+        # hidden + deepstack.{l}, inputs after the past key/values in spec order
+        self.deepstack = [i for i, layer in enumerate(range(start, end)) if layer < deepstack_layers]
         self.rotary_emb = lm.rotary_emb
         self.final = final
         self.emit_query = emit_query
@@ -240,10 +248,13 @@ class DecoderSegment(nn.Module):
         cos, sin, bias = rope_and_bias(self.rotary_emb, hidden_states, position_ids, attention_mask, cache_position)
         presents: list[torch.Tensor] = []
         query = hidden_states
+        deepstack = dict(zip(self.deepstack, past_key_values[2 * len(self.layers):]))
         for i, layer in enumerate(self.layers):
             hidden_states, key, value, query = decoder_layer(
                 layer, hidden_states, cos, sin, bias, past_key_values[2 * i], past_key_values[2 * i + 1],
                 cache_position)
+            if i in deepstack:
+                hidden_states = hidden_states + deepstack[i]
             presents += [key, value]
         first = last_token_logits(self.norm, self.lm_head, hidden_states) if self.final else hidden_states
         extra = (query,) if self.emit_query else ()
@@ -511,3 +522,10 @@ class StageScorer(nn.Module):
             torch.gather(attention_mask, 1, index),
             torch.gather(token_type_ids, 1, index),
         )
+
+
+def deepstack_layers(spec: GraphSpec) -> int:
+    """One past the last layer whose DeepStack input ``spec`` takes (0: none), for :class:`DecoderSegment`."""
+    layers = [int(name.split(".")[1]) for name in spec.input_names if name.startswith("deepstack.")]
+    return max(layers) + 1 if layers else 0
+

@@ -156,6 +156,16 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
+#: The vision graph's optional second output: [deepstack_layers, num_image_tokens, D] (Qwen3-VL).
+DEEPSTACK_OUTPUT = "deepstack_embeds"
+
+
+def deepstack_name(layer: int) -> str:
+    """Name of the segment input added to the hidden states after decoder layer ``layer``
+    (Qwen3-VL's DeepStack: [B,S,D], the image tokens' features of that layer, 0 at other tokens)."""
+    return f"deepstack.{layer}"
+
+
 def query_name(layer: int) -> str:
     """Name of the query-states output of layer ``layer`` that a scoring graph consumes."""
     return f"query.{layer}"
@@ -224,6 +234,9 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32", *, a
         for layer in range(start, end):
             inputs += [TensorSpec(n, dtype, (b, kv, m, hd)) for n in past_names(layer)]
             outputs += [TensorSpec(n, dtype, (b, kv, m, hd)) for n in present_names(layer)]
+        # DeepStack (Qwen3-VL, docs/QWEN3VL.md): after layer l < deepstack_layers, add deepstack.{l}
+        inputs += [TensorSpec(deepstack_name(layer), dtype, (b, s, d))
+                   for layer in range(start, min(end, dims.deepstack_layers))]
         if not final:
             outputs.append(TensorSpec(query_name(end - 1), dtype, (b, h, s, hd)))
         specs.append(GraphSpec(

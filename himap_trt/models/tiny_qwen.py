@@ -1,4 +1,7 @@
-"""The built-in ``tiny-qwen2.5-vl``: a deterministic random-weight Qwen2.5-VL checkpoint.
+"""The built-in ``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl``: deterministic random-weight Qwen2.5-VL and
+Qwen3-VL checkpoints (``tiny-qwen3-vl``: the same decoder sizes with Qwen3's q/k norms and
+interleaved M-RoPE sections (4, 2, 2); a 4-block vision tower of 16 px patches with an 8x8 learned
+position table and DeepStack from blocks 1-3; image processor with mean/std 0.5, 4..64 tokens).
 
 Written once to the cache as an ordinary Hugging Face directory (``config.json``,
 ``model.safetensors``, tokenizer, image processor, chat template) and loaded back through
@@ -25,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from himap_trt.arch.qwen2_5_vl import _image_only_processor_class
+from himap_trt.arch import qwen2_5_vl, qwen3_vl
 from himap_trt.models.tiny import _randomize, cache_root, cached_model_dir
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the chat template places videos; Qwen's special tokens stay whole after loading
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -47,6 +50,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{ '<|im_end|>\n' }}"
@@ -72,19 +76,44 @@ class TinyQwenSpec:
     max_image_tokens: int = 64
     seed: int = 3
     init_std: float = 0.2
+    family: str = "qwen2_5_vl"
 
 
-TINY_QWEN_MODELS: dict[str, TinyQwenSpec] = {"tiny-qwen2.5-vl": TinyQwenSpec("tiny-qwen2.5-vl")}
+TINY_QWEN_MODELS: dict[str, TinyQwenSpec] = {
+    "tiny-qwen2.5-vl": TinyQwenSpec("tiny-qwen2.5-vl"),
+    # Qwen3-VL: interleaved M-RoPE over 8 frequencies (T 0,3,6,7; H 1,4; W 2,5), DeepStack from
+    # vision blocks 1, 2, 3 into decoder layers 0, 1, 2 (so HiMAP's default K1 = 2 falls inside)
+    "tiny-qwen3-vl": TinyQwenSpec("tiny-qwen3-vl", mrope_section=(4, 2, 2), seed=5, family="qwen3_vl"),
+}
+
+#: Qwen3-VL's conversation format (no default system message, as the published template), with
+#: ``<|vision_start|><|image_pad|><|vision_end|>`` for an image and ``<|video_pad|>`` for a video.
+CHAT_TEMPLATE_QWEN3 = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # registered in the backend itself, so tokenizer.json keeps them whole after save/load (transformers
+    # 5 does not persist ``additional_special_tokens``: before recipe 2, '<|im_start|>' came back as bytes)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
@@ -98,14 +127,43 @@ def _tokenizer():
 def _processor(spec: TinyQwenSpec, tokenizer):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    side = 28  # patch 14 x merge 2
+    qwen3 = spec.family == "qwen3_vl"
+    patch = 16 if qwen3 else 14
+    side = 2 * patch  # patch x merge 2
+    extra = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]) if qwen3 else {}
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": spec.min_image_tokens * side * side, "longest_edge": spec.max_image_tokens * side * side},
-        patch_size=14, temporal_patch_size=2, merge_size=2,
+        patch_size=patch, temporal_patch_size=2, merge_size=2, **extra,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=CHAT_TEMPLATE)
+    template = CHAT_TEMPLATE_QWEN3 if qwen3 else CHAT_TEMPLATE
+    tokenizer.chat_template = template
+    family = qwen3_vl if qwen3 else qwen2_5_vl
+    return family._image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                                chat_template=template)
+
+
+def _config_qwen3(spec: TinyQwenSpec, vocab_size: int):
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_key_value_heads,
+            head_dim=spec.hidden_size // spec.num_heads, vocab_size=vocab_size, max_position_embeddings=2048,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section),
+                             "mrope_interleaved": True},
+            bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+            num_heads=2, in_channels=3, out_hidden_size=spec.hidden_size, patch_size=16, spatial_merge_size=2,
+            temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3],
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID, tie_word_embeddings=False,
+    )
 
 
 def _config(spec: TinyQwenSpec, vocab_size: int):
@@ -138,11 +196,14 @@ def tiny_qwen_model_dir(name: str) -> Path:
     spec = TINY_QWEN_MODELS[name]
 
     def build(tmp: Path) -> None:
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
         tokenizer = _tokenizer()
         processor = _processor(spec, tokenizer)
-        model = Qwen2_5_VLForConditionalGeneration(_config(spec, vocab_size=len(tokenizer)))
+        if spec.family == "qwen3_vl":
+            model = Qwen3VLForConditionalGeneration(_config_qwen3(spec, vocab_size=len(tokenizer)))
+        else:
+            model = Qwen2_5_VLForConditionalGeneration(_config(spec, vocab_size=len(tokenizer)))
         with torch.no_grad():
             _randomize(model, spec.seed, spec.init_std)
         model.generation_config.pad_token_id = ENDOFTEXT_ID

@@ -31,7 +31,7 @@ import torch
 
 from himap_trt.errors import HimapError
 from himap_trt.arch import get_architecture
-from himap_trt.graphs.spec import GraphSpec, past_names, present_names, query_name
+from himap_trt.graphs.spec import DEEPSTACK_OUTPUT, GraphSpec, past_names, present_names, query_name
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
@@ -280,14 +280,22 @@ class Pipeline:
                              "(prompt plus at least one generated token must fit); allocate a larger cache")
         input_ids = batch.input_ids.to(dev)
         t0 = time.perf_counter()
-        vision = {name: t.to(dev, self.dtype if t.is_floating_point() else t.dtype)
-                  for name, t in self.arch.vision_feeds(batch, self.specs["vision"]).items()}
-        features = self._run("vision", vision)[self.specs["vision"].outputs[0].name]
+        vision_spec = self.specs["vision"]
+        vision = {name: t.to(dev, torch_dtype(vision_spec.input(name).dtype) if t.is_floating_point() else t.dtype)
+                  for name, t in self.arch.vision_feeds(batch, vision_spec).items()}
+        seen = self._run("vision", vision)
+        features = seen[self.specs["vision"].outputs[0].name]
         self._sync()
         t1 = time.perf_counter()
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]
         image_mask = (input_ids == self.image_token_id)[..., None]
         hidden = embeds.masked_scatter(image_mask, features.to(embeds.dtype))           # [B,S,D]
+        # DeepStack (Qwen3-VL): per layer, the image tokens' features at their positions, 0 elsewhere:
+        # [n, B, S, D], gathered by every stage's kept indices like the hidden states (docs/QWEN3VL.md)
+        deepstack = None
+        if DEEPSTACK_OUTPUT in seen:
+            deepstack = torch.stack([torch.zeros_like(embeds).masked_scatter(image_mask, layer.to(embeds.dtype))
+                                     for layer in seen[DEEPSTACK_OUTPUT]])
         positions = batch.position_ids.to(dev)
         mask = batch.attention_mask.to(dev)
         types = batch.token_type_ids.to(dev)
@@ -308,8 +316,10 @@ class Pipeline:
                     buffers[name] = torch.empty((size, heads, length, head_dim), dtype=self.dtype, device=dev)
             presents = {present: buffers[past] for layer in range(*seg.layers)
                         for past, present in zip(past_names(layer), present_names(layer))}
+            layered = {name: deepstack[int(name.split(".")[1])] for name in seg.input_names
+                       if name.startswith("deepstack.")}
             out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask,
-                                       "cache_position": start, **buffers}, presents)
+                                       "cache_position": start, **buffers, **layered}, presents)
             for row, slot in enumerate(slots):
                 cache.store(j, slot, buffers, row, mask[row])
             if j == len(self.segments) - 1:
@@ -331,6 +341,9 @@ class Pipeline:
             hidden, positions = kept["kept_hidden_states"], kept["kept_position_ids"]
             mask, types = kept["kept_attention_mask"], kept["kept_token_type_ids"]
             origin = torch.gather(origin, 1, index)
+            if deepstack is not None:       # pruned tokens' later DeepStack additions go with them
+                deepstack = torch.gather(deepstack, 2, index[None, :, :, None].expand(
+                    deepstack.shape[0], -1, -1, deepstack.shape[-1]))
             # masked slots (VisiPruner rows keeping fewer than C tokens) are not kept tokens
             image_positions = [origin[row][(types[row] == TOKEN_IMAGE) & (mask[row] == 1)].tolist()
                                for row in range(origin.shape[0])]
@@ -398,9 +411,11 @@ class Pipeline:
             buffers = {name: tensor[low:high + 1] for name, tensor in cache.tensors[j].items()}
             presents = {present: buffers[past] for layer in range(*seg.layers)
                         for past, present in zip(past_names(layer), present_names(layer))}
+            # a generated token is no image token: its DeepStack additions are 0
+            layered = {name: torch.zeros_like(hidden) for name in seg.input_names if name.startswith("deepstack.")}
             out = self._run(seg.name, {"hidden_states": hidden, "position_ids": self.arch.decode_position_ids(pos),
                                        "attention_mask": cache.masks[j][low:high + 1],
-                                       "cache_position": write.to(dev), **buffers}, presents)
+                                       "cache_position": write.to(dev), **buffers, **layered}, presents)
             lengths[slot_index] += 1
             hidden = out.get("last_hidden_state")
         return out["logits"][where.to(dev)]

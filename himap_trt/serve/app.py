@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from anyio import to_thread
@@ -46,6 +46,7 @@ from himap_trt.runtime.engine import (
 )
 from himap_trt.runtime.loader import open_pipeline
 from himap_trt.serve.images import ImageError, ImagePolicy, open_image_url
+from himap_trt.serve.videos import VideoPolicy, open_video_url
 from himap_trt.serve.metrics import ServerMetrics
 from himap_trt.serve.protocol import (
     UNSUPPORTED,
@@ -55,6 +56,8 @@ from himap_trt.serve.protocol import (
     Health,
     ImagePart,
     ModelList,
+    TextPart,
+    VideoPart,
     completion_id,
     error_body,
     now,
@@ -85,6 +88,7 @@ class ServeConfig:
         max_queue: most requests waiting for a slot (requests); more are refused with 429.
         model_name: the name clients must send as ``model``.
         images: where images may come from, and their limits.
+        videos: how ``video_url`` parts are sampled, and their limits (Qwen exports).
         max_seq_len: most tokens (prompt + generated) per request (None: the export's).
         max_body_bytes: largest request body accepted (bytes); larger ones get 413.
         drain_timeout_s: on SIGTERM, most seconds to wait for requests in flight (seconds).
@@ -107,6 +111,7 @@ class ServeConfig:
     max_queue: int = 64
     model_name: str = "himap-trt"
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    videos: VideoPolicy = field(default_factory=VideoPolicy)
     max_seq_len: int | None = None
     max_body_bytes: int = 32 * 2**20
     drain_timeout_s: float = 600.0
@@ -308,19 +313,29 @@ def image_and_question(request: ChatCompletionRequest) -> tuple[str, str, str]:
                             f"prompts hold one image and one question), got roles [{roles}]", param="messages")
     content = request.messages[0].content
     parts = [] if content is None else content if isinstance(content, list) else []
+    videos = [(i, p) for i, p in enumerate(parts) if isinstance(p, VideoPart)]
     images = [(i, p) for i, p in enumerate(parts) if isinstance(p, ImagePart)]
+    if videos and images:
+        raise ApiError(400, "messages[0].content: an image and a video; a prompt holds one image or one video",
+                       param="messages[0].content")
+    if len(videos) > 1:
+        raise ApiError(400, f"messages[0].content: {len(videos)} videos; a prompt holds one video",
+                       param="messages[0].content")
+    images = images or videos
     if not images:
         raise ApiError(400, "messages[0].content: no image; add a part {\"type\": \"image_url\", \"image_url\": "
                             "{\"url\": \"data:image/png;base64,...\"}}", param="messages[0].content")
     if len(images) > 1:
         raise ApiError(400, f"messages[0].content: {len(images)} images; the model takes one image per prompt",
                        param="messages[0].content")
-    texts = [content] if isinstance(content, str) else [p.text for p in parts if not isinstance(p, ImagePart)]
+    texts = [content] if isinstance(content, str) else [p.text for p in parts if isinstance(p, TextPart)]
     question = "\n".join(t for t in texts if t and t.strip())
     if not question.strip():
         raise ApiError(400, "messages[0].content: no text; add a part {\"type\": \"text\", \"text\": \"...\"}",
                        param="messages[0].content")
     index, part = images[0]
+    if isinstance(part, VideoPart):
+        return part.video_url.url, f"messages[0].content[{index}].video_url.url", question
     return part.image_url.url, f"messages[0].content[{index}].image_url.url", question
 
 
@@ -450,7 +465,8 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             async with image_slots:                 # at most image_workers images in memory at once
                 try:
-                    image = await open_image_url(url, param, config.images)
+                    image = await (open_video_url(url, param, replace(config.videos, image_root=config.images.image_root))
+                                   if param.endswith("video_url.url") else open_image_url(url, param, config.images))
                 except ImageError as exc:
                     raise ApiError(400, str(exc), param=exc.param) from None
                 try:

@@ -1,8 +1,8 @@
 """The OpenAI chat-completions request and response shapes the server speaks (pydantic).
 
 Types are strict where OpenAI's API is (pydantic strict mode on the JSON body): ``"5"`` is not an
-integer, ``"true"`` not a boolean; integers are accepted for numbers. Only what a LLaVA-1.5 prompt can hold is accepted: one user message with one ``image_url`` part
-and text. Fields OpenAI defines that this server cannot honour (``n > 1``, ``logprobs``, tools,
+integer, ``"true"`` not a boolean; integers are accepted for numbers. Only what a prompt can hold is accepted: one user message with one ``image_url`` part
+(or, for Qwen exports, one ``video_url`` part) and text. Fields OpenAI defines that this server cannot honour (``n > 1``, ``logprobs``, tools,
 penalties) are refused with 400 rather than ignored. Extensions, as vLLM names them:
 ``ignore_eos`` and ``return_token_ids`` in the request, ``himap`` (image tokens kept per segment)
 in the response.
@@ -44,7 +44,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(BaseModel):
+    model_config = STRICT
+
+    url: str
+
+
+class VideoPart(BaseModel):
+    """vLLM's video content part (Qwen exports): ``{"type": "video_url", "video_url": {"url": ...}}``."""
+
+    model_config = STRICT
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(BaseModel):

@@ -3,7 +3,8 @@ and the client helpers.
 
 Request (every tensor has shape [1]; the optional ones may be left out)::
 
-    image        BYTES   encoded image (JPEG, PNG, WebP, ... anything PIL reads)
+    image        BYTES   encoded image (JPEG, PNG, WebP, ... anything PIL reads), or a video (MP4, WebM, ...:
+                         Qwen exports; decoded with PyAV, 2 frames per second, at most 16 frames)
     question     BYTES   UTF-8 question
     max_tokens   INT32   most new tokens (tokens)           [default: the model's default_max_tokens]
     temperature  FP32    0: greedy; > 0: sample              [0]
@@ -32,6 +33,7 @@ import numpy as np
 
 from himap_trt.errors import HimapError
 from himap_trt.runtime.sampling import GenerationConfig
+from himap_trt.video import load_video
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,10 @@ OUTPUTS = (
 INPUT_NAMES = tuple(t.name for t in INPUTS)
 OUTPUT_NAMES = tuple(t.name for t in OUTPUTS)
 
-#: Most bytes accepted for one encoded image.
+#: Most bytes accepted for one encoded image (or video).
 MAX_IMAGE_BYTES = 32 * 2**20
+#: Most pixels of one video frame.
+MAX_VIDEO_FRAME_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -125,12 +129,28 @@ def decode_image(data: bytes):
         image = Image.open(io.BytesIO(data))
         image.load()
     except UnidentifiedImageError:
-        raise HimapError("input 'image' is not an image PIL can read (expected JPEG, PNG, WebP, ...)") from None
+        return _decode_video(data)
     except Image.DecompressionBombError as exc:
         raise HimapError(f"input 'image' is too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise HimapError(f"input 'image' is truncated or corrupt: {exc}") from None
     return image
+
+
+def _decode_video(data: bytes):
+    """An ``image`` input that PIL does not read, tried as a video (Qwen exports; PyAV, the
+    defaults of ``run --video``: 2 fps, at most 16 frames).
+
+    Raises:
+        HimapError: neither an image nor a decodable video.
+    """
+    try:
+        return load_video(data, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
+    except HimapError as exc:
+        if "not a readable video" in str(exc):
+            raise HimapError("input 'image' is neither an image PIL can read (JPEG, PNG, WebP, ...) nor a video "
+                             "PyAV can decode (MP4, WebM, ...)") from None
+        raise
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: int) -> ParsedRequest:

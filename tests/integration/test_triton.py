@@ -181,15 +181,20 @@ def test_repo_command_errors(tiny_export, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
-def test_parse_request_names_the_bad_input(image_bytes):
+def test_parse_request_names_the_bad_input(image_bytes, tmp_path):
     def getter(**values):
         return lambda name: None if values.get(name) is None else np.array([values[name]])
 
     good = parse_request(getter(image=image_bytes, question=b"What?"), 8)
     assert good.config.max_new_tokens == 8 and good.image.size == (512, 600)
+    from himap_trt.video import Video, moving_shapes_clip   # a video in the same input (Qwen exports)
+
+    clip = moving_shapes_clip(tmp_path / "clip.mp4", frames=8, fps=4).read_bytes()
+    video = parse_request(getter(image=clip, question=b"What moves?"), 8).image
+    assert isinstance(video, Video) and len(video.frames) == 4
     cases = [
         (dict(question=b"What?"), "input 'image' is missing"),
-        (dict(image=b"not an image", question=b"What?"), "input 'image' is not an image"),
+        (dict(image=b"not an image", question=b"What?"), "input 'image' is neither an image"),
         (dict(image=image_bytes[:200], question=b"What?"), "input 'image' is truncated"),
         (dict(image=image_bytes, question=b"  "), "input 'question' is empty"),
         (dict(image=image_bytes, question=b"\xff\xfe"), "input 'question' is not valid UTF-8"),

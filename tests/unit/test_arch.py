@@ -75,3 +75,24 @@ def test_cli_refuses_max_image_tokens_for_llava_and_image_tokens_below_one():
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["flops", "--model", "qwen2.5-vl-7b", "--image-tokens", "0"])
     assert result.exit_code != 0 and "--image-tokens must be at least 1" in result.output
+
+
+def test_qwen3_graph_declarations_carry_deepstack():
+    """qwen3-vl-8b: DeepStack into decoder layers 0-2; HiMAP's K1 = 2 puts layer 2's input in segment 1."""
+    config = known_models()["qwen3-vl-8b"][1]()
+    assert architecture_for(config).name == "qwen3_vl"
+    dims = resolve_dims("qwen3-vl-8b", config, 1024)
+    assert (dims.hidden_size, dims.num_layers, dims.deepstack_layers, dims.patch_size) == (4096, 36, 3, 16)
+    plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
+    specs = {s.name: s for s in graph_specs(dims, plan, "float16", arch=get_architecture(dims.architecture))}
+    deep = {name: [t.name for t in s.inputs if t.name.startswith("deepstack.")] for name, s in specs.items()
+            if s.kind == "segment"}
+    assert deep == {"segment_0": ["deepstack.0", "deepstack.1"], "segment_1": ["deepstack.2"], "segment_2": []}
+    assert specs["segment_1"].input("deepstack.2").shape == ("batch", "sequence", 4096)
+    vision = specs["vision"]
+    assert vision.input("pixel_values").shape == ("num_patches", 1536)
+    assert vision.output("deepstack_embeds").shape == (3, "num_image_tokens", 4096)
+    bad = known_models()["qwen3-vl-8b"][1]()
+    bad.text_config.rope_parameters["mrope_section"] = [24, 20, 10]
+    with pytest.raises(HimapError, match="mrope_section"):
+        architecture_for(bad).check_supported(bad, "bad")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from himap_trt.analysis.analyze.measure import RequestAnalysis, RequestInputs, analyze_request
-from himap_trt.graphs.modules import TokenEmbedding, VisionEncoder
-from himap_trt.prompt import prepare_batch
+from himap_trt.arch import architecture_for
+from himap_trt.graphs.modules import TokenEmbedding
 
 
 @dataclass(frozen=True)
@@ -35,23 +35,32 @@ def prepare_inputs(loaded: Any, request: Request, modules: tuple[Any, Any] | Non
     Args:
         loaded: a :class:`himap_trt.models.LoadedModel`.
         request: the request.
-        modules: (VisionEncoder, TokenEmbedding) to reuse; built from ``loaded`` if None.
+        modules: (the family's vision module, TokenEmbedding) to reuse; built from ``loaded`` if None.
 
     Raises:
         HimapError: empty question or an unexpected image-token count.
     """
     model = loaded.model
     dims = loaded.dims
-    vision, embed = modules or (VisionEncoder(model).eval(), TokenEmbedding(model).eval())
-    batch = prepare_batch(loaded.processor, [request.image], [request.question], dims.image_token_id,
-                          dims.num_image_tokens)
+    arch = architecture_for(model.config)
+    vision, embed = modules or (arch.vision_module(model).eval(), TokenEmbedding(model).eval())
+    batch = arch.prepare_batch(loaded.processor, [request.image], [request.question], dims.image_token_id,
+                               dims.num_image_tokens)
+    spec = arch.vision_spec(dims, "float32")
     device = model.device
     ids = batch.input_ids.to(device)
     with torch.no_grad():
-        features = vision(batch.pixel_values.to(device, model.dtype))[0]
+        feeds = arch.vision_feeds(batch, spec)
+        args = [feeds[name].to(device, model.dtype if feeds[name].is_floating_point() and name == "pixel_values"
+                                 else feeds[name].dtype) for name in spec.input_names]
+        outputs = vision(*args)
+        features = outputs[0]
         embeds = embed(ids)[0]
-        embeds = embeds.masked_scatter((ids == dims.image_token_id)[..., None], features.to(embeds.dtype))
-    inputs = RequestInputs(embeds=embeds, position_ids=batch.position_ids.to(device), types=batch.token_type_ids[0].to(device))
+        image_mask = ids == dims.image_token_id
+        embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+    deepstack = (image_mask, [f.to(embeds.dtype) for f in outputs[1]]) if len(outputs) > 1 else None
+    inputs = RequestInputs(embeds=embeds, position_ids=batch.position_ids.to(device),
+                           types=batch.token_type_ids[0].to(device), deepstack=deepstack)
     if request.answer:
         ids = loaded.processor.tokenizer(request.answer, add_special_tokens=False)["input_ids"]
         if ids:
@@ -71,7 +80,8 @@ def analyze_model(loaded: Any, requests: list[Request], *, tau: float = 0.2,
         on_request: called after each request with its index and result (progress).
         chunk: prompt copies per batched disruption forward.
     """
-    modules = (VisionEncoder(loaded.model).eval(), TokenEmbedding(loaded.model).eval())
+    modules = (architecture_for(loaded.model.config).vision_module(loaded.model).eval(),
+               TokenEmbedding(loaded.model).eval())
     results = []
     for i, request in enumerate(requests):
         inputs = prepare_inputs(loaded, request, modules)

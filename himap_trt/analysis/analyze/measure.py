@@ -47,10 +47,12 @@ class RequestInputs:
 
     Attributes:
         embeds: [1, S, D] input embeddings (image features merged at the image positions).
-        position_ids: [1, S] int64.
+        position_ids: [1, S] int64 ([3, 1, S]: M-RoPE, Qwen families).
         types: [S] int64 token types (``himap_trt.prompt.TOKEN_*``).
         target: the answer token id whose cross-entropy the saliency differentiates.
         target_source: ``answer`` (first token of the given answer) or ``greedy`` (the model's top-1).
+        deepstack: Qwen3-VL: (image mask [1, S] bool, per DeepStack layer the image tokens' features
+            [|V|, D]), added by transformers' decoder after its first layers; None elsewhere.
     """
 
     embeds: torch.Tensor
@@ -58,6 +60,7 @@ class RequestInputs:
     types: torch.Tensor
     target: int = -1
     target_source: str = "greedy"
+    deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     @property
     def spans(self) -> dict[str, torch.Tensor]:
@@ -88,12 +91,28 @@ def _language_model(model: Any):
     return model.model.language_model
 
 
-def last_logits(model: Any, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [B, V] float32 of a batch of unpadded prompts."""
+def last_logits(model: Any, embeds: torch.Tensor, position_ids: torch.Tensor,
+                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """Next-token logits [B, V] float32 of a batch of B copies of one unpadded prompt.
+
+    ``position_ids``: [B,S] or [3,B,S] (M-RoPE); ``deepstack``: Qwen3-VL's (image mask [1,S],
+    per-layer features [|V|, D]) of the one prompt (transformers' ``visual_pos_masks`` /
+    ``deepstack_visual_embeds``), repeated for the B copies."""
+    extra = {}
+    if deepstack is not None:
+        mask, features = deepstack
+        copies = embeds.shape[0]
+        extra = {"visual_pos_masks": mask.expand(copies, -1),
+                 "deepstack_visual_embeds": [f.repeat(copies, 1) for f in features]}
     hidden = _language_model(model)(inputs_embeds=embeds, position_ids=position_ids,
                                     attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
-                                                              device=embeds.device)).last_hidden_state
+                                                              device=embeds.device), **extra).last_hidden_state
     return model.lm_head(hidden[:, -1]).float()
+
+
+def _copies(position_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[1,S] or [3,1,S] position ids -> n copies along the batch axis."""
+    return position_ids.expand(*position_ids.shape[:-2], n, position_ids.shape[-1])
 
 
 def value_contributions(probs: torch.Tensor, value: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +154,7 @@ def saliency_maps(model: Any, inputs: RequestInputs) -> tuple[list[torch.Tensor]
     """
     record = _Record()
     with torch.enable_grad(), probing(model, record):
-        logits = last_logits(model, inputs.embeds, inputs.position_ids)
+        logits = last_logits(model, inputs.embeds, inputs.position_ids, inputs.deepstack)
         loss = F.cross_entropy(logits, torch.tensor([inputs.target], device=logits.device))
         layers = sorted(record.probs)
         grads = torch.autograd.grad(loss, [record.probs[layer] for layer in layers])
@@ -195,7 +214,8 @@ def disruption(model: Any, inputs: RequestInputs, clean: torch.Tensor, chunk: in
         part = rows[start:start + chunk]
         n = len(part)
         with torch.no_grad(), probing(model, _Disrupt(part, masks)):
-            logits = last_logits(model, inputs.embeds.expand(n, -1, -1), inputs.position_ids.expand(n, -1))
+            logits = last_logits(model, inputs.embeds.expand(n, -1, -1), _copies(inputs.position_ids, n),
+                                 inputs.deepstack)
         for row, (layer, kind) in enumerate(part):
             label, score, kl = consistency(clean, logits[row])
             result[kind]["label"][layer], result[kind]["score"][layer], result[kind]["kl"][layer] = label, score, kl
@@ -292,7 +312,7 @@ def reference_triggers(model: Any, inputs: RequestInputs, tau: float) -> dict[st
     num_layers = len(_language_model(model).layers)
     probe = ReferenceTriggers(inputs.types, num_layers, tau)
     with torch.no_grad(), probing(model, probe):
-        last_logits(model, inputs.embeds, inputs.position_ids)
+        last_logits(model, inputs.embeds, inputs.position_ids, inputs.deepstack)
     return {"middle_layer": probe.middle_layer, "deep_layer": probe.deep_layer,
             "critical_tokens": len(probe.critical) if probe.middle is not None else None,
             "shallow_end": probe.shallow_end, "first_candidate": probe.first_candidate}
@@ -320,7 +340,7 @@ def saliency_metrics(model: Any, inputs: RequestInputs, *, tau: float) -> tuple[
     spans = inputs.spans
     if inputs.target < 0:
         with torch.no_grad():
-            inputs.target = int(last_logits(model, inputs.embeds, inputs.position_ids)[0].argmax())
+            inputs.target = int(last_logits(model, inputs.embeds, inputs.position_ids, inputs.deepstack)[0].argmax())
     maps, record, clean = saliency_maps(model, inputs)
     result = RequestAnalysis(prompt_tokens=int(inputs.types.numel()), image_tokens=len(spans["image"]),
                              target=inputs.target, target_source=inputs.target_source)

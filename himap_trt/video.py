@@ -1,0 +1,209 @@
+"""Video inputs for the Qwen families: decoding (PyAV), frame sampling, frame lists, and a short
+offline test clip of moving shapes.
+
+A :class:`Video` is the frames a prompt sees (RGB PIL images, in order) and the time of each
+(seconds from the clip's start). It is what ``prepare_batch`` of a Qwen family accepts in place of
+an image (:mod:`himap_trt.arch.qwen2_5_vl`); how frames become visual tokens is the family's.
+
+Sampling (:func:`sample_times`), as transformers' Qwen video processors sample: ``n = round(duration
+· fps)`` frames, at most ``max_frames``, at least 2, rounded down to an even count (Qwen's temporal
+patches hold 2 frames), spread evenly over the clip (``linspace`` over the decoded frames,
+rounded), so a long clip is covered end to end rather than truncated.
+
+Decoding is PyAV's (FFmpeg); nothing here parses a container or codec itself.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from himap_trt.data.shapes import random_scene, render
+from himap_trt.errors import HimapError
+from himap_trt.prompt import load_image
+
+#: Defaults of ``--video-fps`` (frames per second sampled) and ``--max-frames``.
+DEFAULT_FPS = 2.0
+DEFAULT_MAX_FRAMES = 16
+#: A request's frames are refused above this (the server's and CLI's hard limit).
+FRAME_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class Video:
+    """Frames of one prompt's video.
+
+    Attributes:
+        frames: RGB images, all the same size, an even number >= 2.
+        times: [len(frames)] seconds from the clip's start of each frame.
+        fps: the rate the frames were sampled at (frames per second): Qwen2.5-VL's
+            ``second_per_grid_ts`` = temporal_patch_size / fps.
+        source: where they came from (messages).
+    """
+
+    frames: tuple[Image.Image, ...]
+    times: tuple[float, ...]
+    fps: float
+    source: str = "the video"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of every frame (px)."""
+        return self.frames[0].size
+
+
+def _check_sampling(fps: float, max_frames: int) -> None:
+    if not (fps > 0 and np.isfinite(fps)):
+        raise HimapError(f"--video-fps must be a positive number of frames per second, got {fps}")
+    if not 2 <= max_frames <= FRAME_LIMIT:
+        raise HimapError(f"--max-frames must be in [2, {FRAME_LIMIT}], got {max_frames}")
+
+
+def sample_indices(total: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
+    """Which of ``total`` decoded frames (at ``source_fps``) to keep (see the module docstring).
+
+    Raises:
+        HimapError: fewer than one decoded frame.
+    """
+    if total < 1:
+        raise HimapError("the video has no frames")
+    wanted = int(round(total / source_fps * fps))
+    count = max(2, min(max_frames, wanted))
+    count -= count % 2
+    return [int(round(i)) for i in np.linspace(0, total - 1, count)]
+
+
+def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
+               name: str | None = None, max_pixels: int | None = None) -> Video:
+    """Decode a video file (or its bytes) with PyAV and sample its frames.
+
+    Args:
+        path: a file path, or the file's bytes (the server's data URLs).
+        fps: frames per second to sample (``--video-fps``).
+        max_frames: most frames kept (``--max-frames``).
+        name: what to call it in messages (default: the path).
+        max_pixels: refuse frames larger than this (width x height), before decoding them all.
+
+    Raises:
+        HimapError: not a readable video (one line naming it), no video stream, no frames, or
+            frames over ``max_pixels``.
+    """
+    import av
+
+    _check_sampling(fps, max_frames)
+    label = name or (str(path) if not isinstance(path, bytes) else "the video")
+    source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+    try:
+        with av.open(source, mode="r") as container:
+            if not container.streams.video:
+                raise HimapError(f"{label} holds no video stream")
+            stream = container.streams.video[0]
+            if max_pixels is not None and stream.codec_context.width * stream.codec_context.height > max_pixels:
+                raise HimapError(f"{label}: frames of {stream.codec_context.width}x{stream.codec_context.height} px "
+                                 f"exceed the limit of {max_pixels} pixels per frame")
+            decoded = [(frame.to_image().convert("RGB"), float(frame.time or 0.0))
+                       for frame in container.decode(stream)]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+    except HimapError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise HimapError(f"{label} is not a readable video: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not decoded:
+        raise HimapError(f"{label} has no frames")
+    if rate is None:
+        span = decoded[-1][1] - decoded[0][1]
+        rate = (len(decoded) - 1) / span if span > 0 else 1.0
+    keep = sample_indices(len(decoded), rate, fps, max_frames)
+    times = [decoded[i][1] - decoded[0][1] for i in keep]
+    effective = min(fps, rate)
+    return Video(tuple(decoded[i][0] for i in keep), tuple(times), effective, label)
+
+
+def frames_video(images: list[Image.Image], *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
+                 source: str = "the frames") -> Video:
+    """A video from a list of frames taken ``1/fps`` seconds apart (``--frames a.png b.png ...``).
+
+    An odd count repeats the last frame (as transformers pads a temporal patch).
+
+    Raises:
+        HimapError: no frames, more than ``max_frames``, or frames of different sizes.
+    """
+    _check_sampling(fps, max_frames)
+    if not images:
+        raise HimapError(f"{source}: zero frames given; a video needs at least one")
+    if len(images) > max_frames:
+        raise HimapError(f"{source}: {len(images)} frames, more than --max-frames {max_frames}")
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        raise HimapError(f"{source}: frames have different sizes {sorted(sizes)}; give frames of one size")
+    frames = [im.convert("RGB") for im in images]
+    if len(frames) % 2:
+        frames.append(frames[-1])
+    return Video(tuple(frames), tuple(i / fps for i in range(len(frames))), fps, source)
+
+
+def moving_shapes_clip(path: str | Path, *, frames: int = 16, fps: int = 8, size: int = 96, seed: int = 0) -> Path:
+    """Write a short MP4 (H.264 via PyAV, yuv420p) of shapes from :mod:`himap_trt.data.shapes`
+    moving across a scene: a test clip made offline.
+
+    Args:
+        path: where to write (``.mp4``).
+        frames: number of frames; fps: frames per second of the file; size: width = height (px,
+            even); seed: the scene.
+
+    Returns:
+        ``path``.
+    """
+    import av
+
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, num_shapes=3)
+    velocities = rng.integers(-3, 4, size=(len(scene.shapes), 2))
+    path = Path(path)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for t in range(frames):
+            moved = tuple(type(s)(s.kind, s.color, int(np.clip(s.x + t * vx, 0, 96 - s.size)),
+                                  int(np.clip(s.y + t * vy, 0, 96 - s.size)), s.size)
+                          for s, (vx, vy) in zip(scene.shapes, velocities))
+            image = render(type(scene)(scene.background, moved)).resize((size, size))
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def video_request(video: str | Path | None, frames: list | None, *, fps: float = DEFAULT_FPS,
+                  max_frames: int = DEFAULT_MAX_FRAMES) -> Video | None:
+    """The :class:`Video` of ``himap-trt run --video FILE`` or ``--frames A --frames B ...`` (None if neither).
+
+    Raises:
+        HimapError: both given, a missing/unreadable file, zero or too many frames, bad sampling flags.
+    """
+    if video is not None and frames:
+        raise HimapError("pass either --video FILE or --frames IMAGE ..., not both")
+    if video is not None:
+        if not Path(video).is_file():
+            raise HimapError(f"--video {str(video)!r} is not a file")
+        return load_video(video, fps=fps, max_frames=max_frames, name=f"--video {str(video)!r}")
+    if frames:
+        _check_sampling(fps, max_frames)
+        if len(frames) > max_frames:
+            raise HimapError(f"--frames: {len(frames)} frames, more than --max-frames {max_frames}")
+        images = []
+        for path in frames:
+            try:
+                images.append(load_image(path))
+            except HimapError as exc:
+                raise HimapError(f"--frames: {exc}") from None
+        return frames_video(images, fps=fps, max_frames=max_frames, source="--frames")
+    return None

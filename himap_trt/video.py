@@ -31,6 +31,8 @@ DEFAULT_FPS = 2.0
 DEFAULT_MAX_FRAMES = 16
 #: A request's frames are refused above this (the server's and CLI's hard limit).
 FRAME_LIMIT = 256
+#: A video with more frames than this is refused (decoding each costs CPU even when dropped: ~10 minutes at 30 fps).
+DECODE_LIMIT = 18_000
 
 
 @dataclass(frozen=True)
@@ -77,51 +79,82 @@ def sample_indices(total: int, source_fps: float, fps: float, max_frames: int) -
     return [int(round(i)) for i in np.linspace(0, total - 1, count)]
 
 
+def frame_memory(width: int, height: int) -> int:
+    """Memory one kept frame takes at its peak (bytes): the RGB image plus the float32 RGB copy the
+    image processors make (the same estimate as the server's images, 3 + 12 bytes per pixel)."""
+    return width * height * (3 + 3 * 4)
+
+
 def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
-               name: str | None = None, max_pixels: int | None = None) -> Video:
+               name: str | None = None, max_pixels: int | None = None, max_memory: int | None = None) -> Video:
     """Decode a video file (or its bytes) with PyAV and sample its frames.
+
+    Two passes, so memory stays bounded by the frames kept whatever the clip's length: the first
+    decodes every frame only for its time (each frame is dropped at once; at most
+    :data:`DECODE_LIMIT` frames), the second converts just the sampled frames to images.
 
     Args:
         path: a file path, or the file's bytes (the server's data URLs).
         fps: frames per second to sample (``--video-fps``).
         max_frames: most frames kept (``--max-frames``).
         name: what to call it in messages (default: the path).
-        max_pixels: refuse frames larger than this (width x height), before decoding them all.
+        max_pixels: refuse frames larger than this (width x height), before decoding any.
+        max_memory: refuse a clip whose kept frames would take more than this (bytes,
+            :func:`frame_memory` per frame), before converting any frame to an image.
 
     Raises:
-        HimapError: not a readable video (one line naming it), no video stream, no frames, or
-            frames over ``max_pixels``.
+        HimapError: not a readable video (one line naming it), no video stream, no frames, more than
+            :data:`DECODE_LIMIT` frames, frames over ``max_pixels``, kept frames over ``max_memory``.
     """
     import av
 
     _check_sampling(fps, max_frames)
     label = name or (str(path) if not isinstance(path, bytes) else "the video")
-    source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+
+    def source():
+        return io.BytesIO(path) if isinstance(path, bytes) else str(path)
+
     try:
-        with av.open(source, mode="r") as container:
+        with av.open(source(), mode="r") as container:
             if not container.streams.video:
                 raise HimapError(f"{label} holds no video stream")
             stream = container.streams.video[0]
-            if max_pixels is not None and stream.codec_context.width * stream.codec_context.height > max_pixels:
-                raise HimapError(f"{label}: frames of {stream.codec_context.width}x{stream.codec_context.height} px "
-                                 f"exceed the limit of {max_pixels} pixels per frame")
-            decoded = [(frame.to_image().convert("RGB"), float(frame.time or 0.0))
-                       for frame in container.decode(stream)]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if max_pixels is not None and width * height > max_pixels:
+                raise HimapError(f"{label}: frames of {width}x{height} px exceed the limit of {max_pixels} "
+                                 "pixels per frame")
+            times = []
+            for frame in container.decode(stream):
+                if len(times) == DECODE_LIMIT:
+                    raise HimapError(f"{label}: more than {DECODE_LIMIT} frames (the most a video may hold here)")
+                times.append(float(frame.time or 0.0))
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        if not times:
+            raise HimapError(f"{label} has no frames")
+        if rate is None:
+            span = times[-1] - times[0]
+            rate = (len(times) - 1) / span if span > 0 else 1.0
+        keep = sample_indices(len(times), rate, fps, max_frames)
+        if max_memory is not None and len(keep) * frame_memory(width, height) > max_memory:
+            raise HimapError(f"{label}: {len(keep)} frames of {width}x{height} px would take "
+                             f"{len(keep) * frame_memory(width, height) / 2**20:.1f} MiB to decode and preprocess, "
+                             f"more than the limit of {max_memory / 2**20:.1f} MiB (--max-image-memory)")
+        wanted, images = set(keep), {}
+        with av.open(source(), mode="r") as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if index in wanted:
+                    images[index] = frame.to_image().convert("RGB")
+                if index >= keep[-1]:
+                    break
     except HimapError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise HimapError(f"{label} is not a readable video: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if not decoded:
-        raise HimapError(f"{label} has no frames")
-    if rate is None:
-        span = decoded[-1][1] - decoded[0][1]
-        rate = (len(decoded) - 1) / span if span > 0 else 1.0
-    keep = sample_indices(len(decoded), rate, fps, max_frames)
-    times = [decoded[i][1] - decoded[0][1] for i in keep]
+    if len(images) != len(keep):
+        raise HimapError(f"{label}: decoding again gave {len(images)} of the {len(keep)} sampled frames")
     effective = min(fps, rate)
-    return Video(tuple(decoded[i][0] for i in keep), tuple(times), effective, label)
+    return Video(tuple(images[i] for i in keep), tuple(times[i] - times[0] for i in keep), effective, label)
 
 
 def frames_video(images: list[Image.Image], *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,

@@ -70,8 +70,9 @@ def serve(
     max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="Largest decoded image (pixels).")]
     = 50_000_000,
     max_image_memory: Annotated[int, typer.Option(
-        "--max-image-memory", help="Most memory decoding and preprocessing one image may take, estimated from its "
-                                   "header before decoding (bytes; 7000x7000 RGB needs ~735 MB).")] = 256 * 2**20,
+        "--max-image-memory", help="Most memory decoding and preprocessing one image (or one video's kept frames) "
+                                   "may take, estimated from its header before decoding (bytes; 7000x7000 RGB "
+                                   "needs ~735 MB).")] = 256 * 2**20,
     image_timeout: Annotated[float, typer.Option("--image-timeout", help="Time limit of a remote image fetch "
                                                                          "(seconds).")] = 10.0,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body; larger get HTTP 413 "
@@ -140,7 +141,7 @@ def serve(
         images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                                   max_pixels=max_image_pixels, max_memory=max_image_memory, timeout_s=image_timeout),
         videos=serve_videos.VideoPolicy(fps=video_fps, max_frames=max_frames, max_bytes=max_video_bytes,
-                                        max_pixels=max_video_pixels),
+                                        max_pixels=max_video_pixels, max_memory=max_image_memory),
         max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key, metrics_auth=metrics_auth,
         wedged_after_s=wedged_after, read_timeout_s=read_timeout, keep_alive_s=keep_alive_timeout)
     serve_server.serve(config, host=host, port=port, log_level=log_level.lower())

@@ -5,7 +5,7 @@
 - ``http(s)://``: refused (send the video as a data URL).
 
 Limits (:class:`VideoPolicy`): encoded bytes, pixels per frame (checked before the frames are
-decoded), frames kept (sampling at ``fps``, at most ``max_frames``). Every failure raises
+decoded), memory of the kept frames (``--max-image-memory``, before any becomes an image), frames kept (sampling at ``fps``, at most ``max_frames``). Every failure raises
 :class:`~himap_trt.serve.images.ImageError` (HTTP 400) naming the request field; decoding runs in a
 worker thread, so the event loop keeps serving.
 """
@@ -36,6 +36,8 @@ class VideoPolicy:
         fps: frames per second sampled; max_frames: most frames kept (spread over the clip).
         max_bytes: most encoded bytes of one video (bytes).
         max_pixels: most pixels of one frame (pixels).
+        max_memory: most memory the kept frames may take decoded and preprocessed (bytes; the server's
+            ``--max-image-memory``, estimated before any frame becomes an image).
         image_root: directory ``file://`` URLs must lie under (None: refused); the server's ``--image-root``.
     """
 
@@ -43,12 +45,14 @@ class VideoPolicy:
     max_frames: int = DEFAULT_MAX_FRAMES
     max_bytes: int = 20 * 2**20
     max_pixels: int = 4096 * 4096
+    max_memory: int = 256 * 2**20
     image_root: Path | None = None
 
 
 def _decode(data: bytes | Path, param: str, policy: VideoPolicy) -> Video:
     try:
-        return load_video(data, fps=policy.fps, max_frames=policy.max_frames, name=param, max_pixels=policy.max_pixels)
+        return load_video(data, fps=policy.fps, max_frames=policy.max_frames, name=param, max_pixels=policy.max_pixels,
+                          max_memory=policy.max_memory)
     except HimapError as exc:
         raise ImageError(str(exc), param) from None
 

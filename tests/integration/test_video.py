@@ -16,17 +16,19 @@ import asyncio
 import base64
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from conftest import exported, tiny
+from himap_trt import video as video_module
 from himap_trt.cli import app
 from himap_trt.errors import HimapError
 from himap_trt.plan import build_plan
 from himap_trt.runtime import GenerationConfig, reference_pipeline
 from himap_trt.runtime.loader import open_pipeline
-from himap_trt.video import frames_video, load_video, moving_shapes_clip
+from himap_trt.video import frame_memory, frames_video, load_video, moving_shapes_clip, sample_indices
 
 QUESTION = "What moves?"
 
@@ -79,6 +81,30 @@ def test_frames_equal_the_decoded_video(clip):
     assert listed.times == (0, 0.25, 0.5, 0.75)
     a, b = pipe.prepare([video], [QUESTION]), pipe.prepare([listed], [QUESTION])
     assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.image_grid_thw, b.image_grid_thw)
+
+
+def test_two_pass_sampling_equals_a_full_decode(clip, monkeypatch):
+    """load_video keeps only the sampled frames (two passes) and gives exactly the frames and times of
+    decoding the whole clip with PyAV and picking the sampled indices; memory and frame-count limits are
+    refused in one line before any frame becomes an image."""
+    import av
+
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        everything = [(frame.to_image().convert("RGB"), float(frame.time)) for frame in container.decode(stream)]
+        rate = float(stream.average_rate)
+    keep = sample_indices(len(everything), rate, 4, 6)
+    video = load_video(clip, fps=4, max_frames=6)
+    assert [np.asarray(f).tobytes() for f in video.frames] == [np.asarray(everything[i][0]).tobytes() for i in keep]
+    assert video.times == tuple(everything[i][1] - everything[0][1] for i in keep)
+    width, height = video.size
+    needed = len(keep) * frame_memory(width, height)
+    assert load_video(clip, fps=4, max_frames=6, max_memory=needed).times == video.times
+    with pytest.raises(HimapError, match=r"6 frames of 96x96 px would take .*\(--max-image-memory\)"):
+        load_video(clip, fps=4, max_frames=6, max_memory=needed - 1)
+    monkeypatch.setattr(video_module, "DECODE_LIMIT", len(everything) - 1)
+    with pytest.raises(HimapError, match=f"more than {len(everything) - 1} frames"):
+        load_video(clip, fps=4, max_frames=6)
 
 
 @pytest.mark.slow

@@ -114,6 +114,13 @@ MaxImageTokensOpt = Annotated[Optional[int], typer.Option(
                                "one request may have (bounds graphs, profiles, FLOPs).",
     show_default="the processor's max pixels / 28², 16384 for the published Qwen2.5-VL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+SignOpt = Annotated[Optional[Path], typer.Option(
+    "--sign", metavar="KEY.pem", help="Sign the written directory with this EC private key (PEM, unencrypted) "
+                                      "using OpenSSF model-signing: model.sig inside it.", show_default="unsigned")]
+RequireSignatureOpt = Annotated[Optional[Path], typer.Option(
+    "--require-signature", metavar="PUB.pem",
+    help="Refuse an export (and TensorRT engines) without a model-signing signature by this EC public key (PEM).",
+    show_default="signatures not checked")]
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
@@ -248,6 +255,7 @@ def export(
         help="Where the PyTorch reference of the validation runs (tracing and ONNX Runtime stay on the CPU).")] = "cpu",
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
+    sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
     """Export a LLaVA checkpoint as a chain of ONNX graphs for a pruning plan.
@@ -268,7 +276,7 @@ def export(
     # bad options, a foreign or busy --out, or (with --build) a missing TensorRT fail before any work
     options = ExportOptions(out=out_dir, dtype=canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
-                            device=device)
+                            device=device, sign_key=sign)
     if validate:
         check_reference_device(device)
     config = load_config(model)
@@ -299,7 +307,7 @@ def export(
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     built = _build_engines(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
-                           timing_cache=None) if build_engines_too else None
+                           timing_cache=None, sign_key=sign) if build_engines_too else None
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
                           "checks": [c.__dict__ for c in checks],
@@ -423,6 +431,7 @@ def run(
     force: Annotated[bool, typer.Option(
         "--force", help="Run even when the memory estimate of ONNX Runtime on CPU exceeds the available "
                         "memory.")] = False,
+    require_signature: RequireSignatureOpt = None,
     as_json: JsonOpt = False,
 ):
     """Answer a question about an image with the exported pipeline.
@@ -447,6 +456,10 @@ def run(
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
     canonical_dtype(dtype)
+    if require_signature is not None:
+        from himap_trt.signing import check_public_key
+
+        check_public_key(require_signature)
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
@@ -466,7 +479,7 @@ def run(
 
     _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
     opened = open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
-                           engines_dir=engines_dir, device=device, dtype=dtype)
+                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature)
     pipeline = opened.pipeline
     try:
         started = time.perf_counter()
@@ -568,7 +581,7 @@ def _require_tensorrt() -> None:
 
 
 def _build_engines(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
-                   workspace: int, timing_cache: Optional[Path]):
+                   workspace: int, timing_cache: Optional[Path], sign_key: Optional[Path] = None):
     """Build engines with a progress display (TensorRT and a GPU are checked first)."""
     from himap_trt.engines.build import build_engines
     from himap_trt.runtime.loader import default_engines_dir
@@ -582,7 +595,7 @@ def _build_engines(export_dir: Path, engines_dir: Optional[Path], manifest, *, m
 
         return build_engines(export_dir, engines_dir or default_engines_dir(export_dir), manifest,
                              max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
-                             timing_cache=timing_cache, progress=report)
+                             timing_cache=timing_cache, progress=report, sign_key=sign_key)
 
 
 def _print_built(built) -> None:
@@ -658,6 +671,7 @@ def build(
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
                                        help="With --dry-run --model: graph dtype.")] = "fp16",
     max_image_tokens: MaxImageTokensOpt = None,
+    sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
@@ -673,6 +687,10 @@ def build(
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if sign is not None:
+        from himap_trt.signing import check_private_key
+
+        check_private_key(sign, "--sign")
     if model is not None:
         if not dry_run:
             raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
@@ -701,7 +719,7 @@ def build(
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
     built = _build_engines(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=workspace_bytes, timing_cache=timing_cache)
+                           workspace=workspace_bytes, timing_cache=timing_cache, sign_key=sign)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

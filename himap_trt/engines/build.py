@@ -87,7 +87,8 @@ def check_buildable(manifest, export_dir: Path) -> None:
 
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
                   workspace: int = 0, timing_cache: Path | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  sign_key: Path | None = None) -> EnginesManifest:
     """Build one engine per graph of the export.
 
     Args:
@@ -99,6 +100,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`
             for this TensorRT version and GPU).
         progress: optional ``(description, step, total)`` callback.
+        sign_key: EC private key (PEM): sign the engines directory (:mod:`himap_trt.signing`).
 
     Returns:
         The written :class:`EnginesManifest`.
@@ -108,6 +110,10 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             or build (naming the graph); an existing engines directory is then left untouched.
     """
     check_buildable(manifest, export_dir)
+    if sign_key is not None:
+        from himap_trt.signing import check_private_key
+
+        check_private_key(sign_key, "--sign")
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
@@ -116,7 +122,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
 
     from himap_trt import __version__
     from himap_trt.confine import record_files
-    from himap_trt.fsutil import atomic_directory
+    from himap_trt.fsutil import atomic_directory, write_point
 
     timing_cache = Path(timing_cache or default_timing_cache(trt.__version__, capability))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +157,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                 handle.write(engine_bytes)
                 handle.flush()
                 os.fsync(handle.fileno())
+            write_point("build:engine")
             entries.append(EngineEntry(spec.name, engine_file, tuple(profiles)))
         engines = EnginesManifest(
             format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
@@ -160,6 +167,11 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             files=record_files(tmp, [entry.file for entry in entries]),
         )
         engines.save(tmp)
+        write_point("build:manifest")
+        if sign_key is not None:
+            from himap_trt.signing import sign_directory
+
+            sign_directory(tmp, sign_key, "--sign")
     if progress:
         progress("engines complete", total, total)
     return engines

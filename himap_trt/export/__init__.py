@@ -23,6 +23,7 @@ from himap_trt.export.manifest import (
 from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
+from himap_trt.signing import check_private_key, sign_directory
 
 __all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
@@ -49,6 +50,8 @@ class ExportOptions:
             segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
             tracing and the ONNX Runtime checks stay on the CPU.
+        sign_key: an unencrypted EC private key (PEM): sign the export with OpenSSF model-signing
+            (``model.sig`` inside it, see :mod:`himap_trt.signing`); None: unsigned.
     """
 
     out: Path
@@ -59,6 +62,7 @@ class ExportOptions:
     kv_write: str = "scatternd"
     validate_chunk_layers: int | None = None
     device: str = "cpu"
+    sign_key: Path | None = None
 
     def __post_init__(self):
         from himap_trt.export.manifest import KV_WRITES
@@ -76,6 +80,8 @@ class ExportOptions:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_write == "gqa" and self.dtype not in ("fp32", "fp16", "float32", "float16"):
             raise HimapError(f"--kv-write gqa needs --dtype fp32 or fp16 (ONNX Runtime runs it), got {self.dtype!r}")
+        if self.sign_key is not None:
+            check_private_key(self.sign_key, "--sign")
 
 
 Progress = Callable[[str, int, int], None]
@@ -143,7 +149,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     from himap_trt.export.validate import raise_on_failures, record_reference
     from himap_trt.runtime.kv_cache import torch_dtype
     from himap_trt.confine import files_under, record_files
-    from himap_trt.fsutil import atomic_directory, pause_point
+    from himap_trt.fsutil import atomic_directory, write_point
     from himap_trt.graphs.modules import build_module
     from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
 
@@ -189,7 +195,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
                 export_graph(build_module(loaded.model, spec), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)
             written.append(replace(spec, file=path.name))
-            pause_point("export:graph")
+            write_point("export:graph")
         report("hashing the model's config and weights")
         if weights:
             from himap_trt.models.streaming import streamed_model_hash
@@ -198,6 +204,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
         else:
             digest = model_hash(loaded.model)
         loaded.processor.save_pretrained(tmp / PROCESSOR_DIR)
+        write_point("export:processor")
         checks = []
         if options.validate:
             report("running the PyTorch reference on a sample request")
@@ -233,6 +240,10 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             kv_write=options.kv_write,
         )
         manifest.save(tmp)
+        write_point("export:manifest")
+        if options.sign_key is not None:
+            sign_directory(tmp, options.sign_key, "--sign")
+            write_point("export:signature")
     return manifest, checks
 
 

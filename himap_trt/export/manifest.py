@@ -231,6 +231,7 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     data = read_versioned_json(path, FORMAT_VERSION, "manifest",
                                f"re-export with this version (format {FORMAT_VERSION} records every file's sha256)")
     manifest = Manifest.from_dict(data, source=path)
+    check_consistency(manifest, source=path)
     records = parse_file_records(manifest.files, field="files", source=path)
     for i, spec in enumerate(manifest.graphs):
         confined_path(directory, spec.file, field=f"graphs[{i}].file", source=path)
@@ -246,8 +247,89 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
             raise HimapError(f"the processor directory of {str(directory)!r} holds {name!r}, which {str(path)!r} "
                              "does not record; remove it or re-export")
     for spec in manifest.graphs:
-        check_onnx_external_data(directory, spec.file, records, source=path)
+        graph = check_onnx_external_data(directory, spec.file, records, source=path)
+        check_graph_io(spec, graph, source=path)
     return manifest
+
+
+def check_consistency(manifest: Manifest, source: str | Path | None = None) -> None:
+    """Check the manifest's fields against each other: the fields outside ``files`` are not hashed
+    (the manifest is what records hashes), so an edited ``max_seq_len``, ``dims`` or ``plan`` must be
+    caught here, before any graph runs.
+
+    - ``max_seq_len`` must exceed the image tokens and stay within ``dims.max_position_embeddings``
+      (RoPE positions the model was trained for);
+    - ``plan`` must be for ``dims``' layers and image tokens, and ``graphs`` (names, kinds, layer
+      ranges, every input's and output's name, dtype and symbolic shape) must be exactly what
+      :func:`himap_trt.graphs.spec.graph_specs` declares for ``dims``, ``plan`` and ``dtype``.
+
+    Raises:
+        HimapError: naming the manifest and the first field that disagrees.
+    """
+    from himap_trt.graphs.spec import graph_specs
+
+    where = f"manifest {str(source)!r}" if source is not None else "manifest"
+    dims = manifest.dims
+    if not dims.num_image_tokens < manifest.max_seq_len <= dims.max_position_embeddings:
+        raise HimapError(f"{where}: field 'max_seq_len' is {manifest.max_seq_len}, outside "
+                         f"({dims.num_image_tokens}, {dims.max_position_embeddings}] (more than the image tokens, at "
+                         "most the model's positions 'dims.max_position_embeddings')")
+    try:
+        expected = graph_specs(dims, manifest.plan, manifest.dtype)
+    except HimapError as exc:
+        raise HimapError(f"{where}: fields 'plan' and 'dims' disagree: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        raise HimapError(f"{where}: fields 'dims' or 'dtype' are inconsistent ({type(exc).__name__}: {exc})") from None
+    if len(expected) != len(manifest.graphs):
+        raise HimapError(f"{where}: field 'graphs' lists {len(manifest.graphs)} graphs, 'dims' and 'plan' make "
+                         f"{len(expected)}")
+    for i, (have, want) in enumerate(zip(manifest.graphs, expected)):
+        for name in ("name", "kind", "layers", "stage", "attrs"):
+            if getattr(have, name) != getattr(want, name):
+                raise HimapError(f"{where}: field 'graphs[{i}].{name}' is {getattr(have, name)!r:.80}, 'dims' and "
+                                 f"'plan' make {getattr(want, name)!r:.80}")
+        for side in ("inputs", "outputs"):
+            ours, theirs = getattr(have, side), getattr(want, side)
+            if len(ours) != len(theirs):
+                raise HimapError(f"{where}: field 'graphs[{i}].{side}' has {len(ours)} tensors, 'dims' and 'plan' "
+                                 f"make {len(theirs)}")
+            for j, (a, b) in enumerate(zip(ours, theirs)):
+                if a != b:
+                    raise HimapError(f"{where}: field 'graphs[{i}].{side}[{j}]' is {a.name} {a.dtype} "
+                                     f"{list(a.shape)}, 'dims' and 'plan' make {b.name} {b.dtype} {list(b.shape)}")
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def check_graph_io(spec: GraphSpec, graph: Any, source: str | Path | None = None) -> None:
+    """Check an ONNX file's inputs and outputs against its manifest entry: names and order, element
+    types, ranks and every static dim (symbolic dims are named by the exporter, not compared).
+
+    Args:
+        spec: the manifest's graph entry.
+        graph: the parsed ``onnx.ModelProto`` (weights not loaded).
+
+    Raises:
+        HimapError: naming the file, the tensor and what differs.
+    """
+    where = f"{spec.file!r} (graph {spec.name!r} of {str(source)!r})"
+    for side, declared, actual in (("inputs", spec.inputs, graph.graph.input), ("outputs", spec.outputs,
+                                                                                 graph.graph.output)):
+        names = [value.name for value in actual]
+        if names != [t.name for t in declared]:
+            raise HimapError(f"{where} has {side} {names[:6]}{'...' if len(names) > 6 else ''}, the manifest "
+                             f"declares {[t.name for t in declared][:6]}: the file and the manifest disagree")
+        for tensor, value in zip(declared, actual):
+            kind = value.type.tensor_type
+            dtype = _ONNX_DTYPES.get(kind.elem_type, str(kind.elem_type))
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim]
+            static_mismatch = any(isinstance(want, int) and have is not None and have != want
+                                  for want, have in zip(tensor.shape, shape))
+            if dtype != tensor.dtype or len(shape) != len(tensor.shape) or static_mismatch:
+                shown = [d if d is not None else "?" for d in shape]
+                raise HimapError(f"{where}: {side[:-1]} {tensor.name!r} is {dtype} {shown} in the file, the manifest "
+                                 f"declares {tensor.dtype} {list(tensor.shape)}: the file and the manifest disagree")
 
 
 def model_hash(model: Any) -> str:

@@ -64,6 +64,10 @@ def serve(
         "--drain-timeout", help="On SIGTERM: most seconds to let requests in flight finish.")] = 600.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
                                                                "debug.")] = "info",
+    require_signature: Annotated[Optional[Path], typer.Option(
+        "--require-signature", metavar="PUB.pem",
+        help="Refuse an export (and TensorRT engines) without a model-signing signature by this EC public key "
+             "(PEM); checked before loading.", show_default="signatures not checked")] = None,
 ):
     """Serve the export over an OpenAI-compatible API with continuous batching.
 
@@ -88,6 +92,11 @@ def serve(
         raise HimapError(f"--image-root {str(image_root)!r} is not a directory")
     if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise HimapError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
+    if require_signature is not None:
+        from himap_trt.signing import check_public_key, verify_directory
+
+        check_public_key(require_signature)
+        verify_directory(export_dir, require_signature, what="--export-dir")
     manifest = load_manifest(export_dir)
     if max_seq_len is not None and max_seq_len > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
@@ -97,7 +106,7 @@ def serve(
         max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
         images=ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                            max_pixels=max_image_pixels, timeout_s=image_timeout),
-        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, require_signature=require_signature)
     run_server(config, host=host, port=port, log_level=log_level.lower())
 
 

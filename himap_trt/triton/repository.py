@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from himap_trt.errors import HimapError
+from himap_trt.fsutil import write_point
 from himap_trt.triton import protocol
 
 REPOSITORY_MARKER = "himap-repository.json"
@@ -182,6 +183,7 @@ def _link_or_copy_tree(source: Path, target: Path) -> str:
         except OSError:
             shutil.copy2(path, dest)
             how = "copies"
+        write_point("triton:file")
     return how
 
 
@@ -253,5 +255,7 @@ def write_repository(export_dir: Path, out: Path, options: RepositoryOptions,
                               source_model=manifest.source_model, plan=manifest.plan.describe(), dtype=manifest.dtype,
                               export_fingerprint=fingerprint, engines=engines_dir is not None, files=how,
                               options=asdict(options), models=[MODEL_NAME, UNARY_MODEL_NAME])
+        write_point("triton:models")
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(info.to_dict(), indent=1) + "\n")
+        write_point("triton:marker")
     return info

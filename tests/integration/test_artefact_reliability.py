@@ -17,17 +17,25 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import exported
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-from conftest import exported
-from test_hostile_inputs import (HIMAP, PYTHON_ENV, assert_refused_everywhere, invoke, leftovers, one_line_error,
-                                 rehash, rewrite_manifest, runnable_method, tree_digest)
+from test_hostile_inputs import (
+    HIMAP,
+    PYTHON_ENV,
+    assert_refused_everywhere,
+    invoke,
+    leftovers,
+    one_line_error,
+    rehash,
+    rewrite_manifest,
+    runnable_method,
+    tree_digest,
+)
 
 FULL_SWEEP = os.environ.get("HIMAP_TRT_CRASH_SWEEP") == "full"
 
@@ -469,13 +477,12 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
     # the next writer removes what the kill left
     from himap_trt.fsutil import atomic_directory
 
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target, marker="manifest.json", flag="--out"):
-            raise RuntimeError("stop")
+    with pytest.raises(RuntimeError), atomic_directory(target, marker="manifest.json", flag="--out"):
+        raise RuntimeError("stop")
     assert leftovers(tmp_path) == [] and tree_digest(target) == new
 
 
-def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp_path, photo_path):
+def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp_path):
     from himap_trt.export.manifest import load_manifest
     from himap_trt.triton.repository import REPOSITORY_MARKER
 
@@ -496,11 +503,11 @@ def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp
     assert files == sum(1 for p in other_export.rglob("*") if p.is_file()) and points[-3:] == [
         "swap:before", "swap:exchanged", "swap:done"]
     new = tree_digest(target)
-    triton_open(target)      # loads, hash-checked, in the Triton model's code path
-    assert runnable_method(target / "himap" / "1" / "export", photo_path) == "fastv"
+    triton_open(target)      # loads (ONNX Runtime sessions), hash-checked, in the Triton model's code path
     write_repo(good_export, target)
     assert tree_digest(target) == before
-    chosen = list(range(1, len(points) + 1)) if FULL_SWEEP else [rng.randrange(1, files + 1), len(points) - 1]
+    # CI: one real SIGKILL at a random file (the export's swap points are killed in the export test)
+    chosen = list(range(1, len(points) + 1)) if FULL_SWEEP else [rng.randrange(1, files + 1)]
     for n in chosen:   # real SIGKILLs; the previous repository (or, after the exchange, the new one) remains
         passed = kill_at(args, n)
         assert tree_digest(target) == (new if swapped(passed) else before), (n, passed)
@@ -537,7 +544,7 @@ def test_build_sweep_killed_at_write_points(good_export, tmp_path, photo_path):
     shutil.copytree(good_export, export)
     target = tmp_path / "engines"
     args = [*HIMAP, "build", "--export-dir", str(export), "--engines", str(target), "--max-batch", "1"]
-    assert subprocess.run(args, env=PYTHON_ENV, capture_output=True).returncode == 0
+    assert subprocess.run(args, env=PYTHON_ENV, capture_output=True, check=False).returncode == 0
     first = tree_digest(target)
 
     def check_new(directory):

@@ -74,7 +74,7 @@ def write_point(name: str) -> None:
     global _POINTS
     pause_point(name)
     kill_at = kill_after()
-    stop = os.environ.get(STOP_ENV) == "1"
+    stop = stop_at_points()
     if kill_at is None and not stop:
         return
     _POINTS += 1
@@ -83,6 +83,18 @@ def write_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if stop:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def stop_at_points() -> bool:
+    """Whether :data:`STOP_ENV` is ``1``.
+
+    Raises:
+        HimapError: if it is set to anything but ``0`` or ``1``.
+    """
+    value = os.environ.get(STOP_ENV)
+    if value not in (None, "0", "1"):
+        raise HimapError(f"{STOP_ENV} (a test-only hook) must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def kill_after() -> int | None:
@@ -313,6 +325,7 @@ def atomic_directory(target: Path, *, marker: str, flag: str,
             writes it, or it cannot be written.
     """
     kill_after()
+    stop_at_points()
     target = check_target(target, marker=marker, flag=flag, recognise=recognise)
     with output_lock(target, flag=flag):
         parent = target.parent

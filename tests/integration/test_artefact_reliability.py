@@ -305,14 +305,52 @@ def test_signing_flags_refuse_bad_keys_before_any_work(keys, good_export, tmp_pa
 
 
 # ---- 5. crash consistency: SIGKILL at the steps of each write sequence -----------------------------------
-def test_kill_hook_refuses_bad_values(tmp_path, monkeypatch, good_export):
-    from himap_trt.fsutil import KILL_ENV
+def test_test_hooks_refuse_bad_values(tmp_path, monkeypatch, good_export):
+    from himap_trt.fsutil import KILL_ENV, STOP_ENV
 
-    for value in ("0", "-1", "x", ""):
-        monkeypatch.setenv(KILL_ENV, value)
-        one_line_error(invoke("triton", "repo", "--export-dir", good_export, "--out", tmp_path / "repo"), KILL_ENV,
-                       "test-only")
+    for name, value in ((KILL_ENV, "0"), (KILL_ENV, "-1"), (KILL_ENV, "x"), (KILL_ENV, ""), (STOP_ENV, "yes")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            one_line_error(invoke("triton", "repo", "--export-dir", good_export, "--out", tmp_path / "repo"), name,
+                           "test-only")
     assert not (tmp_path / "repo").exists()
+
+
+def test_every_file_and_directory_is_fsynced_before_the_swap(tmp_path, monkeypatch):
+    """fsync of each file and directory of the new tree precedes the rename that publishes it, and the
+    parent directory is fsynced after it (a power loss cannot publish unwritten files)."""
+    from himap_trt import fsutil
+
+    events = []
+    real_fsync, real_rename, real_exchange = os.fsync, Path.rename, fsutil.exchange
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(target)))
+        return real_rename(self, target)
+
+    def exchange(a, b):
+        events.append(("rename", str(b)))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(fsutil, "exchange", exchange)
+    target = tmp_path / "out"
+    for round_ in range(2):   # a new target (rename), then a replaced one (exchange)
+        events.clear()
+        with fsutil.atomic_directory(target, marker="manifest.json", flag="--out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "manifest.json").write_text("{}")
+            (tmp / "sub" / "graph.onnx").write_bytes(b"x" * 100)
+            partial = str(tmp)
+        swap = events.index(("rename", str(target)))
+        synced_before = {path for kind, path in events[:swap] if kind == "fsync"}
+        assert {partial, f"{partial}/sub", f"{partial}/manifest.json", f"{partial}/sub/graph.onnx"} <= synced_before
+        assert ("fsync", str(tmp_path)) in events[swap:], (round_, events)
 
 
 class Writer:
@@ -402,12 +440,14 @@ def stop_at_every_point(args, target: Path, before: str, check_new, *, kill_at: 
     return writer.points
 
 
-def kill_at(args, n: int) -> list[str]:
+def kill_at(args, n: int, *, expect_kill: bool = True) -> list[str]:
     """Run a writer that SIGKILLs itself at its n-th write point; returns the points it announced."""
     writer = Writer(args, kill_after=n)
     while writer.next_point() is not None:
         pass
-    assert writer.proc.returncode == -signal.SIGKILL, (n, writer.proc.returncode, writer.tail.decode(errors="replace"))
+    writer.proc.stderr.close()
+    expected = -signal.SIGKILL if expect_kill else 0
+    assert writer.proc.returncode == expected, (n, writer.proc.returncode, writer.tail.decode(errors="replace"))
     return writer.points
 
 
@@ -460,20 +500,22 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
     new = tree_digest(target)
     if FULL_SWEEP:   # a real SIGKILL at every point, each run after a kill; then random-time kills
         rng = random.Random(24)
-        shutil.rmtree(target)
-        shutil.copytree(good_export, target)
-        for n in range(1, len(points) + 1):
-            passed = kill_at(args, n)
-            assert tree_digest(target) in ((new, before) if swapped(passed) else (before,)), (n, passed)
-            if swapped(passed):
+        for n in [*range(1, len(points) + 1), None, None, None, None]:
+            shutil.rmtree(target)
+            shutil.copytree(good_export, target)
+            if n is None:
+                delay = kill_at_random_time(args, rng, 25.0)
+                what = f"{delay:.2f} s after its first write point"
+            else:
+                passed = kill_at(args, n)
+                what = f"at point {n} ({passed[-1]})"
+                assert (tree_digest(target) == before) != swapped(passed), (n, passed)
+            if tree_digest(target) != before:   # the new export (its ECDSA signature differs run to run)
                 check_new(target)
-                shutil.rmtree(target)
-                shutil.copytree(good_export, target)
-            print(f"export killed at point {n} ({passed[-1]}): target intact")
-        for _ in range(4):
-            delay = kill_at_random_time(args, rng, 25.0)
-            assert tree_digest(target) in (before, new), delay
-            print(f"export killed {delay:.2f} s after its first write point: target intact")
+            print(f"export killed {what}: target {'new' if tree_digest(target) != before else 'previous'}, intact")
+        # the next run after the last kill succeeds
+        assert kill_at(args, 10**6, expect_kill=False) == points and runnable_method(target, photo_path) == "none"
+        new = tree_digest(target)
     # the next writer removes what the kill left
     from himap_trt.fsutil import atomic_directory
 

@@ -451,6 +451,19 @@ def kill_at(args, n: int, *, expect_kill: bool = True) -> list[str]:
     return writer.points
 
 
+def complete_run(args) -> tuple[list[str], float]:
+    """Run a writer to its end (announcing its points); returns them and the seconds from its first
+    point to its exit (the window random-time kills are drawn from)."""
+    writer = Writer(args, kill_after=10**6)
+    assert writer.next_point() is not None, writer.tail.decode(errors="replace")
+    started = time.perf_counter()
+    while writer.next_point() is not None:
+        pass
+    writer.proc.stderr.close()
+    assert writer.proc.returncode == 0, writer.tail.decode(errors="replace")
+    return writer.points, time.perf_counter() - started
+
+
 def kill_at_random_time(args, rng: random.Random, window_s: float) -> float:
     """SIGKILL a writer a random time (uniform in [0, window_s]) after its first write point."""
     writer = Writer(args, stop=False, kill_after=10**6)   # announces points, never kills itself
@@ -500,11 +513,15 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
     new = tree_digest(target)
     if FULL_SWEEP:   # a real SIGKILL at every point, each run after a kill; then random-time kills
         rng = random.Random(24)
+        shutil.rmtree(target)
+        shutil.copytree(good_export, target)
+        points, window = complete_run(args)
+        print(f"export: {len(points)} write points, {window:.2f} s from the first to the exit: {points}")
         for n in [*range(1, len(points) + 1), None, None, None, None]:
             shutil.rmtree(target)
             shutil.copytree(good_export, target)
             if n is None:
-                delay = kill_at_random_time(args, rng, 25.0)
+                delay = kill_at_random_time(args, rng, window)
                 what = f"{delay:.2f} s after its first write point"
             else:
                 passed = kill_at(args, n)
@@ -512,9 +529,10 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
                 assert (tree_digest(target) == before) != swapped(passed), (n, passed)
             if tree_digest(target) != before:   # the new export (its ECDSA signature differs run to run)
                 check_new(target)
-            print(f"export killed {what}: target {'new' if tree_digest(target) != before else 'previous'}, intact")
+            print(f"export killed {what}{f' (of {window:.2f} s)' if n is None else ''}: target "
+                  f"{'new' if tree_digest(target) != before else 'previous'}, intact")
         # the next run after the last kill succeeds
-        assert kill_at(args, 10**6, expect_kill=False) == points and runnable_method(target, photo_path) == "none"
+        assert complete_run(args)[0] == points and runnable_method(target, photo_path) == "none"
         new = tree_digest(target)
     # the next writer removes what the kill left
     from himap_trt.fsutil import atomic_directory
@@ -555,11 +573,16 @@ def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp
         assert tree_digest(target) == (new if swapped(passed) else before), (n, passed)
         if swapped(passed):
             write_repo(good_export, target)    # the next run succeeds and cleans up
-        print(f"triton repo killed at point {n} ({passed[-1]}): target intact")
+        print(f"triton repo killed at point {n} ({passed[-1]}): target "
+              f"{'new' if swapped(passed) else 'previous'}, intact")
+    window = complete_run(args)[1] if FULL_SWEEP else 1.0
     for _ in range(4 if FULL_SWEEP else 1):
-        delay = kill_at_random_time(args, rng, 1.5)
-        assert tree_digest(target) in (before, new), delay
-        print(f"triton repo killed {delay:.2f} s after its first write point: target intact")
+        write_repo(good_export, target)
+        delay = kill_at_random_time(args, rng, window)
+        state = {before: "previous", new: "new"}.get(tree_digest(target))
+        assert state, delay
+        print(f"triton repo killed {delay:.2f} s after its first write point (of {window:.2f} s): target {state}, "
+              "intact")
     write_repo(good_export, target)
     assert tree_digest(target) == before and leftovers(tmp_path) == []
 

@@ -453,15 +453,16 @@ def kill_at(args, n: int, *, expect_kill: bool = True) -> list[str]:
 
 def complete_run(args) -> tuple[list[str], float]:
     """Run a writer to its end (announcing its points); returns them and the seconds from its first
-    point to its exit (the window random-time kills are drawn from)."""
+    point to its last (the window random-time kills are drawn from; the interpreter's exit after it
+    writes nothing)."""
     writer = Writer(args, kill_after=10**6)
     assert writer.next_point() is not None, writer.tail.decode(errors="replace")
-    started = time.perf_counter()
+    started = last = time.perf_counter()
     while writer.next_point() is not None:
-        pass
+        last = time.perf_counter()
     writer.proc.stderr.close()
     assert writer.proc.returncode == 0, writer.tail.decode(errors="replace")
-    return writer.points, time.perf_counter() - started
+    return writer.points, last - started
 
 
 def kill_at_random_time(args, rng: random.Random, window_s: float) -> float:

@@ -44,7 +44,9 @@ demo: $(VENV)/.installed
 	$(BIN)/himap-trt export --model tiny --out export-tiny
 	$(BIN)/himap-trt run "$(PHOTO)" "What is the woman in the photo wearing?" --export-dir export-tiny
 
+# lint-imports: the one-way layer contracts of pyproject.toml ([tool.importlinter]; docs/ARCHITECTURE.md)
 test: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

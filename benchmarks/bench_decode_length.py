@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from himap_trt.bench import sample_batch
+from himap_trt.analysis.bench import sample_batch
 from himap_trt.runtime.loader import open_pipeline
 
 

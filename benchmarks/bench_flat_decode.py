@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from himap_trt.bench import sample_batch
+from himap_trt.analysis.bench import sample_batch
 from himap_trt.runtime import GenerationConfig
 from himap_trt.runtime.loader import open_pipeline
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from himap_trt.models import load_model
-from himap_trt.models.known import KNOWN_MODELS, known_config
+from himap_trt.arch.llava_known import KNOWN_MODELS, known_config
 from himap_trt.models.loading import parse_dtype
 from himap_trt.models.tiny import random_model
 from himap_trt.plan import build_plan

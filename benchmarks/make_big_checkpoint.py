@@ -6,7 +6,7 @@ The result is an ordinary Hugging Face model directory (``config.json``, ``gener
 chat template) that ``transformers`` loads with ``trust_remote_code=False`` and ``himap-trt export
 --model DIR`` exports.
 
-- Dimensions: LLaVA-1.5's published ones (``himap_trt.models.known``): CLIP ViT-L/14 at 336 px (576
+- Dimensions: LLaVA-1.5's published ones (``himap_trt.arch.llava_known``): CLIP ViT-L/14 at 336 px (576
   image tokens, 24 layers, hidden 1024), 2-layer GELU projector, Llama decoder 4096 hidden / 32 heads /
   FFN 11008 (``--size 7b``) or 5120 / 40 / 13824 (``--size 13b``), vocabulary 32064; ``--layers N``
   builds fewer decoder layers (default: 32 / 40).
@@ -59,7 +59,7 @@ def checkpoint_name(state_name: str) -> str:
 
 
 def build_config(size: str, layers: int | None):
-    from himap_trt.models.known import known_config
+    from himap_trt.arch.llava_known import known_config
     from himap_trt.models.tiny import EOS_ID, IMAGE_ID, PAD_ID, BOS_ID
 
     config = known_config(SIZES[size])

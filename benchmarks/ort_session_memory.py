@@ -41,7 +41,7 @@ def child(export_dir: str, graph: str, config_name: str) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.manifest import load_manifest
     from himap_trt.export.onnx_export import example_inputs
 
     config = CONFIGS[config_name]

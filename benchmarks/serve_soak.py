@@ -142,7 +142,7 @@ def main() -> None:
 
     from matplotlib import cbook
 
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.manifest import load_manifest
     from himap_trt.prompt import load_image
     from himap_trt.runtime import GenerationConfig
     from himap_trt.runtime.loader import open_pipeline

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from himap_trt.errors import HimapError
+from himap_trt.fsutil import cache_root
 
 #: Files whose ctime is younger than this when hashing starts are hashed but not cached (seconds).
 RACY_SECONDS = 2.0
@@ -114,8 +115,6 @@ class HashCache:
 
     def __init__(self, path: Path | None = None):
         if path is None:
-            from himap_trt.models.tiny import cache_root
-
             path = cache_root() / "file-digests.json"
         self.path = Path(path)
         self._entries: dict[str, dict[str, Any]] | None = None

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from himap_trt.errors import HimapError
-from himap_trt.models.loading import ModelDims
+from himap_trt.dims import ModelDims
 from himap_trt.plan import PruningPlan
 
 

@@ -363,3 +363,12 @@ def atomic_directory(target: Path, *, marker: str, flag: str,
                 _remove(tmp)
             _clean_leftovers(target)  # puts back a .previous-* if the two-rename swap failed halfway
             raise _os_error(flag, target, exc) from None
+
+
+def cache_root() -> Path:
+    """The project's cache directory (built-in models, timing caches, file digests): ``$HIMAP_TRT_CACHE`` or ``~/.cache/himap-trt``."""
+    env = os.environ.get("HIMAP_TRT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "himap-trt"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
 from pathlib import Path
@@ -51,6 +53,40 @@ def photo(photo_path):
     from himap_trt.prompt import load_image
 
     return load_image(photo_path)
+
+
+#: The plans the reference tests (test_reference.py: LLaVA; test_qwen_reference.py: Qwen2.5-VL) check
+#: against transformers' eager attention: two HiMAP and two FastV settings.
+REFERENCE_PLANS = [
+    ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
+    ("himap", dict(k1=3, r1=0.6, k2=6, r2=0.5)),
+    ("fastv", dict(k=2, r=0.5)),
+    ("fastv", dict(k=5, r=0.75)),
+]
+
+
+def plan_id(value) -> str:
+    """pytest id of a (method, options) parameter: the method, or its options as k1...-r1..."""
+    return value if isinstance(value, str) else "-".join(f"{k}{x}" for k, x in value.items())
+
+
+@contextlib.contextmanager
+def entering_hidden_states(layers, indices):
+    """While inside: record the hidden states entering decoder layers ``indices`` of ``layers`` (a
+    transformers ``ModuleList``), by forward pre-hooks; yields ``{layer index: [B,S,D] tensor}``."""
+    entering = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            entering[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in indices]
+    try:
+        yield entering
+    finally:
+        for h in handles:
+            h.remove()
 
 
 _MODELS: dict[str, object] = {}

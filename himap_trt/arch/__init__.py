@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from himap_trt.arch.base import Architecture
+from himap_trt.arch.base import Architecture, register, supported_models
 from himap_trt.arch.llava import Llava
 from himap_trt.arch.qwen2_5_vl import Qwen2_5_VL
 from himap_trt.errors import HimapError
 
 #: ``config.model_type`` -> the family implementing it.
-ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (Llava(), Qwen2_5_VL())}
-
-
-def supported_models() -> str:
-    """What every family supports, one line each joined by '; '."""
-    return "; ".join(arch.supported for arch in ARCHITECTURES.values())
+ARCHITECTURES: dict[str, Architecture] = register(Llava(), Qwen2_5_VL())
 
 
 def architecture_for(config: Any, source: str = "the model") -> Architecture:
@@ -52,34 +47,6 @@ def get_architecture(name: str) -> Architecture:
     raise HimapError(f"unknown architecture {name!r}; known: {', '.join(a.name for a in ARCHITECTURES.values())}")
 
 
-def resolve_dims(model: str, config: Any, max_image_tokens: int | None = None):
-    """The :class:`~himap_trt.models.loading.ModelDims` of ``--model`` without loading weights.
-
-    For a family with per-request image-token counts, ``num_image_tokens`` is the bound:
-    ``--max-image-tokens`` if given, else the processor's max pixels of a local directory (its
-    ``preprocessor_config.json``), else the published processors' bound.
-
-    Raises:
-        HimapError: ``--max-image-tokens`` below 1, or given for a model whose |V| is fixed.
-    """
-    from himap_trt.models.loading import _resolve
-
-    arch = architecture_for(config, model)
-    dims = arch.dims(config)
-    if not arch.variable_image_tokens:
-        if max_image_tokens is not None:
-            raise HimapError(f"--max-image-tokens is for models with per-request image-token counts (Qwen2.5-VL); "
-                             f"{model!r} always has {dims.num_image_tokens}")
-        return dims
-    if max_image_tokens is not None and max_image_tokens < 1:
-        raise HimapError(f"--max-image-tokens must be at least 1, got {max_image_tokens}")
-    bound = max_image_tokens
-    if bound is None and model not in known_models():
-        path, is_local = _resolve(model)
-        bound = arch.max_image_tokens_in(path) if is_local else None
-    return arch.with_max_image_tokens(dims, bound or dims.num_image_tokens)
-
-
 def plan_dims(dims: Any, plan: Any):
     """``dims`` with the image-token bound of ``plan`` (an export's ``--max-image-tokens``) where
     |V| varies per request; ``dims`` unchanged otherwise."""
@@ -98,4 +65,4 @@ def known_models() -> dict[str, tuple[str, Any]]:
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "architecture_for", "get_architecture", "known_models", "plan_dims",
-           "resolve_dims", "supported_models"]
+           "supported_models"]

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from himap_trt.graphs.spec import GraphSpec
-    from himap_trt.models.loading import ModelDims
+    from himap_trt.dims import ModelDims
     from himap_trt.prompt import PromptBatch
 
 
@@ -137,12 +137,6 @@ class Architecture(ABC):
     def vision_feeds(self, batch: PromptBatch, spec: GraphSpec) -> dict[str, torch.Tensor]:
         """The ``vision`` graph's inputs (``spec``) for a prepared batch (float tensors in float32)."""
 
-    def export_vision(self, model: nn.Module, spec: GraphSpec, path: Any, *, opset: int, vocab_size: int) -> None:
-        """Export the ``vision`` graph to ``path`` (default: trace :meth:`vision_module` like any graph)."""
-        from himap_trt.export.onnx_export import export_graph
-
-        export_graph(self.vision_module(model).eval(), spec, path, opset=opset, vocab_size=vocab_size)
-
     def next_positions(self, batch: PromptBatch) -> torch.Tensor:
         """[batch] int64: the position of each row's first generated token."""
         return batch.position_ids[:, -1] + 1
@@ -154,6 +148,24 @@ class Architecture(ABC):
     def image_token_counts(self, batch: PromptBatch, num_image_tokens: int) -> list[int]:
         """|V| of every row of a batch (tokens); ``num_image_tokens`` where it is fixed."""
         return [num_image_tokens] * batch.batch_size
+
+
+#: ``config.model_type`` -> the family implementing it, filled by :func:`register` (from
+#: ``himap_trt/arch/__init__.py``, the one list of families): the families' error messages list
+#: what is supported without importing the package that lists them.
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(*families: Architecture) -> dict[str, Architecture]:
+    """Add ``families`` to :data:`REGISTRY` (in order) and return it."""
+    for family in families:
+        REGISTRY[family.model_type] = family
+    return REGISTRY
+
+
+def supported_models() -> str:
+    """What every registered family supports, one line each joined by '; '."""
+    return "; ".join(arch.supported for arch in REGISTRY.values())
 
 
 def decoder_dims(text_config: Any) -> dict[str, int]:

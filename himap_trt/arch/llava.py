@@ -10,8 +10,13 @@ from typing import Any
 
 import torch
 
-from himap_trt.arch.base import Architecture, decoder_dims
+from himap_trt.arch.base import Architecture, decoder_dims, supported_models
+from himap_trt.arch.llava_known import KNOWN_MODELS, known_config
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
+from himap_trt.graphs.modules import VisionEncoder
+from himap_trt.graphs.spec import GraphSpec, TensorSpec
+from himap_trt.prompt import prepare_batch
 
 
 class Llava(Architecture):
@@ -22,8 +27,6 @@ class Llava(Architecture):
                  "(model_type 'llava') with a CLIP vision tower ('clip_vision_model') and a Llama decoder ('llama')")
 
     def check_supported(self, config: Any, source: str) -> None:
-        from himap_trt.arch import supported_models
-
         text_type = getattr(getattr(config, "text_config", None), "model_type", None)
         vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
         if text_type != "llama" or vision_type != "clip_vision_model":
@@ -38,8 +41,6 @@ class Llava(Architecture):
             )
 
     def dims(self, config: Any):
-        from himap_trt.models.loading import ModelDims
-
         text, vision = config.text_config, config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         layer = config.vision_feature_layer
@@ -62,13 +63,9 @@ class Llava(Architecture):
         return LlavaForConditionalGeneration
 
     def known_models(self):
-        from himap_trt.models.known import KNOWN_MODELS, known_config
-
         return {name: (hub, lambda name=name: known_config(name)) for name, (hub, *_) in KNOWN_MODELS.items()}
 
     def vision_spec(self, dims, dtype: str):
-        from himap_trt.graphs.spec import GraphSpec, TensorSpec
-
         b = "batch"
         return GraphSpec(
             name="vision", kind="vision",
@@ -77,13 +74,9 @@ class Llava(Architecture):
         )
 
     def vision_module(self, model):
-        from himap_trt.graphs.modules import VisionEncoder
-
         return VisionEncoder(model)
 
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
-        from himap_trt.prompt import prepare_batch
-
         return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:

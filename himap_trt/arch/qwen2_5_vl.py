@@ -25,7 +25,18 @@ import torch
 from torch import nn
 
 from himap_trt.arch.base import Architecture, decoder_dims
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
+from himap_trt.graphs.qwen_vision import QwenVisionEncoder, qwen_vision_spec, vision_feeds
+from himap_trt.prompt import (
+    TOKEN_IMAGE,
+    PromptBatch,
+    build_prompt,
+    check_requests,
+    encode_as_text,
+    has_special_text,
+    token_type_ids,
+)
 
 #: The published checkpoints' processors bound images to 12845056 pixels = 16384 tokens of 28x28 px.
 DEFAULT_MAX_IMAGE_TOKENS = 16384
@@ -111,8 +122,6 @@ class Qwen2_5_VL(Architecture):
                              "attention is not implemented in the graphs)")
 
     def dims(self, config: Any):
-        from himap_trt.models.loading import ModelDims
-
         text, vision = config.text_config, config.vision_config
         merge = vision.spatial_merge_size
         return ModelDims(
@@ -175,8 +184,6 @@ class Qwen2_5_VL(Architecture):
         side (:func:`~himap_trt.graphs.qwen_vision.qwen_vision_inputs`) needs at run time."""
         from dataclasses import replace
 
-        from himap_trt.graphs.qwen_vision import qwen_vision_spec
-
         config = self._vision_config(dims)
         spec = qwen_vision_spec(config, dtype)
         return replace(spec, attrs={**spec.attrs, **config})
@@ -188,22 +195,9 @@ class Qwen2_5_VL(Architecture):
                 "window_size": dims.vision_window_size}
 
     def vision_module(self, model):
-        from himap_trt.graphs.qwen_vision import QwenVisionEncoder
-
         return QwenVisionEncoder(model.model.visual)
 
-    def export_vision(self, model, spec, path, *, opset: int, vocab_size: int) -> None:
-        from himap_trt.export.qwen_vision import export_qwen_vision
-
-        written = export_qwen_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
-        if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
-            raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.inputs} vs {spec.inputs}")
-
     def prepare_batch(self, processor, images, questions, image_token_id, num_image_tokens):
-        from himap_trt.prompt import (
-            TOKEN_IMAGE, PromptBatch, build_prompt, check_requests, encode_as_text, has_special_text, token_type_ids,
-        )
-
         check_requests(images, questions)
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
@@ -251,8 +245,6 @@ class Qwen2_5_VL(Architecture):
         )
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
-        from himap_trt.export.qwen_vision import vision_feeds
-
         return vision_feeds(batch.pixel_values, batch.image_grid_thw, spec.attrs)
 
     def next_positions(self, batch) -> torch.Tensor:

@@ -23,40 +23,16 @@ from himap_trt.engines.manifest import (
     export_fingerprint,
     is_engines_manifest,
 )
+from himap_trt import __version__
+from himap_trt.confine import record_files
+# import_tensorrt, gpu_identity and INSTALL_HINT live in engines/environment.py (engines/manifest.py needs
+# them too); imported here for build_engines and for callers that import them from this module.
+from himap_trt.engines.environment import INSTALL_HINT, gpu_identity, import_tensorrt  # noqa: F401
 from himap_trt.engines.profiles import graph_profiles
 from himap_trt.errors import HimapError
-
-INSTALL_HINT = ("install TensorRT 10.x or 11.x for Python (`pip install 'himap-trt[tensorrt]'`, wheels from "
-                "pypi.nvidia.com) on a machine with an NVIDIA GPU and driver")
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module.
-
-    Raises:
-        HimapError: if it is not installed, saying what to install.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        raise HimapError(f"TensorRT is not installed: {INSTALL_HINT}") from None
-    return tensorrt
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(GPU name, compute capability ``major.minor``) of the current CUDA device.
-
-    Raises:
-        HimapError: if no CUDA GPU is visible.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        raise HimapError(f"no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines are built "
-                         f"and run on an NVIDIA GPU: {INSTALL_HINT}")
-    major, minor = torch.cuda.get_device_capability()
-    return torch.cuda.get_device_name(), f"{major}.{minor}"
-
+from himap_trt.fsutil import atomic_directory, cache_root, write_point
+from himap_trt.manifest import TENSORRT_KV_WRITES
+from himap_trt.signing import check_private_key, sign_directory
 
 def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None) -> Path:
     """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (or under
@@ -64,8 +40,6 @@ def default_timing_cache(tensorrt_version: str | None = None, capability: str | 
     TensorRT version and GPU compute capability, since a timing cache is only valid for the
     TensorRT build and GPU architecture that measured it. Without a version and capability:
     ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
-    from himap_trt.models.tiny import cache_root
-
     if tensorrt_version and capability:
         return cache_root() / f"timing-trt{tensorrt_version}-sm{capability.replace('.', '')}.cache"
     return cache_root() / "timing.cache"
@@ -77,8 +51,6 @@ def check_buildable(manifest, export_dir: Path) -> None:
     Raises:
         HimapError: for a ``kv_write='gqa'`` export (ONNX Runtime's contrib GroupQueryAttention).
     """
-    from himap_trt.export.manifest import TENSORRT_KV_WRITES
-
     if manifest.kv_write not in TENSORRT_KV_WRITES:
         raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} (ONNX Runtime's "
                          f"com.microsoft.GroupQueryAttention, which TensorRT cannot parse); re-export with "
@@ -111,18 +83,12 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     """
     check_buildable(manifest, export_dir)
     if sign_key is not None:
-        from himap_trt.signing import check_private_key
-
         check_private_key(sign_key, "--sign")
     trt = import_tensorrt()
     gpu_name, capability = gpu_identity()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     from polygraphy.backend.trt import Profile as PolygraphyProfile
     from polygraphy.exception import PolygraphyException
-
-    from himap_trt import __version__
-    from himap_trt.confine import record_files
-    from himap_trt.fsutil import atomic_directory, write_point
 
     timing_cache = Path(timing_cache or default_timing_cache(trt.__version__, capability))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +135,6 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         engines.save(tmp)
         write_point("build:manifest")
         if sign_key is not None:
-            from himap_trt.signing import sign_directory
-
             sign_directory(tmp, sign_key, "--sign")
     if progress:
         progress("engines complete", total, total)

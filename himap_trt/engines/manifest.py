@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from himap_trt.confine import confined_path, parse_file_records, verify_files
+from himap_trt.engines.environment import gpu_identity, import_tensorrt
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
-from himap_trt.export.manifest import read_versioned_json
+from himap_trt.manifest import MANIFEST_NAME, read_versioned_json
 from himap_trt.plan import PruningPlan
 
 ENGINES_MANIFEST = "manifest.json"
@@ -30,8 +32,6 @@ def engines_present(directory: Path) -> bool:
 
 def export_fingerprint(export_dir: Path) -> str:
     """``sha256:<hex>`` of the export's ``manifest.json`` (which hashes the model and lists every graph)."""
-    from himap_trt.export.manifest import MANIFEST_NAME
-
     return "sha256:" + hashlib.sha256((Path(export_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
@@ -152,8 +152,6 @@ def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
     Raises:
         HimapError: naming the engine file and the manifest.
     """
-    from himap_trt.confine import confined_path, parse_file_records, verify_files
-
     source = Path(directory) / ENGINES_MANIFEST
     records = parse_file_records(engines.files, field="files", source=source)
     for i, entry in enumerate(engines.engines):
@@ -190,8 +188,6 @@ def load_engines_manifest(directory: Path, *, export, export_dir: Path) -> Engin
     Raises:
         HimapError: see :func:`read_engines_manifest` and :func:`check_compatible`.
     """
-    from himap_trt.engines.build import gpu_identity, import_tensorrt
-
     engines = read_engines_manifest(directory)
     verify_engine_files(directory, engines)  # before TensorRT reads anything
     trt = import_tensorrt()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec
+from himap_trt.graphs.spec import GraphSpec, torch_dtype
 from himap_trt.plan import PruningPlan
 
 #: Text tokens (system + instruction) of the prompt the profiles are tuned for.
@@ -171,8 +171,6 @@ def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int
 def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:
     """Bytes of every segment's KV cache for ``batch`` sequences holding ``tokens_per_segment[j]``
     tokens in segment j (buffers of that many positions)."""
-    from himap_trt.runtime.kv_cache import torch_dtype
-
     total = 0
     for spec, tokens in zip([s for s in specs if s.kind == "segment"], tokens_per_segment):
         for tensor in (t for t in spec.inputs if t.name.startswith("past_key_values.")):

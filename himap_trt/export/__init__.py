@@ -11,18 +11,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from himap_trt import __version__
+from himap_trt.arch import get_architecture, plan_dims
+from himap_trt.confine import files_under, record_files
 from himap_trt.errors import HimapError
-from himap_trt.export.manifest import (
+from himap_trt.export.chunked import (
+    ChunkedSegmentBackend,
+    chunk_specs,
+    release_memory,
+    resolve_chunk_layers,
+    validate_in_chunks,
+)
+from himap_trt.export.compose import SegmentComposer
+from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS, export_graph
+from himap_trt.export.validate import raise_on_failures, record_reference
+from himap_trt.fsutil import atomic_directory, write_point
+from himap_trt.export.qwen_vision import export_vision_graph as export_qwen2_5_vl_vision
+from himap_trt.graphs.build import build_module
+from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
+from himap_trt.manifest import (
     FORMAT_VERSION,
+    KV_WRITES,
     MANIFEST_NAME,
-    PROCESSOR_DIR,
     Manifest,
+    PROCESSOR_DIR,
     is_export_manifest,
     model_hash,
 )
-from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS
-from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
+from himap_trt.models.streaming import streamed_model_hash
 from himap_trt.plan import PruningPlan
+from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
+from himap_trt.runtime.kv_cache import torch_dtype
+from himap_trt.runtime.loader import check_device
 from himap_trt.signing import check_private_key, sign_directory
 
 __all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
@@ -65,9 +85,6 @@ class ExportOptions:
     sign_key: Path | None = None
 
     def __post_init__(self):
-        from himap_trt.export.manifest import KV_WRITES
-        from himap_trt.runtime.loader import check_device
-
         check_device(self.device)
         if self.validate_chunk_layers is not None and self.validate_chunk_layers < 0:
             raise HimapError(f"--validate-chunk-layers must be >= 0 (0: whole segments), got {self.validate_chunk_layers}")
@@ -89,6 +106,12 @@ Progress = Callable[[str, int, int], None]
 #: Cap of the default --max-seq-len (LLaVA-1.5 allows 4096 positions; 2048 keeps the TensorRT
 #: profiles' maxima and KV-cache memory moderate).
 DEFAULT_MAX_SEQ_LEN_CAP = 2048
+
+#: Families whose ``vision`` graph is not exported by tracing ``arch.vision_module`` like any other
+#: graph: ``Architecture.name`` -> ``(model, spec, path, *, opset, vocab_size) -> None``. (The
+#: families sit below the export in the layers of docs/ARCHITECTURE.md, so the export, not the
+#: family, holds the exporter.)
+VISION_EXPORTERS = {"qwen2_5_vl": export_qwen2_5_vl_vision}
 
 
 def default_max_seq_len(dims) -> int:
@@ -142,24 +165,11 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
 
     import torch
 
-    from himap_trt import __version__
-    from himap_trt.arch import get_architecture, plan_dims
-    from himap_trt.export.compose import SegmentComposer
-    from himap_trt.export.onnx_export import export_graph
-    from himap_trt.export.validate import raise_on_failures, record_reference
-    from himap_trt.runtime.kv_cache import torch_dtype
-    from himap_trt.confine import files_under, record_files
-    from himap_trt.fsutil import atomic_directory, write_point
-    from himap_trt.graphs.modules import build_module
-    from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
-
-    from himap_trt.export.chunked import (ChunkedSegmentBackend, chunk_specs, release_memory, resolve_chunk_layers,
-                                          validate_in_chunks)
-
     dims = plan_dims(loaded.dims, plan)        # a per-request-count model: the plan's --max-image-tokens
+    arch = get_architecture(dims.architecture)
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
-    specs = graph_specs(dims, plan, dtype)
+    specs = graph_specs(dims, plan, dtype, arch=arch)
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     check_reference_device(options.device)
     weights = getattr(loaded, "weights", None)
@@ -188,18 +198,15 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             path = tmp / f"{spec.name}.onnx"
             if spec.kind == "segment":
                 composer.export(spec, path)
-            elif spec.kind == "vision":
-                get_architecture(dims.architecture).export_vision(loaded.model, spec, path, opset=options.opset,
-                                                                  vocab_size=dims.vocab_size)
+            elif spec.kind == "vision" and arch.name in VISION_EXPORTERS:
+                VISION_EXPORTERS[arch.name](loaded.model, spec, path, opset=options.opset, vocab_size=dims.vocab_size)
             else:
-                export_graph(build_module(loaded.model, spec), spec, path, opset=options.opset,
+                export_graph(build_module(loaded.model, spec, arch), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)
             written.append(replace(spec, file=path.name))
             write_point("export:graph")
         report("hashing the model's config and weights")
         if weights:
-            from himap_trt.models.streaming import streamed_model_hash
-
             digest = streamed_model_hash(loaded.model, weights.files, weights.dtype)
         else:
             digest = model_hash(loaded.model)
@@ -254,8 +261,6 @@ def check_reference_device(device: str) -> None:
         HimapError: ``cuda`` asked for but torch sees no usable CUDA device (one line, nothing exported).
     """
     import torch
-
-    from himap_trt.runtime.loader import check_device
 
     check_device(device)
     if device.startswith("cuda"):

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from himap_trt.errors import HimapError
+from himap_trt.export.validate import RecordingBackend, validate_graphs
+from himap_trt.graphs.modules import DecoderSegment
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
 from himap_trt.runtime.backend import BackendBase, TorchBackend, place_outputs
 
@@ -90,8 +92,6 @@ def chunk_specs(segment: GraphSpec, chunk_layers: int) -> list[GraphSpec]:
 
 def chunk_module(llava: torch.nn.Module, spec: GraphSpec) -> torch.nn.Module:
     """The PyTorch reference of a chunk (or of any segment spec): its layers as one DecoderSegment."""
-    from himap_trt.graphs.modules import DecoderSegment
-
     start, end = spec.layers
     emit_query = any(name.startswith("query.") for name in spec.output_names)
     return DecoderSegment(llava, start, end, final=spec.attrs["final"], emit_query=emit_query).eval()
@@ -111,8 +111,6 @@ class ChunkedSegmentBackend(BackendBase):
     records_itself = True
 
     def __init__(self, spec: GraphSpec, chunks: list[GraphSpec], llava: torch.nn.Module):
-        from himap_trt.export.validate import RecordingBackend
-
         self.spec = spec
         self.chunks = [RecordingBackend(TorchBackend(chunk, chunk_module(llava, chunk))) for chunk in chunks]
 
@@ -158,8 +156,6 @@ def validate_in_chunks(export_dir: Path, specs: list[GraphSpec], chunks: dict[st
     Returns:
         Every output check, in chain order.
     """
-    from himap_trt.export.validate import validate_graphs
-
     checks = []
     scratch = Path(export_dir) / SCRATCH
     try:

@@ -46,7 +46,7 @@ from onnx_ir.tensor_adapters import TorchTensor
 from himap_trt.arch import architecture_for
 from himap_trt.graphs.modules import LayerTemplate, SegmentHead, SegmentPrelude
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, past_names, present_names, query_name
-from himap_trt.export.manifest import KV_WRITES  # how segment graphs write their caches
+from himap_trt.manifest import KV_WRITES  # how segment graphs write their caches
 from himap_trt.export.onnx_export import export_program, save_model
 
 _TENSOR_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16,

@@ -25,27 +25,16 @@ import torch
 from himap_trt.errors import HimapError
 from himap_trt.export.onnx_export import DEFAULT_OPSET, _quiet_exporter, save_model
 from himap_trt.export.validate import OutputCheck, compare, validation_backend
-from himap_trt.graphs.qwen_vision import QwenVisionEncoder, qwen_vision_inputs, qwen_vision_spec
-from himap_trt.graphs.spec import GraphSpec
-from himap_trt.runtime.kv_cache import torch_dtype
+from himap_trt.graphs.qwen_vision import (  # noqa: F401  (vision_feeds: re-exported)
+    QwenVisionEncoder,
+    qwen_vision_spec,
+    vision_feeds,
+)
+from himap_trt.graphs.spec import GraphSpec, torch_dtype
 
 #: One (t, h, w) grid per image of the tracing call: two images, 88 patches, 22 image tokens
 #: (sizes that coincide with no other axis, so none is specialised or unified).
 TRACE_GRID = ((1, 4, 6), (1, 8, 8))
-
-
-def vision_feeds(pixel_values: torch.Tensor, image_grid_thw, vision_config) -> dict[str, torch.Tensor]:
-    """All four graph inputs for one call: ``pixel_values`` plus :func:`qwen_vision_inputs`.
-
-    Raises:
-        HimapError: if ``pixel_values`` does not hold sum(t*h*w) patches of the grid.
-    """
-    host = {k: torch.from_numpy(v) for k, v in qwen_vision_inputs(image_grid_thw, vision_config).items()}
-    patches = host["frame_segment_ids"].shape[0]
-    if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
-        raise HimapError(f"pixel_values must be [num_patches={patches}, patch_dim] for image_grid_thw "
-                         f"{np.asarray(image_grid_thw).tolist()}, got {tuple(pixel_values.shape)}")
-    return {"pixel_values": pixel_values, **host}
 
 
 def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "float32",
@@ -91,6 +80,18 @@ def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "flo
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     save_model(program.model, spec, Path(path), weight_bytes)
     return replace(spec, file=Path(path).name)
+
+
+def export_vision_graph(model: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int, vocab_size: int) -> None:
+    """Export Qwen2.5-VL's ``vision`` graph of ``spec`` to ``path`` (the export's vision exporter for
+    this family, see :data:`himap_trt.export.VISION_EXPORTERS`; ``vocab_size`` is unused).
+
+    Raises:
+        HimapError: if the written graph's inputs/outputs differ from ``spec``.
+    """
+    written = export_qwen_vision(model.model.visual, path, dtype=spec.inputs[0].dtype, opset=opset)
+    if (written.inputs, written.outputs) != (spec.inputs, spec.outputs):
+        raise HimapError(f"the exported vision graph's I/O differ from its spec: {written.inputs} vs {spec.inputs}")
 
 
 def validation_grids(vision_config) -> list[np.ndarray]:

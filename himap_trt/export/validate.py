@@ -19,8 +19,11 @@ import torch
 from PIL import Image
 
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec
+from himap_trt.graphs.spec import GraphSpec, past_names, present_names
 from himap_trt.runtime.backend import Backend, TorchBackend
+from himap_trt.runtime.onnxrt import OnnxRuntimeBackend
+from himap_trt.runtime.reference_eval import ReferenceEvaluatorBackend
+from himap_trt.runtime.sampling import GenerationConfig
 
 #: (atol, rtol) per dtype: an output passes when ``max |ours - ref| <= atol + rtol * max |ref|``
 #: over the tensor (the residual stream's scale sets what rounding can do to every element of it).
@@ -106,8 +109,6 @@ def record_reference(pipeline_factory, torch_modules: dict[str, TorchBackend]):
     Returns:
         name -> {phase: (feeds, outputs)} (for a backend with ``records_itself``: its parts' names).
     """
-    from himap_trt.runtime.sampling import GenerationConfig
-
     # a backend with ``records_itself`` (a segment run as chunks: export/chunked.py) records its parts
     recorders = {name: backend if getattr(backend, "records_itself", False) else RecordingBackend(backend)
                  for name, backend in torch_modules.items()}
@@ -177,10 +178,6 @@ def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], g
 def validation_backend(spec: GraphSpec, path: Path) -> Backend:
     """ONNX Runtime on CPU where it can run the graph, else ONNX's reference evaluator (e.g. for
     bfloat16, which ONNX Runtime's Python binding cannot feed, or fp16 kernels missing on CPU)."""
-    from himap_trt.errors import HimapError
-    from himap_trt.runtime.onnxrt import OnnxRuntimeBackend
-    from himap_trt.runtime.reference_eval import ReferenceEvaluatorBackend
-
     try:
         return OnnxRuntimeBackend(spec, path)
     except HimapError:
@@ -228,7 +225,6 @@ def in_place_feeds(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]
     The recorded feeds are not modified."""
     if spec.kind != "segment":
         return dict(feeds), {}
-    from himap_trt.graphs.spec import past_names, present_names
 
     feeds, presents = dict(feeds), {}
     for layer in range(*spec.layers):

@@ -13,6 +13,10 @@ Decoder-segment data flow (one segment, layers [a, b)); M = the cache buffer's l
     past_key_values.{l}.key/value [B,Hkv,M,Dh] ──► write the S new keys/values at cache_position[b]
         (in place where the backend aliases the buffers) ──► present.{l}.key/value [B,Hkv,M,Dh]
                                                    └─► query.{b-1} [B,H,S,Dh] (if a stage follows)
+
+Length (~510 lines): the decoder layer, the segment pieces and the stage scorers share one
+attention bias and one score computation (``stage_scores``, ``kept_indices``), which
+``graphs/variable.py`` and ``graphs/visipruner.py`` reuse; ``graphs/build.py`` picks the module of a spec.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from himap_trt.graphs.spec import GraphSpec
 from himap_trt.prompt import TOKEN_IMAGE, TOKEN_INSTRUCTION
 
 _MASKED = torch.finfo(torch.float32).min
@@ -508,36 +511,3 @@ class StageScorer(nn.Module):
             torch.gather(attention_mask, 1, index),
             torch.gather(token_type_ids, 1, index),
         )
-
-
-def build_module(llava: nn.Module, spec: GraphSpec) -> nn.Module:
-    """The torch module implementing ``spec`` on the parameters of ``llava`` (in eval mode)."""
-    if spec.kind == "vision":
-        from himap_trt.arch import architecture_for
-
-        module = architecture_for(llava.config).vision_module(llava)
-    elif spec.kind == "embed":
-        module = TokenEmbedding(llava)
-    elif spec.kind == "segment":
-        start, end = spec.layers
-        module = DecoderSegment(llava, start, end, final=spec.attrs["final"],
-                                emit_query=not spec.attrs["final"])
-    elif spec.kind == "scoring" and spec.attrs["criterion"] in ("value_norm", "drop_all"):
-        from himap_trt.graphs.visipruner import DropImageTokens, ValueNormScorer
-
-        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
-        module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else
-                  ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
-    elif spec.kind == "scoring" and spec.attrs.get("variable"):
-        from himap_trt.graphs.variable import VariableStageScorer
-
-        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
-        module = VariableStageScorer(spec.attrs["criterion"], scaling, entering=spec.attrs["entering"],
-                                     seed=spec.attrs.get("seed"), stage=spec.stage)
-    elif spec.kind == "scoring":
-        scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
-        module = StageScorer(spec.attrs["criterion"], spec.attrs["keep"], spec.attrs["entering"], scaling,
-                             seed=spec.attrs.get("seed"), stage=spec.stage)
-    else:
-        raise ValueError(f"unknown graph kind {spec.kind!r}")
-    return module.eval()

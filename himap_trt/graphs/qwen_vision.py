@@ -252,3 +252,17 @@ def qwen_image_processor(min_pixels: int = 28 * 28, max_pixels: int = 112 * 112)
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                     temporal_patch_size=2, merge_size=2)
+
+
+def vision_feeds(pixel_values: torch.Tensor, image_grid_thw, vision_config) -> dict[str, torch.Tensor]:
+    """All four graph inputs for one call: ``pixel_values`` plus :func:`qwen_vision_inputs`.
+
+    Raises:
+        HimapError: if ``pixel_values`` does not hold sum(t*h*w) patches of the grid.
+    """
+    host = {k: torch.from_numpy(v) for k, v in qwen_vision_inputs(image_grid_thw, vision_config).items()}
+    patches = host["frame_segment_ids"].shape[0]
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
+        raise HimapError(f"pixel_values must be [num_patches={patches}, patch_dim] for image_grid_thw "
+                         f"{np.asarray(image_grid_thw).tolist()}, got {tuple(pixel_values.shape)}")
+    return {"pixel_values": pixel_values, **host}

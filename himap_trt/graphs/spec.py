@@ -19,8 +19,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from himap_trt.errors import HimapError
-from himap_trt.models.loading import ModelDims
+from himap_trt.dims import ModelDims
 from himap_trt.plan import PruningPlan
 
 Dim = int | str
@@ -161,8 +163,16 @@ def query_name(layer: int) -> str:
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64}
 
-def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> list[GraphSpec]:
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Spec dtype name -> torch dtype."""
+    return _TORCH_DTYPES[name]
+
+
+def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32", *, arch: Any) -> list[GraphSpec]:
     """Declare every graph of the chain for a model and a plan, in execution order.
 
     Order: ``vision``, ``embed``, ``segment_0``, ``scoring_0``, ``segment_1``, ... ``segment_n``.
@@ -171,6 +181,8 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
         dims: the model's dimensions.
         plan: the pruning plan (its stages split the decoder into segments).
         dtype: floating dtype of activations and KV caches (``float32``, ``float16``, ``bfloat16``).
+        arch: the model's family (a :class:`himap_trt.arch.base.Architecture`, the one named
+            ``dims.architecture``): its vision graph, position-id shape and whether |V| varies.
 
     Returns:
         The specs; see ``docs/ARCHITECTURE.md`` for the contract.
@@ -180,9 +192,8 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32") -> l
             f"the plan is for {plan.num_layers} layers / {plan.num_image_tokens} image tokens, "
             f"the model has {dims.num_layers} / {dims.num_image_tokens}"
         )
-    from himap_trt.arch import get_architecture
-
-    arch = get_architecture(dims.architecture)
+    if arch.name != dims.architecture:
+        raise HimapError(f"graph_specs: the dims are of a {dims.architecture!r} model, the family passed is {arch.name!r}")
     variable = arch.variable_image_tokens
     if variable and any(st.criterion in ("value_norm", "drop_all") for st in plan.stages):
         raise HimapError(f"--method {plan.method} is not implemented for models with per-request image-token counts "

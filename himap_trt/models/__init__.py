@@ -9,6 +9,7 @@ from himap_trt.models.loading import (
     load_config,
     load_model,
     model_dims,
+    resolve_dims,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "load_config",
     "load_model",
     "model_dims",
+    "resolve_dims",
 ]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
+from himap_trt.arch import architecture_for, known_models
+from himap_trt.confine import refuse_custom_code
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
+from himap_trt.models.loaded import LoadedModel  # noqa: F401  (re-exported: himap_trt.models.LoadedModel)
 from himap_trt.models.shapes import SHAPES_MODELS, shapes_model_dir
 from himap_trt.models.tiny import TINY_MODELS, tiny_model_dir
 from himap_trt.models.tiny_qwen import TINY_QWEN_MODELS, tiny_qwen_model_dir
@@ -30,8 +33,6 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 
 def _model_choices() -> str:
-    from himap_trt.arch import known_models
-
     return ", ".join([*TINY_MODELS, *TINY_QWEN_MODELS, *SHAPES_MODELS, *known_models()])
 
 
@@ -53,37 +54,6 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     return DTYPES[canonical_dtype(name, flag)]
 
 
-@dataclass(frozen=True)
-class ModelDims:
-    """The dimensions the graphs, plans, FLOPs and profiles need, read from a ``LlavaConfig``.
-
-    All sizes are element counts; ``num_image_tokens`` is |V| per prompt (tokens), or its bound for
-    a family with per-request counts (``architecture``: the :mod:`himap_trt.arch` family's name;
-    ``spatial_merge_size`` / ``temporal_patch_size``: Qwen2.5-VL's patch merger and temporal
-    patches, 1 elsewhere).
-    """
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    num_image_tokens: int
-    image_size: int
-    patch_size: int
-    vision_hidden_size: int
-    vision_intermediate_size: int
-    vision_layers_used: int
-    vision_tokens: int
-    image_token_id: int
-    architecture: str = "llava"
-    spatial_merge_size: int = 1
-    temporal_patch_size: int = 1
-    vision_window_size: int = 0
-
 
 def check_supported(config: Any, source: str) -> None:
     """Raise unless ``config`` describes a supported architecture (:func:`himap_trt.arch.architecture_for`).
@@ -91,16 +61,38 @@ def check_supported(config: Any, source: str) -> None:
     Raises:
         HimapError: naming ``source`` and what is supported.
     """
-    from himap_trt.arch import architecture_for
-
     architecture_for(config, source).check_supported(config, source)
 
 
 def model_dims(config: Any) -> ModelDims:
     """Dimensions of a supported config (see :class:`ModelDims`), by its architecture."""
-    from himap_trt.arch import architecture_for
-
     return architecture_for(config).dims(config)
+
+
+def resolve_dims(model: str, config: Any, max_image_tokens: int | None = None):
+    """The :class:`~himap_trt.models.loading.ModelDims` of ``--model`` without loading weights.
+
+    For a family with per-request image-token counts, ``num_image_tokens`` is the bound:
+    ``--max-image-tokens`` if given, else the processor's max pixels of a local directory (its
+    ``preprocessor_config.json``), else the published processors' bound.
+
+    Raises:
+        HimapError: ``--max-image-tokens`` below 1, or given for a model whose |V| is fixed.
+    """
+    arch = architecture_for(config, model)
+    dims = arch.dims(config)
+    if not arch.variable_image_tokens:
+        if max_image_tokens is not None:
+            raise HimapError(f"--max-image-tokens is for models with per-request image-token counts (Qwen2.5-VL); "
+                             f"{model!r} always has {dims.num_image_tokens}")
+        return dims
+    if max_image_tokens is not None and max_image_tokens < 1:
+        raise HimapError(f"--max-image-tokens must be at least 1, got {max_image_tokens}")
+    bound = max_image_tokens
+    if bound is None and model not in known_models():
+        path, is_local = _resolve(model)
+        bound = arch.max_image_tokens_in(path) if is_local else None
+    return arch.with_max_image_tokens(dims, bound or dims.num_image_tokens)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -126,8 +118,6 @@ def _resolve(model: str) -> tuple[str, bool]:
         return str(tiny_qwen_model_dir(model)), True
     if model in SHAPES_MODELS:
         return str(shapes_model_dir(model)), True
-    from himap_trt.arch import known_models
-
     if model in known_models():
         return known_models()[model][0], False
     if os.path.isdir(model):
@@ -143,8 +133,6 @@ def _from_pretrained(loader, source: str, is_local: bool, what: str, **kwargs):
     if reachable. A local directory that declares custom code is refused before the loader runs."""
     kwargs["trust_remote_code"] = False  # never run code from a model directory, never prompt for it
     if is_local:
-        from himap_trt.confine import refuse_custom_code
-
         refuse_custom_code(source, "model")
         try:
             return loader(source, **kwargs)
@@ -188,8 +176,6 @@ def load_config(model: str):
     """
     from transformers import AutoConfig
 
-    from himap_trt.arch import known_models
-
     builtin = known_models()
     known = {name: name for name in builtin} | {hub: name for name, (hub, _) in builtin.items()}
     if model in known and not os.path.isdir(model):
@@ -199,37 +185,6 @@ def load_config(model: str):
         config = _from_pretrained(AutoConfig.from_pretrained, source, is_local, "config")
     check_supported(config, model)
     return config
-
-
-@dataclass
-class LoadedModel:
-    """A loaded checkpoint.
-
-    Attributes:
-        model: the ``LlavaForConditionalGeneration``, in eval mode, on ``device`` in ``dtype``.
-        processor: its ``LlavaProcessor`` (tokenizer + image processor + chat template).
-        source: the ``--model`` value it was loaded from (hub id, directory or built-in name).
-        path: the directory or hub id actually loaded.
-        weights: None when every weight is in ``model``; a
-            :class:`himap_trt.models.streaming.StreamedWeights` when the decoder layers stay in the
-            checkpoint files (``load_streamed``: the bounded-memory export).
-    """
-
-    model: Any
-    processor: Any
-    source: str
-    path: str
-    weights: Any = None
-
-    @property
-    def dims(self) -> ModelDims:
-        """The model's :class:`ModelDims` (|V|'s bound from the processor where |V| varies)."""
-        from himap_trt.arch import architecture_for
-
-        arch = architecture_for(self.model.config)
-        dims = arch.dims(self.model.config)
-        bound = arch.max_image_tokens(self.processor)
-        return arch.with_max_image_tokens(dims, bound) if bound else dims
 
 
 def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -250,8 +205,6 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | 
         HimapError: unknown model, hub unreachable, unsupported architecture, broken files.
     """
     from transformers.utils import logging as hf_logging
-
-    from himap_trt.arch import architecture_for
 
     hf_logging.disable_progress_bar()  # our commands show their own progress
     config = load_config(model)  # fails fast on unsupported architectures

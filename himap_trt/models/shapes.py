@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 
 from himap_trt.errors import HimapError
-from himap_trt.models.tiny import PAD_ID, TinySpec, cache_root, cached_model_dir
+from himap_trt.models.tiny import PAD_ID, TinySpec, _config, _processor, _tokenizer, cache_root, cached_model_dir
 
 SHAPES_MODELS: tuple[str, ...] = ("shapes",)
 
@@ -37,8 +37,6 @@ WEIGHTS = Path(__file__).parent / "weights" / "shapes.safetensors"
 
 def shapes_config(spec: TinySpec = SHAPES_SPEC):
     """The ``LlavaConfig`` of the shapes model (built-in tokenizer's vocabulary)."""
-    from himap_trt.models.tiny import _config, _tokenizer
-
     config = _config(spec, vocab_size=len(_tokenizer()))
     config.text_config.initializer_range = TRAIN_INIT_STD
     config.vision_config.initializer_range = TRAIN_INIT_STD
@@ -47,8 +45,6 @@ def shapes_config(spec: TinySpec = SHAPES_SPEC):
 
 def shapes_processor(spec: TinySpec = SHAPES_SPEC):
     """The ``LlavaProcessor`` of the shapes model (byte-level tokenizer, LLaVA-1.5 chat template)."""
-    from himap_trt.models.tiny import _processor, _tokenizer
-
     return _processor(spec, _tokenizer())
 
 

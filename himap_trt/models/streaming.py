@@ -15,7 +15,7 @@ is what does not fit: here the model is built as a *skeleton* instead:
 Tensors are read with ``pread`` into private buffers (no mapping held: page-cache pages are not
 counted in the process's RSS), converted per tensor, and released when their user is done. The
 model hash (:func:`streamed_model_hash`) reads the files the same way and equals
-:func:`himap_trt.export.manifest.model_hash` of the fully loaded model.
+:func:`himap_trt.manifest.model_hash` of the fully loaded model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from himap_trt.arch import architecture_for
 from himap_trt.errors import HimapError
+from himap_trt.models.loading import LoadedModel, _from_pretrained, _resolve, load_config
 
 #: safetensors dtype tags -> torch dtypes.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -281,7 +283,7 @@ def _move(model: nn.Module, device: torch.device) -> None:
 
 
 def streamed_model_hash(model: nn.Module, files: CheckpointFiles, dtype: torch.dtype) -> str:
-    """:func:`himap_trt.export.manifest.model_hash` of ``model`` loaded in ``dtype``, computed from
+    """:func:`himap_trt.manifest.model_hash` of ``model`` loaded in ``dtype``, computed from
     the checkpoint files tensor by tensor (parameters from the files, buffers from ``model``)."""
     import hashlib
 
@@ -341,9 +343,6 @@ def load_streamed(model: str, *, dtype: torch.dtype = torch.float32, device: str
     """
     from transformers import AutoProcessor, GenerationConfig
     from transformers.utils import logging as hf_logging
-
-    from himap_trt.arch import architecture_for
-    from himap_trt.models.loading import LoadedModel, _from_pretrained, _resolve, load_config
 
     source, is_local = _resolve(model)
     if not is_local:

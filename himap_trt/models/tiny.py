@@ -19,13 +19,15 @@ The weights are random: generated text is meaningless. Shapes (``tiny``):
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from himap_trt.fsutil import cache_root  # noqa: F401  (re-exported: models.tiny.cache_root)
+from himap_trt.models.loaded import LoadedModel
 
 #: Bump when the recipe changes, so cached directories of an older recipe are not reused.
 RECIPE_VERSION = 1
@@ -74,15 +76,6 @@ TINY_MODELS: dict[str, TinySpec] = {
     "medium": TinySpec("medium", num_key_value_heads=8, hidden_size=512, num_heads=8, intermediate_size=1408,
                        image_size=336, patch_size=14, seed=2, init_std=0.02),
 }
-
-
-def cache_root() -> Path:
-    """Where built-in models are written: ``$HIMAP_TRT_CACHE`` or ``~/.cache/himap-trt``."""
-    env = os.environ.get("HIMAP_TRT_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "himap-trt"
 
 
 def _tokenizer():
@@ -223,8 +216,6 @@ def random_model(config, *, dtype: torch.dtype = torch.float32, device: str = "c
         A :class:`himap_trt.models.LoadedModel`.
     """
     from transformers import LlavaForConditionalGeneration
-
-    from himap_trt.models.loading import LoadedModel
 
     vision = config.vision_config
     spec = TinySpec("random", num_key_value_heads=config.text_config.num_key_value_heads,

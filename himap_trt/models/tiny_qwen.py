@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.arch.qwen2_5_vl import _image_only_processor_class
 from himap_trt.models.tiny import _randomize, cache_root, cached_model_dir
 
 RECIPE_VERSION = 1
@@ -95,7 +96,6 @@ def _tokenizer():
 
 
 def _processor(spec: TinyQwenSpec, tokenizer):
-    from himap_trt.arch.qwen2_5_vl import _image_only_processor_class
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     side = 28  # patch 14 x merge 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from himap_trt.arch import get_architecture, plan_dims
+from himap_trt.graphs.spec import graph_specs
 from himap_trt.runtime.backend import Backend, TorchBackend, torch_backends
 from himap_trt.runtime.pipeline import GenerationOutput, Pipeline, PrefillResult, StageOutput
 from himap_trt.runtime.sampling import GenerationConfig
@@ -45,12 +47,8 @@ def reference_pipeline(loaded: Any, plan: Any, *, max_seq_len: int | None = None
         plan: a :class:`himap_trt.plan.PruningPlan` for that model.
         max_seq_len: optional limit on prompt + generated tokens.
     """
-    from himap_trt.graphs.spec import graph_specs
-
-    from himap_trt.arch import plan_dims
-
     dims = plan_dims(loaded.dims, plan)
-    specs = graph_specs(dims, plan, _DTYPE_NAMES[str(loaded.model.dtype)])
+    specs = graph_specs(dims, plan, _DTYPE_NAMES[str(loaded.model.dtype)], arch=get_architecture(dims.architecture))
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     return Pipeline(specs, torch_backends(loaded.model, specs), loaded.processor, plan,
                     image_token_id=dims.image_token_id, device=loaded.model.device, eos_token_ids=eos,

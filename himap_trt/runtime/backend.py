@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from himap_trt.arch import architecture_for
+from himap_trt.graphs.build import build_module
 from himap_trt.graphs.spec import GraphSpec, TensorSpec
 
 
@@ -95,7 +97,7 @@ def place_outputs(results: dict[str, torch.Tensor],
 
 
 class TorchBackend(BackendBase):
-    """Runs a graph's PyTorch module (:func:`himap_trt.graphs.modules.build_module`) in inference mode.
+    """Runs a graph's PyTorch module (:func:`himap_trt.graphs.build.build_module`) in inference mode.
 
     This is the PyTorch reference of the pipeline, on CPU or CUDA in any dtype the model was
     loaded in.
@@ -120,6 +122,5 @@ class TorchBackend(BackendBase):
 
 def torch_backends(llava: torch.nn.Module, specs: list[GraphSpec]) -> dict[str, TorchBackend]:
     """One :class:`TorchBackend` per spec, sharing ``llava``'s parameters."""
-    from himap_trt.graphs.modules import build_module
-
-    return {spec.name: TorchBackend(spec, build_module(llava, spec)) for spec in specs}
+    arch = architecture_for(llava.config)
+    return {spec.name: TorchBackend(spec, build_module(llava, spec, arch)) for spec in specs}

@@ -21,6 +21,10 @@ No HTTP here: ``himap_trt.serve`` puts the OpenAI API in front of it. Usable on 
     engine.start()
     completion = engine.generate(image, "What is shown?", SamplingParams(max_tokens=32, temperature=0))
     engine.stop()
+
+Length (~570 lines, over the ~500 of the house style): the :class:`Engine` class is one scheduler
+loop whose admission, prefill, decode and release steps share its lock, slots and queues; split
+across modules, a reader would have to follow one iteration through several files.
 """
 
 from __future__ import annotations

@@ -27,16 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec, past_names
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int64": torch.int64}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Spec dtype name -> torch dtype."""
-    return _TORCH_DTYPES[name]
-
+from himap_trt.graphs.spec import GraphSpec, past_names, torch_dtype  # noqa: F401  (torch_dtype: re-exported)
 
 @dataclass
 class SlotKVCache:

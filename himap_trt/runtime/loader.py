@@ -14,9 +14,18 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.arch import get_architecture
+from himap_trt.confine import confined_path, refuse_custom_code
+from himap_trt.engines.manifest import engines_present, load_engines_manifest
 from himap_trt.errors import HimapError
-from himap_trt.plan import PruningPlan
+from himap_trt.manifest import load_manifest, model_hash
+from himap_trt.models import load_model
+from himap_trt.models.loading import parse_dtype
+from himap_trt.plan import PruningPlan, build_plan
 from himap_trt.prompt import check_chat_template
+from himap_trt.runtime import Pipeline, reference_pipeline
+from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
+from himap_trt.runtime.tensorrt import tensorrt_backends
 from himap_trt.signing import check_public_key, verify_directory
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -91,8 +100,6 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             ``auto``, engines that are present but stale (another export, TensorRT or GPU) are an
             error, not a silent fall-back to ONNX Runtime.
     """
-    from himap_trt.runtime import Pipeline, reference_pipeline
-
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
@@ -104,10 +111,6 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         raise HimapError("--model runs the PyTorch reference without an export; pass --backend torch with it "
                          "(other backends read the export directory given by --export-dir)")
     if backend == "torch" and model is not None:
-        from himap_trt.models import load_model
-        from himap_trt.models.loading import parse_dtype
-        from himap_trt.plan import build_plan
-
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(model, dtype=parse_dtype(dtype or "fp32"), device=dev)
         dims = loaded.dims
@@ -117,18 +120,14 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
         return OpenedPipeline(reference_pipeline(loaded, plan), "torch", dev, model)
 
-    from himap_trt.export.manifest import load_manifest
-
     if require_signature is not None:
         verify_directory(Path(export_dir), require_signature, what="--export-dir")
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     export_dir = Path(export_dir)
     if requested_plan is not None:
         requested = requested_plan(manifest.dims.num_layers, manifest.dims.num_image_tokens)
         check_plan(manifest.plan, requested, f"the export in {str(export_dir)!r}")
     if backend == "auto":
-        from himap_trt.engines.manifest import engines_present
-
         engines = engines_dir or default_engines_dir(export_dir)
         if engines_present(engines) and _tensorrt_usable():
             backend = "tensorrt"
@@ -136,10 +135,6 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             backend = "onnxruntime"
 
     if backend == "torch":
-        from himap_trt.export.manifest import model_hash
-        from himap_trt.models import load_model
-        from himap_trt.models.loading import parse_dtype
-
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(manifest.source_model, dtype=parse_dtype(manifest.dtype), device=dev)
         if model_hash(loaded.model) != manifest.model_hash:
@@ -150,14 +145,10 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
 
     processor = load_export_processor(export_dir, manifest)
     if backend == "onnxruntime":
-        from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
-
         dev = device or ("cuda" if cuda_provider_available() else "cpu")
         backends = {spec.name: OnnxRuntimeBackend(spec, export_dir / spec.file, device=dev) for spec in manifest.graphs}
         max_seq_len = manifest.max_seq_len
     else:  # tensorrt
-        from himap_trt.engines.manifest import load_engines_manifest
-        from himap_trt.runtime.tensorrt import tensorrt_backends
 
         engines = engines_dir or default_engines_dir(export_dir)
         if require_signature is not None:
@@ -186,10 +177,6 @@ def load_export_processor(export_dir: Path, manifest):
     Raises:
         HimapError: naming the directory if it declares custom code or transformers cannot load it.
     """
-    from himap_trt.arch import get_architecture
-
-    from himap_trt.confine import confined_path, refuse_custom_code
-
     path = confined_path(export_dir, manifest.processor_dir, field="processor_dir",
                          source=Path(export_dir) / "manifest.json", kind="dir")
     refuse_custom_code(path, "processor")

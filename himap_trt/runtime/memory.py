@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from himap_trt.errors import HimapError
+from himap_trt.runtime.kv_cache import torch_dtype
 
 GiB = 1024**3
 #: Resident bytes per weight byte of an open ONNX Runtime CPU session, and while it opens, by graph dtype.
@@ -55,11 +56,9 @@ def estimate_run_memory(export_dir: str | Path, manifest, batch: int = 1) -> Mem
 
     Args:
         export_dir: the export directory (graph and external-data file sizes are read from it).
-        manifest: its :class:`~himap_trt.export.manifest.Manifest`.
+        manifest: its :class:`~himap_trt.manifest.Manifest`.
         batch: requests run together (KV caches are sized to ``max_seq_len`` tokens each: an upper bound).
     """
-    from himap_trt.runtime.kv_cache import torch_dtype
-
     import torch
 
     export_dir = Path(export_dir)

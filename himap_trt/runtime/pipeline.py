@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from himap_trt.errors import HimapError
+from himap_trt.arch import get_architecture
 from himap_trt.graphs.spec import GraphSpec, past_names, present_names, query_name
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
@@ -136,8 +137,6 @@ class Pipeline:
     def __init__(self, specs: list[GraphSpec], backends: Mapping[str, Backend], processor: Any, plan: PruningPlan,
                  *, image_token_id: int, device: torch.device | str, eos_token_ids: list[int], pad_token_id: int,
                  max_seq_len: int | None = None, max_positions: int | None = None, architecture: str | None = None):
-        from himap_trt.arch import get_architecture
-
         vision = next((spec for spec in specs if spec.kind == "vision"), None)
         self.arch = get_architecture(architecture or (vision.attrs.get("architecture", "llava") if vision else "llava"))
         self.specs = {spec.name: spec for spec in specs}

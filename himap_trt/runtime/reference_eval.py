@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from himap_trt.graphs.spec import GraphSpec
-from himap_trt.runtime.backend import BackendBase
+from himap_trt.runtime.backend import BackendBase, place_outputs
 
 
 def _gather_elements_op():
@@ -63,8 +63,6 @@ class ReferenceEvaluatorBackend(BackendBase):
 
     def run(self, feeds: Mapping[str, torch.Tensor],
             outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        from himap_trt.runtime.backend import place_outputs
-
         values = self.evaluator.run(None, {t.name: to_numpy(feeds[t.name]) for t in self.spec.inputs})
         return place_outputs({name: from_numpy(value) for name, value in zip(self.spec.output_names, values)}, outputs)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.engines.environment import import_tensorrt
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
@@ -237,10 +238,8 @@ def tensorrt_backends(engines_dir: Path, engines, export) -> dict[str, TensorRTB
     Args:
         engines_dir: the engines directory.
         engines: its checked :class:`~himap_trt.engines.manifest.EnginesManifest`.
-        export: the export's :class:`~himap_trt.export.manifest.Manifest` (graph declarations).
+        export: the export's :class:`~himap_trt.manifest.Manifest` (graph declarations).
     """
-    from himap_trt.engines.build import import_tensorrt
-
     shared = SharedResources(import_tensorrt())
     backends = {}
     for spec in export.graphs:

@@ -26,14 +26,23 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from himap_trt.errors import HimapError
-from himap_trt.runtime.engine import Completion, Delta, NotAccepting, QueueFull, RequestHandle, SamplingParams
+from himap_trt.runtime.engine import (
+    Completion,
+    Delta,
+    Engine,
+    NotAccepting,
+    QueueFull,
+    RequestHandle,
+    SamplingParams,
+)
+from himap_trt.runtime.loader import open_pipeline
 from himap_trt.serve.images import ImageError, ImagePolicy, open_image_url
 from himap_trt.serve.metrics import ServerMetrics
 from himap_trt.serve.protocol import (
-    MAX_STOP,
-    UNSUPPORTED,
     ChatCompletionRequest,
     ImagePart,
+    MAX_STOP,
+    UNSUPPORTED,
     completion_id,
     error_body,
     now,
@@ -93,9 +102,6 @@ class ServerState:
 
     def load(self) -> None:
         """Open the pipeline, allocate the slots and start the engine (runs in a thread)."""
-        from himap_trt.runtime.engine import Engine
-        from himap_trt.runtime.loader import open_pipeline
-
         config = self.config
         try:
             started = time.perf_counter()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from himap_trt.errors import HimapError
+from himap_trt.prompt import load_image
 
 
 @dataclass
@@ -66,7 +67,6 @@ def image_data_url(path: Path | None) -> str:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    from himap_trt.prompt import load_image
 
     image = load_image(path)
     mime = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}.get(image.format)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from himap_trt.errors import HimapError
+from himap_trt.runtime.engine import Completion, Engine, SamplingParams
+from himap_trt.runtime.loader import open_pipeline
 from himap_trt.triton import protocol
 
 log = logging.getLogger("himap_trt.triton")
@@ -158,8 +160,6 @@ class EngineScheduler:
     def __init__(self, pipeline: Any, max_batch: int, max_queue: int, max_seq_len: int | None = None, on_step=None):
         import asyncio
 
-        from himap_trt.runtime.engine import Engine
-
         self.asyncio = asyncio
         self.engine = Engine(pipeline, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                              on_step=on_step).start()
@@ -171,8 +171,6 @@ class EngineScheduler:
         self.asyncio.run_coroutine_threadsafe(self._serve(parsed, stream), self.loop)
 
     async def _serve(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> None:
-        from himap_trt.runtime.engine import Completion, SamplingParams
-
         try:
             prompt = await self.loop.run_in_executor(None, self.engine.prepare, parsed.image, parsed.question)
             config = parsed.config
@@ -281,8 +279,6 @@ class HimapModel:
         self.metrics.update()
 
     def _open(self, args: dict, params: dict[str, str]) -> None:
-        from himap_trt.runtime.loader import open_pipeline
-
         version_dir = Path(args["model_repository"]) / args["model_version"]
         export_dir = inside(version_dir, params.get("export_dir", "export"), "export_dir")
         engines_dir = inside(version_dir, params.get("engines_dir", "engines"), "engines_dir")

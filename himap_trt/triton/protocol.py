@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from himap_trt.errors import HimapError
+from himap_trt.runtime.sampling import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,6 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
     Raises:
         HimapError: one line naming the input and what was expected.
     """
-    from himap_trt.runtime.sampling import GenerationConfig
-
     decl = {t.name: t for t in INPUTS}
     image_value = _scalar(get, decl["image"])
     if not isinstance(image_value, (bytes, np.bytes_)):

@@ -31,8 +31,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from himap_trt import __version__
+from himap_trt.arch import get_architecture
+from himap_trt.engines.manifest import export_fingerprint, read_engines_manifest
 from himap_trt.errors import HimapError
-from himap_trt.fsutil import write_point
+from himap_trt.fsutil import atomic_directory, write_point
+from himap_trt.manifest import load_manifest
 from himap_trt.triton import protocol
 
 REPOSITORY_MARKER = "himap-repository.json"
@@ -214,12 +218,7 @@ def write_repository(export_dir: Path, out: Path, options: RepositoryOptions,
         HimapError: invalid export or engines (other export, batch above the engines' profile
             maximum), or an ``out`` that is a non-empty directory this tool did not write.
     """
-    from himap_trt import __version__
-    from himap_trt.engines.manifest import export_fingerprint, read_engines_manifest
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.fsutil import atomic_directory
-
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     if options.max_seq_len is not None and options.max_seq_len > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {options.max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
     fingerprint = export_fingerprint(export_dir)

@@ -15,8 +15,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from typer.testing import CliRunner
 
 from conftest import tiny
-from himap_trt.analyze import Request, prepare_inputs
-from himap_trt.analyze.measure import disruption, saliency_maps, saliency_metrics
+from himap_trt.analysis.analyze import Request, prepare_inputs
+from himap_trt.analysis.analyze.measure import disruption, saliency_maps, saliency_metrics
 from himap_trt.cli import app
 from himap_trt.prompt import TOKEN_IMAGE, TOKEN_INSTRUCTION, prepare_batch
 

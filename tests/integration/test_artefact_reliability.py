@@ -486,7 +486,8 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
     """The previous export (HiMAP), then `export --method none --sign` killed at its first graph, then one
     stopped at every write point (checked there) and killed right after the swap; the target is always
     the previous export byte for byte or the complete, signed new one."""
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.arch import get_architecture
+    from himap_trt.manifest import load_manifest
     from himap_trt.signing import verify_directory
 
     target = tmp_path / "export"
@@ -495,7 +496,7 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
     args = export_args(target, keys["private"])
 
     def check_new(directory):
-        assert load_manifest(directory).plan.method == "none"          # hash-checked
+        assert load_manifest(directory, families=get_architecture).plan.method == "none"          # hash-checked
         verify_directory(directory, keys["public"], what="--out")       # every file, signed
 
     # a real SIGKILL after the first graph: the old export stays, a partial directory is left behind
@@ -544,7 +545,8 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
 
 
 def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp_path):
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.arch import get_architecture
+    from himap_trt.manifest import load_manifest
     from himap_trt.triton.repository import REPOSITORY_MARKER
 
     target = tmp_path / "repo"
@@ -555,7 +557,7 @@ def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp
     def check_new(directory):
         info = json.loads((directory / REPOSITORY_MARKER).read_text())
         assert info["plan"].startswith("FastV") or "fastv" in info["plan"].lower(), info["plan"]
-        assert load_manifest(directory / "himap" / "1" / "export").plan.method == "fastv"
+        assert load_manifest(directory / "himap" / "1" / "export", families=get_architecture).plan.method == "fastv"
 
     rng = random.Random(24)
     points = stop_at_every_point(args, target, before, check_new, busy_command=[

@@ -152,7 +152,7 @@ def test_run_errors_on_exports(default_export, tmp_path, photo_path):
     manifest["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(invoke("run", photo_path, "Hi?", "--export-dir", copy), "format version 99")
-    from himap_trt.export.manifest import FORMAT_VERSION
+    from himap_trt.manifest import FORMAT_VERSION
 
     manifest["format_version"] = FORMAT_VERSION
     manifest["max_seq_len"] = 150

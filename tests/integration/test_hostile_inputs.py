@@ -237,9 +237,10 @@ def test_processor_files_are_verified_too(export_copy, photo_path):
 
 def test_engines_are_confined_and_hashed_before_tensorrt(export_copy, tmp_path, photo_path):
     from himap_trt.engines.manifest import export_fingerprint
-    from himap_trt.export.manifest import load_manifest
+    from himap_trt.arch import get_architecture
+    from himap_trt.manifest import load_manifest
 
-    plan = load_manifest(export_copy).plan
+    plan = load_manifest(export_copy, families=get_architecture).plan
     engines = tmp_path / "engines"
     engines.mkdir()
     (engines / "vision.engine").write_bytes(b"plugin code")

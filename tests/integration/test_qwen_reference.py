@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-from conftest import tiny
+from conftest import REFERENCE_PLANS, entering_hidden_states, plan_id, tiny
 from himap_trt.plan import build_plan, keep_count
 from himap_trt.runtime import GenerationConfig, reference_pipeline
 
@@ -84,20 +84,8 @@ def hf_kept_indices(loaded, image, prompt, plan):
     ids = enc["input_ids"]
     positions, _ = model.model.get_rope_index(ids, enc["mm_token_type_ids"], enc["image_grid_thw"],
                                                attention_mask=enc["attention_mask"])
-    entering = {}
-
-    def grab(layer):
-        def hook(module, args, kwargs):
-            entering[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
-
-    handles = [lm.layers[s.layer].register_forward_pre_hook(grab(s.layer), with_kwargs=True) for s in plan.stages]
-    try:
-        with torch.no_grad():
-            out = model(**enc, position_ids=positions, output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with entering_hidden_states(lm.layers, [s.layer for s in plan.stages]) as entering, torch.no_grad():
+        out = model(**enc, position_ids=positions, output_attentions=True)
     image_pos = [i for i in range(ids.shape[1]) if ids[0, i] == model.config.image_token_id]
     counts = [len(image_pos)]
     for s in plan.stages:
@@ -133,16 +121,7 @@ def hf_kept_indices(loaded, image, prompt, plan):
     return stages
 
 
-PLANS = [
-    ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
-    ("himap", dict(k1=3, r1=0.6, k2=6, r2=0.5)),
-    ("fastv", dict(k=2, r=0.5)),
-    ("fastv", dict(k=5, r=0.75)),
-]
-
-
-@pytest.mark.parametrize("method,kw", PLANS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}{x}" for k, x in v.items()))
+@pytest.mark.parametrize("method,kw", REFERENCE_PLANS, ids=plan_id)
 def test_kept_indices_equal_transformers_eager_attention(method, kw, qwen_requests):
     loaded = tiny(MODEL)
     plan = _plan(loaded, method, **kw)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaModel
 
-from conftest import tiny
+from conftest import REFERENCE_PLANS, entering_hidden_states, plan_id, tiny
 from himap_trt.plan import build_plan
 from himap_trt.runtime import GenerationConfig, reference_pipeline
 
@@ -58,21 +58,9 @@ def hf_kept_indices(loaded, batch, plan):
     image_id = model.config.image_token_id
     ids, mask = batch.input_ids, batch.attention_mask
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    entering = {}
-
-    def grab(layer):
-        def hook(module, args, kwargs):
-            entering[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
-
-    handles = [lm.layers[s.layer].register_forward_pre_hook(grab(s.layer), with_kwargs=True) for s in plan.stages]
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values,
-                        position_ids=positions, output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with entering_hidden_states(lm.layers, [s.layer for s in plan.stages]) as entering, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                    position_ids=positions, output_attentions=True)
 
     B = ids.shape[0]
     is_image = [[i for i in range(ids.shape[1]) if ids[b, i] == image_id and mask[b, i]] for b in range(B)]
@@ -110,16 +98,7 @@ def hf_kept_indices(loaded, batch, plan):
     return stages
 
 
-PLANS = [
-    ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
-    ("himap", dict(k1=3, r1=0.6, k2=6, r2=0.5)),
-    ("fastv", dict(k=2, r=0.5)),
-    ("fastv", dict(k=5, r=0.75)),
-]
-
-
-@pytest.mark.parametrize("method,kw", PLANS, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}{x}" for k, x in v.items()))
+@pytest.mark.parametrize("method,kw", REFERENCE_PLANS, ids=plan_id)
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_kept_indices_equal_transformers_eager_attention(name, method, kw, requests_3):
     loaded = tiny(name)

@@ -20,7 +20,7 @@ def test_streamed_weights_match_the_loaded_model_in_every_dtype():
     """Every tensor read from the files (converted per tensor) equals the fully loaded model's, and the
     hash computed from the files equals model_hash of the loaded model (so --backend torch and check
     accept streamed exports)."""
-    from himap_trt.export.manifest import model_hash
+    from himap_trt.manifest import model_hash
     from himap_trt.models import load_model
     from himap_trt.models.streaming import load_streamed, streamed_model_hash
 

@@ -4,10 +4,11 @@ Qwen2.5-VL graph declarations and the options that only apply to it."""
 import pytest
 from typer.testing import CliRunner
 
-from himap_trt.arch import ARCHITECTURES, architecture_for, get_architecture, known_models, resolve_dims
+from himap_trt.arch import ARCHITECTURES, architecture_for, get_architecture, known_models
 from himap_trt.cli import app
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import graph_specs
+from himap_trt.models import resolve_dims
 from himap_trt.plan import build_plan, keep_count
 
 
@@ -45,7 +46,7 @@ def test_per_request_keep_counts_follow_methods_rounding(tokens):
 def test_qwen_graph_declarations():
     dims = resolve_dims("qwen2.5-vl-3b", known_models()["qwen2.5-vl-3b"][1](), 256)
     plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
-    specs = {s.name: s for s in graph_specs(dims, plan, "float16")}
+    specs = {s.name: s for s in graph_specs(dims, plan, "float16", arch=get_architecture(dims.architecture))}
     assert specs["segment_0"].input("position_ids").shape == (3, "batch", "sequence")
     scoring = specs["scoring_0"]
     assert [t.name for t in scoring.inputs][-3:] == ["keep_counts", "image_slots", "kept_slots"]
@@ -54,13 +55,13 @@ def test_qwen_graph_declarations():
     assert (scoring.attrs["entering"], scoring.attrs["keep"]) == (256, 128)
     assert specs["vision"].input("pixel_values").shape == ("num_patches", 1176)
     with pytest.raises(HimapError, match="visipruner is not implemented for models with per-request"):
-        graph_specs(dims, build_plan("visipruner", num_layers=dims.num_layers, num_image_tokens=256), "float16")
+        graph_specs(dims, build_plan("visipruner", num_layers=dims.num_layers, num_image_tokens=256), "float16", arch=get_architecture(dims.architecture))
 
 
 def test_llava_graph_declarations_unchanged():
     dims = resolve_dims("llava-1.5-7b", known_models()["llava-1.5-7b"][1]())
     plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
-    specs = {s.name: s for s in graph_specs(dims, plan, "float16")}
+    specs = {s.name: s for s in graph_specs(dims, plan, "float16", arch=get_architecture(dims.architecture))}
     assert specs["vision"].input("pixel_values").shape == ("batch", 3, 336, 336)
     assert specs["segment_1"].input("position_ids").shape == ("batch", "sequence")
     assert specs["scoring_0"].output("kept_position_ids").shape == ("batch", "sequence - 288")

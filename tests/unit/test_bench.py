@@ -1,4 +1,4 @@
-"""himap_trt.bench: the interleaving order of a run and the figures computed from its samples."""
+"""himap_trt.analysis.bench: the interleaving order of a run and the figures computed from its samples."""
 
 import statistics
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from himap_trt.bench import Contender, _Sample, run_bench
+from himap_trt.analysis.bench import Contender, _Sample, run_bench
 from himap_trt.errors import HimapError
 
 

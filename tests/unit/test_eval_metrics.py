@@ -1,11 +1,11 @@
-"""himap_trt.evaluate: normalisation, the three scoring rules, and question-file checks."""
+"""himap_trt.analysis.evaluate: normalisation, the three scoring rules, and question-file checks."""
 
 import json
 
 import pytest
 
 from himap_trt.errors import HimapError
-from himap_trt.evaluate import EvalItem, chosen_letter, load_items, normalize, read_jsonl, score
+from himap_trt.analysis.evaluate import EvalItem, chosen_letter, load_items, normalize, read_jsonl, score
 
 
 def test_normalize():

@@ -2,6 +2,7 @@
 
 import pytest
 
+from himap_trt.arch import get_architecture
 from himap_trt.engines.profiles import Profile, ShapeRange, graph_profiles, kv_cache_bytes
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import graph_specs
@@ -12,7 +13,7 @@ from himap_trt.plan import build_plan
 def _specs(model, method="himap", dtype="float16", **kw):
     dims = model_dims(load_config(model))
     plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens, **kw)
-    return dims, plan, {s.name: s for s in graph_specs(dims, plan, dtype)}
+    return dims, plan, {s.name: s for s in graph_specs(dims, plan, dtype, arch=get_architecture(dims.architecture))}
 
 
 def test_default_himap_profiles_of_llava_7b():

@@ -1,5 +1,6 @@
 import pytest
 
+from himap_trt.arch import get_architecture
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import eval_dim, graph_specs
 from himap_trt.models import load_config, model_dims
@@ -21,7 +22,7 @@ def test_eval_dim():
 def test_specs_follow_the_plan_for_7b_dimensions():
     dims = model_dims(load_config("llava-1.5-7b"))
     plan = build_plan("himap", num_layers=32, num_image_tokens=576)
-    specs = graph_specs(dims, plan, "float16")
+    specs = graph_specs(dims, plan, "float16", arch=get_architecture(dims.architecture))
     assert [s.name for s in specs] == ["vision", "embed", "segment_0", "scoring_0", "segment_1", "scoring_1",
                                        "segment_2"]
     seg1 = specs[4]

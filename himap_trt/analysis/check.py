@@ -14,9 +14,23 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.arch import get_architecture
+from himap_trt.engines.manifest import engines_present
 from himap_trt.errors import HimapError
-from himap_trt.export.validate import (OutputCheck, compare, in_place_feeds, real_positions, record_reference,
-                                      sample_requests, validation_backend)
+from himap_trt.export.validate import (
+    OutputCheck,
+    compare,
+    in_place_feeds,
+    real_positions,
+    record_reference,
+    sample_requests,
+    validation_backend,
+)
+from himap_trt.manifest import load_manifest, model_hash
+from himap_trt.models import load_model
+from himap_trt.models.loading import parse_dtype
+from himap_trt.runtime import GenerationConfig, Pipeline, torch_backends
+from himap_trt.runtime.loader import default_engines_dir, open_pipeline
 
 
 #: dtypes whose end-to-end kept indices must equal PyTorch's. In bf16 (8-bit mantissa, run in ONNX's
@@ -90,15 +104,8 @@ def run_check(export_dir: Path, *, engines_dir: Path | None = None, max_new_toke
     Raises:
         HimapError: missing export, model not loadable, or weights differing from the export's.
     """
-    from himap_trt.engines.manifest import engines_present
-    from himap_trt.export.manifest import load_manifest, model_hash
-    from himap_trt.models import load_model
-    from himap_trt.models.loading import parse_dtype
-    from himap_trt.runtime import GenerationConfig, Pipeline, torch_backends
-    from himap_trt.runtime.loader import default_engines_dir, open_pipeline
-
     step = on_step or (lambda text: None)
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     report = CheckReport(dtype=manifest.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step(f"loading the PyTorch reference ({manifest.source_model}, {manifest.dtype}, {device})")

@@ -1,4 +1,4 @@
-"""``himap-trt eval``: the command-line layer over :mod:`himap_trt.evaluate` (registered by cli.py)."""
+"""``himap-trt eval``: the command-line layer over :mod:`himap_trt.analysis.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,18 +8,25 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt.cli.app import app, err, out, progress_bar, user_errors
 from himap_trt.errors import HimapError
 from himap_trt.plan import DEFAULT_K, DEFAULT_K1, DEFAULT_K2, DEFAULT_R, DEFAULT_R1, DEFAULT_R2
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+evaluate = lazy_import("himap_trt.analysis.evaluate")
+arch = lazy_import("himap_trt.arch")
+export_manifest = lazy_import("himap_trt.manifest")
+loader = lazy_import("himap_trt.runtime.loader")
+models = lazy_import("himap_trt.models")
 
 DEFAULT_MODEL_METHODS = ("none", "fastv", "himap", "random")
 
 
 def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[str], backend: str,
                   device: Optional[str], plan_kw: dict) -> list:
-    """One :class:`himap_trt.evaluate.Method` per export directory (or per ``--method`` with ``--model``)."""
-    from himap_trt.evaluate import Method
-    from himap_trt.runtime.loader import open_pipeline
-
+    """One :class:`himap_trt.analysis.evaluate.Method` per export directory (or per ``--method`` with ``--model``)."""
     if export_dirs and model:
         raise HimapError("pass either --export-dir (one or more exports) or --model with --backend torch, not both")
     if not export_dirs and not model:
@@ -30,30 +37,25 @@ def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[s
         raise HimapError("--method is for --model; an export's plan is fixed when it is exported")
     opened = []
     if model:
-        from himap_trt.models import load_config, model_dims
-        from himap_trt.plan import build_plan
-
-        dims = model_dims(load_config(model))
+        dims = models.model_dims(models.load_config(model))
         for method in methods or DEFAULT_MODEL_METHODS:
             def plan_of(layers, tokens, method=method):
                 return build_plan(method, num_layers=layers, num_image_tokens=tokens, **plan_kw)
 
             plan_of(dims.num_layers, dims.num_image_tokens)  # a bad plan fails before the model loads
-            pipe = open_pipeline(export_dir=Path("."), backend="torch", model=model, requested_plan=plan_of,
+            pipe = loader.open_pipeline(export_dir=Path("."), backend="torch", model=model, requested_plan=plan_of,
                                  device=device)
             opened.append((pipe, dims, model))
     else:
-        from himap_trt.export.manifest import load_manifest
-
         for directory in export_dirs:
-            manifest = load_manifest(directory)
-            pipe = open_pipeline(export_dir=directory, backend=backend, device=device)
+            manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
+            pipe = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
             opened.append((pipe, manifest.dims, str(directory)))
     names = [pipe.pipeline.plan.method for pipe, _, _ in opened]
     result = []
     for (pipe, dims, source), name in zip(opened, names):
         label = name if names.count(name) == 1 else f"{name} ({Path(source).name})"
-        result.append(Method(label=label, opened=pipe, dims=dims, source=source))
+        result.append(evaluate.Method(label=label, opened=pipe, dims=dims, source=source))
     labels = [m.label for m in result]
     if len(set(labels)) != len(labels):
         raise HimapError(f"two methods would be reported under the same name ({', '.join(labels)}); "
@@ -61,6 +63,8 @@ def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[s
     return result
 
 
+@app.command("eval")
+@user_errors
 def eval_command(
     data: Annotated[str, typer.Option(
         "--data", help="Questions: a JSONL file (one {\"image\", \"question\", \"answers\": [..], \"choices\": [..]?} per "
@@ -98,24 +102,21 @@ def eval_command(
     """Accuracy of pruning methods on a question set, side by side: per method accuracy (exact match;
     VQA score with several answers; chosen letter for multiple choice), agreement with the unpruned
     answers, image tokens kept per stage, prefill FLOPs (Eq. 10 and whole prompt) and TTFT, and a plot."""
-    from himap_trt.cli import _progress, err, out
-    from himap_trt.evaluate import load_items, plot, report, run_items
-
-    items = load_items(data, limit=limit, seed=seed)
+    items = evaluate.load_items(data, limit=limit, seed=seed)
     if max_new_tokens < 1:
         raise HimapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     plan_kw = dict(k1=k1, r1=r1, k2=k2, r2=r2, k=k, r=r, seed=plan_seed)
     methods_ = _open_methods(list(export_dirs or []), model, list(methods or []), backend, device, plan_kw)
     try:
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task(f"eval: {len(items)} questions x {len(methods_)} methods",
                                      total=len(items) * len(methods_))
-            run_items(items, methods_, max_new_tokens=max_new_tokens, on_step=lambda: progress.advance(task))
+            evaluate.run_items(items, methods_, max_new_tokens=max_new_tokens, on_step=lambda: progress.advance(task))
     finally:
         for m in methods_:
             m.opened.pipeline.close()
-    result = report(items, methods_, data)
-    png = plot(result, plot_path or Path("eval.png"))
+    result = evaluate.report(items, methods_, data)
+    png = evaluate.plot(result, plot_path or Path("eval.png"))
     result["plot"] = str(png)
     if as_json:
         print(json.dumps(result, indent=1))

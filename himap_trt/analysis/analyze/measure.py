@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from himap_trt.analyze.probe import Probe, probing
+from himap_trt.analysis.analyze.probe import Probe, probing
 from himap_trt.prompt import TOKEN_IMAGE, TOKEN_INSTRUCTION, TOKEN_SYSTEM
 
 #: Rows and keys of the attention-mass table.

@@ -20,8 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from himap_trt.analyze.measure import MASS_KEYS, MASS_ROWS, RequestAnalysis
-from himap_trt.flops import omega
+from himap_trt.analysis.analyze.measure import MASS_KEYS, MASS_ROWS, RequestAnalysis
+from himap_trt.flops import image_token_flops, omega
+from himap_trt.plan import DEFAULT_R1, DEFAULT_R2, build_plan
 
 QUANTILE = 0.9
 
@@ -70,9 +71,6 @@ def aggregate(requests: list[RequestAnalysis], num_layers: int) -> dict[str, Any
 def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any, *, tau: float,
               max_keep: int) -> dict[str, Any]:
     """The recommended HiMAP and VisiPruner plans with rule, evidence and Eq. 10 FLOPs."""
-    from himap_trt.flops import image_token_flops
-    from himap_trt.plan import DEFAULT_R1, DEFAULT_R2, build_plan
-
     L, V, d, m = dims.num_layers, dims.num_image_tokens, dims.hidden_size, dims.intermediate_size
     baseline = L * omega(V, d, m)
 

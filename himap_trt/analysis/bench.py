@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from himap_trt.errors import HimapError
+from himap_trt.runtime import GenerationConfig
 
 
 @dataclass
@@ -128,8 +129,6 @@ class PipelineContender(Contender):
         self.ignore_eos = ignore_eos
 
     def run(self, batch, new_tokens: int) -> _Sample:
-        from himap_trt.runtime import GenerationConfig
-
         config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=self.ignore_eos)
         cuda = self.pipeline.device.type == "cuda"
         if cuda:

@@ -1,5 +1,4 @@
-"""The ``himap-trt bench`` command (registered in :mod:`himap_trt.cli`); the measuring is in
-:mod:`himap_trt.bench`."""
+"""The ``himap-trt bench`` command; the measuring is in :mod:`himap_trt.analysis.bench`."""
 
 from __future__ import annotations
 
@@ -8,12 +7,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from himap_trt.cli.app import app, err, out, user_errors
 from himap_trt.errors import HimapError
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
 
-err = Console(stderr=True)
-out = Console(highlight=False)
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+bench_lib = lazy_import("himap_trt.analysis.bench")
+export_lib = lazy_import("himap_trt.export")
+arch = lazy_import("himap_trt.arch")
+export_manifest = lazy_import("himap_trt.manifest")
+loader = lazy_import("himap_trt.runtime.loader")
+models = lazy_import("himap_trt.models")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -30,34 +36,29 @@ def _exports_for(model: str, methods: list[str], work_dir: Path, max_seq_len: Op
                  kv_writes: tuple[str, ...] = ("scatternd",)) -> list[Path]:
     """Export ``model`` once per method and KV-cache write form into ``work_dir/<model>-<method>``
     (``-<kv_write>`` appended unless ``scatternd``; reused when present)."""
-    from himap_trt.export.manifest import KV_WRITES
-
-    bad = [k for k in kv_writes if k not in KV_WRITES]
+    bad = [k for k in kv_writes if k not in export_manifest.KV_WRITES]
     if bad or not kv_writes:
-        raise HimapError(f"--kv-write must be comma-separated values of {', '.join(KV_WRITES)}, got {','.join(kv_writes)!r}")
+        raise HimapError(f"--kv-write must be comma-separated values of {', '.join(export_manifest.KV_WRITES)}, got {','.join(kv_writes)!r}")
     return [path for kv_write in kv_writes for path in _exports_one(model, methods, work_dir, max_seq_len, kv_write)]
 
 
 def _exports_one(model: str, methods: list[str], work_dir: Path, max_seq_len: Optional[int], kv_write: str) -> list[Path]:
-    from himap_trt.export import ExportOptions, export_model
-    from himap_trt.export.manifest import MANIFEST_NAME
-    from himap_trt.models import load_model
-    from himap_trt.plan import build_plan
-
     dirs, loaded = [], None
     for method in methods:
         target = work_dir / (f"{model.replace('/', '_')}-{method}" + ("" if kv_write == "scatternd" else f"-{kv_write}"))
-        if not (target / MANIFEST_NAME).is_file():
-            loaded = loaded or load_model(model)
+        if not (target / export_manifest.MANIFEST_NAME).is_file():
+            loaded = loaded or models.load_model(model)
             dims = loaded.dims
             plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
             err.print(f"exporting {model} ({plan.describe()}) to {target}")
-            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len,
+            export_lib.export_model(loaded, plan, export_lib.ExportOptions(out=target, validate=False, max_seq_len=max_seq_len,
                                                      kv_write=kv_write))
         dirs.append(target)
     return dirs
 
 
+@app.command(name="bench")
+@user_errors
 def bench(
     export_dirs: Annotated[Optional[list[Path]], typer.Option(
         "--export-dir", metavar="<path>", help="An export to measure (repeat for several: side by side).",
@@ -95,10 +96,6 @@ def bench(
     over batch sizes and answer lengths; optionally against transformers' generate."""
     import torch
 
-    from himap_trt.bench import PipelineContender, TransformersContender, figures_to_json, plot, run_bench, sample_batch
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.runtime.loader import open_pipeline
-
     sizes = _ints(batch_sizes, "--batch-sizes")
     lengths = _ints(new_tokens, "--max-new-tokens")
     if export_dirs and model:
@@ -110,32 +107,30 @@ def bench(
         raise HimapError("pass --export-dir (one or more exports) or --model (with --methods)")
     contenders, first = [], None
     for directory in export_dirs:
-        manifest = load_manifest(directory)
-        opened = open_pipeline(export_dir=directory, backend=backend, device=device)
+        manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
+        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
         name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
-        contenders.append(PipelineContender(name, opened.pipeline, ignore_eos))
+        contenders.append(bench_lib.PipelineContender(name, opened.pipeline, ignore_eos))
         first = first or (manifest, opened)
     if vs_transformers:
-        from himap_trt.models import load_model
-
         manifest, opened = first
         dev = opened.device if opened.backend != "tensorrt" else "cuda"
-        loaded = load_model(manifest.source_model, dtype={"float32": torch.float32, "float16": torch.float16,
+        loaded = models.load_model(manifest.source_model, dtype={"float32": torch.float32, "float16": torch.float16,
                                                           "bfloat16": torch.bfloat16}[manifest.dtype],
                             device=dev, attn_implementation="sdpa")
-        contenders.append(TransformersContender("transformers (sdpa)", loaded.model))
+        contenders.append(bench_lib.TransformersContender("transformers (sdpa)", loaded.model))
     pipe = contenders[0].pipeline
-    figures = run_bench(contenders, lambda size: sample_batch(pipe, size), batch_sizes=sizes, new_tokens=lengths,
+    figures = bench_lib.run_bench(contenders, lambda size: bench_lib.sample_batch(pipe, size), batch_sizes=sizes, new_tokens=lengths,
                         repeats=repeats, progress=lambda text: err.print(f"[dim]{text}[/]"))
     setup = {"backend": first[1].backend, "device": first[1].device, "model": first[0].source_model,
              "dtype": first[0].dtype, "threads": torch.get_num_threads(), "repeats": repeats,
              "ignore_eos": ignore_eos, "exports": [str(d) for d in export_dirs]}
     if plot_path:
-        plot(figures, plot_path)
+        bench_lib.plot(figures, plot_path)
     if as_json:
-        print(json.dumps(figures_to_json(figures, setup), indent=1))
+        print(json.dumps(bench_lib.figures_to_json(figures, setup), indent=1))
         return
     from rich.table import Table
 

@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from himap_trt.data.shapes import generate
 from himap_trt.errors import HimapError
+from himap_trt.flops import image_token_flops, prompt_flops
+from himap_trt.plan import PruningPlan
+from himap_trt.prompt import load_image
+from himap_trt.runtime.sampling import GenerationConfig
 
 #: LLaVA-1.5's multiple-choice prompt (its ScienceQA / MMBench evaluation format).
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -70,7 +75,6 @@ class EvalItem:
         """The PIL image (opened from ``image_path`` if the item has none in memory)."""
         if self.image is not None:
             return self.image
-        from himap_trt.prompt import load_image
 
         return load_image(self.image_path)
 
@@ -188,7 +192,6 @@ def load_items(data: str, *, limit: int | None = None, seed: int = 0) -> list[Ev
         count = data.split(":", 1)[1]
         if not count.isdigit() or int(count) < 1:
             raise HimapError(f"--data {data!r}: expected shapes:N with N a positive number of questions")
-        from himap_trt.data.shapes import generate
 
         n = min(int(count), limit) if limit else int(count)
         return [EvalItem(it.question, (it.answer,), image=it.image, group=it.template)
@@ -231,8 +234,6 @@ def run_items(items: list[EvalItem], methods: list[Method], *, max_new_tokens: i
 
     The methods' order rotates from item to item. ``on_step`` is called after each answer.
     """
-    from himap_trt.runtime.sampling import GenerationConfig
-
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     for i, item in enumerate(items):
         image = item.load_image()
@@ -253,9 +254,6 @@ def run_items(items: list[EvalItem], methods: list[Method], *, max_new_tokens: i
 
 def report(items: list[EvalItem], methods: list[Method], data: str) -> dict:
     """The per-method figures as a JSON-ready dict (FLOPs in FLOPs, times in seconds)."""
-    from himap_trt.flops import image_token_flops, prompt_flops
-    from himap_trt.plan import PruningPlan
-
     reference = next((m for m in methods if m.plan.method == "none"), None)
     groups = sorted({it.group for it in items if it.group is not None})
     rows = []

@@ -1,4 +1,4 @@
-"""The ``serve`` and ``bench-serve`` commands (registered in :mod:`himap_trt.cli`).
+"""The ``serve`` and ``bench-serve`` commands (:mod:`himap_trt.serve`).
 
 Heavy imports (FastAPI, uvicorn, the runtime) happen inside the commands, so ``--help`` is quick.
 """
@@ -10,7 +10,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt import signing
+from himap_trt.cli.app import app, user_errors
 from himap_trt.errors import HimapError
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
+export_manifest = lazy_import("himap_trt.manifest")
+images = lazy_import("himap_trt.serve.images")
+serve_app = lazy_import("himap_trt.serve.app")
+serve_bench = lazy_import("himap_trt.serve.bench")
+serve_server = lazy_import("himap_trt.serve.server")
 
 
 def _concurrencies(text: str) -> list[int]:
@@ -23,6 +34,8 @@ def _concurrencies(text: str) -> list[int]:
     return values
 
 
+@app.command("serve")
+@user_errors
 def serve(
     export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
     = Path("export"),
@@ -75,11 +88,6 @@ def serve(
     temperature, top_p, seed, stop), GET /v1/models, GET /health, GET /metrics (Prometheus).
     SIGTERM stops accepting requests, finishes those in flight, then exits.
     """
-    from himap_trt.export.manifest import load_manifest
-    from himap_trt.serve.app import ServeConfig
-    from himap_trt.serve.images import ImagePolicy
-    from himap_trt.serve.server import serve as run_server
-
     if not 0 < port < 65536:
         raise HimapError(f"--port must be in 1..65535, got {port}")
     if max_batch < 1:
@@ -93,23 +101,23 @@ def serve(
     if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise HimapError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
     if require_signature is not None:
-        from himap_trt.signing import check_public_key, verify_directory
-
-        check_public_key(require_signature)
-        verify_directory(export_dir, require_signature, what="--export-dir")
-    manifest = load_manifest(export_dir)
+        signing.check_public_key(require_signature)
+        signing.verify_directory(export_dir, require_signature, what="--export-dir")
+    manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
     if max_seq_len is not None and max_seq_len > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
     name = model_name or manifest.source_model
-    config = ServeConfig(
+    config = serve_app.ServeConfig(
         export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
         max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
-        images=ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
+        images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                            max_pixels=max_image_pixels, timeout_s=image_timeout),
         max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, require_signature=require_signature)
-    run_server(config, host=host, port=port, log_level=log_level.lower())
+    serve_server.serve(config, host=host, port=port, log_level=log_level.lower())
 
 
+@app.command("bench-serve")
+@user_errors
 def bench_serve(
     url: Annotated[str, typer.Option("--url", help="Base URL of an OpenAI-compatible server.")]
     = "http://127.0.0.1:8000",
@@ -142,8 +150,6 @@ def bench_serve(
     from rich.console import Console
     from rich.table import Table
 
-    from himap_trt.serve import bench
-
     levels = _concurrencies(concurrency)
     if requests < 1:
         raise HimapError(f"--requests must be at least 1, got {requests}")
@@ -157,13 +163,13 @@ def bench_serve(
         err.print(f"concurrency {level['concurrency']}: {level['completed']}/{level['requests']} ok, "
                   f"{level['output_throughput']:.1f} output tok/s", highlight=False)
 
-    report = bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
+    report = serve_bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
                              ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
-                             progress=None if as_json else progress)
+                             progress=None if serve_bench.as_json else progress)
     if plot is not None:
-        bench.plot(report, plot)
-    if as_json:
-        print(bench.as_json(report))
+        serve_bench.plot(report, plot)
+    if serve_bench.as_json:
+        print(serve_bench.as_json(report))
     else:
         def fmt(stats):
             return " / ".join("-" if stats[k] is None else f"{stats[k]:.1f}" for k in ("mean", "p50", "p99"))

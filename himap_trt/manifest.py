@@ -3,6 +3,9 @@
 The manifest is the contract between ``export``, ``build`` and ``run``: the plan, the model it was
 exported from (id and content hash), dtype, opset, and for every graph its file, layer range and
 input/output specs (name, dtype, symbolic shape). See ``docs/ARCHITECTURE.md``.
+
+It sits below both sides of that contract (the layers in docs/ARCHITECTURE.md): ``export``
+writes it, ``runtime``, ``engines``, ``triton`` and ``check`` read it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
+from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec
-from himap_trt.models.loading import ModelDims
+from himap_trt.graphs.spec import GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
@@ -207,7 +212,8 @@ def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dic
     return data
 
 
-def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: bool = True) -> Manifest:
+def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: bool = True, *,
+                  families: Callable[[str], Any]) -> Manifest:
     """Read and check an export directory's manifest.
 
     With ``verify`` (the default; what ``run``, ``check`` and ``build`` use) every path the manifest
@@ -215,13 +221,15 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     must have its recorded size and sha256, every graph's external data must be a recorded file, and
     the processor directory may hold recorded files only.
 
+    ``families`` looks a model family up by ``dims.architecture``
+    (:func:`himap_trt.arch.get_architecture`, passed in because the families sit above the manifest
+    in the layers): :func:`check_consistency` needs it to re-derive the graph list.
+
     Raises:
         HimapError: missing directory or manifest, unreadable JSON, another format version, a missing or
             malformed field (named with the file), a path leaving the directory, or a file that is
             missing, changed or from another export (named).
     """
-    from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
-
     directory = Path(directory)
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")
@@ -231,7 +239,7 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     data = read_versioned_json(path, FORMAT_VERSION, "manifest",
                                f"re-export with this version (format {FORMAT_VERSION} records every file's sha256)")
     manifest = Manifest.from_dict(data, source=path)
-    check_consistency(manifest, source=path)
+    check_consistency(manifest, families, source=path)
     records = parse_file_records(manifest.files, field="files", source=path)
     for i, spec in enumerate(manifest.graphs):
         confined_path(directory, spec.file, field=f"graphs[{i}].file", source=path)
@@ -252,7 +260,7 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     return manifest
 
 
-def check_consistency(manifest: Manifest, source: str | Path | None = None) -> None:
+def check_consistency(manifest: Manifest, families: Callable[[str], Any], source: str | Path | None = None) -> None:
     """Check the manifest's fields against each other: the fields outside ``files`` are not hashed
     (the manifest is what records hashes), so an edited ``max_seq_len``, ``dims`` or ``plan`` must be
     caught here, before any graph runs.
@@ -261,13 +269,12 @@ def check_consistency(manifest: Manifest, source: str | Path | None = None) -> N
       (RoPE positions the model was trained for);
     - ``plan`` must be for ``dims``' layers and image tokens, and ``graphs`` (names, kinds, layer
       ranges, every input's and output's name, dtype and symbolic shape) must be exactly what
-      :func:`himap_trt.graphs.spec.graph_specs` declares for ``dims``, ``plan`` and ``dtype``.
+      :func:`himap_trt.graphs.spec.graph_specs` declares for ``dims``, ``plan`` and ``dtype`` with the
+      family ``families(dims.architecture)`` (e.g. :func:`himap_trt.arch.get_architecture`).
 
     Raises:
         HimapError: naming the manifest and the first field that disagrees.
     """
-    from himap_trt.graphs.spec import graph_specs
-
     where = f"manifest {str(source)!r}" if source is not None else "manifest"
     dims = manifest.dims
     if not dims.num_image_tokens < manifest.max_seq_len <= dims.max_position_embeddings:
@@ -275,7 +282,11 @@ def check_consistency(manifest: Manifest, source: str | Path | None = None) -> N
                          f"({dims.num_image_tokens}, {dims.max_position_embeddings}] (more than the image tokens, at "
                          "most the model's positions 'dims.max_position_embeddings')")
     try:
-        expected = graph_specs(dims, manifest.plan, manifest.dtype)
+        arch = families(dims.architecture)
+    except HimapError as exc:
+        raise HimapError(f"{where}: field 'dims.architecture': {exc}") from None
+    try:
+        expected = graph_specs(dims, manifest.plan, manifest.dtype, arch=arch)
     except HimapError as exc:
         raise HimapError(f"{where}: fields 'plan' and 'dims' disagree: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:

@@ -1,4 +1,4 @@
-"""``himap-trt triton repo`` and ``himap-trt triton serve`` (registered in :mod:`himap_trt.cli`)."""
+"""``himap-trt triton repo`` and ``himap-trt triton serve`` (:mod:`himap_trt.triton`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt.cli.app import app, user_errors
+from himap_trt.triton.server import TritonServer, gpu_visible
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+repository = lazy_import("himap_trt.triton.repository")
+
 triton_app = typer.Typer(
     name="triton",
     help="Scale out on NVIDIA Triton Inference Server: write a model repository, serve it locally.",
@@ -19,6 +26,8 @@ triton_app = typer.Typer(
 )
 
 
+@triton_app.command("repo")
+@user_errors
 def repo(
     export_dir: Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
     = Path("export"),
@@ -51,12 +60,10 @@ def repo(
     with one response per request (HTTP /infer clients). configs/cpu.pbtxt and configs/gpu.pbtxt hold
     the instance groups; pick one with tritonserver --model-config-name.
     """
-    from himap_trt.triton.repository import RepositoryOptions, write_repository
-
     default = model_config_name or ("gpu" if engines_dir is not None else "cpu")
-    options = RepositoryOptions(max_batch=max_batch, instances=instances, default_config=default,
+    options = repository.RepositoryOptions(max_batch=max_batch, instances=instances, default_config=default,
                                 default_max_tokens=default_max_tokens, max_queue=max_queue, max_seq_len=max_seq_len)
-    info = write_repository(export_dir, out, options, engines_dir=engines_dir)
+    info = repository.write_repository(export_dir, out, options, engines_dir=engines_dir)
     if as_json:
         print(json.dumps({"out": str(out), **info.to_dict()}, indent=1))
         return
@@ -66,6 +73,8 @@ def repo(
     print(f"serve it: himap-trt triton serve --repository {out}")
 
 
+@triton_app.command("serve")
+@user_errors
 def serve(
     repository: Annotated[Path, typer.Option("--repository", help="Model repository (`himap-trt triton repo`).")]
     = Path("model_repository"),
@@ -86,8 +95,6 @@ def serve(
     PATH). Stops on Ctrl-C / SIGTERM, finishing in-flight requests. In production, run NGC's Triton
     container instead: docs/DEPLOY.md.
     """
-    from himap_trt.triton.server import TritonServer, gpu_visible
-
     name = model_config_name or ("gpu" if gpu_visible() else "cpu")
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           model_config_name=name, log_verbose=log_verbose)
@@ -109,3 +116,6 @@ def serve(
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+app.add_typer(triton_app, name="triton")

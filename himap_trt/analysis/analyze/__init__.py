@@ -1,10 +1,10 @@
 """``himap-trt analyze``: the papers' diagnostics on the PyTorch model, and a recommended plan.
 
-- :mod:`~himap_trt.analyze.probe`: an eager attention function that exposes and edits every
+- :mod:`~himap_trt.analysis.analyze.probe`: an eager attention function that exposes and edits every
   decoder layer's probabilities;
-- :mod:`~himap_trt.analyze.measure`: one request's diagnostics (attention mass, Eq. 1 saliency,
+- :mod:`~himap_trt.analysis.analyze.measure`: one request's diagnostics (attention mass, Eq. 1 saliency,
   S_vv / S_vt, disruptions, VisiPruner's reference triggers);
-- :mod:`~himap_trt.analyze.report`: averages, D_l, recommended plans, ``analysis.json``, plots.
+- :mod:`~himap_trt.analysis.analyze.report`: averages, D_l, recommended plans, ``analysis.json``, plots.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from himap_trt.analyze.measure import RequestAnalysis, RequestInputs, analyze_request
+from himap_trt.analysis.analyze.measure import RequestAnalysis, RequestInputs, analyze_request
+from himap_trt.graphs.modules import TokenEmbedding, VisionEncoder
+from himap_trt.prompt import prepare_batch
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,6 @@ def prepare_inputs(loaded: Any, request: Request, modules: tuple[Any, Any] | Non
     Raises:
         HimapError: empty question or an unexpected image-token count.
     """
-    from himap_trt.graphs.modules import TokenEmbedding, VisionEncoder
-    from himap_trt.prompt import prepare_batch
-
     model = loaded.model
     dims = loaded.dims
     vision, embed = modules or (VisionEncoder(model).eval(), TokenEmbedding(model).eval())
@@ -63,7 +62,7 @@ def prepare_inputs(loaded: Any, request: Request, modules: tuple[Any, Any] | Non
 def analyze_model(loaded: Any, requests: list[Request], *, tau: float = 0.2,
                   on_request: Callable[[int, RequestAnalysis], None] | None = None,
                   chunk: int = 8) -> list[RequestAnalysis]:
-    """Run :func:`~himap_trt.analyze.measure.analyze_request` on every request, in order.
+    """Run :func:`~himap_trt.analysis.analyze.measure.analyze_request` on every request, in order.
 
     Args:
         loaded: the model (any dtype/device; eager attention is used inside the analysis).
@@ -72,8 +71,6 @@ def analyze_model(loaded: Any, requests: list[Request], *, tau: float = 0.2,
         on_request: called after each request with its index and result (progress).
         chunk: prompt copies per batched disruption forward.
     """
-    from himap_trt.graphs.modules import TokenEmbedding, VisionEncoder
-
     modules = (VisionEncoder(loaded.model).eval(), TokenEmbedding(loaded.model).eval())
     results = []
     for i, request in enumerate(requests):

@@ -1,0 +1,177 @@
+"""``himap-trt build``: TensorRT engines from an export, or their optimization profiles (``--dry-run``; :mod:`himap_trt.engines`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from himap_trt import signing
+from himap_trt.cli.app import app, out, user_errors
+from himap_trt.cli.engines import build_with_progress, print_built
+from himap_trt.cli.options import (
+    DeepOpt,
+    EnginesOpt,
+    ExportDirOpt,
+    JsonOpt,
+    K1Opt,
+    K2Opt,
+    KOpt,
+    MaxImageTokensOpt,
+    MaxKeepOpt,
+    MethodOpt,
+    MidOpt,
+    R1Opt,
+    R2Opt,
+    ROpt,
+    SignOpt,
+    ThresholdOpt,
+    plan_from_options,
+)
+from himap_trt.errors import HimapError
+from himap_trt.plan import (
+    DEFAULT_K,
+    DEFAULT_K1,
+    DEFAULT_K2,
+    DEFAULT_MAX_KEEP,
+    DEFAULT_R,
+    DEFAULT_R1,
+    DEFAULT_R2,
+    DEFAULT_THRESHOLD,
+)
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
+engine_build = lazy_import("himap_trt.engines.build")
+engine_profiles = lazy_import("himap_trt.engines.profiles")
+export_lib = lazy_import("himap_trt.export")
+export_manifest = lazy_import("himap_trt.manifest")
+graph_spec = lazy_import("himap_trt.graphs.spec")
+loading = lazy_import("himap_trt.models.loading")
+models = lazy_import("himap_trt.models")
+
+
+def _parse_bytes(text: str) -> int:
+    """``4294967296``, ``4G``, ``512MiB`` -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise HimapError(f"--workspace must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
+    return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
+
+
+
+def _profile_rows(profiles):
+    """(profile, inputs, min, opt, max) rows, grouping inputs whose ranges are identical."""
+    rows = []
+    for profile in profiles:
+        groups: dict[tuple, list[str]] = {}
+        for name, shape in profile.shapes.items():
+            groups.setdefault((shape.min, shape.opt, shape.max), []).append(name)
+        for (low, opt, high), names in groups.items():
+            prefix = os.path.commonprefix(names)
+            label = f"{prefix}* ({len(names)})" if len(names) > 2 and len(prefix) >= 4 else ", ".join(names)
+            rows.append((profile.name, label, *("x".join(map(str, shape)) for shape in (low, opt, high))))
+    return rows
+
+
+def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
+    profiles = {spec.name: engine_profiles.graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
+    variable = any(s.attrs.get("variable") for s in specs)   # per-request counts: no segment is shorter
+    per_segment = [max_seq_len - 1 - (0 if variable else plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
+    kv = engine_profiles.kv_cache_bytes(specs, max_batch, per_segment)
+    if as_json:
+        print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len,
+                          "kv_cache_bytes_at_max": kv,
+                          "profiles": {name: [p.to_dict() for p in items] for name, items in profiles.items()}}, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("graph", "profile", "input", "min", "opt", "max"):
+        table.add_column(column)
+    for spec in specs:
+        rows = _profile_rows(profiles[spec.name])
+        for i, (profile, label, low, opt, high) in enumerate(rows):
+            table.add_row(spec.name if i == 0 else "", profile, label, low, opt, high, end_section=i == len(rows) - 1)
+    out.print(table)
+    out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
+              f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
+
+
+@app.command()
+@user_errors
+def build(
+    export_dir: ExportDirOpt = Path("export"),
+    engines_dir: EnginesOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most prompts per batch (profile maximum).")] = 1,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        "--max-seq-len", help="Most tokens per sequence (profile maxima).", show_default="the export's")] = None,
+    workspace: Annotated[Optional[str], typer.Option(
+        "--workspace", help="Builder workspace limit in bytes (e.g. 4G).", show_default="TensorRT's")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(
+        "--timing-cache", help="Tactic timing cache, reused across builds (one per TensorRT version and GPU "
+                               "architecture).",
+        show_default="~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
+                                                            "(needs no TensorRT or GPU).")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="With --dry-run: profiles for this model and plan without an export "
+                        "(e.g. llava-1.5-7b, tiny).", show_default="none: read --export-dir")] = None,
+    method: MethodOpt = "himap",
+    k1: K1Opt = DEFAULT_K1, r1: R1Opt = DEFAULT_R1, k2: K2Opt = DEFAULT_K2, r2: R2Opt = DEFAULT_R2,
+    k: KOpt = DEFAULT_K, r: ROpt = DEFAULT_R,
+    mid_layer: MidOpt = None, deep_layer: DeepOpt = None, threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
+                                       help="With --dry-run --model: graph dtype.")] = "fp16",
+    max_image_tokens: MaxImageTokensOpt = None,
+    sign: SignOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
+
+    Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
+    for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
+    they were built with; `run` refuses others.
+    """
+    workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    if max_batch < 1:
+        raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if sign is not None:
+        signing.check_private_key(sign, "--sign")
+    if model is not None:
+        if not dry_run:
+            raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
+
+        config = models.load_config(model)
+        dims = models.resolve_dims(model, config, max_image_tokens)
+        plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
+                     threshold=threshold, max_keep=max_keep)
+        specs = graph_spec.graph_specs(dims, plan, graph_spec.DTYPE_NAMES[loading.canonical_dtype(dtype)],
+                                        arch=arch.get_architecture(dims.architecture))
+
+        length = max_seq_len or export_lib.default_max_seq_len(dims)
+        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
+        return
+    manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
+
+    engine_build.check_buildable(manifest, export_dir)
+    length = max_seq_len or manifest.max_seq_len
+    if length > manifest.dims.max_position_embeddings:
+        raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")
+    if dry_run:
+        _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
+                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
+        return
+    built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
+                           workspace=workspace_bytes, timing_cache=timing_cache, sign_key=sign)
+    if as_json:
+        print(json.dumps(built.to_dict(), indent=1))
+        return
+    print_built(built)

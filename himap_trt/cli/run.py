@@ -1,0 +1,243 @@
+"""``himap-trt run``: answer questions about images with an export (:mod:`himap_trt.runtime`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from himap_trt.cli.app import app, err, out, user_errors
+from rich.markup import escape
+
+from himap_trt import signing
+from himap_trt.cli.options import METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, RequireSignatureOpt
+from himap_trt.errors import HimapError
+from himap_trt.plan import (
+    DEFAULT_K,
+    DEFAULT_K1,
+    DEFAULT_K2,
+    DEFAULT_MAX_KEEP,
+    DEFAULT_R,
+    DEFAULT_R1,
+    DEFAULT_R2,
+    DEFAULT_THRESHOLD,
+)
+from himap_trt.plan import build_plan
+from himap_trt.cli.lazy import lazy_import
+
+# Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
+export_manifest = lazy_import("himap_trt.manifest")
+inputs = lazy_import("himap_trt.inputs")
+loader = lazy_import("himap_trt.runtime.loader")
+loading = lazy_import("himap_trt.models.loading")
+memory = lazy_import("himap_trt.runtime.memory")
+prompt = lazy_import("himap_trt.prompt")
+sampling = lazy_import("himap_trt.runtime.sampling")
+tiny = lazy_import("himap_trt.models.tiny")
+tiny_qwen = lazy_import("himap_trt.models.tiny_qwen")
+
+
+def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
+                      batch: int, force: bool) -> None:
+    """Print run's memory estimate on ONNX Runtime (CPU) for a big export (>= 1 GiB of weights, or a
+    quarter of the available memory) and refuse unless it fits or --force (himap_trt/runtime/memory.py);
+    other backends and unreadable exports are left to open_pipeline."""
+    import torch
+
+    on_cpu = device in (None, "cpu") and not (device is None and torch.cuda.is_available())
+    if model is not None or backend not in ("auto", "onnxruntime") or not on_cpu:
+        return
+    try:
+        manifest = export_manifest.load_manifest(export_dir, verify=False, families=arch.get_architecture)
+    except HimapError:
+        return      # open_pipeline reports it
+
+    estimate = memory.check_run_memory(export_dir, manifest, batch=batch, force=force)
+    available = memory.available_bytes()
+    if estimate.weights >= memory.GiB or (available and estimate.total > available / 4):   # big exports only
+        err.print(f"memory: {estimate.describe()}", highlight=False, soft_wrap=True)
+
+
+
+def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
+    """(image paths, questions) from the arguments or a JSONL file (checked, nothing loaded yet)."""
+    if batch is not None:
+        if image is not None or question is not None:
+            raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
+        requests = inputs.read_batch_file(batch)
+        return [r.image for r in requests], [r.question for r in requests]
+    if image is None or question is None:
+        raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
+    return [image], [prompt.check_question(question)]
+
+
+@app.command()
+@user_errors
+def run(
+    image: Annotated[Optional[Path], typer.Argument(help="Image file (JPEG, PNG, ...).", show_default=False)] = None,
+    question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
+    batch: Annotated[Optional[Path], typer.Option(
+        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
+                        "padded batch (relative paths are relative to the file).",
+        show_default="none: IMAGE QUESTION")] = None,
+    export_dir: ExportDirOpt = Path("export"),
+    engines_dir: EnginesOpt = None,
+    backend: Annotated[str, typer.Option(
+        "--backend", metavar="[auto|onnxruntime|tensorrt|torch]",
+        help="auto: TensorRT if engines, TensorRT and a GPU are there, else ONNX Runtime; torch: the "
+             "PyTorch reference.")] = "auto",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="With --backend torch: run the reference straight from this checkpoint (no export).",
+        show_default="none: read --export-dir")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", metavar="[cpu|cuda|cuda:N]", help="Device of the torch / onnxruntime backends.",
+        show_default="cuda if usable, else cpu")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="With --model: the dtype.")] = "fp32",
+    method: Annotated[Optional[str], typer.Option(
+        "--method", metavar=METHOD_CHOICES, help="Expected plan (checked against the export).",
+        show_default="the export's")] = None,
+    k1: Annotated[Optional[int], typer.Option("--k1", show_default="the export's", help="Expected HiMAP K1.")] = None,
+    r1: Annotated[Optional[float], typer.Option("--r1", show_default="the export's", help="Expected HiMAP R1.")] = None,
+    k2: Annotated[Optional[int], typer.Option("--k2", show_default="the export's", help="Expected HiMAP K2.")] = None,
+    r2: Annotated[Optional[float], typer.Option("--r2", show_default="the export's", help="Expected HiMAP R2.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", show_default="the export's", help="Expected FastV K.")] = None,
+    r: Annotated[Optional[float], typer.Option("--r", show_default="the export's", help="Expected FastV R.")] = None,
+    mid_layer: Annotated[Optional[int], typer.Option("--mid-layer", show_default="the export's",
+                                                     help="Expected VisiPruner K_M.")] = None,
+    deep_layer: Annotated[Optional[int], typer.Option("--deep-layer", show_default="the export's",
+                                                      help="Expected VisiPruner K_E.")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", show_default="the export's",
+                                                       help="Expected VisiPruner tau.")] = None,
+    max_keep: Annotated[Optional[int], typer.Option("--max-keep", show_default="the export's",
+                                                    help="Expected VisiPruner C.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1: off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.", show_default="random")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (EOS does "
+                                                                  "not stop a row; for benchmarks).")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated "
+                                                                      "(one request, no --json).")] = True,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run even when the memory estimate of ONNX Runtime on CPU exceeds the available "
+                        "memory.")] = False,
+    require_signature: RequireSignatureOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Answer a question about an image with the exported pipeline.
+
+    Prints the answer, the image tokens kept by each pruning stage, TTFT, TPOT, tokens/s and the
+    KV-cache size. --json prints everything (and the kept tokens' positions) as JSON.
+    """
+    import time
+
+    # every option and request is checked before an image or a model is loaded
+    paths, questions = _requests(image, question, batch)
+    config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, ignore_eos=ignore_eos)
+    if backend not in loader.BACKENDS:
+        raise HimapError(f"--backend must be one of {', '.join(loader.BACKENDS)}, got {backend!r}")
+    loader.check_device(device)
+    loading.canonical_dtype(dtype)
+    if require_signature is not None:
+        signing.check_public_key(require_signature)
+    if config.ignored_options:
+        err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
+                  "decoding greedily", highlight=False, soft_wrap=True)
+    images = [prompt.load_image(p) for p in paths]
+    requested = None
+    if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
+        def requested(num_layers: int, num_image_tokens: int):
+            return build_plan(method or "himap", num_layers=num_layers, num_image_tokens=num_image_tokens,
+                              k1=DEFAULT_K1 if k1 is None else k1, r1=DEFAULT_R1 if r1 is None else r1,
+                              k2=DEFAULT_K2 if k2 is None else k2, r2=DEFAULT_R2 if r2 is None else r2,
+                              k=DEFAULT_K if k is None else k, r=DEFAULT_R if r is None else r,
+                              mid_layer=mid_layer, deep_layer=deep_layer,
+                              threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                              max_keep=DEFAULT_MAX_KEEP if max_keep is None else max_keep)
+
+    _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
+    opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
+                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature)
+    pipeline = opened.pipeline
+    try:
+        started = time.perf_counter()
+        prepared = pipeline.prepare(images, questions)
+        preprocess_s = time.perf_counter() - started
+        streamer = None
+        streaming = stream and not as_json and len(images) == 1
+        if streaming:
+            from transformers import TextStreamer
+
+            out.print("[bold]answer:[/] ", end="")
+            streamer = TextStreamer(pipeline.processor.tokenizer, skip_special_tokens=True)
+        result = pipeline.generate(prepared, config, streamer=streamer, preprocess_s=preprocess_s)
+    finally:
+        pipeline.close()
+    report = _run_report(opened, paths, questions, result)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if not streaming:
+        for i, request in enumerate(report["requests"]):
+            prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
+            out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
+
+    if report["model"] in tiny.TINY_MODELS or report["model"] in tiny_qwen.TINY_QWEN_MODELS:
+        out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
+    _print_run_stats(report)
+
+
+def _run_report(opened, paths, questions, result) -> dict:
+    plan = opened.pipeline.plan
+    requests = []
+    for row, (path, question) in enumerate(zip(paths, questions)):
+        kept_positions = [stage.kept_image_positions[row] for stage in result.stages]
+        requests.append({
+            "image": str(path), "question": question, "answer": result.texts[row], "tokens": result.tokens[row],
+            "finish_reason": result.finish_reasons[row], "prompt_tokens": result.prompt_tokens[row],
+            "new_tokens": len(result.tokens[row]),
+            "image_tokens_per_segment": (result.image_tokens_per_row[row] if result.image_tokens_per_row
+                                         else result.image_tokens_per_segment),
+            "kept_image_positions": kept_positions,
+        })
+    return {
+        "backend": opened.backend, "device": opened.device, "model": opened.source, "plan": plan.to_dict(),
+        "plan_description": plan.describe(), "segments": [list(s) for s in plan.segments],
+        "requests": requests,
+        "stats": {"batch_size": len(requests), "ttft_s": result.ttft_s, "tpot_s": result.tpot_s,
+                  "tokens_per_s": result.tokens_per_s, "kv_cache_bytes": result.kv_cache_bytes,
+                  "timings_s": result.timings},
+    }
+
+
+def _print_run_stats(report: dict) -> None:
+    from rich.table import Table
+
+    stats = report["stats"]
+    first = report["requests"][0]
+    segments = report["segments"]
+    kept = " -> ".join(f"{n} (layers {a}-{b - 1})" for n, (a, b) in zip(first["image_tokens_per_segment"], segments))
+    table = Table(show_header=False, title=f"{report['backend']} on {report['device']}: {report['plan_description']}",
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {tuple(r["image_tokens_per_segment"]) for r in report["requests"]}
+    if len(rows) == 1:
+        table.add_row("image tokens per segment", kept)
+    else:  # per-request image-token counts (Qwen2.5-VL): one row per request
+        for i, request in enumerate(report["requests"]):
+            table.add_row(f"[{i}] image tokens per segment", " -> ".join(
+                f"{n} (layers {a}-{b - 1})" for n, (a, b) in zip(request["image_tokens_per_segment"], segments)))
+    table.add_row("prompt tokens", ", ".join(str(r["prompt_tokens"]) for r in report["requests"]))
+    table.add_row("new tokens", ", ".join(f"{r['new_tokens']} ({r['finish_reason']})" for r in report["requests"]))
+    table.add_row("TTFT", f"{stats['ttft_s'] * 1e3:.1f} ms")
+    table.add_row("TPOT", f"{stats['tpot_s'] * 1e3:.1f} ms")
+    table.add_row("tokens/s", f"{stats['tokens_per_s']:.1f}")
+    table.add_row("KV cache", f"{stats['kv_cache_bytes'] / 1e6:.2f} MB ({stats['batch_size']} request(s))")
+    out.print(table)
+

@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,sign]"
 	$(MAKE) --no-print-directory triton
+	$(MAKE) --no-print-directory tensorrt-rtx
 	touch $@
 
 # Triton Inference Server for `himap-trt triton serve` and its tests: the tritonserver binary and
@@ -33,6 +34,19 @@ triton:
 ifeq ($(TRITON),1)
 	$(BIN)/python -m pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-numpy "numpy<2"
+endif
+
+# TensorRT-RTX (module `tensorrt_rtx`): its ONNX parser and builder run on a machine without a GPU
+# and build engines ahead of time for chosen compute capabilities, so CI builds every exported graph
+# with a real TensorRT (tests/integration/test_tensorrt_rtx_build.py). The metapackage pulls the
+# ~95 MB libs wheel and the bindings; no CUDA packages. `make install TRT_RTX=0` skips it (the tests
+# that need it then skip, naming what is missing). Same version as the `tensorrt-rtx` extra.
+TRT_RTX ?= 1
+TRT_RTX_SPEC ?= tensorrt-rtx-cu13==1.7.1.116
+.PHONY: tensorrt-rtx
+tensorrt-rtx:
+ifeq ($(TRT_RTX),1)
+	$(BIN)/python -m pip install --quiet "$(TRT_RTX_SPEC)"
 endif
 
 # The main job: the trained built-in `shapes` model, HiMAP (K1=2, K2=8), answering questions about

@@ -30,8 +30,17 @@ FORMAT_VERSION = 2
 #: How segment graphs write their KV caches (the export's ``--kv-write``; see export/compose.py).
 #: ``gqa``: ONNX Runtime's ``com.microsoft.GroupQueryAttention`` writes and attends (ONNX Runtime only).
 KV_WRITES = ("scatternd", "tensorscatter", "gqa")
-#: The ``kv_write`` forms TensorRT's ONNX parser takes (``gqa`` is an ONNX Runtime contrib operator).
-TENSORRT_KV_WRITES = ("scatternd", "tensorscatter")
+#: The ``kv_write`` forms TensorRT's ONNX parser takes (``gqa`` is an ONNX Runtime contrib operator;
+#: ``tensorscatter``'s TensorScatter needs a static cache length in TensorRT's KV-cache update layer,
+#: which the exported segments' dynamic ``cache_sequence`` is not: the real parser rejects every
+#: segment, see docs/ARCHITECTURE.md "TensorRT and TensorRT-RTX").
+TENSORRT_KV_WRITES = ("scatternd",)
+#: Why ``build`` refuses each non-TensorRT kv_write (one line each).
+NOT_TENSORRT = {
+    "gqa": "ONNX Runtime's com.microsoft.GroupQueryAttention, which TensorRT cannot parse",
+    "tensorscatter": "TensorScatter on a cache of dynamic length, which TensorRT's ONNX parser rejects: 'The KV "
+                     "cache tensor must have a static sequence length dimension'",
+}
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
 

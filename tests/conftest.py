@@ -24,10 +24,11 @@ def _gpu_skip_reason() -> str | None:
         return "torch is not installed"
     if not torch.cuda.is_available():
         return "needs a CUDA GPU; none is visible to torch on this machine"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "needs TensorRT; the 'tensorrt' Python package is not installed"
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None:
+        return ("needs TensorRT or TensorRT-RTX; neither module 'tensorrt' nor 'tensorrt_rtx' is installed "
+                "(`make install` installs TensorRT-RTX unless TRT_RTX=0)")
     return None
 
 

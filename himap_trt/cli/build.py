@@ -11,7 +11,7 @@ import typer
 
 from himap_trt import signing
 from himap_trt.cli.app import app, out, user_errors
-from himap_trt.cli.engines import build_with_progress, print_built
+from himap_trt.cli.engines import build_with_progress, print_built, require_tensorrt
 from himap_trt.cli.options import (
     DeepOpt,
     EnginesOpt,
@@ -31,6 +31,7 @@ from himap_trt.cli.options import (
     ThresholdOpt,
     plan_from_options,
 )
+from himap_trt.engines.flavour import TENSORRT_CHOICES
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -118,6 +119,19 @@ def build(
         "--timing-cache", help="Tactic timing cache, reused across builds (one per TensorRT version and GPU "
                                "architecture).",
         show_default="~/.cache/himap-trt/timing-trt<version>-sm<cc>.cache")] = None,
+    tensorrt: Annotated[str, typer.Option(
+        "--tensorrt", metavar="[auto|tensorrt|rtx]",
+        help="Which TensorRT builds: tensorrt (NVIDIA TensorRT, module tensorrt; builds for the GPU it runs on), "
+             "rtx (TensorRT-RTX, module tensorrt_rtx; builds ahead of time, also without a GPU) or auto "
+             "(tensorrt if installed, else rtx).")] = "auto",
+    compute_capability: Annotated[Optional[str], typer.Option(
+        "--compute-capability", metavar="[8.6,8.9,12.0|current]",
+        help="TensorRT-RTX targets: comma-separated compute capabilities (7.5, 8.0, 8.6, 8.9, 12.0, 12.1 in "
+             "TensorRT-RTX 1.7), or current (the GPU this runs on; the only choice for TensorRT).",
+        show_default="rtx: every capability it targets ahead of time (without 7.5 for fp32 exports); "
+                     "tensorrt: current")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,
+    int8: Annotated[bool, typer.Option("--int8", hidden=True)] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the optimization profiles and exit "
                                                             "(needs no TensorRT or GPU).")] = False,
     model: Annotated[Optional[str], typer.Option(
@@ -137,10 +151,16 @@ def build(
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
 
     Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
-    for reduced precision). Engines are only valid for the TensorRT version and GPU architecture
-    they were built with; `run` refuses others.
+    for reduced precision). With TensorRT-RTX (--tensorrt rtx) engines are built ahead of time for
+    the --compute-capability targets, also on a machine without a GPU. Engines are only valid for
+    the TensorRT flavour and version and the GPU architectures they were built for; `run` refuses others.
     """
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    if fp16 or int8:
+        raise HimapError(f"--{'fp16' if fp16 else 'int8'}: networks are strongly typed, precision comes from the "
+                         "export (`himap-trt export --dtype fp16|bf16`); TensorRT-RTX has no FP16/INT8 builder flags")
+    if tensorrt not in TENSORRT_CHOICES:
+        raise HimapError(f"--tensorrt must be one of {', '.join(TENSORRT_CHOICES)}, got {tensorrt!r}")
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
     if sign is not None:
@@ -169,8 +189,10 @@ def build(
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
+    target = require_tensorrt(tensorrt, compute_capability, manifest.dtype)
+    engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=workspace_bytes, timing_cache=timing_cache, sign_key=sign)
+                           workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

@@ -11,7 +11,8 @@ import typer
 from himap_trt.cli.app import app, err, plain, user_errors
 from himap_trt.cli.options import EnginesOpt, ExportDirOpt, JsonOpt
 from himap_trt.errors import HimapError
-from himap_trt.engines.compat import check_export, support_table
+from himap_trt.engines.compat import check_export, parser_check, support_table
+from himap_trt.engines.flavour import installed_flavour
 from himap_trt.cli.lazy import lazy_import
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
@@ -27,8 +28,9 @@ def check(
     export_dir: ExportDirOpt = Path("export"),
     engines_dir: EnginesOpt = None,
     tensorrt_compat: Annotated[bool, typer.Option(
-        "--tensorrt-compat", help="Only the static check: every node's operator, input dtypes and constant inputs "
-                                  "against TensorRT's ONNX parser support table (no TensorRT needed).")] = False,
+        "--tensorrt-compat", help="Only the TensorRT checks: every node's operator, input dtypes and constant "
+                                  "inputs against TensorRT's ONNX parser support table (no TensorRT needed), then "
+                                  "the real ONNX parser of TensorRT or TensorRT-RTX where one is installed.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated end to end.")] = 8,
     as_json: JsonOpt = False,
 ):
@@ -44,8 +46,14 @@ def check(
         manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
         reports = check_export(export_dir, manifest)
         offenses = [o for r in reports for o in r.offenses]
+        flavour = installed_flavour()     # the real parser, where TensorRT or TensorRT-RTX is installed
+        parsed = parser_check(export_dir, manifest, flavour) if flavour else []
+        rejected = [p for p in parsed if p.errors]
+        parser_json = ({"flavour": flavour.key, "version": flavour.version,
+                        "graphs": [{"graph": p.graph, "errors": list(p.errors)} for p in parsed]}
+                       if flavour else None)
         if as_json:
-            print(json.dumps({"ok": not offenses, "source": support_table()["source"],
+            print(json.dumps({"ok": not offenses and not rejected, "parser": parser_json, "source": support_table()["source"],
                               "min_tensorrt": max((r.min_tensorrt for r in reports),
                                                   key=lambda v: tuple(map(int, v.split(".")))),
                               "graphs": [{"graph": r.graph, "nodes": r.nodes, "opset": r.opset,
@@ -61,11 +69,24 @@ def check(
                        f"TensorRT >= {r.min_tensorrt}")
                 for o in r.offenses:
                     plain(f"[E]         {o.node} ({o.op_type}): {o.reason}")
-            plain(f"[I] {'PASSED' if not offenses else 'FAILED'} | {len(reports)} graphs, "
-                      f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending | "
-                      f"Runtime: {time.perf_counter() - started:.3f}s")
+            if flavour:
+                plain(f"[I] {flavour.display} {flavour.version} ONNX parser (module {flavour.module_name})")
+                for p in parsed:
+                    plain(f"[I]     {'FAILED' if p.errors else 'PASSED'} | {p.graph} | parsed by {flavour.module_name}")
+                    for error in p.errors:
+                        plain(f"[E]         {error}")
+            else:
+                plain("[W] real ONNX parser not run: neither tensorrt nor tensorrt_rtx is installed "
+                      "(`make install` installs TensorRT-RTX)")
+            plain(f"[I] {'PASSED' if not offenses and not rejected else 'FAILED'} | {len(reports)} graphs, "
+                      f"{sum(r.nodes for r in reports)} nodes, {len(offenses)} offending"
+                      + (f", {len(rejected)} rejected by the {flavour.display} parser" if flavour else "")
+                      + f" | Runtime: {time.perf_counter() - started:.3f}s")
         if offenses:
             raise HimapError(f"{len(offenses)} node(s) in {export_dir} would be rejected by TensorRT's ONNX parser")
+        if rejected:
+            raise HimapError(f"the {flavour.display} {flavour.version} ONNX parser rejects {len(rejected)} graph(s) of "
+                             f"{export_dir}: {', '.join(p.graph for p in rejected)}")
         return
 
     report = check_lib.run_check(export_dir, engines_dir=engines_dir, max_new_tokens=max_new_tokens,

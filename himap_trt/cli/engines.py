@@ -7,34 +7,41 @@ from typing import Optional
 
 from himap_trt.cli.app import out, progress_bar
 from himap_trt.cli.lazy import lazy_import
+from himap_trt.engines.flavour import flavour_of
+from himap_trt.fsutil import check_target, output_lock
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 engine_build = lazy_import("himap_trt.engines.build")
+engine_manifest = lazy_import("himap_trt.engines.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 
 
-def require_tensorrt() -> None:
-    """Fail (HimapError) before any work when TensorRT or a GPU is missing."""
-    engine_build.import_tensorrt()
-    engine_build.gpu_identity()
+def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] = None, dtype: Optional[str] = None):
+    """The build target (flavour, capabilities), checked before any work (see engines.build.resolve_target)."""
+    return engine_build.resolve_target(tensorrt, compute_capability, dtype=dtype)
 
 
 def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
-                   workspace: int, timing_cache: Optional[Path], sign_key: Optional[Path] = None):
-    """Build engines with a progress display (TensorRT and a GPU are checked first)."""
-    require_tensorrt()
-    with progress_bar() as progress:
+                   workspace: int, timing_cache: Optional[Path], target=None, sign_key: Optional[Path] = None):
+    """Build engines with a progress display (the flavour and its targets are checked first)."""
+    target = target or require_tensorrt(dtype=manifest.dtype)
+    engines_dir = engines_dir or loader.default_engines_dir(export_dir)
+    # a foreign or busy --engines is refused in one line before the progress display starts (the lock
+    # is re-entrant: build_engines' atomic_directory takes it again)
+    check_target(engines_dir, marker=engine_manifest.ENGINES_MANIFEST, flag="--engines",
+                 recognise=engine_manifest.is_engines_manifest)
+    with output_lock(engines_dir, flag="--engines"), progress_bar() as progress:
         task = progress.add_task("build", total=len(manifest.graphs))
 
         def report(text: str, done: int, total: int) -> None:
             progress.update(task, description=text, completed=done, total=total)
 
-        return engine_build.build_engines(export_dir, engines_dir or loader.default_engines_dir(export_dir), manifest,
+        return engine_build.build_engines(export_dir, engines_dir, manifest,
                              max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
-                             timing_cache=timing_cache, progress=report, sign_key=sign_key)
+                             timing_cache=timing_cache, target=target, progress=report, sign_key=sign_key)
 
 
 def print_built(built) -> None:
-    out.print(f"built {len(built.engines)} engines with TensorRT {built.tensorrt_version} for {built.gpu_name} "
-              f"(compute capability {built.compute_capability}), batch <= {built.max_batch}, "
+    out.print(f"built {len(built.engines)} engines with {flavour_of(built.tensorrt_flavour).display} "
+              f"{built.tensorrt_version} for {engine_manifest.targets(built)}, batch <= {built.max_batch}, "
               f"<= {built.max_seq_len} tokens")

@@ -72,8 +72,8 @@ def export(
     kv_write: Annotated[str, typer.Option(
         "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
         help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "
-             "TensorRT 10.x), tensorscatter (opset-24 TensorScatter; TensorRT 10.15+/11 in-place "
-             "KV-cache update) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
+             "TensorRT 10.x and TensorRT-RTX), tensorscatter (opset-24 TensorScatter; ONNX Runtime only: "
+             "TensorRT's parser needs a static cache length there) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
              "occupied cache only, flat TPOT; ONNX Runtime only, fp32/fp16).")] = "scatternd",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
@@ -113,10 +113,10 @@ def export(
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
     check_target(out_dir, marker=export_manifest.MANIFEST_NAME, flag="--out", recognise=export_manifest.is_export_manifest)
     if build_engines_too:
-        if kv_write == "gqa":
-            raise HimapError("--build needs a TensorRT-parsable export: --kv-write gqa is ONNX Runtime only; "
-                             "use --kv-write scatternd or tensorscatter")
-        require_tensorrt()
+        if kv_write in export_manifest.NOT_TENSORRT:
+            raise HimapError(f"--build needs a TensorRT-parsable export: --kv-write {kv_write} is ONNX Runtime only "
+                             f"({export_manifest.NOT_TENSORRT[kv_write]}); use --kv-write scatternd")
+        build_target = require_tensorrt(dtype=options.dtype)
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
 
@@ -133,7 +133,7 @@ def export(
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     built = build_with_progress(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
-                           timing_cache=None, sign_key=sign) if build_engines_too else None
+                           timing_cache=None, target=build_target, sign_key=sign) if build_engines_too else None
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
                           "checks": [c.__dict__ for c in checks],

@@ -1,20 +1,31 @@
-"""``himap-trt build``: one TensorRT engine per exported graph, through Polygraphy's loaders.
+"""``himap-trt build``: one engine per exported graph, with TensorRT or TensorRT-RTX.
 
-Each network is parsed *strongly typed* from the exported ONNX graph (TensorRT 11 removed weak
-typing: precision comes from the graph, exported in fp32/fp16/bf16), gets the optimization
-profiles of :mod:`himap_trt.engines.profiles`, and is built with a timing cache that is reused
-across builds. Engines are written into a temporary directory swapped into place when all are
-built (:func:`himap_trt.fsutil.atomic_directory`).
+Each network is parsed *strongly typed* from the exported ONNX graph (precision comes from the
+graph, exported in fp32/fp16/bf16; TensorRT-RTX has no other mode), gets the optimization profiles
+of :mod:`himap_trt.engines.profiles`, and is built by the builder API of the chosen flavour
+(:mod:`himap_trt.engines.flavour`): the same calls for both modules. TensorRT builds for the GPU
+it runs on, with a tactic timing cache reused across builds; TensorRT-RTX builds ahead of time for
+chosen compute capabilities, also on a machine without a GPU (no timing cache there: it queries a
+GPU). Engines are written into a temporary directory swapped into place when all are built
+(:func:`himap_trt.fsutil.atomic_directory`): a failure leaves nothing half-written.
 
-TensorRT is imported lazily: everything else in the package works without it.
+TensorRT is imported lazily (through :mod:`himap_trt.engines.flavour`): everything else in the
+package works without it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from himap_trt import __version__
+from himap_trt.confine import record_files
+# gpu_identity and has_gpu live in engines/environment.py (engines/manifest.py needs them too); imported
+# here for build_engines and for callers that import them from this module.
+from himap_trt.engines.environment import gpu_identity, has_gpu  # noqa: F401
+from himap_trt.engines.flavour import CURRENT, Flavour, parse_capabilities, select_flavour
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
     ENGINES_MANIFEST,
@@ -23,25 +34,26 @@ from himap_trt.engines.manifest import (
     export_fingerprint,
     is_engines_manifest,
 )
-from himap_trt import __version__
-from himap_trt.confine import record_files
-# import_tensorrt, gpu_identity and INSTALL_HINT live in engines/environment.py (engines/manifest.py needs
-# them too); imported here for build_engines and for callers that import them from this module.
-from himap_trt.engines.environment import INSTALL_HINT, gpu_identity, import_tensorrt  # noqa: F401
-from himap_trt.engines.profiles import graph_profiles
+# the ONNX parser (engines/parser.py, no torch: engines/compat.py uses it too); parse_file and
+# parser_errors re-exported for callers that import them from this module.
+from himap_trt.engines.parser import parse_file, parse_network, parser_errors  # noqa: F401
+from himap_trt.engines.profiles import Profile, graph_profiles
 from himap_trt.errors import HimapError
 from himap_trt.fsutil import atomic_directory, cache_root, write_point
-from himap_trt.manifest import TENSORRT_KV_WRITES
+from himap_trt.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
 from himap_trt.signing import check_private_key, sign_directory
 
-def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None) -> Path:
-    """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (or under
-    ``~/.cache/himap-trt``): outside the engines directory, so rebuilds reuse it, and keyed by
-    TensorRT version and GPU compute capability, since a timing cache is only valid for the
-    TensorRT build and GPU architecture that measured it. Without a version and capability:
-    ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
+
+def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None,
+                         flavour: str = "tensorrt") -> Path:
+    """``$HIMAP_TRT_CACHE/timing-trt<version>-sm<major><minor>.cache`` (``timing-rtx...`` for
+    TensorRT-RTX; under ``~/.cache/himap-trt`` by default): outside the engines directory, so
+    rebuilds reuse it, and keyed by flavour, version and GPU compute capability, since a timing
+    cache is only valid for the build and GPU architecture that measured it. Without a version and
+    capability: ``timing.cache`` (the name a user passing ``--timing-cache`` chooses for themselves)."""
     if tensorrt_version and capability:
-        return cache_root() / f"timing-trt{tensorrt_version}-sm{capability.replace('.', '')}.cache"
+        prefix = "trt" if flavour == "tensorrt" else "rtx"
+        return cache_root() / f"timing-{prefix}{tensorrt_version}-sm{capability.replace('.', '')}.cache"
     return cache_root() / "timing.cache"
 
 
@@ -49,16 +61,129 @@ def check_buildable(manifest, export_dir: Path) -> None:
     """Refuse an export whose graphs TensorRT's ONNX parser cannot take (before TensorRT is imported).
 
     Raises:
-        HimapError: for a ``kv_write='gqa'`` export (ONNX Runtime's contrib GroupQueryAttention).
+        HimapError: for a ``kv_write`` that is not TensorRT-parsable (``gqa``: ONNX Runtime's contrib
+            GroupQueryAttention; ``tensorscatter``: rejected by the parser, see
+            :data:`himap_trt.manifest.NOT_TENSORRT`).
     """
     if manifest.kv_write not in TENSORRT_KV_WRITES:
-        raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} (ONNX Runtime's "
-                         f"com.microsoft.GroupQueryAttention, which TensorRT cannot parse); re-export with "
+        raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} "
+                         f"({NOT_TENSORRT.get(manifest.kv_write, 'not TensorRT-parsable')}); re-export with "
                          f"--kv-write {' or '.join(TENSORRT_KV_WRITES)} for TensorRT")
 
 
+@dataclass(frozen=True)
+class BuildTarget:
+    """What a build is for: the flavour, and the GPU or the compute capabilities.
+
+    Attributes:
+        flavour: the TensorRT flavour.
+        capabilities: ``major.minor`` targets, or ``("current",)`` for the GPU this runs on.
+        gpu_name / gpu_capability: the GPU built on (``current``), else None.
+    """
+
+    flavour: Flavour
+    capabilities: tuple[str, ...]
+    gpu_name: str | None = None
+    gpu_capability: str | None = None
+
+    @property
+    def recorded_capabilities(self) -> tuple[str, ...]:
+        """The capabilities the engines run on (the GPU's for a ``current`` build)."""
+        return (self.gpu_capability,) if self.capabilities == (CURRENT,) else self.capabilities
+
+
+def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None, *,
+                   dtype: str | None = None) -> BuildTarget:
+    """Check ``--tensorrt`` / ``--compute-capability`` (before any file is written).
+
+    Raises:
+        HimapError: unknown flavour or capability, a flavour that is not installed, ``current`` (or
+            TensorRT) without a GPU.
+    """
+    flavour = select_flavour(tensorrt)
+    capabilities = parse_capabilities(compute_capability, flavour, dtype=dtype)
+    if capabilities == (CURRENT,):
+        # Not refused for a GPU outside TensorRT-RTX's ahead-of-time list (Hopper SM90, Blackwell
+        # SM100): NVIDIA's samples built with CURRENT on a B200; the builder answers for this GPU.
+        name, capability = gpu_identity()
+        return BuildTarget(flavour, capabilities, name, capability)
+    return BuildTarget(flavour, capabilities)
+
+
+def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile], *, workspace: int = 0,
+                       timing_cache: Path | None = None, optimization_level: int | None = None) -> bytes:
+    """Parse and build one graph.
+
+    Args:
+        target: flavour and capabilities (:func:`resolve_target`).
+        path: the ONNX file.
+        profiles: its optimization profiles, in order.
+        workspace: builder workspace limit in bytes (0: the flavour's default).
+        timing_cache: tactic timing cache file, read if present and rewritten after the build (None:
+            no cache).
+        optimization_level: ``IBuilderConfig.builder_optimization_level`` (0..5; None: the
+            flavour's default, 3). Lower builds faster with fewer kernels tried (the CI test uses 0).
+
+    Returns:
+        The serialized engine.
+
+    Raises:
+        HimapError: parse or build failure, naming the file.
+    """
+    trt = target.flavour.module()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network, parser = parse_network(trt, builder, logger, path)
+    config = builder.create_builder_config()
+    # TF32 off: an fp32 export is the exact path, compared with PyTorch token for token (TensorRT-RTX
+    # turns it on by default); export fp16/bf16 for speed.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if optimization_level is not None:
+        config.builder_optimization_level = optimization_level
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    for profile in profiles:
+        optimization = builder.create_optimization_profile()
+        for name, shape in profile.shapes.items():
+            optimization.set_shape(name, shape.min, shape.opt, shape.max)
+        if config.add_optimization_profile(optimization) < 0:
+            raise HimapError(f"{path.name}: {trt.__name__} rejected optimization profile {profile.name!r}")
+    if target.flavour.ahead_of_time:
+        config.num_compute_capabilities = len(target.capabilities)
+        for i, capability in enumerate(target.capabilities):
+            if not config.set_compute_capability(target.flavour.capability_member(capability), i):
+                raise HimapError(f"{path.name}: {target.flavour.display} refused compute capability {capability}")
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise HimapError(f"{target.flavour.display} could not build {path.name} (the builder returned no engine; "
+                         "run with a larger --workspace or see the log above)")
+    if cache is not None:
+        data = config.get_timing_cache().serialize()
+        tmp = timing_cache.with_name(timing_cache.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, timing_cache)
+    del parser
+    return bytes(serialized)
+
+
+def check_timing_cache(flavour: Flavour, timing_cache: Path | None) -> None:
+    """Refuse ``--timing-cache`` where the flavour cannot use one (TensorRT-RTX without a GPU).
+
+    Raises:
+        HimapError: naming the flag.
+    """
+    if timing_cache is not None and not flavour.timing_cache_allowed(has_gpu()):
+        raise HimapError(f"--timing-cache {str(timing_cache)!r}: {flavour.display} measures tactics on a GPU for a "
+                         "timing cache and none is visible; drop --timing-cache for an ahead-of-time build")
+
+
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
-                  workspace: int = 0, timing_cache: Path | None = None,
+                  workspace: int = 0, timing_cache: Path | None = None, target: BuildTarget | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
                   sign_key: Path | None = None) -> EnginesManifest:
     """Build one engine per graph of the export.
@@ -68,9 +193,10 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         engines_dir: where to write the engines (replaced atomically on success).
         max_batch: most prompts per batch (profile maximum).
         max_seq_len: most tokens per sequence (profile maxima, see :mod:`himap_trt.engines.profiles`).
-        workspace: builder workspace limit in bytes (0: TensorRT's default, the GPU's memory).
-        timing_cache: tactic timing cache file, read and updated (default :func:`default_timing_cache`
-            for this TensorRT version and GPU).
+        workspace: builder workspace limit in bytes (0: the flavour's default).
+        timing_cache: tactic timing cache file (default :func:`default_timing_cache` for this flavour,
+            version and GPU); none for a TensorRT-RTX build without a GPU (refused if given).
+        target: flavour and capabilities (default: :func:`resolve_target` ``("auto")``).
         progress: optional ``(description, step, total)`` callback.
         sign_key: EC private key (PEM): sign the engines directory (:mod:`himap_trt.signing`).
 
@@ -78,20 +204,24 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         The written :class:`EnginesManifest`.
 
     Raises:
-        HimapError: without TensorRT or a GPU (saying what to install), or if a graph fails to parse
+        HimapError: without a TensorRT flavour (saying what to install), or if a graph fails to parse
             or build (naming the graph); an existing engines directory is then left untouched.
     """
     check_buildable(manifest, export_dir)
     if sign_key is not None:
         check_private_key(sign_key, "--sign")
-    trt = import_tensorrt()
-    gpu_name, capability = gpu_identity()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
-    from polygraphy.backend.trt import Profile as PolygraphyProfile
-    from polygraphy.exception import PolygraphyException
+    target = target or resolve_target("auto", dtype=manifest.dtype)
+    flavour = target.flavour
+    version = flavour.version
 
-    timing_cache = Path(timing_cache or default_timing_cache(trt.__version__, capability))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    check_timing_cache(flavour, timing_cache)
+    if flavour.timing_cache_allowed(has_gpu()) and target.gpu_capability is not None:
+        timing_cache = Path(timing_cache or default_timing_cache(version, target.gpu_capability, flavour.key))
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    elif flavour.timing_cache_allowed(has_gpu()) and timing_cache is not None:
+        timing_cache = Path(timing_cache)
+    else:
+        timing_cache = None
     entries = []
     total = len(manifest.graphs)
     with atomic_directory(engines_dir, marker=ENGINES_MANIFEST, flag="--engines", recognise=is_engines_manifest) as tmp:
@@ -99,25 +229,11 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             if progress:
                 progress(f"building {spec.name}.engine", step, total)
             profiles = graph_profiles(spec, manifest.plan, max_batch=max_batch, max_seq_len=max_seq_len)
-            trt_profiles = []
-            for profile in profiles:
-                pg = PolygraphyProfile()
-                for name, shape in profile.shapes.items():
-                    pg.add(name, min=shape.min, opt=shape.opt, max=shape.max)
-                trt_profiles.append(pg)
-            network = NetworkFromOnnxPath(str(Path(export_dir) / spec.file), strongly_typed=True)
-            # TF32 stays off (Polygraphy's default, stated here): an fp32 export is the exact path,
-            # whose kept indices and tokens are compared with PyTorch; export fp16/bf16 for speed.
-            config = CreateConfig(
-                tf32=False,
-                profiles=trt_profiles,
-                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace} if workspace else None,
-                load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
-            )
             try:
-                engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
-            except PolygraphyException as exc:
-                raise HimapError(f"TensorRT could not build graph {spec.name!r} ({spec.file}): {exc}") from None
+                engine_bytes = build_engine_bytes(target, Path(export_dir) / spec.file, profiles, workspace=workspace,
+                                                  timing_cache=timing_cache)
+            except HimapError as exc:
+                raise HimapError(f"graph {spec.name!r}: {exc}") from None
             engine_file = f"{spec.name}.engine"
             with open(tmp / engine_file, "wb") as handle:
                 handle.write(engine_bytes)
@@ -128,7 +244,8 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         engines = EnginesManifest(
             format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
             export_fingerprint=export_fingerprint(export_dir), plan=manifest.plan, dtype=manifest.dtype,
-            tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+            tensorrt_flavour=flavour.key, tensorrt_version=version, gpu_name=target.gpu_name,
+            compute_capabilities=target.recorded_capabilities, kv_write=manifest.kv_write,
             max_batch=max_batch, max_seq_len=max_seq_len, workspace_bytes=workspace, engines=tuple(entries),
             files=record_files(tmp, [entry.file for entry in entries]),
         )

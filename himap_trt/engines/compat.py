@@ -8,7 +8,10 @@ cites its source (onnx-tensorrt's support matrix) and the TensorRT versions it c
 
 This cannot prove a build will succeed (shape constraints, tactics and memory are only known to
 the builder) but it catches the common failure early: an exporter choosing an operator or a dtype
-the parser rejects (e.g. ``CumSum`` on int64).
+the parser rejects (e.g. ``CumSum`` on int64), or a ``TensorScatter`` on a cache of dynamic length.
+It is the fast pre-check: where TensorRT or TensorRT-RTX is installed, ``check --tensorrt-compat``
+also runs the real ONNX parser on every graph (:func:`parser_check`), and a test asserts that this
+table never accepts a graph that parser rejects (tests/integration/test_parser_vs_static.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from himap_trt.engines.parser import parse_file
 from himap_trt.errors import HimapError
 
 TABLE_PATH = Path(__file__).with_name("tensorrt_onnx_support.json")
@@ -96,9 +100,13 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
         offenses.append(Offense(path.name, "", "", f"opset {opset} is outside TensorRT's parser range {low}..{high}"))
 
     types: dict[str, int] = {}
+    shapes: dict[str, list[int | None]] = {}
     for value in [*graph.input, *graph.output, *graph.value_info]:
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
             types[value.name] = value.type.tensor_type.elem_type
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                  for d in value.type.tensor_type.shape.dim]
     constants = {init.name for init in graph.initializer}
     for init in graph.initializer:
         types[init.name] = init.data_type
@@ -138,6 +146,15 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
             if allowed and type_name not in allowed:
                 offenses.append(Offense(path.name, name, node.op_type,
                                         f"{where} ({value}) is {type_name}; TensorRT supports {', '.join(sorted(allowed))}"))
+        if node.op_type == "TensorScatter":
+            # TensorRT lowers TensorScatter to its KV-cache update layer, which needs the cache's
+            # sequence dimension static (measured: TensorRT-RTX 1.7.1's parser rejects a dynamic one)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -2)
+            shape = shapes.get(node.input[0])
+            if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None:
+                offenses.append(Offense(path.name, name, node.op_type,
+                                        f"input 0 ({node.input[0]}) must have a static length on axis {axis} "
+                                        "(TensorRT's KV-cache update layer)"))
         for index in table["constant_inputs"].get(node.op_type, []):
             if index < len(node.input) and node.input[index] and node.input[index] not in constants:
                 offenses.append(Offense(path.name, name, node.op_type,
@@ -148,3 +165,21 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
 def check_export(export_dir: Path, manifest) -> list[CompatReport]:
     """Check every graph of an export (see :func:`check_onnx_file`)."""
     return [check_onnx_file(Path(export_dir) / spec.file) for spec in manifest.graphs]
+
+
+@dataclass(frozen=True)
+class ParserReport:
+    """The real ONNX parser's verdict on one graph (``errors`` empty: parsed)."""
+
+    graph: str
+    errors: tuple[str, ...]
+
+
+def parser_check(export_dir: Path, manifest, flavour) -> list[ParserReport]:
+    """Parse every graph of an export with the real ONNX parser of ``flavour``
+    (:class:`~himap_trt.engines.flavour.Flavour`; imports its module). No engine is built.
+
+    Raises:
+        HimapError: if the flavour is not installed.
+    """
+    return [ParserReport(spec.file, tuple(parse_file(flavour, Path(export_dir) / spec.file))) for spec in manifest.graphs]

@@ -1,27 +1,12 @@
-"""TensorRT and the GPU of this machine: the one place that imports ``tensorrt`` (lazily, so that
-everything else imports without it) and reads the GPU's identity engines are tied to."""
+"""The GPU of this machine: whether torch sees one, and the identity (name, compute capability)
+engines are tied to. The TensorRT modules themselves (``tensorrt`` / ``tensorrt_rtx``) are imported
+in one place only, lazily: :meth:`himap_trt.engines.flavour.Flavour.module`."""
 
 from __future__ import annotations
 
 import torch
 
 from himap_trt.errors import HimapError
-
-INSTALL_HINT = ("install TensorRT 10.x or 11.x for Python (`pip install 'himap-trt[tensorrt]'`, wheels from "
-                "pypi.nvidia.com) on a machine with an NVIDIA GPU and driver")
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module.
-
-    Raises:
-        HimapError: if it is not installed, saying what to install.
-    """
-    try:
-        import tensorrt
-    except ImportError:
-        raise HimapError(f"TensorRT is not installed: {INSTALL_HINT}") from None
-    return tensorrt
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -31,7 +16,12 @@ def gpu_identity() -> tuple[str, str]:
         HimapError: if no CUDA GPU is visible.
     """
     if not torch.cuda.is_available():
-        raise HimapError(f"no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines are built "
-                         f"and run on an NVIDIA GPU: {INSTALL_HINT}")
+        raise HimapError("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines run on an "
+                         "NVIDIA GPU (TensorRT-RTX builds without one: `build --tensorrt rtx`)")
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def has_gpu() -> bool:
+    """Whether torch sees a CUDA GPU."""
+    return torch.cuda.is_available()

@@ -1,8 +1,9 @@
 """``engines/manifest.json``: which engines were built from which export, with what.
 
 ``run`` refuses engines built for another export (a hash of the export's ``manifest.json``),
-another plan, another TensorRT version or another GPU architecture, since a TensorRT engine is only
-valid for the exact version and compute capability it was built with.
+another plan, another TensorRT flavour or version, or for GPU architectures that do not include
+this GPU's, since an engine is only valid for the exact TensorRT (or TensorRT-RTX) version and the
+compute capabilities it was built for.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from himap_trt.confine import confined_path, parse_file_records, verify_files
-from himap_trt.engines.environment import gpu_identity, import_tensorrt
+from himap_trt.engines.environment import gpu_identity
+from himap_trt.engines.flavour import FLAVOURS, flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
 from himap_trt.manifest import MANIFEST_NAME, read_versioned_json
 from himap_trt.plan import PruningPlan
 
 ENGINES_MANIFEST = "manifest.json"
-#: Version 2 records every engine file's size and sha256 (``files``).
-ENGINES_FORMAT_VERSION = 2
+#: Version 2 records every engine file's size and sha256 (``files``); version 3 the TensorRT flavour
+#: (``tensorrt`` / ``rtx``), the target compute capabilities (a list: TensorRT-RTX builds for several,
+#: ahead of time) and the export's ``kv_write``; ``gpu_name`` is null for an ahead-of-time build.
+ENGINES_FORMAT_VERSION = 3
 
 
 def engines_present(directory: Path) -> bool:
@@ -54,8 +58,13 @@ class EnginesManifest:
         export_fingerprint: :func:`export_fingerprint` of the export built from.
         plan: the export's plan.
         dtype: the export's dtype (the networks are strongly typed from it).
-        tensorrt_version: ``tensorrt.__version__`` at build time.
-        gpu_name / compute_capability: the GPU built on (e.g. ``NVIDIA H200``, ``9.0``).
+        tensorrt_flavour: ``tensorrt`` (NVIDIA TensorRT) or ``rtx`` (TensorRT-RTX), see
+            :mod:`himap_trt.engines.flavour`.
+        tensorrt_version: the flavour module's ``__version__`` at build time.
+        gpu_name: the GPU built on (e.g. ``NVIDIA H200``), None for an ahead-of-time build.
+        compute_capabilities: the ``major.minor`` capabilities the engines run on (the GPU's for a
+            build on a GPU; the chosen targets for TensorRT-RTX ahead of time).
+        kv_write: the export's cache write (``scatternd`` / ``tensorscatter``).
         max_batch / max_seq_len: the profile limits (prompts, tokens).
         workspace_bytes: builder workspace limit (0: TensorRT's default).
         engines: one entry per graph, in chain order.
@@ -68,9 +77,11 @@ class EnginesManifest:
     export_fingerprint: str
     plan: PruningPlan
     dtype: str
+    tensorrt_flavour: str
     tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
+    gpu_name: str | None
+    compute_capabilities: tuple[str, ...]
+    kv_write: str
     max_batch: int
     max_seq_len: int
     workspace_bytes: int
@@ -95,19 +106,28 @@ class EnginesManifest:
             HimapError: naming ``source`` and the missing or malformed field.
         """
         where = f"engines manifest {str(source)!r}" if source is not None else "engines manifest"
-        for key in ("export_fingerprint", "plan", "tensorrt_version", "engines", "files"):
+        for key in ("export_fingerprint", "plan", "tensorrt_flavour", "tensorrt_version", "compute_capabilities",
+                    "engines", "files"):
             if key not in data:
                 raise HimapError(f"{where}: field {key!r} is missing")
         if not isinstance(data["engines"], list) or not all(
                 isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("graph"), str)
                 for e in data["engines"]):
             raise HimapError(f"{where}: field 'engines' must be an array of objects with string 'graph' and 'file'")
+        capabilities = data["compute_capabilities"]
+        if not isinstance(capabilities, list) or not capabilities or not all(isinstance(c, str) for c in capabilities):
+            raise HimapError(f"{where}: field 'compute_capabilities' must be a non-empty array of strings such as \"8.6\"")
+        if data["tensorrt_flavour"] not in FLAVOURS:
+            raise HimapError(f"{where}: field 'tensorrt_flavour' must be one of {', '.join(FLAVOURS)}, "
+                             f"got {data['tensorrt_flavour']!r}")
         try:
             return cls(
                 format_version=int(data["format_version"]), package_version=str(data["package_version"]),
                 export_fingerprint=str(data["export_fingerprint"]), plan=PruningPlan.from_dict(data["plan"]),
-                dtype=str(data["dtype"]), tensorrt_version=str(data["tensorrt_version"]),
-                gpu_name=str(data["gpu_name"]), compute_capability=str(data["compute_capability"]),
+                dtype=str(data["dtype"]), tensorrt_flavour=str(data["tensorrt_flavour"]),
+                tensorrt_version=str(data["tensorrt_version"]),
+                gpu_name=None if data.get("gpu_name") is None else str(data["gpu_name"]),
+                compute_capabilities=tuple(capabilities), kv_write=str(data.get("kv_write", "scatternd")),
                 max_batch=int(data["max_batch"]), max_seq_len=int(data["max_seq_len"]),
                 workspace_bytes=int(data.get("workspace_bytes", 0)),
                 engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]))
@@ -161,37 +181,55 @@ def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
     verify_files(directory, records, source=source)
 
 
-def check_compatible(engines: EnginesManifest, *, fingerprint: str, plan: PruningPlan, tensorrt_version: str,
-                     compute_capability: str, where: str) -> None:
-    """Refuse engines that do not belong to this export, plan, TensorRT version or GPU architecture.
+def targets(engines: EnginesManifest) -> str:
+    """``compute capability 8.6, 8.9 (ahead of time)`` / ``compute capability 9.0 (NVIDIA H200)``."""
+    built = engines.gpu_name or "ahead of time"
+    return f"compute capability {', '.join(engines.compute_capabilities)} ({built})"
+
+
+def check_compatible(engines: EnginesManifest, *, fingerprint: str, plan: PruningPlan, flavour: str,
+                     tensorrt_version: str, compute_capability: str, where: str) -> None:
+    """Refuse engines that do not belong to this export, plan, TensorRT flavour and version, or GPU
+    architecture.
 
     Raises:
         HimapError: naming what differs and how to fix it.
     """
+    built = flavour_of(engines.tensorrt_flavour)
     if engines.export_fingerprint != fingerprint:
         raise HimapError(f"the engines in {where} were built from another export (its manifest changed since); "
                          "rebuild with `himap-trt build`")
     if engines.plan != plan:
         raise HimapError(f"the engines in {where} implement '{engines.plan.describe()}', the export "
                          f"'{plan.describe()}'; rebuild with `himap-trt build`")
+    if engines.tensorrt_flavour != flavour:
+        raise HimapError(f"the engines in {where} were built with {built.display}, this run uses "
+                         f"{flavour_of(flavour).display}; rebuild with `himap-trt build --tensorrt {flavour}`")
     if engines.tensorrt_version != tensorrt_version:
-        raise HimapError(f"the engines in {where} were built with TensorRT {engines.tensorrt_version}, this machine "
-                         f"has TensorRT {tensorrt_version}; rebuild with `himap-trt build`")
-    if engines.compute_capability != compute_capability:
-        raise HimapError(f"the engines in {where} were built for compute capability {engines.compute_capability} "
-                         f"({engines.gpu_name}), this GPU is {compute_capability}; rebuild on this machine")
+        raise HimapError(f"the engines in {where} were built with {built.display} {engines.tensorrt_version}, this "
+                         f"machine has {built.display} {tensorrt_version}; rebuild with `himap-trt build`")
+    if compute_capability not in engines.compute_capabilities:
+        raise HimapError(f"the engines in {where} were built for {targets(engines)}, this GPU is compute capability "
+                         f"{compute_capability}; rebuild with `himap-trt build --compute-capability current` on it")
 
 
 def load_engines_manifest(directory: Path, *, export, export_dir: Path) -> EnginesManifest:
-    """Read the engines manifest and check it against the export and this machine's TensorRT and GPU.
+    """Read the engines manifest and check it against the export and this machine's TensorRT flavour
+    (the one the engines were built with) and GPU.
 
     Raises:
-        HimapError: see :func:`read_engines_manifest` and :func:`check_compatible`.
+        HimapError: see :func:`read_engines_manifest` and :func:`check_compatible`; the engines'
+            flavour not installed; no GPU.
     """
     engines = read_engines_manifest(directory)
     verify_engine_files(directory, engines)  # before TensorRT reads anything
-    trt = import_tensorrt()
+    flavour = flavour_of(engines.tensorrt_flavour)
+    if not flavour.installed():
+        raise HimapError(f"the engines in {str(directory)!r} were built with {flavour.display} "
+                         f"{engines.tensorrt_version}, which is not installed here (no module {flavour.module_name!r}); "
+                         f"{flavour.install}, or rebuild them with `himap-trt build`")
+    version = flavour.version
     _, capability = gpu_identity()
-    check_compatible(engines, fingerprint=export_fingerprint(export_dir), plan=export.plan,
-                     tensorrt_version=trt.__version__, compute_capability=capability, where=repr(str(directory)))
+    check_compatible(engines, fingerprint=export_fingerprint(export_dir), plan=export.plan, flavour=flavour.key,
+                     tensorrt_version=version, compute_capability=capability, where=repr(str(directory)))
     return engines

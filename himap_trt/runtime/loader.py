@@ -3,7 +3,7 @@
 - ``onnxruntime``: the export directory's graphs (CPU, or CUDA with onnxruntime-gpu).
 - ``tensorrt``: the engines built from the export (``himap-trt build``).
 - ``torch``: the PyTorch reference, from ``--model`` directly or from the export's source model.
-- ``auto``: TensorRT if engines for this export are on disk and TensorRT and a GPU are usable,
+- ``auto``: TensorRT if engines for this export are on disk and their TensorRT flavour and a GPU are usable,
   else ONNX Runtime (on the GPU if onnxruntime-gpu and a GPU are there).
 """
 
@@ -16,7 +16,8 @@ import torch
 
 from himap_trt.arch import get_architecture
 from himap_trt.confine import confined_path, refuse_custom_code
-from himap_trt.engines.manifest import engines_present, load_engines_manifest
+from himap_trt.engines.flavour import FLAVOURS
+from himap_trt.engines.manifest import engines_present, load_engines_manifest, read_engines_manifest
 from himap_trt.errors import HimapError
 from himap_trt.manifest import load_manifest, model_hash
 from himap_trt.models import load_model
@@ -67,14 +68,16 @@ def check_plan(manifest_plan: PruningPlan, requested: PruningPlan | None, where:
         )
 
 
-def _tensorrt_usable() -> bool:
+def _tensorrt_usable(engines_dir: Path) -> bool:
+    """Whether a GPU is visible and the TensorRT flavour the engines were built with is installed
+    (an unreadable manifest counts as usable, so ``auto`` reports it rather than falling back)."""
     if not torch.cuda.is_available():
         return False
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        flavour = FLAVOURS.get(read_engines_manifest(engines_dir).tensorrt_flavour)
+    except HimapError:
+        return True
+    return flavour is None or flavour.installed()
 
 
 def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None = None,
@@ -129,7 +132,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         check_plan(manifest.plan, requested, f"the export in {str(export_dir)!r}")
     if backend == "auto":
         engines = engines_dir or default_engines_dir(export_dir)
-        if engines_present(engines) and _tensorrt_usable():
+        if engines_present(engines) and _tensorrt_usable(engines):
             backend = "tensorrt"
         else:
             backend = "onnxruntime"

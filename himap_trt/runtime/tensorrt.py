@@ -19,8 +19,11 @@ naming the graph.
 - Tensor addresses must be 256-byte aligned: a misaligned view is staged through an aligned copy.
 - At load, every spec tensor's I/O mode and dtype are compared with the engine's.
 
-Written against the TensorRT 10.x / 11.x name-based Python API. It has not run here: no TensorRT
-is installable on this project's machines (see README, "What was verified where").
+Written against the TensorRT 10.x / 11.x name-based Python API, which TensorRT-RTX 1.7 shares for
+every call used here (the module is the engines' flavour, :mod:`himap_trt.engines.flavour`; for
+TensorRT-RTX ``Runtime.get_engine_validity`` is asked first, so an engine built for other GPUs fails
+in one line rather than inside ``deserialize_cuda_engine``). It has not run on a GPU yet: see README,
+"What was verified where"; ``scripts/gpu_check.sh`` runs it where a GPU is lent.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from himap_trt.engines.environment import import_tensorrt
+from himap_trt.engines.flavour import flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
@@ -53,11 +56,13 @@ class SharedResources:
     """What every engine of one pipeline shares: the runtime, one CUDA stream, one scratch buffer.
 
     Args:
-        trt: the ``tensorrt`` module.
+        trt: the ``tensorrt`` or ``tensorrt_rtx`` module.
+        flavour: its :class:`~himap_trt.engines.flavour.Flavour` (engine validity checks).
     """
 
-    def __init__(self, trt):
+    def __init__(self, trt, flavour=None):
         self.trt = trt
+        self.flavour = flavour
         self.logger = _logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.stream = torch.cuda.Stream()
@@ -93,9 +98,15 @@ class TensorRTBackend(BackendBase):
         self.spec = spec
         self.profiles = profiles
         self.shared = shared
-        self.engine = shared.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        blob = Path(path).read_bytes()
+        flavour = shared.flavour
+        invalid = flavour.engine_validity(shared.runtime, blob) if flavour is not None else None
+        if invalid:
+            raise HimapError(f"{flavour.display} says engine {str(path)!r} cannot run on this GPU ({invalid}); "
+                             "rebuild with `himap-trt build --compute-capability current` on it")
+        self.engine = shared.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise HimapError(f"TensorRT could not deserialise {str(path)!r} (built for another TensorRT or GPU?)")
+            raise HimapError(f"{trt.__name__} could not deserialise {str(path)!r} (built for another TensorRT or GPU?)")
         self._check_io(trt, path)
         if self.engine.num_optimization_profiles != len(profiles):
             raise HimapError(f"engine {str(path)!r} has {self.engine.num_optimization_profiles} profiles, "
@@ -233,14 +244,20 @@ class TensorRTBackend(BackendBase):
 
 def tensorrt_backends(engines_dir: Path, engines, export) -> dict[str, TensorRTBackend]:
     """One :class:`TensorRTBackend` per graph of the export, keyed by graph name, sharing one
-    runtime, stream and scratch buffer (:class:`SharedResources`).
+    runtime, stream and scratch buffer (:class:`SharedResources`), with the TensorRT flavour the
+    engines were built with (``tensorrt`` or ``tensorrt_rtx``: the same runtime API).
 
     Args:
         engines_dir: the engines directory.
         engines: its checked :class:`~himap_trt.engines.manifest.EnginesManifest`.
         export: the export's :class:`~himap_trt.manifest.Manifest` (graph declarations).
+
+    Raises:
+        HimapError: see :class:`TensorRTBackend`; for TensorRT-RTX also an engine that
+            ``get_engine_validity`` declares invalid on this GPU (naming the diagnostics).
     """
-    shared = SharedResources(import_tensorrt())
+    flavour = flavour_of(engines.tensorrt_flavour)
+    shared = SharedResources(flavour.module(), flavour)
     backends = {}
     for spec in export.graphs:
         entry = engines.entry(spec.name)

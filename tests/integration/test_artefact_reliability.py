@@ -590,15 +590,26 @@ def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp
     assert tree_digest(target) == before and leftovers(tmp_path) == []
 
 
+def _build_target_flags() -> list[str]:
+    """`himap-trt build` flags for this machine: with a GPU, the installed flavour builds for it (and
+    `run --backend tensorrt` can use the engines); without one, TensorRT-RTX (installed by `make
+    install`) builds ahead of time for SM86, which needs no GPU."""
+    from himap_trt.engines.environment import has_gpu
+
+    if has_gpu():
+        return ["--compute-capability", "current"]
+    return ["--tensorrt", "rtx", "--compute-capability", "8.6"]
+
+
 def _build_skip_reason() -> str | None:
-    from himap_trt.engines.build import gpu_identity, import_tensorrt
+    from himap_trt.engines.build import resolve_target
     from himap_trt.errors import HimapError
 
+    flags = _build_target_flags()
     try:
-        import_tensorrt()
-        gpu_identity()
+        resolve_target(flags[1] if flags[0] == "--tensorrt" else "auto", flags[-1])
     except HimapError as exc:
-        return f"`himap-trt build` cannot build here ({exc}); after issue 20 (TensorRT-RTX) this must run"
+        return f"`himap-trt build` cannot build here ({exc}); `make install` installs TensorRT-RTX"
     return None
 
 
@@ -606,13 +617,17 @@ def test_build_sweep_killed_at_write_points(good_export, tmp_path, photo_path):
     reason = _build_skip_reason()
     if reason:
         pytest.skip(reason)
+    from himap_trt.engines.environment import has_gpu
+    from himap_trt.engines.flavour import rtx_header_capabilities
     from himap_trt.engines.manifest import read_engines_manifest, verify_engine_files
 
     export = tmp_path / "export"
     shutil.copytree(good_export, export)
     target = tmp_path / "engines"
-    args = [*HIMAP, "build", "--export-dir", str(export), "--engines", str(target), "--max-batch", "1"]
-    assert subprocess.run(args, env=PYTHON_ENV, capture_output=True, check=False).returncode == 0
+    flags = [*_build_target_flags(), "--max-seq-len", "256"]      # small profiles: quick builds
+    args = [*HIMAP, "build", "--export-dir", str(export), "--engines", str(target), *flags, "--max-batch", "1"]
+    first_build = subprocess.run(args, env=PYTHON_ENV, capture_output=True, check=False)
+    assert first_build.returncode == 0, first_build.stderr.decode(errors="replace")
     first = tree_digest(target)
 
     def check_new(directory):
@@ -620,11 +635,19 @@ def test_build_sweep_killed_at_write_points(good_export, tmp_path, photo_path):
 
     args[-1] = "2"     # a rebuild with another profile: a different engines directory
     points = stop_at_every_point(args, target, first, check_new, kill_at="swap:exchanged",
-                                 busy_command=["build", "--export-dir", export, "--engines", target])
+                                 busy_command=["build", "--export-dir", export, "--engines", target, *flags])
     assert points.count("build:engine") == len(list(export.glob("*.onnx")))
     check_new(target)
     assert read_engines_manifest(target).max_batch == 2
     assert kill_at(args, 1) == ["build:engine"] and read_engines_manifest(target).max_batch == 2
+    engines = read_engines_manifest(target)
+    if not has_gpu():
+        # the engines are real TensorRT-RTX engines for the requested target (their header, read
+        # independently of the builder), and no GPU is here to run them
+        assert engines.tensorrt_flavour == "rtx" and tuple(engines.compute_capabilities) == ("8.6",)
+        for entry in engines.engines:
+            assert rtx_header_capabilities((target / entry.file).read_bytes()) == ("8.6",), entry.file
+        return
     result = invoke("run", photo_path, "Hi?", "--export-dir", export, "--engines", target, "--backend", "tensorrt",
                     "--max-new-tokens", 1)
     assert result.exit_code == 0, result.stderr

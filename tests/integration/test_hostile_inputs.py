@@ -245,9 +245,10 @@ def test_engines_are_confined_and_hashed_before_tensorrt(export_copy, tmp_path, 
     engines.mkdir()
     (engines / "vision.engine").write_bytes(b"plugin code")
     entry = {"graph": "vision", "file": "../../outside.engine", "profiles": []}
-    data = {"format_version": 2, "package_version": "x", "export_fingerprint": export_fingerprint(export_copy),
-            "plan": plan.to_dict(), "dtype": "float32", "tensorrt_version": "10.9", "gpu_name": "g",
-            "compute_capability": "9.0", "max_batch": 1, "max_seq_len": 512, "engines": [entry],
+    data = {"format_version": 3, "package_version": "x", "export_fingerprint": export_fingerprint(export_copy),
+            "plan": plan.to_dict(), "dtype": "float32", "tensorrt_flavour": "tensorrt", "tensorrt_version": "10.9",
+            "gpu_name": "g", "compute_capabilities": ["9.0"], "kv_write": "scatternd", "max_batch": 1,
+            "max_seq_len": 512, "engines": [entry],
             "files": {"../../outside.engine": {"bytes": 11, "sha256": "0" * 64}}}
     (engines / "manifest.json").write_text(json.dumps(data))
     command = ["run", photo_path, "Hi?", "--export-dir", export_copy, "--backend", "tensorrt", "--engines", engines]

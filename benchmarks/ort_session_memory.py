@@ -42,7 +42,6 @@ def child(export_dir: str, graph: str, config_name: str) -> None:
     import onnxruntime as ort
 
     from himap_trt.arch import get_architecture
-
     from himap_trt.manifest import load_manifest
     from himap_trt.export.onnx_export import example_inputs
 

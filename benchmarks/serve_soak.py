@@ -6,12 +6,16 @@ clients that disconnect mid-stream mixed in; checks answers, statuses, slots and
 
 Starts the server itself (a subprocess on a free loopback port) so it can read its RSS. Request i is
 - malformed when i % 10 == 9 (10%): invalid JSON, no image, a data URL that is not an image, n=2,
-  an unknown model, a prompt over max_seq_len, a body over --max-body-bytes; expected 400 / 413;
+  an unknown model, a prompt over max_seq_len, a body over --max-body-bytes, a string for an integer
+  or a boolean, a seed over 64 bits, JSON nested 100,000 deep, a 1.5 MB question (refused by its
+  bytes before tokenizing), a 7000x7000 PNG (refused from its header); expected 400 / 413;
 - a client that disconnects after two chunks when i % 20 == 4 (5%);
 - otherwise good (streamed or not, alternately), greedy, one of four (image, question) prompts; its
   tokens must equal the same prompt run alone in this process (`Pipeline.generate`).
-Then: every slot free, no request running, cancelled == disconnects, and
-RSS at the end <= RSS after the first 50 requests + 10%. Prints a JSON report; exit 1 on a failure.
+Then: every slot free, no request running or queued, cancelled == disconnects, every accepted
+request finished in the engine (finished == good + disconnected), and RSS at the end <= RSS after
+the first 50 requests + 10%; the server's RSS is sampled every 0.2 s (peak reported). Prints a JSON
+report; exit 1 on a failure.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -34,6 +39,24 @@ from PIL import Image
 from himap_trt.serve.bench import stream_request, wait_healthy
 
 MAX_BODY = 2_000_000
+
+
+def bomb_url() -> str:
+    """A 7000x7000 PNG of one colour (~160 KB encoded, 147 MB decoded)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (40, 80, 120)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def small_url() -> str:
+    """An 8x8 PNG (so that a 1.5 MB question stays under the body limit)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+BOMB = None
+SMALL = small_url()
 
 
 def rss_bytes(pid: int) -> int:
@@ -77,6 +100,12 @@ def malformed(k: int, model: str, url: str) -> tuple[dict, int]:
         ({"json": {"model": "not-" + model, "messages": msgs(url)}}, 400),
         ({"json": {"model": model, "messages": msgs(url, "why? " * 600)}}, 400),
         ({"json": {"model": model, "messages": msgs("data:image/png;base64," + "A" * MAX_BODY)}}, 413),
+        ({"json": {"model": model, "messages": msgs(url), "max_tokens": "5"}}, 400),
+        ({"json": {"model": model, "messages": msgs(url), "stream": "true"}}, 400),
+        ({"json": {"model": model, "messages": msgs(url), "seed": 2**64}}, 400),
+        ({"content": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400),
+        ({"json": {"model": model, "messages": msgs(SMALL, "x" * 1_500_000)}}, 400),
+        ({"json": {"model": model, "messages": msgs(BOMB)}}, 400),
     ]
     return kinds[k % len(kinds)]
 
@@ -86,7 +115,13 @@ async def soak(base: str, model: str, cases, expected, args, pid: int) -> dict:
     semaphore = asyncio.Semaphore(args.concurrency)
     done = 0
     rss_at_50 = None
+    peak = {"rss": rss_bytes(pid)}
     failures: list[str] = []
+
+    async def sample():
+        while True:
+            peak["rss"] = max(peak["rss"], rss_bytes(pid))
+            await asyncio.sleep(0.2)
     counts = {"good": 0, "malformed": 0, "disconnected": 0}
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=args.concurrency)) as client:
         async def one(i: int):
@@ -126,9 +161,12 @@ async def soak(base: str, model: str, cases, expected, args, pid: int) -> dict:
                     rss_at_50 = rss_bytes(pid)
 
         start = time.perf_counter()
+        sampler = asyncio.ensure_future(sample())
         await asyncio.gather(*(one(i) for i in range(args.requests)))
+        sampler.cancel()
         duration = time.perf_counter() - start
-    return {"duration_s": duration, "counts": counts, "failures": failures, "rss_after_50": rss_at_50}
+    return {"duration_s": duration, "counts": counts, "failures": failures, "rss_after_50": rss_at_50,
+            "rss_peak": peak["rss"]}
 
 
 def main() -> None:
@@ -143,12 +181,13 @@ def main() -> None:
     from matplotlib import cbook
 
     from himap_trt.arch import get_architecture
-
     from himap_trt.manifest import load_manifest
     from himap_trt.prompt import load_image
     from himap_trt.runtime import GenerationConfig
     from himap_trt.runtime.loader import open_pipeline
 
+    global BOMB
+    BOMB = bomb_url()
     model = load_manifest(args.export_dir, families=get_architecture).source_model
     photo = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     cases = prompts(photo)
@@ -178,6 +217,9 @@ def main() -> None:
             "free_slots": metric(base, "himap_free_slots"), "running": metric(base, "himap_running_requests"),
             "queue": metric(base, "himap_queue_length"),
             "cancelled": metric(base, "himap_requests_total", 'finish_reason="cancelled"'),
+            "finished": sum(metric(base, "himap_requests_total", f'finish_reason="{r}"')
+                            for r in ("stop", "length", "cancelled", "error")),
+            "load_average": os.getloadavg(),
         })
     finally:
         server.send_signal(signal.SIGTERM)
@@ -186,6 +228,8 @@ def main() -> None:
         "answers and statuses": not report["failures"],
         "slots free": report["free_slots"] == args.concurrency and report["running"] == 0 and report["queue"] == 0,
         "cancelled == disconnected": report["cancelled"] == report["counts"]["disconnected"],
+        "every accepted request finished": report["finished"] == report["counts"]["good"]
+        + report["counts"]["disconnected"],
         "rss_end <= rss_after_50 * 1.1": report["rss_end"] <= report["rss_after_50"] * 1.1,
     }
     report["checks"] = checks

@@ -69,6 +69,9 @@ def serve(
     = 20 * 2**20,
     max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="Largest decoded image (pixels).")]
     = 50_000_000,
+    max_image_memory: Annotated[int, typer.Option(
+        "--max-image-memory", help="Most memory decoding and preprocessing one image may take, estimated from its "
+                                   "header before decoding (bytes; 7000x7000 RGB needs ~735 MB).")] = 256 * 2**20,
     image_timeout: Annotated[float, typer.Option("--image-timeout", help="Time limit of a remote image fetch "
                                                                          "(seconds).")] = 10.0,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body; larger get HTTP 413 "
@@ -81,6 +84,23 @@ def serve(
         "--require-signature", metavar="PUB.pem",
         help="Refuse an export (and TensorRT engines) without a model-signing signature by this EC public key "
              "(PEM); checked before loading.", show_default="signatures not checked")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="HIMAP_TRT_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise), as vLLM's --api-key; prefer the "
+             "environment variable (command lines are visible to other users) [default: none: no key].")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="Allow a --host beyond loopback without --api-key (anyone who can connect "
+                                   "may use the server).")] = False,
+    metrics_auth: Annotated[bool, typer.Option(
+        "--metrics-auth/--no-metrics-auth", help="/metrics wants the API key too (/health never does).")] = False,
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", help="Most seconds a client may take to send a whole request (request line, headers, "
+                               "body); slower connections are closed.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(
+        "--keep-alive-timeout", help="Close an idle kept-alive connection after this many seconds.")] = 5.0,
+    wedged_after: Annotated[float, typer.Option(
+        "--wedged-after", help="GET /health answers 503 'wedged' once one engine iteration has run this many "
+                               "seconds.")] = 60.0,
 ):
     """Serve the export over an OpenAI-compatible API with continuous batching.
 
@@ -88,6 +108,9 @@ def serve(
     temperature, top_p, seed, stop), GET /v1/models, GET /health, GET /metrics (Prometheus).
     SIGTERM stops accepting requests, finishes those in flight, then exits.
     """
+    serve_server.check_exposure(host, api_key, insecure_no_auth, metrics_auth)
+    serve_server.check_positive(**{"--max-image-memory": max_image_memory, "--read-timeout": read_timeout,
+                                   "--keep-alive-timeout": keep_alive_timeout, "--wedged-after": wedged_after})
     if not 0 < port < 65536:
         raise HimapError(f"--port must be in 1..65535, got {port}")
     if max_batch < 1:
@@ -111,8 +134,10 @@ def serve(
         export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
         max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
         images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
-                           max_pixels=max_image_pixels, timeout_s=image_timeout),
-        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, require_signature=require_signature)
+                                  max_pixels=max_image_pixels, max_memory=max_image_memory, timeout_s=image_timeout),
+        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key, metrics_auth=metrics_auth,
+        wedged_after_s=wedged_after, read_timeout_s=read_timeout, keep_alive_s=keep_alive_timeout,
+        require_signature=require_signature)
     serve_server.serve(config, host=host, port=port, log_level=log_level.lower())
 
 
@@ -165,10 +190,10 @@ def bench_serve(
 
     report = serve_bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
                              ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
-                             progress=None if serve_bench.as_json else progress)
+                             progress=None if as_json else progress)
     if plot is not None:
         serve_bench.plot(report, plot)
-    if serve_bench.as_json:
+    if as_json:
         print(serve_bench.as_json(report))
     else:
         def fmt(stats):

@@ -30,8 +30,10 @@ across modules, a reader would have to follow one iteration through several file
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: max_tokens of a request that gave none, on a pipeline without max_seq_len (tokens).
 UNLIMITED = 2**31
+#: Test-only fault injection (see :class:`FaultPlan`); never set in production.
+FAULT_ENV = "HIMAP_TRT_TEST_FAULT"
 
 
 class QueueFull(HimapError):
@@ -57,6 +61,53 @@ class QueueFull(HimapError):
 
 class NotAccepting(HimapError):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+class FaultPlan:
+    """Test-only faults injected into the engine's backend calls, read from ``HIMAP_TRT_TEST_FAULT``.
+
+    The variable holds comma-separated ``PHASE:N[:ACTION]`` items: before the N-th (1-based) call of
+    ``PHASE`` (``prefill`` or ``decode``), ``error`` (the default) raises a RuntimeError as a crashing
+    backend would, and ``hang=S`` sleeps S seconds (a wedged backend). Example:
+    ``HIMAP_TRT_TEST_FAULT=decode:5,prefill:9:hang=3``. Used by the reliability tests and
+    benchmarks/serve_faults.py; unset (the default) it costs one dictionary lookup per call.
+
+    Raises:
+        HimapError: a malformed value (naming the variable and the item).
+    """
+
+    def __init__(self, text: str | None):
+        self.faults: dict[tuple[str, int], tuple[str, float]] = {}
+        self.calls = {"prefill": 0, "decode": 0}
+        for item in (text or "").split(","):
+            if not item.strip():
+                continue
+            fields = item.strip().split(":")
+            try:
+                phase, number = fields[0], int(fields[1])
+                action = fields[2] if len(fields) > 2 else "error"
+                seconds = float(action.split("=", 1)[1]) if action.startswith("hang=") else 0.0
+                valid = (phase in self.calls and number >= 1 and len(fields) <= 3
+                         and (action == "error" or action.startswith("hang=") and seconds >= 0))
+            except (IndexError, ValueError):
+                valid = False
+            if not valid:
+                raise HimapError(f"{FAULT_ENV}: {item.strip()!r} is not PHASE:N[:error|hang=SECONDS] with PHASE "
+                                 "prefill or decode and N >= 1 (a test-only hook; unset it)")
+            self.faults[(phase, number)] = ("hang" if action.startswith("hang=") else "error", seconds)
+
+    def before(self, phase: str) -> None:
+        """Called before each backend call of ``phase``: raise or sleep where the plan says."""
+        self.calls[phase] += 1
+        fault = self.faults.get((phase, self.calls[phase]))
+        if fault is None:
+            return
+        kind, seconds = fault
+        log.warning("%s: injecting %s into %s call %d", FAULT_ENV, kind, phase, self.calls[phase])
+        if kind == "hang":
+            time.sleep(seconds)
+            return
+        raise RuntimeError(f"injected fault ({FAULT_ENV}) in {phase} call {self.calls[phase]}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +301,7 @@ class Engine:
         max_prefill_batch: most prompts prefilled in one call (default: ``max_batch``).
         max_seq_len: most tokens (prompt + generated) per request (tokens); default and upper bound:
             the pipeline's. Slot buffers are this long, and every decode step attends over them.
+            Questions longer than ``max_question_bytes`` (derived from it) are refused before tokenizing.
         on_finish: called in the scheduler thread with each :class:`Completion` (metrics).
         on_step: called in the scheduler thread after each model call as ``on_step(phase, requests,
             seconds)``, phase ``prefill`` or ``decode`` (metrics).
@@ -274,9 +326,13 @@ class Engine:
             raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {limit}")
         self.max_seq_len = max_seq_len or limit
         self.cache = pipeline.allocate(max_batch, max_seq_len=self.max_seq_len)
-        # The processor's fast tokenizer is not safe to use from several threads at once (prepare
-        # sets its padding); one lock covers preparing prompts (caller threads) and decoding text.
-        self._tokenizer_lock = threading.Lock()
+        self.max_question_bytes = question_byte_limit(self.tokenizer, self.max_seq_len)
+        # The processor's fast tokenizer is not safe to use from several threads at once (prepare sets
+        # its padding): the scheduler thread alone decodes with the pipeline's; each thread that
+        # prepares prompts has its own copy, so no lock is shared and a long prompt stalls nobody.
+        self._local = threading.local()
+        self._faults = FaultPlan(os.environ.get(FAULT_ENV))
+        self._iteration_started: float | None = None
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -321,6 +377,19 @@ class Engine:
             self._thread.join()
             self._thread = None
 
+    def stalled_s(self) -> float:
+        """Seconds the scheduler has spent in its current iteration (0 when idle or between iterations;
+        infinite when its thread died). A healthy iteration takes one model call (milliseconds to seconds)."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return float("inf")
+        started = self._iteration_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def room(self) -> int:
+        """Requests :meth:`submit` would take now: free slots plus ``max_queue`` places, less those waiting."""
+        with self._cond:
+            return self.max_queue + len(self.cache.free_slots()) - len(self._waiting)
+
     def stats(self) -> EngineStats:
         """Queue length, running batch, free slots, decode steps so far."""
         with self._cond:
@@ -328,14 +397,31 @@ class Engine:
                                self._steps)
 
     # -- requests -------------------------------------------------------------------------------
-    def prepare(self, image: Any, question: str) -> PromptBatch:
-        """The model inputs of one (PIL image, question) pair (thread-safe).
+    def check_question(self, question: str) -> None:
+        """Refuse a question that cannot fit ``max_seq_len`` by its UTF-8 length alone (no tokenizing).
 
         Raises:
-            HimapError: empty question, or a prompt that does not fit ``max_seq_len``.
+            HimapError: more than ``max_question_bytes`` bytes.
         """
-        with self._tokenizer_lock:
-            prompt = self.pipeline.prepare([image], [question])
+        if self.max_question_bytes is not None and len(question) * 4 > self.max_question_bytes:
+            size = len(question.encode("utf-8", "surrogatepass"))
+            if size > self.max_question_bytes:
+                raise HimapError(f"the question has {size} bytes; no question over {self.max_question_bytes} bytes "
+                                 f"fits the server's --max-seq-len of {self.max_seq_len} tokens")
+
+    def prepare(self, image: Any, question: str) -> PromptBatch:
+        """The model inputs of one (PIL image, question) pair (thread-safe, no shared lock: each calling
+        thread tokenizes with its own copy of the processor).
+
+        Raises:
+            HimapError: empty question, a question over ``max_question_bytes`` (refused before
+                tokenizing), or a prompt that does not fit ``max_seq_len``.
+        """
+        self.check_question(question)
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.pipeline.processor)
+        prompt = self.pipeline.prepare([image], [question], processor=processor)
         length = int(prompt.input_ids.shape[1])
         if self.max_seq_len is not None and length >= self.max_seq_len:
             raise HimapError(f"the prompt has {length} tokens but the server's --max-seq-len is {self.max_seq_len} "
@@ -354,7 +440,8 @@ class Engine:
                 end-to-end latency count from it.
 
         Raises:
-            QueueFull: ``max_queue`` requests are waiting already.
+            QueueFull: ``max_queue`` requests are waiting for a slot already (beyond those that free
+                slots will take).
             NotAccepting: the engine is draining or stopped.
         """
         if prompt.batch_size != 1:
@@ -362,7 +449,8 @@ class Engine:
         with self._cond:
             if not self._accepting or self._stop:
                 raise NotAccepting("the server is shutting down and accepts no new requests")
-            if len(self._waiting) >= self.max_queue:
+            # a request that a free slot will take at the next iteration does not wait for one
+            if len(self._waiting) >= self.max_queue + len(self.cache.free_slots()):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             request_id = next(self._ids)
             handle = RequestHandle(request_id, loop)
@@ -385,6 +473,7 @@ class Engine:
                         self._cond.wait()
                     if self._stop:
                         break
+                self._iteration_started = time.monotonic()
                 try:
                     self._iteration()
                 except Exception as exc:   # a bug: fail every request rather than hang them
@@ -393,6 +482,7 @@ class Engine:
                     self._fail(list(self._running) + self._prefilling, f"internal error: {exc}")
                 finally:
                     self._prefilling = []
+                    self._iteration_started = None
                 with self._cond:
                     self._cond.notify_all()
             with self._cond:
@@ -443,9 +533,10 @@ class Engine:
         started = time.perf_counter()
         self._prefilling = group
         try:
+            self._faults.before("prefill")
             state = self.pipeline.prefill(batch, cache=self.cache, slots=slots)
-        except HimapError as exc:
-            self._fail(group, str(exc))
+        except Exception as exc:   # the backend failed: this group's requests fail, the engine goes on
+            self._backend_failed("prefill", group, exc)
             return
         self._stepped("prefill", len(group), time.perf_counter() - started)
         image_tokens = list(self.pipeline.plan.image_tokens_per_segment)
@@ -469,16 +560,27 @@ class Engine:
         device = self.pipeline.device
         started = time.perf_counter()
         try:
+            self._faults.before("decode")
             logits = self.pipeline.decode_step(self.cache, tokens.to(device), positions.to(device),
                                                [r.slot for r in running])
-        except HimapError as exc:
-            self._fail(running, str(exc))
+        except Exception as exc:   # the backend failed: the running batch fails, waiting requests go on
+            self._backend_failed("decode", running, exc)
             return
         self._stepped("decode", len(running), time.perf_counter() - started)
         self._steps += 1
         for request in running:
             request.next_position += 1
         self._accept_tokens(running, logits)
+
+    def _backend_failed(self, phase: str, requests: list[_Request], exc: Exception) -> None:
+        ids = ", ".join(str(r.id) for r in requests)
+        if isinstance(exc, HimapError):
+            log.error("%s failed for requests [%s]: %s", phase, ids, exc)
+            message = str(exc)
+        else:
+            log.exception("%s failed for requests [%s]", phase, ids)
+            message = f"internal error in {phase}: {type(exc).__name__}: {exc}"
+        self._fail(requests, message)
 
     def _stepped(self, phase: str, requests: int, seconds: float) -> None:
         if self.on_step is not None:
@@ -506,8 +608,7 @@ class Engine:
             completion.token_times.append(now)
             if completion.ttft_s is None:
                 completion.ttft_s = now - request.arrived
-            with self._tokenizer_lock:
-                text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             reason = None
             cut = _find_stop(text, request.params.stop, request.sent)
             if cut is not None:
@@ -551,6 +652,23 @@ class Engine:
     def _fail(self, requests: list[_Request], message: str) -> None:
         for request in requests:
             self._finish(request, "error", message)
+
+
+def question_byte_limit(tokenizer: Any, max_seq_len: int | None) -> int | None:
+    """Most UTF-8 bytes a question can have and still fit ``max_seq_len`` tokens (bytes), or None.
+
+    Every token covers a non-empty piece of the text; a piece is at most as many characters as the
+    longest vocabulary entry has bytes, and a character at most 4 bytes, so a question over
+    ``max_seq_len * longest * 4`` bytes holds more than ``max_seq_len`` tokens whatever it says
+    (a generous bound: it only spares tokenizing what cannot fit).
+    """
+    if max_seq_len is None:
+        return None
+    try:
+        longest = max(len(token.encode("utf-8")) for token in tokenizer.get_vocab())
+    except Exception:   # a tokenizer without a vocabulary listing: a wide bound
+        longest = 64
+    return max_seq_len * max(longest, 1) * 4
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

@@ -182,13 +182,17 @@ class Pipeline:
         self.close()
 
     # -- inputs ---------------------------------------------------------------------------------
-    def prepare(self, images: list[Any], questions: list[str]) -> PromptBatch:
+    def prepare(self, images: list[Any], questions: list[str], processor: Any = None) -> PromptBatch:
         """Prompt, tokenize (left padding) and preprocess a batch of (PIL image, question) pairs.
+
+        ``processor``: a copy of this pipeline's processor to use instead of it (a thread's own, as
+        fast tokenizers are not safe to share between threads); None: the pipeline's.
 
         Raises:
             HimapError: empty question, or a prompt longer than ``max_seq_len``.
         """
-        batch = self.arch.prepare_batch(self.processor, images, questions, self.image_token_id, self.num_image_tokens)
+        batch = self.arch.prepare_batch(processor or self.processor, images, questions, self.image_token_id,
+                                        self.num_image_tokens)
         length = batch.input_ids.shape[1]
         if self.max_seq_len is not None and length >= self.max_seq_len:
             if self.max_positions is not None and self.max_seq_len >= self.max_positions:

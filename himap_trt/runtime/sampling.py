@@ -46,6 +46,8 @@ class GenerationConfig:
             raise HimapError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise HimapError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise HimapError(f"--seed must be a signed 64-bit integer (-2**63 .. 2**63-1), got {self.seed}")
 
     @property
     def ignored_options(self) -> list[str]:
@@ -93,7 +95,15 @@ class TokenChooser:
         logits = logits.float()
         if not self.config.do_sample:
             return logits.argmax(dim=-1)
+        warped = logits
         for warper in self.warpers:
-            logits = warper(input_ids, logits)
-        probs = torch.softmax(logits, dim=-1)
+            warped = warper(input_ids, warped)
+        probs = torch.softmax(warped, dim=-1)
+        finite = torch.isfinite(probs).all(dim=-1)
+        if not bool(finite.all()):
+            # A temperature so small (below ~1e-38) that logits / temperature overflows float32 gives NaN
+            # probabilities (found by API fuzzing: HTTP 500); the limit of sampling as the temperature
+            # goes to 0 is the most likely token, so those rows decode greedily.
+            greedy = logits.argmax(dim=-1)
+            probs = torch.where(finite[:, None], probs, torch.nn.functional.one_hot(greedy, probs.shape[-1]).float())
         return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]

@@ -1,17 +1,25 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of the continuous-batching engine.
 
 Routes: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health`` (200 once every graph is loaded), ``GET /metrics`` (Prometheus).
+``GET /health`` (200 once every graph is loaded and while the engine makes progress),
+``GET /metrics`` (Prometheus), ``GET /openapi.json`` (the OpenAPI schema of all of them).
 
 Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for a
-malformed request, 404 for an unknown route, 413 for a body over ``--max-body-bytes``, 429 when the
-queue is full, 503 while loading or draining, 500 for a failure of the server itself.
+malformed request, 401 without the API key (``--api-key``), 404 for an unknown route, 405 (with
+``Allow``) for a wrong method, 413 for a body over ``--max-body-bytes``, 429 (with ``Retry-After``)
+when the queue is full, 503 while loading or draining, 500 for a failure of the server itself.
+
+Work per request is bounded before it is admitted: the question's UTF-8 length is checked before
+tokenizing (:meth:`Engine.check_question`), the image's pixels and memory from its header before
+decoding (:func:`~himap_trt.serve.images.check_budget`); requests being prepared count against the
+queue, and at most ``image_workers`` images are decoded and preprocessed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -21,6 +29,7 @@ from pathlib import Path
 
 from anyio import to_thread
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,10 +48,13 @@ from himap_trt.runtime.loader import open_pipeline
 from himap_trt.serve.images import ImageError, ImagePolicy, open_image_url
 from himap_trt.serve.metrics import ServerMetrics
 from himap_trt.serve.protocol import (
-    ChatCompletionRequest,
-    ImagePart,
-    MAX_STOP,
     UNSUPPORTED,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Health,
+    ImagePart,
+    ModelList,
     completion_id,
     error_body,
     now,
@@ -52,6 +64,12 @@ log = logging.getLogger("himap_trt.serve")
 
 #: Seconds between checks that a client waiting for a non-streamed answer is still connected.
 DISCONNECT_POLL_S = 0.25
+#: Seconds a client refused with 429 is told to wait (``Retry-After``): about one decode step's worth
+#: of slots turning over on a busy server.
+RETRY_AFTER_S = 1
+#: One server-sent event of a streamed answer (OpenAPI 3.1: the schema of each event).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "a chat.completion.chunk or an error body as JSON, or [DONE] at the end"}}}
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,15 @@ class ServeConfig:
         drain_timeout_s: on SIGTERM, most seconds to wait for requests in flight (seconds).
         require_signature: EC public key (PEM) whose model-signing signature the export (and engines)
             must carry, verified again when the pipeline loads (see :mod:`himap_trt.signing`).
+        api_key: the key clients must send as ``Authorization: Bearer KEY`` on ``/v1/*`` (None: none).
+        metrics_auth: ``/metrics`` wants the key too (``/health`` never does).
+        wedged_after_s: ``/health`` answers 503 ``wedged`` once one engine iteration has run longer
+            than this (seconds).
+        image_workers: most images decoded and preprocessed at once (images); peak image memory is at
+            most this many times ``images.max_memory``.
+        read_timeout_s: most seconds a client may take to send a whole request (request line,
+            headers, body); slower connections are closed (seconds).
+        keep_alive_s: an idle kept-alive connection is closed after this (seconds).
     """
 
     export_dir: Path
@@ -86,6 +113,12 @@ class ServeConfig:
     max_body_bytes: int = 32 * 2**20
     drain_timeout_s: float = 600.0
     require_signature: Path | None = None
+    api_key: str | None = None
+    metrics_auth: bool = False
+    wedged_after_s: float = 60.0
+    image_workers: int = 2
+    read_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
 
 
 class ServerState:
@@ -99,6 +132,7 @@ class ServerState:
         self.pipeline = None
         self.metrics = ServerMetrics()
         self.on_failure = None           # called when loading fails (the server exits)
+        self.preparing = 0               # requests admitted and being prepared (image, tokens), not queued yet
 
     def load(self) -> None:
         """Open the pipeline, allocate the slots and start the engine (runs in a thread)."""
@@ -136,16 +170,51 @@ class ServerState:
 class ApiError(Exception):
     """Answered as OpenAI-shaped JSON with ``status``."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})
+        if status == 429:
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
 
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.message, type_=self.TYPES.get(self.status, "invalid_request_error"),
-                                       param=self.param, code=self.code), status_code=self.status)
+                                       param=self.param, code=self.code), status_code=self.status,
+                            headers=self.headers)
+
+
+def bearer_matches(header: bytes | None, key: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <key>`` (constant-time in the key's bytes)."""
+    scheme, _, token = (header or b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode("utf-8"))
+
+
+class ApiKeyAuth:
+    """ASGI middleware: ``/v1/*`` (and ``/metrics`` when ``metrics_auth``) want ``Authorization: Bearer KEY``,
+    401 in OpenAI's error shape otherwise (as vLLM's ``--api-key``); ``/health`` and ``/openapi.json``
+    stay open."""
+
+    def __init__(self, app, key: str, metrics_auth: bool, metrics: ServerMetrics):
+        self.app, self.key, self.metrics_auth, self.metrics = app, key, metrics_auth, metrics
+
+    def protected(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or (self.metrics_auth and path == "/metrics")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.protected(scope["path"]):
+            return await self.app(scope, receive, send)
+        header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), None)
+        if bearer_matches(header, self.key):
+            return await self.app(scope, receive, send)
+        self.metrics.errors.labels("401").inc()
+        error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                              "server's --api-key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return await error.response()(scope, receive, send)
 
 
 class BodyLimit:
@@ -189,29 +258,37 @@ class BodyLimit:
 
 
 def _field(loc) -> str:
+    """pydantic's error location -> ``messages[0].content[1].image_url.url`` (union member tags such as
+    ``list[constrained-str]`` left out)."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and (not part.isidentifier() or part in ("str", "int", "float", "bool", "list")):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
+def _most_telling(errors: list[dict]) -> dict:
+    """Of a union's errors, one from the member of the right type (a constraint broken) if there is one, else the deepest."""
+    return min(errors, key=lambda e: (e["type"].endswith("_type") or e["type"] == "union_tag_invalid", -len(e["loc"])))
+
+
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Body bytes -> a validated request.
+    """Body bytes -> a validated request (pydantic's JSON parser, strict types: no string for a number
+    or a boolean; nesting beyond its recursion limit is invalid JSON, not a RecursionError).
 
     Raises:
         ApiError: 400 naming the field (invalid JSON, missing or mistyped fields, unsupported options).
     """
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        request = ChatCompletionRequest.model_validate(data)
+        request = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = _most_telling(exc.errors(include_url=False))
         where = _field(first["loc"]) or "body"
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {first['msg']}") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise ApiError(400, "the request body must be a JSON object") from None
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
     if request.n not in (None, 1):
         raise ApiError(400, f"n: this server returns one choice per request (n=1), got n={request.n}", param="n")
@@ -219,9 +296,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     for name, off in UNSUPPORTED.items():
         if name in extra and extra[name] not in off:
             raise ApiError(400, f"{name}: not supported by this server", param=name)
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", param="stop")
     return request
 
 
@@ -290,10 +364,14 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         await to_thread.run_sync(state.close)
 
-    app = FastAPI(title="himap-trt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="himap-trt", version=_version(), docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     metrics = state.metrics
     config = state.config
+    image_slots = asyncio.Semaphore(config.image_workers)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, metrics=metrics)
+    if config.api_key is not None:      # outermost: refused before the body is read
+        app.add_middleware(ApiKeyAuth, key=config.api_key, metrics_auth=config.metrics_auth, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -304,7 +382,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         metrics.errors.labels(str(exc.status_code)).inc()
         return JSONResponse(error_body(str(exc.detail), type_=ApiError.TYPES.get(exc.status_code, "invalid_request_error")),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)   # 405: Allow
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception):
@@ -322,25 +400,35 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(503, "the server is shutting down and accepts no new requests", code="draining")
         raise ApiError(503, f"the model failed to load: {state.error}", code="load_failed")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
     async def health():
         if state.status == "ready":
+            stalled = state.engine.stalled_s() if state.engine is not None else 0.0
+            if stalled > config.wedged_after_s:
+                return JSONResponse({"status": "wedged", "error": f"the engine has made no progress for "
+                                     f"{stalled:.0f} s (over --wedged-after {config.wedged_after_s:g} s)"},
+                                    status_code=503)
             return {"status": "ok"}
         return JSONResponse({"status": state.status, **({"error": state.error} if state.error else {})},
                             status_code=503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "himap-trt"}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **(_errors(401) if config.metrics_auth and config.api_key else {})})
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+              "description": "The answer: JSON, or server-sent events with \"stream\": true"},
+        **_errors(400, 401, 413, 429, 500, 503)})
     async def chat_completions(http: Request):
         arrived = time.perf_counter()
         engine = _available()
@@ -353,17 +441,29 @@ def create_app(state: ServerState) -> FastAPI:
             params = sampling_params(request)
         except HimapError as exc:
             raise ApiError(400, str(exc)) from None
-        if engine.stats().waiting >= engine.max_queue:     # refuse before decoding the image
-            raise ApiError(429, f"the queue is full ({engine.max_queue} requests waiting); retry later",
-                           code="queue_full")
         try:
-            image = await open_image_url(url, param, config.images)
-        except ImageError as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
-        try:
-            prompt = await to_thread.run_sync(engine.prepare, image, question)
+            engine.check_question(question)        # by bytes, before anything is tokenized
         except HimapError as exc:
             raise ApiError(400, f"messages: {exc}", param="messages") from None
+        # admission, before decoding the image: requests being prepared count against the queue
+        if state.preparing >= engine.room():
+            raise ApiError(429, f"the queue is full ({engine.max_queue} requests waiting); retry later",
+                           code="queue_full")
+        state.preparing += 1
+        try:
+            async with image_slots:                 # at most image_workers images in memory at once
+                try:
+                    image = await open_image_url(url, param, config.images)
+                except ImageError as exc:
+                    raise ApiError(400, str(exc), param=exc.param) from None
+                try:
+                    prompt = await to_thread.run_sync(engine.prepare, image, question)
+                except HimapError as exc:
+                    raise ApiError(400, f"messages: {exc}", param="messages") from None
+                finally:
+                    del image
+        finally:
+            state.preparing -= 1
         try:
             handle = engine.submit(prompt, params, loop=asyncio.get_running_loop(), arrived=arrived)
         except QueueFull as exc:
@@ -440,4 +540,44 @@ def create_app(state: ServerState) -> FastAPI:
             if not complete:
                 metrics.errors.labels("499").inc()
 
+    def openapi() -> dict:
+        """FastAPI's schema of the routes, with the request body the handler parses itself."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="OpenAI-compatible chat completions with in-decoder image-token pruning.")
+            request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["ChatCompletionRequest"] = request
+            post = schema["paths"]["/v1/chat/completions"]["post"]
+            post["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}
+            post["responses"]["429"]["headers"] = {"Retry-After": {
+                "description": "seconds to wait before retrying", "schema": {"type": "integer"}, "required": True}}
+            if config.api_key is not None:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    if path.startswith("/v1/") or (config.metrics_auth and path == "/metrics"):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _errors(*statuses: int) -> dict:
+    """FastAPI ``responses`` entries: OpenAI's error body for each status."""
+    text = {400: "Malformed request", 401: "Missing or wrong API key", 413: "Request body too large",
+            429: "Queue full", 500: "Server failure", 503: "Loading, draining, or failed to load"}
+    return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("himap-trt")
+    except PackageNotFoundError:
+        return "0"

@@ -1,6 +1,7 @@
 """The OpenAI chat-completions request and response shapes the server speaks (pydantic).
 
-Only what a LLaVA-1.5 prompt can hold is accepted: one user message with one ``image_url`` part
+Types are strict where OpenAI's API is (pydantic strict mode on the JSON body): ``"5"`` is not an
+integer, ``"true"`` not a boolean; integers are accepted for numbers. Only what a LLaVA-1.5 prompt can hold is accepted: one user message with one ``image_url`` part
 and text. Fields OpenAI defines that this server cannot honour (``n > 1``, ``logprobs``, tools,
 penalties) are refused with 400 rather than ignored. Extensions, as vLLM names them:
 ``ignore_eos`` and ``return_token_ids`` in the request, ``himap`` (image tokens kept per segment)
@@ -17,19 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: OpenAI's limit on stop sequences.
 MAX_STOP = 4
+#: ``seed`` is a signed 64-bit integer in OpenAI's API (torch.manual_seed takes no more).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+STRICT = ConfigDict(strict=True)
 
 
 class ImageURL(BaseModel):
+    model_config = STRICT
+
     url: str
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ImagePart(BaseModel):
+    model_config = STRICT
+
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -38,12 +48,16 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
@@ -51,7 +65,7 @@ class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions`` body (the fields this server reads; others are allowed and ignored
     unless listed in :data:`UNSUPPORTED`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -59,8 +73,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1)
@@ -76,6 +91,75 @@ UNSUPPORTED: dict[str, Any] = {
     "functions": (None, []), "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]),
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the answer to every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class HimapExtension(BaseModel):
+    image_tokens_per_segment: list[int]
+    token_ids: list[int] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """``POST /v1/chat/completions`` answer (not streamed)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    himap: HimapExtension
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models`` answer."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """``GET /health`` answer: ``ok`` (200), else ``loading``, ``draining``, ``failed`` or ``wedged`` (503)."""
+
+    status: Literal["ok", "loading", "draining", "failed", "wedged"]
+    error: str | None = None
 
 
 def completion_id() -> str:

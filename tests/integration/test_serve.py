@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -41,14 +42,15 @@ def free_port() -> int:
 class ServerProcess:
     """`himap-trt serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, export_dir: Path, log: Path, *args: str):
+    def __init__(self, export_dir: Path, log: Path, *args: str, env: dict | None = None, api_key: str = "unused"):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.api_key = api_key
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "himap_trt.cli", "serve", "--export-dir", str(export_dir), "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "warning", *args],
-            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env={**os.environ, **(env or {})})
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}): {log.read_text()}"
@@ -61,14 +63,14 @@ class ServerProcess:
         else:
             self.stop()
             pytest.fail(f"the server did not become ready within {STARTUP_S} s: {log.read_text()}")
-        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60)
 
     def aclient(self) -> openai.AsyncOpenAI:
         """An async client (one per event loop: make it inside ``asyncio.run``)."""
-        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
+        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=self.api_key, max_retries=0, timeout=60)
 
     def metric(self, name: str, **labels) -> float:
-        text = httpx.get(f"{self.base}/metrics", timeout=10).text
+        text = httpx.get(f"{self.base}/metrics", timeout=10, headers={"Authorization": f"Bearer {self.api_key}"}).text
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
         pattern = rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$"
         found = re.search(pattern, text, re.MULTILINE)
@@ -488,6 +490,19 @@ def test_bench_serve_against_the_server(server, tmp_path):
         assert 0 < level["ttft_ms"]["p50"] <= level["e2e_ms"]["p50"]
         assert level["itl_ms"]["p50"] is not None and level["tpot_ms"]["p50"] > 0
     assert plot.stat().st_size > 10_000
+
+
+def test_bench_serve_prints_a_table_without_json(server):
+    """Without --json, bench-serve prints its table, not JSON (the flag, not a module's function, decides)."""
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    result = CliRunner().invoke(app, ["bench-serve", "--url", server.base, "--concurrency", "1", "--requests", "1",
+                                      "--max-tokens", "2", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "TTFT ms" in result.stdout and "1/1" in result.stdout
+    assert not result.stdout.lstrip().startswith("{")
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -70,7 +70,7 @@ class FakePipeline:
         self.allocated_len = max_seq_len
         return FakeCache(max_batch)
 
-    def prepare(self, images, questions):
+    def prepare(self, images, questions, processor=None):
         (question,) = questions
         ids = torch.tensor([[5] + [ord(c) % 50 + 2 for c in question]], dtype=torch.int64)
         ones = torch.ones_like(ids)
@@ -334,3 +334,125 @@ def test_stop_cancels_what_is_left():
     assert not stopper.is_alive()
     assert handle.result(timeout=1).finish_reason == "cancelled"
     assert waiting.result(timeout=1).finish_reason in ("cancelled", "length")
+
+
+# ---- reliability: bounded work, no shared lock, injected faults, a wedged loop --------------------------------
+def test_question_over_the_byte_limit_is_refused_before_tokenizing(engine_factory, monkeypatch):
+    from himap_trt.runtime.engine import question_byte_limit
+
+    pipe = FakePipeline(max_seq_len=64)
+    pipe.processor.tokenizer.get_vocab = lambda: {"a": 0, "abcd": 1, "\u00e9t\u00e9": 2}   # longest: 5 bytes
+    engine = engine_factory(pipe)
+    assert engine.max_question_bytes == question_byte_limit(pipe.processor.tokenizer, 64) == 64 * 5 * 4
+    calls = []
+    real = pipe.prepare
+    monkeypatch.setattr(pipe, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(HimapError, match="has 1281 bytes; no question over 1280 bytes"):
+        engine.prepare(None, "x" * 1281)
+    with pytest.raises(HimapError, match="has 1282 bytes"):
+        engine.prepare(None, "\u00e9" * 641)        # counted in UTF-8 bytes, not characters
+    assert calls == []                              # never tokenized
+    with pytest.raises(HimapError, match="--max-seq-len"):
+        engine.prepare(None, "x" * 1280)            # within the byte bound: tokenized, then too long
+    assert calls == [1]
+
+
+def test_prepare_shares_no_lock_between_threads(engine_factory):
+    """A prompt being tokenized (here: blocked) does not hold up another thread's prompt; each thread
+    tokenizes with its own copy of the processor."""
+    pipe = FakePipeline()
+    entered, release = threading.Event(), threading.Event()
+    real = pipe.prepare
+    seen = []
+
+    def prepare(images, questions, processor=None):
+        seen.append(processor)
+        if questions[0] == "slow":
+            entered.set()
+            assert release.wait(10)
+        return real(images, questions, processor)
+
+    pipe.prepare = prepare
+    engine = engine_factory(pipe)
+    slow = threading.Thread(target=engine.prepare, args=(None, "slow"))
+    slow.start()
+    assert entered.wait(5)
+    started = time.perf_counter()
+    engine.prepare(None, "fast")                  # returns while "slow" is still inside prepare
+    assert time.perf_counter() - started < 1
+    release.set()
+    slow.join(5)
+    assert seen[0] is not seen[1] and pipe.processor not in seen
+
+
+@pytest.mark.parametrize("value", ["decode", "decode:0", "decode:x", "step:3", "decode:2:explode", "decode:2:hang=-1",
+                                   "decode:2:hang=x", "prefill:1:error:extra"])
+def test_fault_hook_bad_values_name_the_variable(value):
+    from himap_trt.runtime.engine import FaultPlan
+
+    with pytest.raises(HimapError, match=rf"HIMAP_TRT_TEST_FAULT: '{value}' is not PHASE:N"):
+        FaultPlan(value)
+
+
+def test_decode_fault_fails_only_the_running_batch(engine_factory, monkeypatch, caplog):
+    """Decode call 3 raises: the two requests in that batch end with an error naming it, a request
+    still waiting (no free slot) is served afterwards, and the slots are all free."""
+    monkeypatch.setenv("HIMAP_TRT_TEST_FAULT", "decode:3")
+    pipe = FakePipeline(eos=False, step_delay=0.01)
+    engine = engine_factory(pipe, max_batch=2)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    first = [engine.submit(engine.prepare(None, q), params) for q in ("ab", "cd")]
+    waiting = engine.submit(engine.prepare(None, "efg"), params)
+    with caplog.at_level("ERROR", logger="himap_trt.runtime.engine"):
+        failed = [h.result(timeout=5) for h in first]
+    assert [c.finish_reason for c in failed] == ["error", "error"]
+    assert all("injected fault" in c.error and "decode call 3" in c.error for c in failed)
+    served = waiting.result(timeout=5)
+    assert served.finish_reason == "length" and served.token_ids == answer(pipe, "efg", 8)
+    assert "decode failed for requests [1, 2]" in caplog.text
+    assert engine.stats().free_slots == 2
+
+
+def test_prefill_fault_fails_only_that_group(engine_factory, monkeypatch):
+    """Prefill call 2 raises (not a HimapError): the running request from prefill 1 is not failed with it."""
+    monkeypatch.setenv("HIMAP_TRT_TEST_FAULT", "prefill:2")
+    pipe = FakePipeline(eos=False, step_delay=0.01)
+    engine = engine_factory(pipe, max_batch=2)
+    running = engine.submit(engine.prepare(None, "ab"), SamplingParams(max_tokens=20, temperature=0))
+    while engine.stats().steps < 2:
+        time.sleep(0.005)
+    joined = engine.submit(engine.prepare(None, "xyz"), SamplingParams(max_tokens=3, temperature=0)).result(timeout=5)
+    assert joined.finish_reason == "error" and "prefill call 2" in joined.error
+    assert running.result(timeout=5).token_ids == answer(pipe, "ab", 20)
+
+
+def test_stalled_seconds_show_a_hung_iteration(engine_factory, monkeypatch):
+    monkeypatch.setenv("HIMAP_TRT_TEST_FAULT", "decode:2:hang=0.6")
+    engine = engine_factory(FakePipeline(eos=False), max_batch=1)
+    assert engine.stalled_s() == 0.0
+    handle = engine.submit(engine.prepare(None, "ab"), SamplingParams(max_tokens=5, temperature=0))
+    deadline = time.monotonic() + 5
+    while engine.stalled_s() < 0.3:
+        assert time.monotonic() < deadline, "the hang was never seen"
+        time.sleep(0.01)
+    assert handle.result(timeout=5).finish_reason == "length"
+    assert engine.stalled_s() < 0.3
+
+
+def test_room_counts_free_slots_and_queue(engine_factory):
+    engine = engine_factory(FakePipeline(eos=False), max_batch=2, max_queue=0)
+    assert engine.room() == 2
+    handle = engine.submit(engine.prepare(None, "ab"), SamplingParams(max_tokens=3, temperature=0))   # max_queue 0
+    assert handle.result(timeout=5).finish_reason == "length"
+
+
+def test_vanishing_temperature_samples_the_most_likely_token():
+    """Temperatures below float32's range made NaN probabilities (HTTP 500 found by the API fuzzer)."""
+    from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for temperature in (5e-324, 1e-300, 1e-45):
+        chooser = TokenChooser(GenerationConfig(temperature=temperature, seed=1), torch.device("cpu"))
+        assert chooser(logits).tolist() == logits.argmax(dim=-1).tolist()
+    with pytest.raises(HimapError, match="--seed must be a signed 64-bit integer"):
+        GenerationConfig(seed=2**64)

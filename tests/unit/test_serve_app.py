@@ -70,3 +70,56 @@ def test_one_user_message_with_one_image():
                                                                     {"role": "user", "content": "hi"}]}).encode())
     with pytest.raises(ApiError, match="one user message"):
         image_and_question(turns)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ({"max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
+    ({"stream": "true"}, "stream: Input should be a valid boolean"),
+    ({"top_p": "1"}, "top_p: Input should be a valid number"),
+    ({"seed": 2**64}, "seed: Input should be less than or equal to 9223372036854775807"),
+    ({"stop": ["a"] * 5}, "stop: List should have at most 4 items"),
+])
+def test_strict_types_and_ranges(extra, fragment):
+    with pytest.raises(ApiError) as info:
+        parse_request(_body(**extra))
+    assert info.value.status == 400 and fragment in info.value.message
+    assert parse_request(_body(temperature=1, seed=-(2**63), stop="x")).temperature == 1.0   # an integer is a number
+
+
+def test_deep_nesting_is_invalid_json_not_a_recursion_error():
+    for body in (b"[" * 100_000, b'{"model": "m", "messages": [], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"):
+        with pytest.raises(ApiError, match="not valid JSON.*recursion limit"):
+            parse_request(body)
+
+
+def test_bearer_comparison():
+    from himap_trt.serve.app import bearer_matches
+
+    assert bearer_matches(b"Bearer k\xc3\xa9y", "k\u00e9y") and bearer_matches(b"bearer  key ", "key")
+    for header in (None, b"", b"key", b"Basic key", b"Bearer ke", b"Bearer keyy", b"Bearer"):
+        assert not bearer_matches(header, "key"), header
+
+
+def test_api_key_405_and_openapi_without_a_model():
+    state = ServerState(ServeConfig(export_dir=Path("export"), model_name="tiny", api_key="s3cret", metrics_auth=True))
+    app = create_app(state)
+
+    def get(path, **headers):
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.get(path, headers=headers)
+
+        return asyncio.run(main())
+
+    for path in ("/v1/models", "/metrics"):
+        refused = get(path)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert get("/v1/models", Authorization="Bearer s3cret").status_code == 200
+    assert get("/health").status_code == 503                        # open (and loading)
+    schema = get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert schema["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+    response = call(app, "PUT", "/health")
+    assert response.status_code == 405 and response.headers["allow"] == "GET"

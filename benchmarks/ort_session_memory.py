@@ -41,11 +41,12 @@ def child(export_dir: str, graph: str, config_name: str) -> None:
     import numpy as np
     import onnxruntime as ort
 
+    from himap_trt.arch import get_architecture
     from himap_trt.manifest import load_manifest
     from himap_trt.export.onnx_export import example_inputs
 
     config = CONFIGS[config_name]
-    manifest = load_manifest(export_dir, verify=False)
+    manifest = load_manifest(export_dir, verify=False, families=get_architecture)
     spec = manifest.graph(graph)
     path = Path(export_dir) / spec.file
     options = ort.SessionOptions()

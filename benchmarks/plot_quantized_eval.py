@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from himap_trt.arch import get_architecture  # noqa: E402
 from himap_trt.manifest import load_manifest  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def main(result_path: str, out: str) -> None:
     result = json.loads(Path(result_path).read_text())
     rows = {}
     for row in result["methods"]:
-        scheme = load_manifest(row["source"], verify=False).quantize
+        scheme = load_manifest(row["source"], verify=False, families=get_architecture).quantize
         rows[(row["method"], "fp32" if scheme == "none" else scheme)] = row
     methods = list(dict.fromkeys(method for method, _ in rows))
     schemes = [s for s in ("fp32", "int8", "int4") if any(key[1] == s for key in rows)]

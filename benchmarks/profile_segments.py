@@ -23,6 +23,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from himap_trt.arch import get_architecture
 from himap_trt.manifest import load_manifest
 from himap_trt.export.onnx_export import example_inputs
 from himap_trt.graphs.spec import past_names
@@ -74,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cases = []
         for export in args.export_dir:
-            manifest = load_manifest(export)
+            manifest = load_manifest(export, families=get_architecture)
             for spec in manifest.graphs:
                 if spec.kind != "segment":
                     continue

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from himap_trt.arch import get_architecture
 from himap_trt.manifest import load_manifest
 from himap_trt.serve.bench import image_data_url, wait_healthy
 
@@ -212,7 +213,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["overload", "fault", "wedge"], default=None)
     args = parser.parse_args()
 
-    model = load_manifest(args.export_dir).source_model
+    model = load_manifest(args.export_dir, families=get_architecture).source_model
     url = image_data_url(None)
     report = {"load_average": os.getloadavg(), "setup": {k: str(v) for k, v in vars(args).items()}}
     for name, phase in (("overload", overload), ("fault", fault), ("wedge", wedge)):

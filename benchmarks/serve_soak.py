@@ -180,6 +180,7 @@ def main() -> None:
 
     from matplotlib import cbook
 
+    from himap_trt.arch import get_architecture
     from himap_trt.manifest import load_manifest
     from himap_trt.prompt import load_image
     from himap_trt.runtime import GenerationConfig
@@ -187,7 +188,7 @@ def main() -> None:
 
     global BOMB
     BOMB = bomb_url()
-    model = load_manifest(args.export_dir).source_model
+    model = load_manifest(args.export_dir, families=get_architecture).source_model
     photo = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     cases = prompts(photo)
     pipeline = open_pipeline(export_dir=args.export_dir, backend="onnxruntime", device="cpu").pipeline

@@ -296,8 +296,8 @@ def _tensors(graph):
                 yield from _tensors(sub)
 
 
-def external_data_files(path: str | Path) -> list[str]:
-    """The ``location`` of every external-data reference in an ONNX file (weights are not loaded).
+def load_onnx_proto(path: str | Path):
+    """An ONNX file's ``ModelProto`` without its external data.
 
     Raises:
         HimapError: if the file cannot be parsed as ONNX.
@@ -305,9 +305,24 @@ def external_data_files(path: str | Path) -> list[str]:
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have several types
         raise HimapError(f"cannot read {str(path)!r} as ONNX: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def external_data_files(path: str | Path, model=None) -> list[str]:
+    """The ``location`` of every external-data reference in an ONNX file (weights are not loaded).
+
+    Args:
+        model: the file's parsed ``ModelProto``, if the caller has it.
+
+    Raises:
+        HimapError: if the file cannot be parsed as ONNX.
+    """
+    import onnx
+
+    if model is None:
+        model = load_onnx_proto(path)
     locations = set()
     functions = [f for f in model.functions]
     for tensor in _tensors(model.graph):
@@ -327,17 +342,22 @@ def check_onnx_external_data(root: str | Path, graph_file: str, recorded: dict[s
 
     Locations are relative to the graph file's directory, as ONNX Runtime and TensorRT resolve them.
 
+    Returns:
+        The graph's ``ModelProto`` (without external data), for further checks.
+
     Raises:
         HimapError: naming the graph and the offending location.
     """
     graph_path = Path(root) / graph_file
     folder = PurePosixPath(graph_file).parent
-    for location in external_data_files(graph_path):
+    model = load_onnx_proto(graph_path)
+    for location in external_data_files(graph_path, model):
         name = (folder / location).as_posix() if location else location
         confined_path(root, name, field=f"external data of {graph_file!r}", source=source)
         if name not in recorded:
             raise HimapError(f"{graph_file!r} in {str(root)!r} reads external data {location!r}, which "
                              f"{str(source or root)!r} does not record")
+    return model
 
 
 # -- custom code -----------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ on ext4, xfs, btrfs, tmpfs, overlayfs), so ``DIR`` always holds the old or the n
 moment the process is killed at. Where the kernel or file system cannot exchange, two renames are
 used (``DIR`` -> ``.DIR.previous-*``, partial -> ``DIR``) and the next run restores a
 ``.DIR.previous-*`` it finds without ``DIR``.
+
+Before the swap every file and directory of the new tree is ``fsync``-ed, and the parent after it,
+so after a power loss ``DIR`` names the old or the complete new tree, never files the kernel had
+not yet written. :func:`write_point` marks each step of a write sequence for crash tests
+(:data:`KILL_ENV`, test-only).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,12 +43,105 @@ PAUSE_ENV = "HIMAP_TRT_PAUSE_AT"
 _HELD: dict[str, int] = {}   # lock files held by this process: target -> fd
 
 
+#: **Test-only** environment variable: ``N`` (a positive integer) makes the process SIGKILL itself at
+#: the N-th :func:`write_point` it passes (after the N-th file, or group of files, an export, build or
+#: repository writes; and at the steps of the swap), so crash-consistency tests can kill a writer at
+#: every step of its write sequence. With any value every point passed is announced on stderr as
+#: ``write point <n>: <name>``. Never set it outside tests: the process dies on purpose.
+KILL_ENV = "HIMAP_TRT_TEST_KILL_AFTER"
+#: **Test-only**: when set to ``1``, the process stops itself (``SIGSTOP``) at every :func:`write_point`
+#: after announcing it, so a test can inspect the target directory at each step and resume it
+#: (``SIGCONT``) or kill it there: the disk at a stop is exactly what a kill at that moment leaves.
+STOP_ENV = "HIMAP_TRT_TEST_STOP_AT_POINTS"
+
+_POINTS = 0   # write points passed by this process
+
+
 def pause_point(name: str) -> None:
     """Stop here forever if :data:`PAUSE_ENV` names this point (a test hook; a no-op otherwise)."""
     if os.environ.get(PAUSE_ENV) == name:
         print(f"paused at {name}", file=sys.stderr, flush=True)
         while True:
             time.sleep(60)
+
+
+def write_point(name: str) -> None:
+    """Mark a step of a write sequence: a test hook (:data:`KILL_ENV`, :data:`PAUSE_ENV`); a no-op otherwise.
+
+    Raises:
+        HimapError: if :data:`KILL_ENV` is set but not a positive integer.
+    """
+    global _POINTS
+    pause_point(name)
+    kill_at = kill_after()
+    stop = stop_at_points()
+    if kill_at is None and not stop:
+        return
+    _POINTS += 1
+    print(f"write point {_POINTS}: {name}", file=sys.stderr, flush=True)
+    if _POINTS == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if stop:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def stop_at_points() -> bool:
+    """Whether :data:`STOP_ENV` is ``1``.
+
+    Raises:
+        HimapError: if it is set to anything but ``0`` or ``1``.
+    """
+    value = os.environ.get(STOP_ENV)
+    if value not in (None, "0", "1"):
+        raise HimapError(f"{STOP_ENV} (a test-only hook) must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def kill_after() -> int | None:
+    """The value of :data:`KILL_ENV` (None when unset).
+
+    Raises:
+        HimapError: if it is set but not a positive integer (checked before anything is written).
+    """
+    value = os.environ.get(KILL_ENV)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise HimapError(f"{KILL_ENV} (a test-only hook) must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def fsync_directory(path: Path) -> None:
+    """``fsync`` a directory, so the names created or renamed in it are durable (best effort where the
+    file system cannot sync directories)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """``fsync`` every regular file below ``root``, then every directory (deepest first), then ``root``:
+    what :func:`atomic_directory` does before the rename that publishes a directory, so a power loss
+    after the rename cannot leave the new name pointing at empty or partly written files."""
+    directories = []
+    for dirpath, _, filenames in os.walk(root):
+        directories.append(Path(dirpath))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in reversed(directories):
+        fsync_directory(directory)
 
 
 def _os_error(flag: str, target: Path, exc: OSError) -> HimapError:
@@ -225,6 +324,8 @@ def atomic_directory(target: Path, *, marker: str, flag: str,
         HimapError: if ``target`` must not be replaced (see :func:`check_target`), another process
             writes it, or it cannot be written.
     """
+    kill_after()
+    stop_at_points()
     target = check_target(target, marker=marker, flag=flag, recognise=recognise)
     with output_lock(target, flag=flag):
         parent = target.parent
@@ -240,17 +341,23 @@ def atomic_directory(target: Path, *, marker: str, flag: str,
             _remove(tmp)
             raise
         try:
-            pause_point("swap:before")
+            fsync_tree(tmp)  # every byte on disk before the new name can point at it
+            write_point("swap:before")
             if not os.path.lexists(target):
                 tmp.rename(target)
+                fsync_directory(parent)
             elif exchange(tmp, target):
-                pause_point("swap:exchanged")
+                fsync_directory(parent)
+                write_point("swap:exchanged")
                 _remove(tmp)  # now the old directory
             else:
                 backup = parent / f".{target.name}.previous-{os.getpid()}-{secrets.token_hex(4)}"
                 target.rename(backup)
+                write_point("swap:renamed-old")
                 tmp.rename(target)
+                fsync_directory(parent)
                 _remove(backup)
+            write_point("swap:done")
         except OSError as exc:
             if os.path.lexists(tmp):
                 _remove(tmp)

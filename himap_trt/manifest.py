@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
 from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
-from himap_trt.graphs.spec import GraphSpec
+from himap_trt.graphs.spec import GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
@@ -288,13 +289,18 @@ def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dic
     return data
 
 
-def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: bool = True) -> Manifest:
+def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: bool = True, *,
+                  families: Callable[[str], Any]) -> Manifest:
     """Read and check an export directory's manifest.
 
     With ``verify`` (the default; what ``run``, ``check`` and ``build`` use) every path the manifest
     names must stay inside ``directory`` (:func:`himap_trt.confine.confined_path`), every recorded file
     must have its recorded size and sha256, every graph's external data must be a recorded file, and
     the processor directory may hold recorded files only.
+
+    ``families`` looks a model family up by ``dims.architecture``
+    (:func:`himap_trt.arch.get_architecture`, passed in because the families sit above the manifest
+    in the layers): :func:`check_consistency` needs it to re-derive the graph list.
 
     Raises:
         HimapError: missing directory or manifest, unreadable JSON, another format version, a missing or
@@ -310,6 +316,7 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     data = read_versioned_json(path, FORMAT_VERSION, "manifest",
                                f"re-export with this version (format {FORMAT_VERSION} records every file's sha256)")
     manifest = Manifest.from_dict(data, source=path)
+    check_consistency(manifest, families, source=path)
     records = parse_file_records(manifest.files, field="files", source=path)
     for i, spec in enumerate(manifest.graphs):
         confined_path(directory, spec.file, field=f"graphs[{i}].file", source=path)
@@ -325,8 +332,107 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
             raise HimapError(f"the processor directory of {str(directory)!r} holds {name!r}, which {str(path)!r} "
                              "does not record; remove it or re-export")
     for spec in manifest.graphs:
-        check_onnx_external_data(directory, spec.file, records, source=path)
+        graph = check_onnx_external_data(directory, spec.file, records, source=path)
+        check_graph_io(spec, graph, source=path)
     return manifest
+
+
+def recorded_specs(specs: list[GraphSpec], quantization: dict[str, Any]) -> list[GraphSpec]:
+    """The graph entries an export records for ``specs``: a quantized export's segment graphs carry
+    its ``quantization`` (:meth:`Quantization.to_dict`; ``{}``: none) in their ``attrs`` (their ONNX
+    Runtime session options and validation tolerances). The one rule for both the exporter and
+    :func:`check_consistency`."""
+    if not quantization:
+        return list(specs)
+    return [replace(spec, attrs={**spec.attrs, "quantization": dict(quantization)}) if spec.kind == "segment" else spec
+            for spec in specs]
+
+
+def check_consistency(manifest: Manifest, families: Callable[[str], Any], source: str | Path | None = None) -> None:
+    """Check the manifest's fields against each other: the fields outside ``files`` are not hashed
+    (the manifest is what records hashes), so an edited ``max_seq_len``, ``dims`` or ``plan`` must be
+    caught here, before any graph runs.
+
+    - ``max_seq_len`` must exceed the image tokens and stay within ``dims.max_position_embeddings``
+      (RoPE positions the model was trained for);
+    - ``plan`` must be for ``dims``' layers and image tokens, and ``graphs`` (names, kinds, layer
+      ranges, every input's and output's name, dtype and symbolic shape) must be exactly what
+      :func:`himap_trt.graphs.spec.graph_specs` declares for ``dims``, ``plan`` and ``dtype`` with the
+      family ``families(dims.architecture)`` (e.g. :func:`himap_trt.arch.get_architecture`).
+
+    Raises:
+        HimapError: naming the manifest and the first field that disagrees.
+    """
+    where = f"manifest {str(source)!r}" if source is not None else "manifest"
+    dims = manifest.dims
+    if not dims.num_image_tokens < manifest.max_seq_len <= dims.max_position_embeddings:
+        raise HimapError(f"{where}: field 'max_seq_len' is {manifest.max_seq_len}, outside "
+                         f"({dims.num_image_tokens}, {dims.max_position_embeddings}] (more than the image tokens, at "
+                         "most the model's positions 'dims.max_position_embeddings')")
+    try:
+        arch = families(dims.architecture)
+    except HimapError as exc:
+        raise HimapError(f"{where}: field 'dims.architecture': {exc}") from None
+    try:
+        expected = recorded_specs(graph_specs(dims, manifest.plan, manifest.dtype, arch=arch), manifest.quantization)
+    except HimapError as exc:
+        raise HimapError(f"{where}: fields 'plan' and 'dims' disagree: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        raise HimapError(f"{where}: fields 'dims' or 'dtype' are inconsistent ({type(exc).__name__}: {exc})") from None
+    if len(expected) != len(manifest.graphs):
+        raise HimapError(f"{where}: field 'graphs' lists {len(manifest.graphs)} graphs, 'dims' and 'plan' make "
+                         f"{len(expected)}")
+    for i, (have, want) in enumerate(zip(manifest.graphs, expected)):
+        for name in ("name", "kind", "layers", "stage", "attrs"):
+            if _as_json(getattr(have, name)) != _as_json(getattr(want, name)):   # tuples read back as lists
+                raise HimapError(f"{where}: field 'graphs[{i}].{name}' is {getattr(have, name)!r:.80}, 'dims' and "
+                                 f"'plan' make {getattr(want, name)!r:.80}")
+        for side in ("inputs", "outputs"):
+            ours, theirs = getattr(have, side), getattr(want, side)
+            if len(ours) != len(theirs):
+                raise HimapError(f"{where}: field 'graphs[{i}].{side}' has {len(ours)} tensors, 'dims' and 'plan' "
+                                 f"make {len(theirs)}")
+            for j, (a, b) in enumerate(zip(ours, theirs)):
+                if a != b:
+                    raise HimapError(f"{where}: field 'graphs[{i}].{side}[{j}]' is {a.name} {a.dtype} "
+                                     f"{list(a.shape)}, 'dims' and 'plan' make {b.name} {b.dtype} {list(b.shape)}")
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def check_graph_io(spec: GraphSpec, graph: Any, source: str | Path | None = None) -> None:
+    """Check an ONNX file's inputs and outputs against its manifest entry: names and order, element
+    types, ranks and every static dim (symbolic dims are named by the exporter, not compared).
+
+    Args:
+        spec: the manifest's graph entry.
+        graph: the parsed ``onnx.ModelProto`` (weights not loaded).
+
+    Raises:
+        HimapError: naming the file, the tensor and what differs.
+    """
+    where = f"{spec.file!r} (graph {spec.name!r} of {str(source)!r})"
+    for side, declared, actual in (("inputs", spec.inputs, graph.graph.input), ("outputs", spec.outputs,
+                                                                                 graph.graph.output)):
+        names = [value.name for value in actual]
+        if names != [t.name for t in declared]:
+            raise HimapError(f"{where} has {side} {names[:6]}{'...' if len(names) > 6 else ''}, the manifest "
+                             f"declares {[t.name for t in declared][:6]}: the file and the manifest disagree")
+        for tensor, value in zip(declared, actual):
+            kind = value.type.tensor_type
+            dtype = _ONNX_DTYPES.get(kind.elem_type, str(kind.elem_type))
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim]
+            static_mismatch = any(isinstance(want, int) and have is not None and have != want
+                                  for want, have in zip(tensor.shape, shape))
+            if dtype != tensor.dtype or len(shape) != len(tensor.shape) or static_mismatch:
+                shown = [d if d is not None else "?" for d in shape]
+                raise HimapError(f"{where}: {side[:-1]} {tensor.name!r} is {dtype} {shown} in the file, the manifest "
+                                 f"declares {tensor.dtype} {list(tensor.shape)}: the file and the manifest disagree")
 
 
 def model_hash(model: Any) -> str:

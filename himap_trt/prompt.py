@@ -188,8 +188,53 @@ def build_prompt(processor: Any, question: str) -> str:
     check_question(question)
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        try:
+            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - the template is input (jinja errors, sandbox violations)
+            raise HimapError(f"the processor's chat template failed: {_first_line(exc)}") from None
+        if not isinstance(prompt, str):
+            raise HimapError(f"the processor's chat template rendered {type(prompt).__name__}, not text")
+        return prompt
     return FALLBACK_TEMPLATE.format(question=question)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+#: Files of a saved processor that may hold its chat template, in the order transformers reads them.
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
+def check_chat_template(processor: Any, directory: str | Path) -> None:
+    """Render the processor's chat template once with a probe question, at load time.
+
+    A template is code run in transformers' jinja sandbox: one that raises (a syntax error, a
+    sandbox violation such as reaching for ``__class__``, ``raise_exception``) or drops the question
+    would fail every request, so the load fails instead (``run``: one error line; ``serve``: the
+    server never reports ready).
+
+    Args:
+        processor: the loaded processor.
+        directory: the directory it was loaded from (named in the message, with the template file).
+
+    Raises:
+        HimapError: naming the template file, if rendering fails or the prompt lacks the question.
+    """
+    directory = Path(directory)
+    source = next((directory / name for name in TEMPLATE_FILES
+                   if (directory / name).is_file() and (name.startswith("chat_template")
+                                                        or '"chat_template"' in (directory / name).read_text(errors="replace"))),
+                  directory)
+    probe = "himap probe question"
+    try:
+        prompt = build_prompt(processor, probe)
+    except HimapError as exc:
+        raise HimapError(f"the chat template in {str(source)!r} cannot be used: {exc}") from None
+    if probe not in prompt:
+        raise HimapError(f"the chat template in {str(source)!r} drops the question from the prompt "
+                         f"(rendered {prompt[:80]!r})")
 
 
 def token_type_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,

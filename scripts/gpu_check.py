@@ -40,10 +40,11 @@ def tokens(export_dir: Path, questions: Path) -> int:
     from PIL import Image
 
     from himap_trt.inputs import read_batch_file
+    from himap_trt.arch import get_architecture
     from himap_trt.manifest import load_manifest
     from himap_trt.runtime import GenerationConfig
 
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     requests = read_batch_file(questions)
     images = [Image.open(r.image).convert("RGB") for r in requests]
     texts = [r.question for r in requests]
@@ -80,6 +81,7 @@ def timing(export_dirs: list[Path]) -> int:
     import torch
 
     from himap_trt.analysis.bench import PipelineContender, run_bench, sample_batch
+    from himap_trt.arch import get_architecture
     from himap_trt.manifest import load_manifest
     from himap_trt.runtime import GenerationConfig
 
@@ -89,7 +91,7 @@ def timing(export_dirs: list[Path]) -> int:
         contenders = []
         for directory in export_dirs:
             try:
-                contenders.append(PipelineContender(load_manifest(directory).plan.method, _open(directory, backend), True))
+                contenders.append(PipelineContender(load_manifest(directory, families=get_architecture).plan.method, _open(directory, backend), True))
             except Exception as exc:  # noqa: BLE001
                 _error(f"{backend} {directory}", exc)
         if not contenders:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.arch import get_architecture
 from himap_trt.engines.manifest import engines_present
 from himap_trt.errors import HimapError
 from himap_trt.export.validate import (
@@ -104,7 +105,7 @@ def run_check(export_dir: Path, *, engines_dir: Path | None = None, max_new_toke
         HimapError: missing export, model not loadable, or weights differing from the export's.
     """
     step = on_step or (lambda text: None)
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     report = CheckReport(dtype=manifest.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step(f"loading the PyTorch reference ({manifest.source_model}, {manifest.dtype}, {device})")

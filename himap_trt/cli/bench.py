@@ -17,6 +17,7 @@ from himap_trt.cli.lazy import lazy_import
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 bench_lib = lazy_import("himap_trt.analysis.bench")
 export_lib = lazy_import("himap_trt.export")
+arch = lazy_import("himap_trt.arch")
 export_manifest = lazy_import("himap_trt.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 models = lazy_import("himap_trt.models")
@@ -115,7 +116,7 @@ def bench(
     clip = video_mod.video_request(video, None, fps=video_fps, max_frames=max_frames) if video is not None else None
     contenders, first, manifests = [], None, []
     for directory in export_dirs:
-        manifest = export_manifest.load_manifest(directory)
+        manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
         manifests.append(manifest)
         opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
         name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \

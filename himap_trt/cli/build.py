@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt import signing
 from himap_trt.cli.app import app, out, user_errors
 from himap_trt.cli.engines import build_with_progress, print_built, require_tensorrt
 from himap_trt.cli.options import (
@@ -26,6 +27,7 @@ from himap_trt.cli.options import (
     R1Opt,
     R2Opt,
     ROpt,
+    SignOpt,
     ThresholdOpt,
     plan_from_options,
 )
@@ -143,6 +145,7 @@ def build(
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]",
                                        help="With --dry-run --model: graph dtype.")] = "fp16",
     max_image_tokens: MaxImageTokensOpt = None,
+    sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
@@ -160,6 +163,8 @@ def build(
         raise HimapError(f"--tensorrt must be one of {', '.join(TENSORRT_CHOICES)}, got {tensorrt!r}")
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if sign is not None:
+        signing.check_private_key(sign, "--sign")
     if model is not None:
         if not dry_run:
             raise HimapError("--model is for --dry-run (profiles without an export); build reads --export-dir")
@@ -174,7 +179,7 @@ def build(
         length = max_seq_len or export_lib.default_max_seq_len(dims)
         _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
         return
-    manifest = export_manifest.load_manifest(export_dir)
+    manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
 
     engine_build.check_buildable(manifest, export_dir)
     length = max_seq_len or manifest.max_seq_len
@@ -187,7 +192,7 @@ def build(
     target = require_tensorrt(tensorrt, compute_capability, manifest.dtype)
     engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=workspace_bytes, timing_cache=timing_cache, target=target)
+                           workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

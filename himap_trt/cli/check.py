@@ -17,6 +17,7 @@ from himap_trt.cli.lazy import lazy_import
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 check_lib = lazy_import("himap_trt.analysis.check")
+arch = lazy_import("himap_trt.arch")
 export_manifest = lazy_import("himap_trt.manifest")
 validate = lazy_import("himap_trt.export.validate")
 
@@ -42,7 +43,7 @@ def check(
     if max_new_tokens < 1:
         raise HimapError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if tensorrt_compat:
-        manifest = export_manifest.load_manifest(export_dir)
+        manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
         reports = check_export(export_dir, manifest)
         flavour = installed_flavour()     # the real parser, where TensorRT or TensorRT-RTX is installed
         parsed = parser_check(export_dir, manifest, flavour) if flavour else []

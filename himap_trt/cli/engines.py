@@ -8,6 +8,7 @@ from typing import Optional
 from himap_trt.cli.app import out, progress_bar
 from himap_trt.cli.lazy import lazy_import
 from himap_trt.engines.flavour import flavour_of
+from himap_trt.fsutil import check_target, output_lock
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 engine_build = lazy_import("himap_trt.engines.build")
@@ -21,18 +22,23 @@ def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] =
 
 
 def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
-                   workspace: int, timing_cache: Optional[Path], target=None):
+                   workspace: int, timing_cache: Optional[Path], target=None, sign_key: Optional[Path] = None):
     """Build engines with a progress display (the flavour and its targets are checked first)."""
     target = target or require_tensorrt(dtype=manifest.dtype)
-    with progress_bar() as progress:
+    engines_dir = engines_dir or loader.default_engines_dir(export_dir)
+    # a foreign or busy --engines is refused in one line before the progress display starts (the lock
+    # is re-entrant: build_engines' atomic_directory takes it again)
+    check_target(engines_dir, marker=engine_manifest.ENGINES_MANIFEST, flag="--engines",
+                 recognise=engine_manifest.is_engines_manifest)
+    with output_lock(engines_dir, flag="--engines"), progress_bar() as progress:
         task = progress.add_task("build", total=len(manifest.graphs))
 
         def report(text: str, done: int, total: int) -> None:
             progress.update(task, description=text, completed=done, total=total)
 
-        return engine_build.build_engines(export_dir, engines_dir or loader.default_engines_dir(export_dir), manifest,
+        return engine_build.build_engines(export_dir, engines_dir, manifest,
                              max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
-                             timing_cache=timing_cache, target=target, progress=report)
+                             timing_cache=timing_cache, target=target, progress=report, sign_key=sign_key)
 
 
 def print_built(built) -> None:

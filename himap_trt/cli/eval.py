@@ -16,6 +16,7 @@ from himap_trt.cli.lazy import lazy_import
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 evaluate = lazy_import("himap_trt.analysis.evaluate")
+arch = lazy_import("himap_trt.arch")
 export_manifest = lazy_import("himap_trt.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 models = lazy_import("himap_trt.models")
@@ -47,7 +48,7 @@ def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[s
             opened.append((pipe, dims, model))
     else:
         for directory in export_dirs:
-            manifest = export_manifest.load_manifest(directory)
+            manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
             pipe = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
             opened.append((pipe, manifest.dims, str(directory)))
     names = [pipe.pipeline.plan.method for pipe, _, _ in opened]

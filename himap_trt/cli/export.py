@@ -25,6 +25,7 @@ from himap_trt.cli.options import (
     R1Opt,
     R2Opt,
     ROpt,
+    SignOpt,
     ThresholdOpt,
     plan_from_options,
 )
@@ -99,6 +100,7 @@ def export(
         show_default="32 with int4, or the largest smaller size dividing the model's (16 for tiny/shapes)")] = None,
     quantize_lm_head: Annotated[bool, typer.Option(
         "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4).")] = False,
+    sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
     """Export a LLaVA checkpoint as a chain of ONNX graphs for a pruning plan.
@@ -113,7 +115,7 @@ def export(
     options = export_lib.ExportOptions(out=out_dir, dtype=loading.canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
                             device=device, quantize=quantize, quant_block_size=quant_block_size,
-                            quantize_lm_head=quantize_lm_head)
+                            quantize_lm_head=quantize_lm_head, sign_key=sign)
     if validate:
         export_lib.check_reference_device(device)
     config = models.load_config(model)
@@ -144,7 +146,7 @@ def export(
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     built = build_with_progress(out_dir, None, manifest, max_batch=1, max_seq_len=manifest.max_seq_len, workspace=0,
-                           timing_cache=None, target=build_target) if build_engines_too else None
+                           timing_cache=None, target=build_target, sign_key=sign) if build_engines_too else None
     if as_json:
         print(json.dumps({"out": str(out_dir), "manifest": manifest.to_dict(), "bytes": size,
                           "checks": [c.__dict__ for c in checks],

@@ -47,6 +47,13 @@ MaxImageTokensOpt = Annotated[Optional[int], typer.Option(
                                "one request may have (bounds graphs, profiles, FLOPs).",
     show_default="the processor's max pixels / 28², 16384 for the published Qwen2.5-VL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+SignOpt = Annotated[Optional[Path], typer.Option(
+    "--sign", metavar="KEY.pem", help="Sign the written directory with this EC private key (PEM, unencrypted) "
+                                      "using OpenSSF model-signing: model.sig inside it.", show_default="unsigned")]
+RequireSignatureOpt = Annotated[Optional[Path], typer.Option(
+    "--require-signature", metavar="PUB.pem",
+    help="Refuse an export (and TensorRT engines) without a model-signing signature by this EC public key (PEM).",
+    show_default="signatures not checked")]
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]

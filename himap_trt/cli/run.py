@@ -11,7 +11,8 @@ import typer
 from himap_trt.cli.app import app, err, out, user_errors
 from rich.markup import escape
 
-from himap_trt.cli.options import METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt
+from himap_trt import signing
+from himap_trt.cli.options import METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, RequireSignatureOpt
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -27,6 +28,7 @@ from himap_trt.plan import build_plan
 from himap_trt.cli.lazy import lazy_import
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
 export_manifest = lazy_import("himap_trt.manifest")
 inputs = lazy_import("himap_trt.inputs")
 loader = lazy_import("himap_trt.runtime.loader")
@@ -50,7 +52,7 @@ def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], devi
     if model is not None or backend not in ("auto", "onnxruntime") or not on_cpu:
         return
     try:
-        manifest = export_manifest.load_manifest(export_dir, verify=False)
+        manifest = export_manifest.load_manifest(export_dir, verify=False, families=arch.get_architecture)
     except HimapError:
         return      # open_pipeline reports it
 
@@ -135,6 +137,7 @@ def run(
                                                                   "rate of --frames).")] = 2.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames sampled from --video (spread over "
                                                                   "the whole clip; even count).")] = 16,
+    require_signature: RequireSignatureOpt = None,
     as_json: JsonOpt = False,
 ):
     """Answer a question about an image (or a video: --video, --frames) with the exported pipeline.
@@ -158,6 +161,8 @@ def run(
         raise HimapError(f"--backend must be one of {', '.join(loader.BACKENDS)}, got {backend!r}")
     loader.check_device(device)
     loading.canonical_dtype(dtype)
+    if require_signature is not None:
+        signing.check_public_key(require_signature)
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
@@ -176,7 +181,7 @@ def run(
 
     _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
     opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
-                           engines_dir=engines_dir, device=device, dtype=dtype)
+                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature)
     pipeline = opened.pipeline
     try:
         started = time.perf_counter()

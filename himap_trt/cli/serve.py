@@ -10,11 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from himap_trt import signing
 from himap_trt.cli.app import app, user_errors
 from himap_trt.errors import HimapError
 from himap_trt.cli.lazy import lazy_import
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
+arch = lazy_import("himap_trt.arch")
 export_manifest = lazy_import("himap_trt.manifest")
 images = lazy_import("himap_trt.serve.images")
 serve_app = lazy_import("himap_trt.serve.app")
@@ -89,6 +91,10 @@ def serve(
         "--drain-timeout", help="On SIGTERM: most seconds to let requests in flight finish.")] = 600.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
                                                                "debug.")] = "info",
+    require_signature: Annotated[Optional[Path], typer.Option(
+        "--require-signature", metavar="PUB.pem",
+        help="Refuse an export (and TensorRT engines) without a model-signing signature by this EC public key "
+             "(PEM); checked before loading.", show_default="signatures not checked")] = None,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="HIMAP_TRT_API_KEY", show_default=False,
         help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise), as vLLM's --api-key; prefer the "
@@ -131,7 +137,10 @@ def serve(
         raise HimapError(f"--image-root {str(image_root)!r} is not a directory")
     if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise HimapError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
-    manifest = export_manifest.load_manifest(export_dir)
+    if require_signature is not None:
+        signing.check_public_key(require_signature)
+        signing.verify_directory(export_dir, require_signature, what="--export-dir")
+    manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
     if max_seq_len is not None and max_seq_len > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
     name = model_name or manifest.source_model
@@ -143,7 +152,8 @@ def serve(
         videos=serve_videos.VideoPolicy(fps=video_fps, max_frames=max_frames, max_bytes=max_video_bytes,
                                         max_pixels=max_video_pixels, max_memory=max_image_memory),
         max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key, metrics_auth=metrics_auth,
-        wedged_after_s=wedged_after, read_timeout_s=read_timeout, keep_alive_s=keep_alive_timeout)
+        wedged_after_s=wedged_after, read_timeout_s=read_timeout, keep_alive_s=keep_alive_timeout,
+        require_signature=require_signature)
     serve_server.serve(config, host=host, port=port, log_level=log_level.lower())
 
 

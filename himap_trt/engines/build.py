@@ -39,8 +39,9 @@ from himap_trt.engines.manifest import (
 from himap_trt.engines.parser import parse_file, parse_network, parser_errors  # noqa: F401
 from himap_trt.engines.profiles import Profile, graph_profiles
 from himap_trt.errors import HimapError
-from himap_trt.fsutil import atomic_directory, cache_root
+from himap_trt.fsutil import atomic_directory, cache_root, write_point
 from himap_trt.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
+from himap_trt.signing import check_private_key, sign_directory
 
 
 def default_timing_cache(tensorrt_version: str | None = None, capability: str | None = None,
@@ -183,7 +184,8 @@ def check_timing_cache(flavour: Flavour, timing_cache: Path | None) -> None:
 
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
                   workspace: int = 0, timing_cache: Path | None = None, target: BuildTarget | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> EnginesManifest:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  sign_key: Path | None = None) -> EnginesManifest:
     """Build one engine per graph of the export.
 
     Args:
@@ -196,6 +198,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             version and GPU); none for a TensorRT-RTX build without a GPU (refused if given).
         target: flavour and capabilities (default: :func:`resolve_target` ``("auto")``).
         progress: optional ``(description, step, total)`` callback.
+        sign_key: EC private key (PEM): sign the engines directory (:mod:`himap_trt.signing`).
 
     Returns:
         The written :class:`EnginesManifest`.
@@ -205,6 +208,8 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             or build (naming the graph); an existing engines directory is then left untouched.
     """
     check_buildable(manifest, export_dir)
+    if sign_key is not None:
+        check_private_key(sign_key, "--sign")
     target = target or resolve_target("auto", dtype=manifest.dtype)
     flavour = target.flavour
     version = flavour.version
@@ -234,6 +239,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                 handle.write(engine_bytes)
                 handle.flush()
                 os.fsync(handle.fileno())
+            write_point("build:engine")
             entries.append(EngineEntry(spec.name, engine_file, tuple(profiles)))
         engines = EnginesManifest(
             format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
@@ -244,6 +250,9 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
             files=record_files(tmp, [entry.file for entry in entries]),
         )
         engines.save(tmp)
+        write_point("build:manifest")
+        if sign_key is not None:
+            sign_directory(tmp, sign_key, "--sign")
     if progress:
         progress("engines complete", total, total)
     return engines

@@ -26,7 +26,7 @@ from himap_trt.export.compose import SegmentComposer
 from himap_trt.export.quantize import check_quantization
 from himap_trt.export.onnx_export import DEFAULT_OPSET, OPSETS, export_graph
 from himap_trt.export.validate import raise_on_failures, record_reference
-from himap_trt.fsutil import atomic_directory, pause_point
+from himap_trt.fsutil import atomic_directory, write_point
 from himap_trt.export.qwen_vision import export_vision_graph as export_qwen2_5_vl_vision
 from himap_trt.export.qwen3_vision import export_vision_graph as export_qwen3_vl_vision
 from himap_trt.graphs.build import build_module
@@ -39,12 +39,14 @@ from himap_trt.manifest import (
     PROCESSOR_DIR,
     is_export_manifest,
     model_hash,
+    recorded_specs,
 )
 from himap_trt.models.streaming import streamed_model_hash
 from himap_trt.plan import PruningPlan
 from himap_trt.runtime import Pipeline, generation_token_ids, torch_backends
 from himap_trt.runtime.kv_cache import torch_dtype
 from himap_trt.runtime.loader import check_device
+from himap_trt.signing import check_private_key, sign_directory
 
 __all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
@@ -76,6 +78,8 @@ class ExportOptions:
             layers (:mod:`himap_trt.export.quantize`); fp32 only.
         quant_block_size: int4: input rows per scale (None: 32); int8 takes none (per output channel).
         quantize_lm_head: quantize the LM head too.
+        sign_key: an unencrypted EC private key (PEM): sign the export with OpenSSF model-signing
+            (``model.sig`` inside it, see :mod:`himap_trt.signing`); None: unsigned.
     """
 
     out: Path
@@ -89,6 +93,7 @@ class ExportOptions:
     quantize: str = "none"
     quant_block_size: int | None = None
     quantize_lm_head: bool = False
+    sign_key: Path | None = None
 
     def __post_init__(self):
         check_device(self.device)
@@ -103,6 +108,8 @@ class ExportOptions:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.kv_write == "gqa" and self.dtype not in ("fp32", "fp16", "float32", "float16"):
             raise HimapError(f"--kv-write gqa needs --dtype fp32 or fp16 (ONNX Runtime runs it), got {self.dtype!r}")
+        if self.sign_key is not None:
+            check_private_key(self.sign_key, "--sign")
         self.quantization(None)   # scheme, block size and dtype (the model's sizes: export_model)
 
     def quantization(self, dims):
@@ -186,9 +193,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype, arch=arch)
     quantization = options.quantization(dims)
-    if quantization is not None:   # quantized segments record it (their ONNX Runtime session options, tolerances)
-        specs = [replace(spec, attrs={**spec.attrs, "quantization": quantization.to_dict()})
-                 if spec.kind == "segment" else spec for spec in specs]
+    specs = recorded_specs(specs, quantization.to_dict() if quantization is not None else {})
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
     check_reference_device(options.device)
     weights = getattr(loaded, "weights", None)
@@ -227,13 +232,14 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
                 export_graph(build_module(loaded.model, spec, arch), spec, path, opset=options.opset,
                              vocab_size=dims.vocab_size)
             written.append(replace(spec, file=path.name))
-            pause_point("export:graph")
+            write_point("export:graph")
         report("hashing the model's config and weights")
         if weights:
             digest = streamed_model_hash(loaded.model, weights.files, weights.dtype)
         else:
             digest = model_hash(loaded.model)
         loaded.processor.save_pretrained(tmp / PROCESSOR_DIR)
+        write_point("export:processor")
         checks = []
         if options.validate:
             report("running the PyTorch reference on a sample request")
@@ -270,6 +276,10 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             quantization=quantization.to_dict() if quantization else {},
         )
         manifest.save(tmp)
+        write_point("export:manifest")
+        if options.sign_key is not None:
+            sign_directory(tmp, options.sign_key, "--sign")
+            write_point("export:signature")
     return manifest, checks
 
 

@@ -23,9 +23,11 @@ from himap_trt.manifest import load_manifest, model_hash
 from himap_trt.models import load_model
 from himap_trt.models.loading import parse_dtype
 from himap_trt.plan import PruningPlan, build_plan
+from himap_trt.prompt import check_chat_template
 from himap_trt.runtime import Pipeline, reference_pipeline
 from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
 from himap_trt.runtime.tensorrt import tensorrt_backends
+from himap_trt.signing import check_public_key, verify_directory
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 #: ``--device`` values: ``cpu``, ``cuda`` or ``cuda:<index>``.
@@ -80,7 +82,7 @@ def _tensorrt_usable(engines_dir: Path) -> bool:
 
 def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None = None,
                   requested_plan=None, engines_dir: Path | None = None, device: str | None = None,
-                  dtype: str | None = None) -> OpenedPipeline:
+                  dtype: str | None = None, require_signature: Path | None = None) -> OpenedPipeline:
     """Build the pipeline ``run`` uses.
 
     Args:
@@ -92,6 +94,9 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         engines_dir: TensorRT engines directory (default: :func:`default_engines_dir`).
         device: ``cpu``/``cuda`` for torch and onnxruntime (default: cuda if usable, else cpu).
         dtype: ``fp32``/``fp16``/``bf16`` for the torch backend with ``model``.
+        require_signature: an EC public key (PEM): the export (and the engines, for TensorRT) must
+            carry a model-signing signature by its private key (:mod:`himap_trt.signing`), verified
+            before anything else is read from them.
 
     Raises:
         HimapError: unknown backend, missing/incompatible export or engines, plan mismatch. With
@@ -101,6 +106,10 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
+    if require_signature is not None:
+        check_public_key(require_signature)
+        if model is not None:
+            raise HimapError("--require-signature verifies an export; it does not apply to --model (a checkpoint)")
     if model is not None and backend != "torch":
         raise HimapError("--model runs the PyTorch reference without an export; pass --backend torch with it "
                          "(other backends read the export directory given by --export-dir)")
@@ -114,7 +123,9 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             plan = build_plan("himap", num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens)
         return OpenedPipeline(reference_pipeline(loaded, plan), "torch", dev, model)
 
-    manifest = load_manifest(export_dir)
+    if require_signature is not None:
+        verify_directory(Path(export_dir), require_signature, what="--export-dir")
+    manifest = load_manifest(export_dir, families=get_architecture)
     export_dir = Path(export_dir)
     if requested_plan is not None:
         requested = requested_plan(manifest.dims.num_layers, manifest.dims.num_image_tokens)
@@ -147,6 +158,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     else:  # tensorrt
 
         engines = engines_dir or default_engines_dir(export_dir)
+        if require_signature is not None:
+            verify_directory(Path(engines), require_signature, what="--engines")
         engines_manifest = load_engines_manifest(engines, export=manifest, export_dir=export_dir)
         dev = "cuda"
         backends = tensorrt_backends(engines, engines_manifest, manifest)
@@ -175,7 +188,9 @@ def load_export_processor(export_dir: Path, manifest):
                          source=Path(export_dir) / "manifest.json", kind="dir")
     refuse_custom_code(path, "processor")
     try:
-        return get_architecture(manifest.dims.architecture).load_processor(str(path), trust_remote_code=False)
+        processor = get_architecture(manifest.dims.architecture).load_processor(str(path), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a bad processor directory is input, not a bug
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HimapError(f"cannot load the processor saved in {str(path)!r}: {text}") from None
+    check_chat_template(processor, path)
+    return processor

@@ -92,6 +92,8 @@ class ServeConfig:
         max_seq_len: most tokens (prompt + generated) per request (None: the export's).
         max_body_bytes: largest request body accepted (bytes); larger ones get 413.
         drain_timeout_s: on SIGTERM, most seconds to wait for requests in flight (seconds).
+        require_signature: EC public key (PEM) whose model-signing signature the export (and engines)
+            must carry, verified again when the pipeline loads (see :mod:`himap_trt.signing`).
         api_key: the key clients must send as ``Authorization: Bearer KEY`` on ``/v1/*`` (None: none).
         metrics_auth: ``/metrics`` wants the key too (``/health`` never does).
         wedged_after_s: ``/health`` answers 503 ``wedged`` once one engine iteration has run longer
@@ -115,6 +117,7 @@ class ServeConfig:
     max_seq_len: int | None = None
     max_body_bytes: int = 32 * 2**20
     drain_timeout_s: float = 600.0
+    require_signature: Path | None = None
     api_key: str | None = None
     metrics_auth: bool = False
     wedged_after_s: float = 60.0
@@ -142,7 +145,7 @@ class ServerState:
         try:
             started = time.perf_counter()
             opened = open_pipeline(export_dir=config.export_dir, backend=config.backend, engines_dir=config.engines_dir,
-                                   device=config.device)
+                                   device=config.device, require_signature=config.require_signature)
             self.pipeline = opened.pipeline
             engine = Engine(opened.pipeline, max_batch=config.max_batch, max_queue=config.max_queue,
                             max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step)

@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from himap_trt import __version__
+from himap_trt.arch import get_architecture
 from himap_trt.engines.manifest import export_fingerprint, read_engines_manifest
 from himap_trt.errors import HimapError
-from himap_trt.fsutil import atomic_directory
+from himap_trt.fsutil import atomic_directory, write_point
 from himap_trt.manifest import load_manifest
 from himap_trt.triton import protocol
 
@@ -186,6 +187,7 @@ def _link_or_copy_tree(source: Path, target: Path) -> str:
         except OSError:
             shutil.copy2(path, dest)
             how = "copies"
+        write_point("triton:file")
     return how
 
 
@@ -216,7 +218,7 @@ def write_repository(export_dir: Path, out: Path, options: RepositoryOptions,
         HimapError: invalid export or engines (other export, batch above the engines' profile
             maximum), or an ``out`` that is a non-empty directory this tool did not write.
     """
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(export_dir, families=get_architecture)
     if options.max_seq_len is not None and options.max_seq_len > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {options.max_seq_len} exceeds the export's max_seq_len {manifest.max_seq_len}")
     fingerprint = export_fingerprint(export_dir)
@@ -252,5 +254,7 @@ def write_repository(export_dir: Path, out: Path, options: RepositoryOptions,
                               source_model=manifest.source_model, plan=manifest.plan.describe(), dtype=manifest.dtype,
                               export_fingerprint=fingerprint, engines=engines_dir is not None, files=how,
                               options=asdict(options), models=[MODEL_NAME, UNARY_MODEL_NAME])
+        write_point("triton:models")
         (tmp / REPOSITORY_MARKER).write_text(json.dumps(info.to_dict(), indent=1) + "\n")
+        write_point("triton:marker")
     return info

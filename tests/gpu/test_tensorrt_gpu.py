@@ -18,12 +18,13 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_tensorrt_pipeline_matches_onnxruntime(tmp_path_factory, tmp_path, dtype, requests_3):
+    from himap_trt.arch import get_architecture
     from himap_trt.engines.build import build_engines, resolve_target
     from himap_trt.manifest import load_manifest
 
     out, manifest, _ = exported(tmp_path_factory, "tiny-gqa", "himap", dtype=dtype, k1=2, r1=0.5, k2=8, r2=0.75)
     engines = tmp_path / "engines"
-    build_engines(out, engines, load_manifest(out), max_batch=3, max_seq_len=512,
+    build_engines(out, engines, load_manifest(out, families=get_architecture), max_batch=3, max_seq_len=512,
                   target=resolve_target("auto", "current"))
     trt = open_pipeline(export_dir=out, backend="tensorrt", engines_dir=engines).pipeline
     ort = open_pipeline(export_dir=out, backend="onnxruntime", device="cpu").pipeline

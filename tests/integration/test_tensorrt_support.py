@@ -280,10 +280,11 @@ def test_run_refuses_engines_of_a_missing_flavour_or_without_a_gpu(tmp_path_fact
     """run/serve --backend tensorrt read the engines' flavour from their manifest: engines built with
     a flavour that is not installed, or (here) on a machine without a GPU, are refused in one line."""
     from himap_trt.engines.manifest import export_fingerprint
+    from himap_trt.arch import get_architecture
     from himap_trt.manifest import load_manifest
 
     out, _, _ = exported(tmp_path_factory, "tiny", "fastv", k=2, r=0.5)
-    manifest = load_manifest(out)
+    manifest = load_manifest(out, families=get_architecture)
     engines = tmp_path / "engines"
     engines.mkdir()
     entries = []

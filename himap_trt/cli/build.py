@@ -31,7 +31,7 @@ from himap_trt.cli.options import (
     ThresholdOpt,
     plan_from_options,
 )
-from himap_trt.engines.flavour import TENSORRT_CHOICES
+from himap_trt.engines.flavour import TENSORRT_CHOICES, has_fp32_gemms
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -128,7 +128,7 @@ def build(
         "--compute-capability", metavar="[8.6,8.9,12.0|current]",
         help="TensorRT-RTX targets: comma-separated compute capabilities (7.5, 8.0, 8.6, 8.9, 12.0, 12.1 in "
              "TensorRT-RTX 1.7), or current (the GPU this runs on; the only choice for TensorRT).",
-        show_default="rtx: every capability it targets ahead of time (without 7.5 for fp32 exports); "
+        show_default="rtx: every capability it targets ahead of time (without 7.5 where a graph holds fp32 GEMMs: fp32 exports, scoring graphs); "
                      "tensorrt: current")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", hidden=True)] = False,
     int8: Annotated[bool, typer.Option("--int8", hidden=True)] = False,
@@ -189,7 +189,7 @@ def build(
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
         return
-    target = require_tensorrt(tensorrt, compute_capability, manifest.dtype)
+    target = require_tensorrt(tensorrt, compute_capability, has_fp32_gemms(manifest.dtype, manifest.plan))
     engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
                            workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign)

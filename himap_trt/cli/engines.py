@@ -7,7 +7,7 @@ from typing import Optional
 
 from himap_trt.cli.app import out, progress_bar
 from himap_trt.cli.lazy import lazy_import
-from himap_trt.engines.flavour import flavour_of
+from himap_trt.engines.flavour import flavour_of, has_fp32_gemms
 from himap_trt.fsutil import check_target, output_lock
 
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
@@ -16,15 +16,15 @@ engine_manifest = lazy_import("himap_trt.engines.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 
 
-def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] = None, dtype: Optional[str] = None):
+def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] = None, fp32_gemms: bool = True):
     """The build target (flavour, capabilities), checked before any work (see engines.build.resolve_target)."""
-    return engine_build.resolve_target(tensorrt, compute_capability, dtype=dtype)
+    return engine_build.resolve_target(tensorrt, compute_capability, fp32_gemms=fp32_gemms)
 
 
 def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
                    workspace: int, timing_cache: Optional[Path], target=None, sign_key: Optional[Path] = None):
     """Build engines with a progress display (the flavour and its targets are checked first)."""
-    target = target or require_tensorrt(dtype=manifest.dtype)
+    target = target or require_tensorrt(fp32_gemms=has_fp32_gemms(manifest.dtype, manifest.plan))
     engines_dir = engines_dir or loader.default_engines_dir(export_dir)
     # a foreign or busy --engines is refused in one line before the progress display starts (the lock
     # is re-entrant: build_engines' atomic_directory takes it again)

@@ -10,6 +10,7 @@ import typer
 
 from himap_trt.cli.app import app, err, out, progress_bar, user_errors
 from himap_trt.cli.engines import build_with_progress, print_built, require_tensorrt
+from himap_trt.engines.flavour import has_fp32_gemms
 from himap_trt.cli.options import (
     DeepOpt,
     JsonOpt,
@@ -129,7 +130,7 @@ def export(
         if kv_write in export_manifest.NOT_TENSORRT:
             raise HimapError(f"--build needs a TensorRT-parsable export: --kv-write {kv_write} is ONNX Runtime only "
                              f"({export_manifest.NOT_TENSORRT[kv_write]}); use --kv-write scatternd")
-        build_target = require_tensorrt(dtype=options.dtype)
+        build_target = require_tensorrt(fp32_gemms=has_fp32_gemms(options.dtype, plan))
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")
 

@@ -25,7 +25,7 @@ from himap_trt.confine import record_files
 # gpu_identity and has_gpu live in engines/environment.py (engines/manifest.py needs them too); imported
 # here for build_engines and for callers that import them from this module.
 from himap_trt.engines.environment import gpu_identity, has_gpu  # noqa: F401
-from himap_trt.engines.flavour import CURRENT, Flavour, parse_capabilities, select_flavour
+from himap_trt.engines.flavour import CURRENT, Flavour, has_fp32_gemms, parse_capabilities, select_flavour
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
     ENGINES_MANIFEST,
@@ -93,7 +93,7 @@ class BuildTarget:
 
 
 def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None, *,
-                   dtype: str | None = None) -> BuildTarget:
+                   fp32_gemms: bool = True) -> BuildTarget:
     """Check ``--tensorrt`` / ``--compute-capability`` (before any file is written).
 
     Raises:
@@ -101,7 +101,7 @@ def resolve_target(tensorrt: str = "auto", compute_capability: str | None = None
             TensorRT) without a GPU.
     """
     flavour = select_flavour(tensorrt)
-    capabilities = parse_capabilities(compute_capability, flavour, dtype=dtype)
+    capabilities = parse_capabilities(compute_capability, flavour, fp32_gemms=fp32_gemms)
     if capabilities == (CURRENT,):
         # Not refused for a GPU outside TensorRT-RTX's ahead-of-time list (Hopper SM90, Blackwell
         # SM100): NVIDIA's samples built with CURRENT on a B200; the builder answers for this GPU.
@@ -210,7 +210,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
     check_buildable(manifest, export_dir)
     if sign_key is not None:
         check_private_key(sign_key, "--sign")
-    target = target or resolve_target("auto", dtype=manifest.dtype)
+    target = target or resolve_target("auto", fp32_gemms=has_fp32_gemms(manifest.dtype, manifest.plan))
     flavour = target.flavour
     version = flavour.version
 

@@ -178,15 +178,26 @@ def flavour_of(key: str) -> Flavour:
     return FLAVOURS[key]
 
 
-def parse_capabilities(text: str | None, flavour: Flavour, *, dtype: str | None = None) -> tuple[str, ...]:
+def has_fp32_gemms(dtype: str, plan) -> bool:
+    """Whether an export's graphs hold float32 matrix products, which TensorRT-RTX 1.7 cannot compile
+    for Turing (SM75, "FP32 GEMM is not supported"): every fp32 export, and every export with a
+    pruning stage (its scoring graph recomputes attention scores in float32, whatever the dtype).
+
+    Args:
+        dtype: the export's dtype (``float32``, ``fp32``, ``float16`` ...); plan: its ``PruningPlan``.
+    """
+    return dtype in ("float32", "fp32") or bool(plan.stages)
+
+
+def parse_capabilities(text: str | None, flavour: Flavour, *, fp32_gemms: bool = True) -> tuple[str, ...]:
     """The ``--compute-capability`` value as a tuple of ``major.minor`` strings, or ``("current",)``.
 
     Args:
         text: comma-separated ``major.minor`` values (``8.6,8.9,12.0``), ``current``, or None for the
-            default: every capability TensorRT-RTX targets ahead of time (for an fp32 export without
-            7.5: TensorRT-RTX 1.7 cannot compile fp32 GEMMs for Turing), ``current`` for TensorRT.
+            default: every capability TensorRT-RTX targets ahead of time (without 7.5 where the graphs
+            hold fp32 GEMMs, :func:`has_fp32_gemms`), ``current`` for TensorRT.
         flavour: the build's flavour.
-        dtype: the export's dtype (``float32`` ...), for the default.
+        fp32_gemms: the export's graphs hold fp32 matrix products (:func:`has_fp32_gemms`), for the default.
 
     Raises:
         HimapError: a value that is not a capability the flavour can target, a list for TensorRT
@@ -196,7 +207,7 @@ def parse_capabilities(text: str | None, flavour: Flavour, *, dtype: str | None 
         if not flavour.ahead_of_time:
             return (CURRENT,)
         every = flavour.capabilities()
-        return tuple(c for c in every if not (dtype in ("float32", "fp32") and c == "7.5")) or every
+        return tuple(c for c in every if not (fp32_gemms and c == "7.5")) or every
     values = [v.strip() for v in text.split(",")]
     if values == [CURRENT]:
         return (CURRENT,)

@@ -235,7 +235,7 @@ def test_build_refuses_bad_flavour_capability_and_precision_flags(tmp_path_facto
 
 
 def test_capabilities_for_tensorrt_and_the_rtx_default(without):
-    from himap_trt.engines.flavour import RTX, TENSORRT, parse_capabilities
+    from himap_trt.engines.flavour import RTX, TENSORRT, has_fp32_gemms, parse_capabilities
 
     assert parse_capabilities(None, TENSORRT) == ("current",)
     with pytest.raises(HimapError, match="builds for the GPU it runs on"):
@@ -243,8 +243,12 @@ def test_capabilities_for_tensorrt_and_the_rtx_default(without):
     if importlib.util.find_spec("tensorrt_rtx") is not None:
         every = RTX.capabilities()
         assert every == ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")     # the enum of 1.7.1
-        assert parse_capabilities(None, RTX, dtype="float16") == every
-        assert parse_capabilities(None, RTX, dtype="float32") == every[1:]  # no fp32 GEMMs for Turing
+        assert parse_capabilities(None, RTX, fp32_gemms=False) == every
+        assert parse_capabilities(None, RTX) == every[1:]  # no fp32 GEMMs for Turing
+        none, himap = build_plan("none", num_layers=12, num_image_tokens=144), build_plan("himap", num_layers=12,
+                                                                                           num_image_tokens=144)
+        assert not has_fp32_gemms("float16", none)
+        assert has_fp32_gemms("float16", himap) and has_fp32_gemms("float32", none)   # scoring graphs: fp32
         assert parse_capabilities(" 12.0,8.6", RTX) == ("12.0", "8.6")
 
 

@@ -261,8 +261,18 @@ def test_failed_build_leaves_nothing_half_written(tmp_path_factory, tmp_path):
     bad = tmp_path / "export"
     shutil.copytree(out, bad)
     model = onnx.load(bad / "scoring_0.onnx")
-    model.graph.node.append(helper.make_node("Unique", [model.graph.output[0].name], ["unique_out"], name="extra"))
-    model.graph.output.append(helper.make_tensor_value_info("unique_out", TensorProto.INT64, [None]))
+    # kept_indices + (min(Unique(kept_indices)) - itself): the same I/O as the manifest records (the
+    # load checks it), and a node the parser rejects on the output's path
+    name = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_pre" if o == name else o for o in node.output]
+        node.input[:] = [f"{name}_pre" if i == name else i for i in node.input]
+    model.graph.node.extend([
+        helper.make_node("Unique", [f"{name}_pre"], ["unique_out"], name="extra"),
+        helper.make_node("ReduceMin", ["unique_out"], ["unique_min"], keepdims=0),
+        helper.make_node("Sub", ["unique_min", "unique_min"], ["zero"]),
+        helper.make_node("Add", [f"{name}_pre", "zero"], [name])])
+    onnx.checker.check_model(model)
     onnx.save(model, bad / "scoring_0.onnx")
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["files"].update(record_files(bad, ["scoring_0.onnx"]))

@@ -293,7 +293,7 @@ def test_malformed_requests_get_triton_errors(server, image_bytes):
     with httpclient.InferenceServerClient(server.http_url) as client:
         with pytest.raises(InferenceServerException) as caught:
             client.infer("himap_unary", make_inputs(httpclient, b"not an image", "What?"))
-        assert caught.value.status() == "400" and "input 'image' is not an image" in caught.value.message()
+        assert caught.value.status() == "400" and "input 'image' is neither an image PIL can read" in caught.value.message()
         # Triton's own validation: a missing required input, a wrong datatype
         question = httpclient.InferInput("question", [1], "BYTES")
         question.set_data_from_numpy(np.array([b"What?"], dtype=np.object_))

@@ -9,15 +9,14 @@ module on the sample request (every output, :mod:`himap_trt.export.validate`), a
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from himap_trt.errors import HimapError
-from himap_trt.export.onnx_export import DEFAULT_OPSET, _quiet_exporter, save_model
-from himap_trt.export.qwen_vision import TRACE_GRID
+from himap_trt.export.onnx_export import DEFAULT_OPSET
+from himap_trt.export.qwen_vision import TRACE_GRID, trace_vision
 from himap_trt.graphs.qwen3_vision import Qwen3VisionEncoder, qwen3_vision_attrs, qwen3_vision_feeds, qwen3_vision_spec
 from himap_trt.graphs.spec import GraphSpec, torch_dtype
 
@@ -41,20 +40,8 @@ def export_qwen3_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "fl
     grid = np.array(TRACE_GRID, dtype=np.int64)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(int(grid.prod(-1).sum()), spec.inputs[0].shape[1], generator=gen).to(param.dtype)
-    feeds = qwen3_vision_feeds(pixels, grid, qwen3_vision_attrs(visual.config))
-    args = tuple(feeds[n] for n in spec.input_names)
-    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in args)
-    try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                        input_names=spec.input_names, output_names=spec.output_names,
-                                        dynamic_shapes=dynamic, optimize=True, verbose=False)
-    except Exception as exc:  # the exporter raises many types; say which graph failed
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise HimapError(f"exporting graph {name!r} failed: {type(exc).__name__}: {first}") from exc
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    save_model(program.model, spec, Path(path), weight_bytes)
-    return replace(spec, file=Path(path).name)
+    return trace_vision(module, qwen3_vision_feeds(pixels, grid, qwen3_vision_attrs(visual.config)), spec, path,
+                        opset=opset)
 
 
 def export_vision_graph(model: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int, vocab_size: int) -> None:

@@ -66,7 +66,20 @@ def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "flo
     patches = int(grid.prod(-1).sum())
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(patches, spec.inputs[0].shape[1], generator=gen).to(param.dtype)
-    feeds = vision_feeds(pixels, grid, config)
+    return trace_vision(module, vision_feeds(pixels, grid, config), spec, path, opset=opset)
+
+
+def trace_vision(module: torch.nn.Module, feeds: dict, spec: GraphSpec, path: Path, *, opset: int) -> GraphSpec:
+    """Trace a Qwen-family vision encoder on ``feeds`` (its inputs by name: ``pixel_values``
+    [patches, C*T*P*P] and the host-computed position tables, each dynamic in its first axis) and save
+    it to ``path``; shared by Qwen2.5-VL's and Qwen3-VL's exporters.
+
+    Returns:
+        ``spec`` with ``file`` set to the file's name.
+
+    Raises:
+        HimapError: the exporter fails (naming the graph), or :func:`save_model` rejects the result.
+    """
     args = tuple(feeds[n] for n in spec.input_names)
     dynamic = tuple({0: torch.export.Dim.AUTO} for _ in args)
     try:
@@ -76,7 +89,7 @@ def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "flo
                                         dynamic_shapes=dynamic, optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many types; say which graph failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise HimapError(f"exporting graph {name!r} failed: {type(exc).__name__}: {first}") from exc
+        raise HimapError(f"exporting graph {spec.name!r} failed: {type(exc).__name__}: {first}") from exc
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     save_model(program.model, spec, Path(path), weight_bytes)
     return replace(spec, file=Path(path).name)

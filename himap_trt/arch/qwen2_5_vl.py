@@ -231,6 +231,11 @@ class Qwen2_5_VL(Architecture):
                              "attention is not implemented in the graphs)")
 
     def dims(self, config: Any):
+        return self.vision_dims(config, vision_window_size=config.vision_config.window_size)
+
+    def vision_dims(self, config: Any, **family: Any) -> ModelDims:
+        """The dims every Qwen-VL family shares (decoder, merged patches, dynamic resolution), plus the
+        ``family``'s own :class:`ModelDims` fields."""
         text, vision = config.text_config, config.vision_config
         merge = vision.spatial_merge_size
         return ModelDims(
@@ -246,7 +251,7 @@ class Qwen2_5_VL(Architecture):
             architecture=self.name,
             spatial_merge_size=merge,
             temporal_patch_size=vision.temporal_patch_size,
-            vision_window_size=vision.window_size,
+            **family,
         )
 
     def max_image_tokens(self, processor: Any) -> int | None:

@@ -22,8 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from himap_trt.arch.base import decoder_dims
-from himap_trt.arch.qwen2_5_vl import DEFAULT_MAX_IMAGE_TOKENS, Qwen2_5_VL
-from himap_trt.dims import ModelDims
+from himap_trt.arch.qwen2_5_vl import Qwen2_5_VL
 from himap_trt.errors import HimapError
 from himap_trt.graphs.qwen3_vision import Qwen3VisionEncoder, qwen3_vision_feeds, qwen3_vision_spec
 
@@ -80,24 +79,9 @@ class Qwen3_VL(Qwen2_5_VL):
                              f"{vision.num_position_embeddings} is not a square grid")
 
     def dims(self, config: Any):
-        text, vision = config.text_config, config.vision_config
-        merge = vision.spatial_merge_size
-        return ModelDims(
-            **decoder_dims(text),
-            num_image_tokens=DEFAULT_MAX_IMAGE_TOKENS,
-            image_size=0,                                   # dynamic resolution
-            patch_size=vision.patch_size,
-            vision_hidden_size=vision.hidden_size,
-            vision_intermediate_size=vision.intermediate_size,
-            vision_layers_used=vision.depth,
-            vision_tokens=DEFAULT_MAX_IMAGE_TOKENS * merge * merge,
-            image_token_id=config.image_token_id,
-            architecture=self.name,
-            spatial_merge_size=merge,
-            temporal_patch_size=vision.temporal_patch_size,
-            deepstack_layers=len(vision.deepstack_visual_indexes),
-            vision_position_embeddings=vision.num_position_embeddings,
-        )
+        vision = config.vision_config
+        return self.vision_dims(config, deepstack_layers=len(vision.deepstack_visual_indexes),
+                                vision_position_embeddings=vision.num_position_embeddings)
 
     def model_class(self) -> type:
         from transformers import Qwen3VLForConditionalGeneration

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from himap_trt.cli.app import app, err, out, user_errors
+from himap_trt.cli.options import KernelSpecializationOpt
 from himap_trt.errors import HimapError
 from himap_trt.flops import request_flops
 from himap_trt.plan import build_plan
@@ -97,6 +98,7 @@ def bench(
         show_default="none: the synthetic image")] = None,
     video_fps: Annotated[float, typer.Option("--video-fps", help="With --video: frames per second sampled.")] = 2.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="With --video: most frames sampled.")] = 16,
+    kernel_specialization: KernelSpecializationOpt = "eager",
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ):
     """Measure several exports (methods) side by side in one interleaved run: TTFT, TPOT, inter-token
@@ -118,7 +120,8 @@ def bench(
     for directory in export_dirs:
         manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
         manifests.append(manifest)
-        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
+        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device,
+                                      kernel_specialization=kernel_specialization)
         name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \
             + ("" if manifest.quantize == "none" else f" {manifest.quantize}")
         if any(c.name == name for c in contenders):

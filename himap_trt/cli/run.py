@@ -12,7 +12,8 @@ from himap_trt.cli.app import app, err, out, user_errors
 from rich.markup import escape
 
 from himap_trt import signing
-from himap_trt.cli.options import METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, RequireSignatureOpt
+from himap_trt.cli.options import (METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, KernelSpecializationOpt,
+                                   RequireSignatureOpt)
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -138,6 +139,7 @@ def run(
     max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames sampled from --video (spread over "
                                                                   "the whole clip; even count).")] = 16,
     require_signature: RequireSignatureOpt = None,
+    kernel_specialization: KernelSpecializationOpt = "lazy",
     as_json: JsonOpt = False,
 ):
     """Answer a question about an image (or a video: --video, --frames) with the exported pipeline.
@@ -181,7 +183,8 @@ def run(
 
     _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
     opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
-                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature)
+                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature,
+                           kernel_specialization=kernel_specialization)
     pipeline = opened.pipeline
     try:
         started = time.perf_counter()

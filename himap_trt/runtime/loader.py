@@ -26,7 +26,7 @@ from himap_trt.plan import PruningPlan, build_plan
 from himap_trt.prompt import check_chat_template
 from himap_trt.runtime import Pipeline, reference_pipeline
 from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
-from himap_trt.runtime.tensorrt import tensorrt_backends
+from himap_trt.runtime.tensorrt import DEFAULT_KERNEL_SPECIALIZATION, check_kernel_specialization, tensorrt_backends
 from himap_trt.signing import check_public_key, verify_directory
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -82,7 +82,8 @@ def _tensorrt_usable(engines_dir: Path) -> bool:
 
 def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None = None,
                   requested_plan=None, engines_dir: Path | None = None, device: str | None = None,
-                  dtype: str | None = None, require_signature: Path | None = None) -> OpenedPipeline:
+                  dtype: str | None = None, require_signature: Path | None = None,
+                  kernel_specialization: str = DEFAULT_KERNEL_SPECIALIZATION) -> OpenedPipeline:
     """Build the pipeline ``run`` uses.
 
     Args:
@@ -97,6 +98,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         require_signature: an EC public key (PEM): the export (and the engines, for TensorRT) must
             carry a model-signing signature by its private key (:mod:`himap_trt.signing`), verified
             before anything else is read from them.
+        kernel_specialization: TensorRT-RTX engines: ``lazy``/``eager``/``none``
+            (:data:`~himap_trt.runtime.tensorrt.KERNEL_SPECIALIZATIONS`); ignored by other backends.
 
     Raises:
         HimapError: unknown backend, missing/incompatible export or engines, plan mismatch. With
@@ -106,6 +109,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
+    check_kernel_specialization(kernel_specialization)
     if require_signature is not None:
         check_public_key(require_signature)
         if model is not None:
@@ -162,7 +166,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             verify_directory(Path(engines), require_signature, what="--engines")
         engines_manifest = load_engines_manifest(engines, export=manifest, export_dir=export_dir)
         dev = "cuda"
-        backends = tensorrt_backends(engines, engines_manifest, manifest)
+        backends = tensorrt_backends(engines, engines_manifest, manifest, kernel_specialization=kernel_specialization,
+                                     keep_runtime_cache=require_signature is None)
         max_seq_len = engines_manifest.max_seq_len
     pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
                         image_token_id=manifest.image_token_id, device=dev,

@@ -7,23 +7,27 @@
 #       first command on the GPU machine: copies the bundle's part 1 (DIR/1, default gpu-bundle/1)
 #       out of the work tree into the stash (default /tmp/himap-trt-bundle), checks its sum, and
 #       prints nvidia-smi -L and the Python and setuptools versions.
-#   bash scripts/gpu_check.sh [--bundle DIR] [--stash-dir DIR] [--deadline S] [--steps LIST] [OUT_DIR]
+#   bash scripts/gpu_check.sh [--bundle DIR] [--stash-dir DIR] [--deadline S] [--steps LIST] [--summary FILE] [OUT_DIR]
 #       second command: joins the libs wheel from the stashed part 1 and DIR/2, checks SHA256SUMS,
 #       installs TensorRT-RTX with `pip install --no-index --no-deps --target OUT_DIR/site`, puts the
 #       venv's nvidia-cuda-nvrtc libraries on LD_LIBRARY_PATH, then runs the steps (default
 #       OUT_DIR gpu-check/).
-#   bash scripts/gpu_check.sh --rehearse [--deadline S] [--steps LIST] [OUT_DIR]
+#   bash scripts/gpu_check.sh --rehearse [--deadline S] [--steps LIST] [--summary FILE] [OUT_DIR]
 #       the same procedure on a machine without a GPU (CI: tests/integration/test_gpu_check_rehearsal.py):
-#       the bundle for the host's Python made by scripts/gpu_bundle.sh and kept in
-#       ~/.cache/himap-trt/gpu-bundle-pyX.Y, part 1 stashed, joined, sum-checked and installed offline
-#       into a fresh --target directory of a venv holding only the GPU image's packages
-#       (scripts/gpu_check.requirements.txt; made once in ~/.cache/himap-trt and reused), the
-#       project imported from the tree (no install); every step that needs a GPU prints one SKIP line.
+#       the bundle for the host's Python (scripts/gpu_bundle.sh --python-version of the host: the
+#       cp312 bindings do not load on another Python; the libs wheel is the same) kept in
+#       ~/.cache/himap-trt-gpu-check/gpu-bundle-pyX.Y (HIMAP_GPU_CHECK_CACHE), part 1 stashed,
+#       joined, sum-checked and installed offline into a fresh --target directory for a venv holding
+#       only the GPU image's packages (scripts/gpu_check.requirements.txt; made once in that cache,
+#       reused, checked to hold neither TensorRT nor the project), the project imported from the
+#       tree (no install); every step that needs a GPU prints one SKIP line.
 #   bash scripts/gpu_check.sh --help
 #
 # Options: --deadline S  seconds for all steps together (default 500; each step also has its own
 #          budget, cut to what is left); --steps LIST  comma-separated subset of
-#          shapes,jit,medium,decode,7b (default all, run in that order: the order of value).
+#          shapes,jit,medium,decode,7b (default all, run in that order: the order of value);
+#          --summary FILE  where the summary goes (default OUT_DIR/summary.txt; e.g. $OUT/summary.txt
+#          on the GPU machine, so that it comes back even when the command is cut off).
 #
 # Steps, each logged to OUT_DIR/<step>.log; every figure is printed as a ROW line the moment it is
 # measured and appended to OUT_DIR/summary.txt, so a cut-off keeps every finished row:
@@ -50,17 +54,18 @@ BUNDLE=""
 STASH_DIR="${HIMAP_TRT_STASH:-/tmp/himap-trt-bundle}"
 DEADLINE=500
 STEPS="shapes,jit,medium,decode,7b"
+SUMMARY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --stash) MODE=stash; shift ;;
         --rehearse) MODE=rehearse; shift ;;
-        --bundle|--stash-dir|--deadline|--steps)
+        --bundle|--stash-dir|--deadline|--steps|--summary)
             [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"
             case "$1" in --bundle) BUNDLE="$2" ;; --stash-dir) STASH_DIR="$2" ;; --deadline) DEADLINE="$2" ;;
-                         --steps) STEPS="$2" ;; esac
+                         --steps) STEPS="$2" ;; --summary) SUMMARY="$2" ;; esac
             shift 2 ;;
-        -*) die "unknown option $1 (expected --stash, --rehearse, --bundle, --stash-dir, --deadline, --steps, --help)" ;;
+        -*) die "unknown option $1 (expected --stash, --rehearse, --bundle, --stash-dir, --deadline, --steps, --summary, --help)" ;;
         *) [ -z "$OUT" ] || die "one OUT_DIR expected, got $OUT and $1"; OUT="$1"; shift ;;
     esac
 done
@@ -93,8 +98,9 @@ fi
 OUT="${OUT:-gpu-check}"
 mkdir -p "$OUT" || exit 2
 OUT="$(cd "$OUT" && pwd)"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+SUMMARY="${SUMMARY:-$OUT/summary.txt}"
+mkdir -p "$(dirname "$SUMMARY")" && : > "$SUMMARY" || exit 2
+SUMMARY="$(cd "$(dirname "$SUMMARY")" && pwd)/$(basename "$SUMMARY")"
 export HIMAP_GPU_CHECK_SUMMARY="$SUMMARY" PYTHONUNBUFFERED=1
 say() { echo "$*" | tee -a "$SUMMARY"; }
 skip() { say "SKIP $*: skipped, needs a GPU (rehearsal on CPU)"; }
@@ -120,7 +126,7 @@ say "gpu_check $MODE $(date -u +%FT%TZ) on $(hostname); steps $STEPS; deadline $
 # 0. the bundle and the interpreter ---------------------------------------------------------------
 if [ "$MODE" = rehearse ]; then
     HOST_VER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-    CACHE="${HIMAP_TRT_CACHE:-$HOME/.cache/himap-trt}"
+    CACHE="${HIMAP_GPU_CHECK_CACHE:-$HOME/.cache/himap-trt-gpu-check}"
     BUNDLE="${BUNDLE:-$CACHE/gpu-bundle-py$HOST_VER}"
     if [ ! -f "$BUNDLE/2/SHA256SUMS" ] || [ ! -f "$BUNDLE/1/SHA256SUMS.part1" ]; then
         step bundle 300 bash scripts/gpu_bundle.sh --python-version "$HOST_VER" "$BUNDLE" || exit 1

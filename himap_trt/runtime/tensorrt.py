@@ -102,6 +102,7 @@ class RuntimeCache:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
         self.cache = None
+        self.configs: list = []
         self.loaded = False
         self.saved_bytes = 0
 
@@ -120,6 +121,7 @@ class RuntimeCache:
             self._load()
         if config.set_runtime_cache(self.cache) is False:
             raise HimapError("TensorRT-RTX refused the runtime cache (IRuntimeConfig.set_runtime_cache)")
+        self.configs.append(config)     # kept alive as long as the cache and the contexts made from them
 
     def _load(self) -> None:
         path = self.path

@@ -42,6 +42,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -221,7 +222,7 @@ class SharedResources:
         self.scratch = torch.empty(0, dtype=torch.uint8, device="cuda")
         self._users = 0
         if self.cache is not None and runtime_cache is not None:
-            atexit.register(self._save_at_exit)
+            atexit.register(_save_at_exit, weakref.ref(self))   # a weak reference: closed pipelines are freed
 
     def context(self, engine):
         """A new execution context of ``engine`` (:func:`execution_context` with these settings)."""
@@ -238,10 +239,6 @@ class SharedResources:
         if self._users <= 0:
             self.save_runtime_cache()
 
-    def _save_at_exit(self) -> None:
-        if self._users > 0:            # never closed: save what this process compiled
-            self.save_runtime_cache()
-
     def save_runtime_cache(self) -> int:
         """Save the runtime cache now (see :meth:`RuntimeCache.save`); bytes written."""
         return self.cache.save() if self.cache is not None else 0
@@ -253,6 +250,13 @@ class SharedResources:
             torch.cuda.current_stream().synchronize()
             self.scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
         return self.scratch
+
+
+def _save_at_exit(reference) -> None:
+    """At interpreter exit: save the runtime cache of resources still alive and never closed."""
+    shared = reference()
+    if shared is not None and shared._users > 0:
+        shared.save_runtime_cache()
 
 
 class TensorRTBackend(BackendBase):

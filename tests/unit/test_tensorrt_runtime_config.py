@@ -6,15 +6,19 @@ every engine, the file read once and written atomically, a foreign cache ignored
 line, TensorRT proper untouched) runs against recording stand-ins of the engine/config/cache objects.
 """
 
+import gc
 import inspect
 import logging
 import os
+import weakref
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from himap_trt.cli.bench import bench
 from himap_trt.cli.run import run
+from himap_trt.engines.flavour import RTX, TENSORRT
 from himap_trt.errors import HimapError
 from himap_trt.runtime import tensorrt as backend
 from himap_trt.runtime.tensorrt import (DEFAULT_KERNEL_SPECIALIZATION, KERNEL_SPECIALIZATIONS, RuntimeCache,
@@ -143,3 +147,31 @@ def test_bad_value_is_one_line_and_the_cli_defaults_are_the_documented_ones():
         check_kernel_specialization("fast")
     assert inspect.signature(run).parameters["kernel_specialization"].default == DEFAULT_KERNEL_SPECIALIZATION
     assert inspect.signature(bench).parameters["kernel_specialization"].default == "eager"
+
+
+def test_shared_resources_save_once_when_the_last_engine_closes_and_are_not_kept_alive(tmp_path, monkeypatch):
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: SimpleNamespace(cuda_stream=0))   # no GPU here
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))
+    logger = lambda level: "logger"  # noqa: E731
+    logger.WARNING = 2
+    trt = SimpleNamespace(**vars(FAKE_TRT), Logger=logger, Runtime=lambda logger: "runtime")
+    path = tmp_path / "runtime.rtxcache"
+    shared = backend.SharedResources(trt, RTX, kernel_specialization="eager", runtime_cache=path)
+    record = made()
+    for _ in range(2):                       # two engines, one context each
+        shared.acquire()
+        shared.context(FakeEngine(record))
+    assert record["configs"][0].dynamic_shapes_kernel_specialization_strategy == "S-EAGER"
+    shared.release()
+    assert not path.exists()                 # one engine still open
+    shared.release()
+    assert path.read_bytes() == b"+compiled"
+    reference = weakref.ref(shared)
+    del shared
+    gc.collect()
+    assert reference() is None               # the exit hook holds it weakly
+    plain = backend.SharedResources(trt, TENSORRT, kernel_specialization="eager", runtime_cache=tmp_path / "x")
+    assert plain.cache is None and plain.context(FakeEngine(made())) == ("context", "USER_MANAGED")
+    with pytest.raises(HimapError, match="--kernel-specialization"):
+        backend.SharedResources(trt, RTX, kernel_specialization="EAGER")

@@ -104,7 +104,6 @@ SUMMARY="$(cd "$(dirname "$SUMMARY")" && pwd)/$(basename "$SUMMARY")"
 export HIMAP_GPU_CHECK_SUMMARY="$SUMMARY" PYTHONUNBUFFERED=1
 say() { echo "$*" | tee -a "$SUMMARY"; }
 skip() { say "SKIP $*: skipped, needs a GPU (rehearsal on CPU)"; }
-LIMIT_USED=0
 step() {   # step NAME SECONDS COMMAND...: own time budget, log in OUT/NAME.log, result lines shown live
     local name="$1" limit="$2"; shift 2
     local started=$SECONDS left=$((DEADLINE - SECONDS))

@@ -1,4 +1,5 @@
-"""Weight-only quantization of the decoder's linear layers (``himap-trt export --quantize``).
+"""Quantization of the decoder's linear layers (``himap-trt export --quantize``): weight-only
+(``int8``, ``int4``) and dynamic int8 (``int8-dynamic``, below).
 
 The composed segment graphs (:mod:`himap_trt.export.compose`) are rewritten so that every linear
 layer's weight is stored quantized and dequantized in the graph by a standard ONNX
@@ -24,6 +25,24 @@ kernel at session creation (``DQMatMulToMatMulNBits``; checked by :func:`fused_o
 records :data:`ACCURACY_LEVEL` (4: activations quantized to int8 per block at run time and the
 products computed in int8 with VNNI where the CPU has it) and the ONNX Runtime backend sets it.
 TensorRT(-RTX) parses the same pairs as ``DEQUANTIZE`` + ``MATRIX_MULTIPLY`` layers (weight-only GEMMs).
+
+``int8-dynamic`` (int8 weights, activations quantized per call: the W8A8 form of ONNX Runtime's
+``quantize_dynamic``, which this writes node for node with the int8 codes above)::
+
+    x [B,S,K] ─► DynamicQuantizeLinear ─► x_q uint8 [B,S,K], x_scale [], x_zp uint8 []
+    MatMulInteger(x_q, W_q int8 [K,N], x_zp) int32 ─► Cast float ─► Mul(·, x_scale * W_scale [N]) ─► y [B,S,N]
+
+``DynamicQuantizeLinear`` (ONNX opset 11) computes one asymmetric uint8 scale and zero point from
+the whole tensor's range (0 included) at every call: per tensor, not per token, so in a batch the
+rows of one prompt share a scale with the others' (padding, all zeros, never widens the range), and
+one outlier token coarsens the step of every token of the call. ONNX Runtime fuses each chain into
+``com.microsoft.DynamicQuantizeMatMul``, or ``MatMulIntegerToFloat`` behind a ``DynamicQuantizeLinear``
+shared by the layers reading the same input (q/k/v, gate/up); their u8s8 GEMMs use AVX-512 VNNI /
+AMX-INT8 where the CPU has them. Weights are full-range int8 (no ``reduce_range``): on a CPU without
+VNNI, MLAS's AVX2 u8s8 kernel may saturate int16 sums (ONNX Runtime's quantization docs advise 7-bit
+weights there), not measured here. TensorRT has no form of it: ``build`` refuses such an export
+(:data:`himap_trt.manifest.NOT_TENSORRT_QUANTIZE`). Attention, norms, the scoring graphs, vision and
+the LM head (unless ``lm_head``) stay fp32.
 
 Before quantizing, weight transposes are folded: the traced layers compute ``x @ Transpose(W)``
 with ``W`` [N,K] an initializer, which becomes ``x @ W^T`` with ``W^T`` [K,N] the initializer. The

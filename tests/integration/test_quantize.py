@@ -82,7 +82,8 @@ def test_codes_dequantize_to_the_checkpoint_weights(quantized):
         name = codes_name.rsplit(".transposed", 1)[0]                    # <checkpoint name>.transposed_DQ_Q*
         weight = dict(lm.named_parameters())[name.removeprefix("model.language_model.")].detach().numpy().T  # [K,N]
         codes = _codes(inits[codes_name]).astype(np.float64)
-        scales = numpy_helper.to_array(inits[codes_name.replace("_DQ_Q8", "_DQ_scales")]).astype(np.float64)
+        scales_name = node.input[1] if node.op_type == "DequantizeLinear" else codes_name.replace("_DQ_Q8", "_DQ_scales")
+        scales = numpy_helper.to_array(inits[scales_name]).astype(np.float64)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if scheme == "int8-dynamic":
             assert scales.shape == (weight.shape[1],) and codes.min() >= -127 and inits[codes_name].data_type == onnx.TensorProto.INT8

@@ -91,16 +91,18 @@ def export(
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
     quantize: Annotated[str, typer.Option(
-        "--quantize", metavar="[none|int8|int4]",
-        help="Weight-only quantization of the decoder's linear layers (DequantizeLinear -> MatMul; ONNX Runtime "
-             "fuses it into MatMulNBits, TensorRT parses weight-only GEMMs): int8 per output channel, int4 in "
-             "blocks of --quant-block-size; fp32 only.")] = "none",
+        "--quantize", metavar="[none|int8|int4|int8-dynamic]",
+        help="Quantization of the decoder's linear layers; fp32 only. int8/int4: weight-only (DequantizeLinear -> "
+             "MatMul; ONNX Runtime fuses it into MatMulNBits, TensorRT parses weight-only GEMMs), int8 per output "
+             "channel, int4 in blocks of --quant-block-size. int8-dynamic: int8 weights per output channel and "
+             "activations quantized per call (DynamicQuantizeLinear -> MatMulInteger, fused by ONNX Runtime into "
+             "DynamicQuantizeMatMul: int8 GEMMs for the prefill on CPU); ONNX Runtime only.")] = "none",
     quant_block_size: Annotated[Optional[int], typer.Option(
         "--quant-block-size", metavar="[16|32|64|128|256]",
         help="int4: input rows per scale; must divide the model's hidden, attention and FFN sizes.",
         show_default="32 with int4, or the largest smaller size dividing the model's (16 for tiny/shapes)")] = None,
     quantize_lm_head: Annotated[bool, typer.Option(
-        "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4).")] = False,
+        "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4/int8-dynamic).")] = False,
     sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -130,6 +132,9 @@ def export(
         if kv_write in export_manifest.NOT_TENSORRT:
             raise HimapError(f"--build needs a TensorRT-parsable export: --kv-write {kv_write} is ONNX Runtime only "
                              f"({export_manifest.NOT_TENSORRT[kv_write]}); use --kv-write scatternd")
+        if quantize in export_manifest.NOT_TENSORRT_QUANTIZE:
+            raise HimapError(f"--build needs a TensorRT-parsable export: --quantize {quantize} is ONNX Runtime only "
+                             f"({export_manifest.NOT_TENSORRT_QUANTIZE[quantize]}); use --quantize int8 or int4")
         build_target = require_tensorrt(fp32_gemms=has_fp32_gemms(options.dtype, plan))
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")

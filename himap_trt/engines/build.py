@@ -40,7 +40,7 @@ from himap_trt.engines.parser import parse_file, parse_network, parser_errors  #
 from himap_trt.engines.profiles import Profile, graph_profiles
 from himap_trt.errors import HimapError
 from himap_trt.fsutil import atomic_directory, cache_root, write_point
-from himap_trt.manifest import NOT_TENSORRT, TENSORRT_KV_WRITES
+from himap_trt.manifest import NOT_TENSORRT, NOT_TENSORRT_QUANTIZE, TENSORRT_KV_WRITES
 from himap_trt.signing import check_private_key, sign_directory
 
 
@@ -63,8 +63,13 @@ def check_buildable(manifest, export_dir: Path) -> None:
     Raises:
         HimapError: for a ``kv_write`` that is not TensorRT-parsable (``gqa``: ONNX Runtime's contrib
             GroupQueryAttention; ``tensorscatter``: rejected by the parser, see
-            :data:`himap_trt.manifest.NOT_TENSORRT`).
+            :data:`himap_trt.manifest.NOT_TENSORRT`), or a ``--quantize`` scheme TensorRT cannot take
+            (``int8-dynamic``: :data:`himap_trt.manifest.NOT_TENSORRT_QUANTIZE`).
     """
+    if manifest.quantize in NOT_TENSORRT_QUANTIZE:
+        raise HimapError(f"{str(export_dir)!r} was exported with --quantize {manifest.quantize} "
+                         f"({NOT_TENSORRT_QUANTIZE[manifest.quantize]}); run it with --backend onnxruntime, or "
+                         f"re-export with --quantize int8 or int4 (weight-only) for TensorRT")
     if manifest.kv_write not in TENSORRT_KV_WRITES:
         raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} "
                          f"({NOT_TENSORRT.get(manifest.kv_write, 'not TensorRT-parsable')}); re-export with "

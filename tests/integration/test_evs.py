@@ -253,3 +253,43 @@ def test_plan_flags():
             with_evs(plan, *args)
     with pytest.raises(HimapError, match="visipruner"):
         with_evs(build_plan("visipruner", num_layers=12, num_image_tokens=64), "evs", 0.5)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--model", "tiny", "--prune-before", "evs", "--evs-rate", "0.5"], "needs a video model"),
+    (["--model", "tiny-qwen2.5-vl", "--prune-before", "evs", "--evs-rate", "1"], "--evs-rate must be in [0, 1)"),
+    (["--model", "tiny-qwen2.5-vl", "--evs-rate", "0.5"], "--evs-rate needs --prune-before evs"),
+])
+def test_export_flags_refuse_in_one_line(args, fragment, tmp_path):
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "x"), "--no-validate"])
+    assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_onnxruntime_with_evs_equals_reference(tmp_path_factory, model, clip, photo):
+    """The session's HiMAP export (no EVS in its manifest) with per-request EVS rates on a video, a
+    second video and an image: ONNX Runtime = the PyTorch reference, EVS's kept sets and the stages'
+    kept indices included."""
+    from conftest import exported
+    from himap_trt.runtime.loader import open_pipeline
+
+    out, manifest, _ = exported(tmp_path_factory, model, "himap")
+    onnx_pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    ref_pipe = reference_pipeline(tiny(model), manifest.plan)
+    batch = ref_pipe.prepare([*_videos(clip), photo.convert("RGB").resize((100, 120))], [QUESTION, "Why?", "What?"])
+    batch.evs_rates = [0.75, 0.5, 0.75]
+    with torch.inference_mode():
+        ours = onnx_pipe.prefill(batch)
+        ref = ref_pipe.prefill(batch)
+        a = onnx_pipe.generate(batch, GenerationConfig(max_new_tokens=6))
+        b = ref_pipe.generate(batch, GenerationConfig(max_new_tokens=6))
+    assert [k.tolist() for k in ours.evs_kept] == [k.tolist() for k in ref.evs_kept]
+    for mine, theirs in zip(ours.stages, ref.stages):
+        assert torch.equal(mine.kept_indices, theirs.kept_indices)
+    assert torch.equal(a.sequences, b.sequences)

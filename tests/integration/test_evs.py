@@ -293,3 +293,55 @@ def test_onnxruntime_with_evs_equals_reference(tmp_path_factory, model, clip, ph
     for mine, theirs in zip(ours.stages, ref.stages):
         assert torch.equal(mine.kept_indices, theirs.kept_indices)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_batch_file_video_lines(tmp_path):
+    """``run --batch`` lines: ``video`` with its own fps / max_frames / evs_rate; bad fields one line."""
+    from himap_trt.inputs import read_batch_file
+
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"video": "c.mp4", "question": "What?", "fps": 4, "max_frames": 6, "evs_rate": 0.5}\n'
+                    '{"image": "a.png", "question": "Why?"}\n')
+    video, image = read_batch_file(good)
+    assert (video.video, video.fps, video.max_frames, video.evs_rate, video.image) == (True, 4, 6, 0.5, tmp_path / "c.mp4")
+    assert (image.video, image.evs_rate) == (False, None)
+    for line, fragment in [
+        ('{"video": "c.mp4", "image": "a.png", "question": "?"}', 'fields "image" and "video" both given'),
+        ('{"video": "c.mp4", "question": "?", "evs_rate": 1}', 'field "evs_rate" must be a number in [0, 1)'),
+        ('{"video": "c.mp4", "question": "?", "max_frames": 1}', 'field "max_frames" must be an integer >= 2'),
+        ('{"video": "c.mp4", "question": "?", "fps": 0}', 'field "fps" must be a positive number'),
+        ('{"image": "a.png", "question": "?", "evs_rate": 0.5}', 'applies to a "video" request'),
+        ('{"video": 3, "question": "?"}', 'field "video" must be a non-empty path string'),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(line + "\n")
+        with pytest.raises(HimapError, match=fragment.replace("[", "\\[").replace("(", "\\(").replace(")", "\\)")):
+            read_batch_file(bad)
+
+
+def test_run_batch_with_a_video_line_applies_its_evs_rate(clip, photo, tmp_path):
+    """``run --batch`` with a video line (its own sampling and EVS rate) and an image line: the video's
+    visual tokens entering the decoder are EVS's keep count of its full count."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+    from himap_trt.runtime.evs import evs_keep_count
+
+    photo.convert("RGB").resize((100, 120)).save(tmp_path / "a.png")
+    (tmp_path / "c.mp4").write_bytes(clip.read_bytes())
+    batch = tmp_path / "req.jsonl"
+    batch.write_text('{"video": "c.mp4", "question": "What moves?", "fps": 8, "max_frames": 8, "evs_rate": 0.6}\n'
+                     '{"image": "a.png", "question": "What is shown?"}\n')
+    result = CliRunner().invoke(app, ["run", "--backend", "torch", "--model", "tiny-qwen2.5-vl", "--method", "none",
+                                      "--batch", str(batch), "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    video = load_video(clip, fps=8, max_frames=8)
+    full = tiny("tiny-qwen2.5-vl")
+    pipe = reference_pipeline(full, build_plan("none", num_layers=full.dims.num_layers,
+                                               num_image_tokens=full.dims.num_image_tokens))
+    t, h, w = pipe.prepare([video], ["What moves?"]).image_grid_thw[0].tolist()
+    assert report["requests"][0]["image_tokens_per_segment"] == [evs_keep_count(t, h // 2, w // 2, 0.6)]
+    assert report["requests"][0]["image_tokens_per_segment"][0] < t * h * w // 4

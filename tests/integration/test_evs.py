@@ -345,3 +345,52 @@ def test_run_batch_with_a_video_line_applies_its_evs_rate(clip, photo, tmp_path)
     t, h, w = pipe.prepare([video], ["What moves?"]).image_grid_thw[0].tolist()
     assert report["requests"][0]["image_tokens_per_segment"] == [evs_keep_count(t, h // 2, w // 2, 0.6)]
     assert report["requests"][0]["image_tokens_per_segment"][0] < t * h * w // 4
+
+
+@pytest.mark.slow
+def test_server_video_url_fields(tmp_path_factory, clip):
+    """``video_url`` with the request's own fps / max_frames / evs_rate: the answer equals the reference
+    pipeline's on the same sampling and rate; fields beyond the server's bounds are HTTP 400 naming
+    the field, and the server keeps serving."""
+    import asyncio
+    import base64
+
+    import httpx
+
+    from conftest import exported
+    from himap_trt.serve.app import ServeConfig, ServerState, create_app
+    from himap_trt.serve.videos import VideoPolicy
+
+    def post(state, part):
+        async def main():
+            transport = httpx.ASGITransport(app=create_app(state))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+                return await client.post("/v1/chat/completions", json={
+                    "model": "m", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]})
+        return asyncio.run(main())
+
+    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen2.5-vl", "himap")
+    state = ServerState(ServeConfig(export_dir=out, backend="onnxruntime", model_name="m", max_batch=2,
+                                    videos=VideoPolicy(fps=2, max_frames=8, max_bytes=1_000_000)))
+    state.load()
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    try:
+        assert state.status == "ready", state.error
+        answer = post(state, {"type": "video_url", "video_url": {"url": url, "fps": 4, "max_frames": 6, "evs_rate": 0.7}})
+        assert answer.status_code == 200, answer.text
+        ref = reference_pipeline(tiny("tiny-qwen2.5-vl"), manifest.plan)
+        batch = ref.prepare([load_video(clip, fps=4, max_frames=6)], [QUESTION])
+        batch.evs_rates = [0.7]
+        with torch.inference_mode():
+            expected = ref.generate(batch, GenerationConfig(max_new_tokens=4))
+        assert answer.json()["choices"][0]["message"]["content"] == expected.texts[0]
+        assert expected.image_tokens_per_row[0][0] < batch.image_tokens[0]            # EVS did prune
+        for extra, field in [({"evs_rate": 1.0}, "evs_rate"), ({"evs_rate": -0.5}, "evs_rate"),
+                             ({"max_frames": 9}, "max_frames"), ({"fps": 0}, "fps")]:
+            response = post(state, {"type": "video_url", "video_url": {"url": url, **extra}})
+            assert response.status_code == 400, response.text
+            assert f"video_url.{field}" in response.json()["error"]["message"]
+        assert post(state, {"type": "video_url", "video_url": {"url": url}}).status_code == 200
+    finally:
+        state.close()

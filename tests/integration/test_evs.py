@@ -394,3 +394,23 @@ def test_server_video_url_fields(tmp_path_factory, clip):
         assert post(state, {"type": "video_url", "video_url": {"url": url}}).status_code == 200
     finally:
         state.close()
+
+
+def test_triton_video_inputs(clip):
+    """Triton's optional inputs ``video_fps``, ``max_frames``, ``evs_rate``: a video sampled at the
+    request's own rate and count with its EVS rate; out-of-bound values are one-line errors naming them."""
+    from himap_trt.triton.protocol import parse_request
+
+    def request(**extra):
+        tensors = {"image": np.array([clip.read_bytes()], dtype=object), "question": np.array([b"What?"], dtype=object),
+                   **{k: np.array([v]) for k, v in extra.items()}}
+        return parse_request(tensors.get, 8)
+
+    parsed = request(video_fps=np.float32(4), max_frames=np.int32(6), evs_rate=np.float32(0.5))
+    assert len(parsed.image.frames) == 6 and parsed.image.fps == 4 and parsed.evs_rate == 0.5
+    assert request().evs_rate is None and len(request().image.frames) == 4            # 2 s at 2 fps
+    for extra, fragment in [({"evs_rate": np.float32(1)}, "input 'evs_rate' must be in"),
+                            ({"max_frames": np.int32(1)}, "input 'max_frames' must be between 2"),
+                            ({"video_fps": np.float32(0)}, "input 'video_fps' must be a positive")]:
+        with pytest.raises(HimapError, match=fragment):
+            request(**extra)

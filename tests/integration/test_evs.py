@@ -414,3 +414,24 @@ def test_triton_video_inputs(clip):
                             ({"video_fps": np.float32(0)}, "input 'video_fps' must be a positive")]:
         with pytest.raises(HimapError, match=fragment):
             request(**extra)
+
+
+def test_bench_serve_sends_a_video(clip, tmp_path):
+    """``bench-serve --video``: the request body holds a video_url data URL of the file with the
+    given fields; misuse is one line."""
+    import base64
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+    from himap_trt.serve.bench import chat_body, video_data_url
+
+    url = video_data_url(clip)
+    assert url.startswith("data:video/mp4;base64,") and base64.b64decode(url.split(",", 1)[1]) == clip.read_bytes()
+    body = chat_body("m", "", "What?", 4, ignore_eos=True, video={"url": url, "evs_rate": 0.5, "max_frames": 8})
+    part = body["messages"][0]["content"][0]
+    assert part == {"type": "video_url", "video_url": {"url": url, "evs_rate": 0.5, "max_frames": 8}}
+    for args, fragment in [(["--evs-rate", "0.5"], "go with --video"),
+                           (["--video", str(tmp_path / "x.gif")], "expected a .mp4")]:
+        result = CliRunner().invoke(app, ["bench-serve", "--url", "http://127.0.0.1:9", *args])
+        assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output, result.output

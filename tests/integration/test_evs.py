@@ -435,3 +435,78 @@ def test_bench_serve_sends_a_video(clip, tmp_path):
                            (["--video", str(tmp_path / "x.gif")], "expected a .mp4")]:
         result = CliRunner().invoke(app, ["bench-serve", "--url", "http://127.0.0.1:9", *args])
         assert result.exit_code != 0 and fragment in result.output and "Traceback" not in result.output, result.output
+
+
+def test_evs_then_himap_equals_transformers_on_qwen3_vl(clip):
+    """Qwen3-VL, one video at q = 0.5 then HiMAP (K1 = 2 inside the DeepStack layers 0..2, K2 = 5):
+    transformers' decoder with eager attention given EVS's kept tokens (its own tower's features and
+    DeepStack features gathered with EVS's indices, its ``get_rope_index`` positions of the full
+    prompt gathered, its DeepStack additions for the kept image tokens between the stages) gives both
+    stages' kept indices; the pipeline's equal them. Instruction rows = tokens after the full
+    prompt's last visual token (timestamps between temporal patches are not instruction)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    loaded = tiny("tiny-qwen3-vl")
+    model, d = loaded.model, loaded.dims
+    plan = with_evs(build_plan("himap", num_layers=d.num_layers, num_image_tokens=d.num_image_tokens,
+                               k1=2, r1=0.5, k2=5, r2=0.5), "evs", 0.5)
+    pipe = reference_pipeline(loaded, plan)
+    batch = pipe.prepare([_videos(clip)[0]], [QUESTION])
+    with torch.inference_mode():
+        state = pipe.prefill(batch)
+    ids, image_id, grid = batch.input_ids, d.image_token_id, batch.image_grid_thw
+    video_id = loaded.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    hf_ids = torch.where(ids == image_id, video_id, ids)
+    positions, _ = model.model.get_rope_index(hf_ids, (hf_ids == video_id).long() * 2, None, grid,
+                                              attention_mask=batch.attention_mask)
+    with torch.no_grad():
+        seen = model.model.visual(batch.pixel_values, grid_thw=grid)
+    features, deep = seen.pooler_output, list(seen.deepstack_features)
+    t, h, w = (int(v) for v in grid[0])
+    kept = reference_evs(features.reshape(t, h // 2, w // 2, -1).numpy(), 0.5)
+    assert state.evs_kept[0].tolist() == kept
+    visual = torch.nonzero(ids[0] == image_id).reshape(-1)
+    last_visual = int(visual.max())
+    dropped = set(visual.tolist()) - {int(visual[k]) for k in kept}
+    index = [i for i in range(ids.shape[1]) if i not in dropped]
+    lm = model.model.language_model
+    seq = ids[0, index]
+    mask = (seq == image_id)[None]
+    with torch.no_grad():
+        embeds = lm.embed_tokens(seq[None])
+        embeds[mask] = features[kept].to(embeds.dtype)
+    pos = positions[:, :, index]
+    k1, k2 = plan.stages[0].layer, plan.stages[1].layer
+    entering = {}
+    handle = lm.layers[k1].register_forward_pre_hook(
+        lambda m, a, kw: entering.__setitem__(k1, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=embeds, position_ids=pos, attention_mask=torch.ones(1, len(index)),
+                     visual_pos_masks=mask, deepstack_visual_embeds=[x[kept] for x in deep], output_attentions=True)
+    finally:
+        handle.remove()
+    image = [i for i in range(len(index)) if int(seq[i]) == image_id]
+    n1 = keep_count(plan.stages[0].ratio, len(kept))
+    n2 = keep_count(plan.stages[1].ratio, n1)
+    mean = out.attentions[k1 - 1].double().mean(1)[0]
+    rows = [i for i, p in enumerate(index) if p > last_visual]
+    first = _select(mean[rows].sum(0).tolist(), image, n1, len(index))
+    cfg = copy.deepcopy(lm.config)
+    cfg.num_hidden_layers = k2 - k1
+    cfg._attn_implementation = "eager"
+    sub = Qwen3VLTextModel(cfg).eval()
+    for i in range(cfg.num_hidden_layers):
+        sub.layers[i].load_state_dict(lm.layers[k1 + i].state_dict())
+    g = torch.tensor(first)
+    kept_image = [image.index(i) for i in first if i in image]        # ordinals among EVS's image tokens
+    extra = [x[kept][kept_image] for x in deep[k1:]]
+    with torch.no_grad():
+        attn = sub(inputs_embeds=entering[k1][:, g], position_ids=pos[:, :, g], attention_mask=torch.ones(1, len(g)),
+                   visual_pos_masks=torch.tensor([[i in image for i in first]]), deepstack_visual_embeds=extra or None,
+                   output_attentions=True).attentions[-1]
+    image2 = [j for j, i in enumerate(first) if i in image]
+    second = _select(attn.double().mean(1)[0][image2].sum(0).tolist(), image2, n2, len(first))
+    assert n2 < n1 < len(kept) < len(visual)
+    assert state.stages[0].kept_indices[0].tolist() == first
+    assert state.stages[1].kept_indices[0].tolist() == second

@@ -130,7 +130,8 @@ def apply_evs(batch: PromptBatch, features: torch.Tensor, deepstack: torch.Tenso
         grid = (t, h // merge, w // merge)
         n = counts[b]
         if n != grid[0] * grid[1] * grid[2]:
-            raise HimapError(f"EVS: row {b} has {n} visual tokens, its grid {t}x{h}x{w} makes {grid[0] * grid[1] * grid[2]}")
+            raise HimapError(f"EVS: row {b} has {n} visual tokens, its grid {t}x{h}x{w} makes "
+                             f"{grid[0] * grid[1] * grid[2]}")
         kept = evs_kept_indices(features[offset:offset + n], grid, rates[b]) if rates[b] > 0 else torch.arange(n)
         kept_all.append(kept)
         real = batch.attention_mask[b] == 1

@@ -174,7 +174,10 @@ class Manifest:
         raise HimapError(f"the manifest has no graph {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.plan.evs_rate:      # exports without EVS (issue 29) are written as before
+            data["plan"].pop("evs_rate", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> Manifest:

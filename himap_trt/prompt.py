@@ -306,6 +306,8 @@ class PromptBatch:
         image_tokens: |V| of each row (tokens) where it varies per request; else None.
         media: per row, ``image`` or ``video`` (Qwen families: a video's visual tokens are handled as
             image tokens, docs/QWEN3VL.md "Video"); None: images only.
+        evs_rates: per row, the EVS rate q in [0, 1) of a request that overrides the export's
+            (:mod:`himap_trt.runtime.evs`); None: the export's rate for every row.
     """
 
     input_ids: torch.Tensor
@@ -317,6 +319,7 @@ class PromptBatch:
     image_grid_thw: torch.Tensor | None = None
     image_tokens: list[int] | None = None
     media: list[str] | None = None
+    evs_rates: list[float] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -65,15 +65,24 @@ def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], devi
 
 
 def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
-    """(image paths, questions) from the arguments or a JSONL file (checked, nothing loaded yet)."""
+    """(image paths, questions, the batch file's requests or None) from the arguments or a JSONL file
+    (checked, nothing loaded yet)."""
     if batch is not None:
         if image is not None or question is not None:
             raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
         requests = inputs.read_batch_file(batch)
-        return [r.image for r in requests], [r.question for r in requests]
+        return [r.image for r in requests], [r.question for r in requests], requests
     if image is None or question is None:
         raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
-    return [image], [prompt.check_question(question)]
+    return [image], [prompt.check_question(question)], None
+
+
+def _load_request(request, fps: float, max_frames: int):
+    """A batch-file request's image, or its video sampled at its own (else the flags') fps / max_frames."""
+    if not request.video:
+        return prompt.load_image(request.image)
+    return video_mod.video_request(request.image, None, fps=fps if request.fps is None else request.fps,
+                                   max_frames=max_frames if request.max_frames is None else request.max_frames)
 
 
 @app.command()
@@ -82,7 +91,7 @@ def run(
     image: Annotated[Optional[Path], typer.Argument(help="Image file (JPEG, PNG, ...).", show_default=False)] = None,
     question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
     batch: Annotated[Optional[Path], typer.Option(
-        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
+        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} (or {\"video\": path, ...} with optional fps, max_frames, evs_rate) per line; run as one "
                         "padded batch (relative paths are relative to the file).",
         show_default="none: IMAGE QUESTION")] = None,
     export_dir: ExportDirOpt = Path("export"),
@@ -155,8 +164,8 @@ def run(
         image, question = None, str(image)          # himap-trt run --video clip.mp4 "question"
     if clip and (image is not None or batch is not None):
         raise HimapError("--video / --frames take the place of IMAGE (and of --batch); pass QUESTION only")
-    paths, questions = (([video or "--frames"], [prompt.check_question(question or "")]) if clip
-                        else _requests(image, question, batch))
+    paths, questions, listed = (([video or "--frames"], [prompt.check_question(question or "")], None) if clip
+                                else _requests(image, question, batch))
     config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
     if backend not in loader.BACKENDS:
@@ -169,6 +178,7 @@ def run(
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
     images = ([video_mod.video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
+              else [_load_request(r, video_fps, max_frames) for r in listed] if listed is not None
               else [prompt.load_image(p) for p in paths])
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
@@ -189,6 +199,8 @@ def run(
     try:
         started = time.perf_counter()
         prepared = pipeline.prepare(images, questions)
+        if listed is not None and any(r.evs_rate is not None for r in listed):
+            prepared.evs_rates = [r.evs_rate for r in listed]      # a line's own EVS rate (runtime/evs.py)
         preprocess_s = time.perf_counter() - started
         streamer = None
         streaming = stream and not as_json and len(images) == 1

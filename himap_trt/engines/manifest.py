@@ -96,7 +96,10 @@ class EnginesManifest:
         raise HimapError(f"the engines manifest has no engine for graph {graph!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.plan.evs_rate:      # engines of exports without EVS (issue 29) are described as before
+            data["plan"].pop("evs_rate", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> EnginesManifest:

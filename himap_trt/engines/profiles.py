@@ -151,8 +151,7 @@ def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int
     opt_img = min(n_img, OPT_IMAGE_TOKENS)
     opt_prompt = min(opt_img + OPT_TEXT_TOKENS, longest)
     if spec.kind == "vision":
-        area = spec.attrs["spatial_merge_size"] ** 2
-        return [_profile(spec, "prefill", {"num_patches": (area, area * opt_img * batch[1], area * n_img * batch[2])})]
+        return [_profile(spec, "prefill", _vision_ranges(spec, n_img, opt_img, batch))]
     if spec.kind == "embed":
         return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest)}),
                 _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
@@ -166,6 +165,29 @@ def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int
     return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest),
                                        "cache_sequence": (2, opt_prompt, longest)}),
             _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, longest + 1)})]
+
+
+#: Most temporal patches (frames / 2) of one request's video the vision profile takes (256 frames).
+MAX_TEMPORAL_PATCHES = 128
+
+
+def _vision_ranges(spec: GraphSpec, n_img: int, opt_img: int, batch: tuple[int, int, int]) -> dict:
+    """Named-size ranges of a Qwen vision graph: patches of 1 .. max_batch inputs of up to |V| tokens;
+    attention blocks (docs/ARCHITECTURE.md, "Vision attention per frame and window"): frames 1 ..
+    max_batch x min(|V|, :data:`MAX_TEMPORAL_PATCHES`) of up to |V| tokens' patches each; windows
+    1 .. max_batch x |V| (a window holds at least one merged token). The attention scores at the
+    maxima are frames x frame_len² (the frame sizes of one call add up to the patch count, which a
+    profile cannot express), so keep ``--max-image-tokens`` to what the clips need."""
+    area = spec.attrs["spatial_merge_size"] ** 2
+    ranges = {"num_patches": (area, area * opt_img * batch[1], area * n_img * batch[2])}
+    names = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    if "num_frames" in names:
+        ranges["num_frames"] = (1, batch[1], batch[2] * min(n_img, MAX_TEMPORAL_PATCHES))
+        ranges["frame_len"] = (area, area * opt_img, area * n_img)
+    if "num_windows" in names:
+        window = next(t.shape[1] for t in spec.inputs if t.name == "window_blocks")
+        ranges["num_windows"] = (1, max(1, area * opt_img * batch[1] // window), batch[2] * n_img)
+    return ranges
 
 
 def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:

@@ -529,6 +529,8 @@ class Engine:
             image_grid_thw=None if prompts[0].image_grid_thw is None else torch.cat([p.image_grid_thw for p in prompts]),
             image_tokens=None if prompts[0].image_tokens is None else [n for p in prompts for n in p.image_tokens],
             media=None if any(p.media is None for p in prompts) else [m for p in prompts for m in p.media],
+            evs_rates=None if all(p.evs_rates is None for p in prompts) else   # a request's own EVS rate
+            [r for p in prompts for r in (p.evs_rates or [None] * p.batch_size)],
         )
         slots = [r.slot for r in group]
         started = time.perf_counter()

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,8 +60,9 @@ class OpenedPipeline:
 
 
 def check_plan(manifest_plan: PruningPlan, requested: PruningPlan | None, where: str) -> None:
-    """Raise if a plan was requested on the command line and the export implements another."""
-    if requested is not None and requested != manifest_plan:
+    """Raise if a plan was requested on the command line and the export implements another (the
+    decoder's stages; the EVS rate before the LLM is the export's default, not part of the graphs)."""
+    if requested is not None and replace(requested, evs_rate=manifest_plan.evs_rate) != manifest_plan:
         raise HimapError(
             f"{where} implements '{manifest_plan.describe()}', but the options request '{requested.describe()}'; "
             "re-export with those options, or drop --method/--k*/--r* to use the export's plan"

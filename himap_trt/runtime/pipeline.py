@@ -35,6 +35,7 @@ from himap_trt.graphs.spec import DEEPSTACK_OUTPUT, GraphSpec, past_names, prese
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
+from himap_trt.runtime.evs import apply_evs, check_evs_rate
 from himap_trt.runtime.kv_cache import SlotKVCache, torch_dtype
 from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
 
@@ -65,6 +66,8 @@ class PrefillResult:
         cache: the slot cache the prompts were written into.
         slots: the slot of each prompt row.
         image_tokens: per row, the image tokens each segment saw (models with per-request counts).
+        evs_kept: per row, the visual tokens EVS kept ([keep] int64 indices into the row's visual
+            tokens, before the decoder; ``image_tokens`` then counts from them); None without EVS.
     """
 
     logits: torch.Tensor
@@ -73,6 +76,7 @@ class PrefillResult:
     cache: SlotKVCache
     slots: list[int] = field(default_factory=list)
     image_tokens: list[list[int]] | None = None
+    evs_kept: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -181,6 +185,22 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def evs_rates(self, batch: PromptBatch) -> list[float]:
+        """EVS rate q of every row: the request's own (``batch.evs_rates``), else the export's
+        (``plan.evs_rate``); 0 for image rows (one temporal patch: EVS keeps every token anyway).
+
+        Raises:
+            HimapError: a rate outside [0, 1), or EVS asked of a model without per-request visual
+                token counts (LLaVA).
+        """
+        own = batch.evs_rates or [None] * batch.batch_size
+        rates = [check_evs_rate(self.plan.evs_rate if r is None else r, "evs_rate") for r in own]
+        if any(rates) and not self.arch.variable_image_tokens:
+            raise HimapError("EVS (evs_rate) needs a video model (Qwen2.5-VL, Qwen3-VL); this export's images have "
+                             "a fixed token count")
+        media = batch.media or ["image"] * batch.batch_size
+        return [rate if kind == "video" else 0.0 for rate, kind in zip(rates, media)]
+
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, images: list[Any], questions: list[str], processor: Any = None) -> PromptBatch:
         """Prompt, tokenize (left padding) and preprocess a batch of (PIL image, question) pairs.
@@ -287,6 +307,16 @@ class Pipeline:
         features = seen[self.specs["vision"].outputs[0].name]
         self._sync()
         t1 = time.perf_counter()
+        unpruned, evs_kept = batch, None
+        rates = self.evs_rates(batch)
+        if any(rates):      # EVS before the LLM (runtime/evs.py): a shorter batch, positions unpruned
+            batch, features, deep, evs_kept = apply_evs(
+                batch, features, seen.get(DEEPSTACK_OUTPUT), rates, int(vision_spec.attrs["spatial_merge_size"]),
+                self.image_token_id, self.pad_token_id)
+            if deep is not None:
+                seen = {**seen, DEEPSTACK_OUTPUT: deep}
+            input_ids = batch.input_ids.to(dev)
+            size, seq = batch.input_ids.shape
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]
         image_mask = (input_ids == self.image_token_id)[..., None]
         hidden = embeds.masked_scatter(image_mask, features.to(embeds.dtype))           # [B,S,D]
@@ -354,9 +384,9 @@ class Pipeline:
         if timings is not None:
             timings["vision"] = t1 - t0
             timings["prefill"] = time.perf_counter() - t1
-        next_positions = self.arch.next_positions(batch).to(dev)
+        next_positions = self.arch.next_positions(unpruned).to(dev)        # the unpruned prompt's (METHODS.md)
         return PrefillResult(logits, next_positions, stages, cache, slots,
-                             counts if self.arch.variable_image_tokens else None)
+                             counts if self.arch.variable_image_tokens else None, evs_kept)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,

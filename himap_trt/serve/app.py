@@ -342,6 +342,31 @@ def image_and_question(request: ChatCompletionRequest) -> tuple[str, str, str]:
     return part.image_url.url, f"messages[0].content[{index}].image_url.url", question
 
 
+def video_options(request: ChatCompletionRequest, param: str, policy: VideoPolicy) -> tuple[VideoPolicy, float | None]:
+    """The sampling policy and EVS rate of a request's ``video_url`` part (at ``param``): its own
+    ``fps`` / ``max_frames`` / ``evs_rate`` (issue 29), bounded by the server's flags.
+
+    Raises:
+        ApiError: 400 naming the field: fps not a positive finite number, max_frames outside
+            2 .. the server's --max-frames, evs_rate outside [0, 1).
+    """
+    index = int(param.split("content[", 1)[1].split("]", 1)[0])
+    part = request.messages[0].content[index].video_url
+    where = param.rsplit(".", 1)[0]
+    if part.fps is not None and not (0 < part.fps < float("inf")):
+        raise ApiError(400, f"{where}.fps must be a positive number of frames per second, got {part.fps}",
+                       param=f"{where}.fps")
+    if part.max_frames is not None and not 2 <= part.max_frames <= policy.max_frames:
+        raise ApiError(400, f"{where}.max_frames must be between 2 and the server's --max-frames {policy.max_frames}, "
+                            f"got {part.max_frames}", param=f"{where}.max_frames")
+    if part.evs_rate is not None and not 0 <= part.evs_rate < 1:
+        raise ApiError(400, f"{where}.evs_rate must be in [0, 1) (the fraction of the video's visual tokens EVS "
+                            f"drops), got {part.evs_rate}", param=f"{where}.evs_rate")
+    own = replace(policy, fps=policy.fps if part.fps is None else float(part.fps),
+                  max_frames=policy.max_frames if part.max_frames is None else part.max_frames)
+    return own, part.evs_rate
+
+
 def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
     """OpenAI's fields -> engine settings (defaults as OpenAI's: temperature 1, top_p 1)."""
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
@@ -467,9 +492,10 @@ def create_app(state: ServerState) -> FastAPI:
         state.preparing += 1
         try:
             async with image_slots:                 # at most image_workers images in memory at once
+                video = video_options(request, param, config.videos) if param.endswith("video_url.url") else None
                 try:
-                    image = await (open_video_url(url, param, replace(config.videos, image_root=config.images.image_root))
-                                   if param.endswith("video_url.url") else open_image_url(url, param, config.images))
+                    image = await (open_video_url(url, param, replace(video[0], image_root=config.images.image_root))
+                                   if video else open_image_url(url, param, config.images))
                 except ImageError as exc:
                     raise ApiError(400, str(exc), param=exc.param) from None
                 try:
@@ -478,6 +504,8 @@ def create_app(state: ServerState) -> FastAPI:
                     raise ApiError(400, f"messages: {exc}", param="messages") from None
                 finally:
                     del image
+                if video and video[1] is not None:
+                    prompt.evs_rates = [video[1]]          # the request's own EVS rate (runtime/evs.py)
         finally:
             state.preparing -= 1
         try:

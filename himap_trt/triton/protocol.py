@@ -33,7 +33,7 @@ import numpy as np
 
 from himap_trt.errors import HimapError
 from himap_trt.runtime.sampling import GenerationConfig
-from himap_trt.video import load_video
+from himap_trt.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, FRAME_LIMIT, load_video
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ INPUTS = (
     TensorDecl("top_p", "TYPE_FP32", (1,), np.float32, True, "nucleus sampling threshold (1: off)"),
     TensorDecl("seed", "TYPE_INT64", (1,), np.int64, True, "sampling seed (absent: nondeterministic)"),
     TensorDecl("ignore_eos", "TYPE_BOOL", (1,), np.bool_, True, "keep generating after EOS (benchmarks)"),
+    TensorDecl("video_fps", "TYPE_FP32", (1,), np.float32, True, "a video's frames sampled per second (default 2)"),
+    TensorDecl("max_frames", "TYPE_INT32", (1,), np.int32, True,
+               f"most frames sampled from a video, 2 .. {FRAME_LIMIT} (default {DEFAULT_MAX_FRAMES})"),
+    TensorDecl("evs_rate", "TYPE_FP32", (1,), np.float32, True,
+               "a video's EVS rate in [0, 1) (default: the export's --evs-rate)"),
 )
 OUTPUTS = (
     TensorDecl("text", "TYPE_STRING", (1,), np.object_, doc="this response's piece of the answer (UTF-8)"),
@@ -90,6 +95,7 @@ class ParsedRequest:
     question: str
     config: Any
     ignore_eos: bool = False
+    evs_rate: float | None = None
 
 
 def _scalar(get: Callable[[str], np.ndarray | None], decl: TensorDecl):
@@ -113,8 +119,8 @@ def _text(value, name: str) -> str:
     return str(value)
 
 
-def decode_image(data: bytes):
-    """Decode an encoded image (PIL) fully.
+def decode_image(data: bytes, *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES):
+    """Decode an encoded image (PIL) fully, or else a video sampled at ``fps`` up to ``max_frames``.
 
     Raises:
         HimapError: empty, too large, or not an image PIL can read.
@@ -129,7 +135,7 @@ def decode_image(data: bytes):
         image = Image.open(io.BytesIO(data))
         image.load()
     except UnidentifiedImageError:
-        return _decode_video(data)
+        return _decode_video(data, fps, max_frames)
     except Image.DecompressionBombError as exc:
         raise HimapError(f"input 'image' is too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -137,15 +143,15 @@ def decode_image(data: bytes):
     return image
 
 
-def _decode_video(data: bytes):
-    """An ``image`` input that PIL does not read, tried as a video (Qwen exports; PyAV, the
-    defaults of ``run --video``: 2 fps, at most 16 frames).
+def _decode_video(data: bytes, fps: float, max_frames: int):
+    """An ``image`` input that PIL does not read, tried as a video (Qwen exports; PyAV, sampled at
+    the request's ``video_fps`` / ``max_frames``, default ``run --video``'s 2 fps, at most 16 frames).
 
     Raises:
         HimapError: neither an image nor a decodable video.
     """
     try:
-        return load_video(data, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
+        return load_video(data, fps=fps, max_frames=max_frames, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
     except HimapError as exc:
         if "not a readable video" in str(exc):
             raise HimapError("input 'image' is neither an image PIL can read (JPEG, PNG, WebP, ...) nor a video "
@@ -171,7 +177,17 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
     if not question.strip():
         raise HimapError("input 'question' is empty; send a non-empty question")
     values = {name: _scalar(get, decl[name]) for name in ("max_tokens", "temperature", "top_p", "seed",
-                                                           "ignore_eos")}
+                                                           "ignore_eos", "video_fps", "max_frames", "evs_rate")}
+    fps = DEFAULT_FPS if values["video_fps"] is None else float(values["video_fps"])
+    if not 0 < fps < float("inf"):
+        raise HimapError(f"input 'video_fps' must be a positive number of frames per second, got {fps}")
+    frames = DEFAULT_MAX_FRAMES if values["max_frames"] is None else int(values["max_frames"])
+    if not 2 <= frames <= FRAME_LIMIT:
+        raise HimapError(f"input 'max_frames' must be between 2 and {FRAME_LIMIT}, got {frames}")
+    rate = None if values["evs_rate"] is None else float(values["evs_rate"])
+    if rate is not None and not 0 <= rate < 1:
+        raise HimapError(f"input 'evs_rate' must be in [0, 1) (the fraction of a video's visual tokens EVS drops), "
+                         f"got {rate}")
     try:
         config = GenerationConfig(
             max_new_tokens=int(values["max_tokens"]) if values["max_tokens"] is not None else default_max_tokens,
@@ -185,14 +201,15 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
                            ("--top-p", "top_p")):
             message = message.replace(flag, f"input {name!r}")
         raise HimapError(message) from None
-    return ParsedRequest(image=decode_image(bytes(image_value)), question=question, config=config,
-                         ignore_eos=bool(values["ignore_eos"]))
+    return ParsedRequest(image=decode_image(bytes(image_value), fps=fps, max_frames=frames), question=question,
+                         config=config, ignore_eos=bool(values["ignore_eos"]), evs_rate=rate)
 
 
 # -- client side ----------------------------------------------------------------------------------
 def make_inputs(client_module: Any, image: bytes, question: str, *, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None, ignore_eos: bool | None = None) -> list:
+                seed: int | None = None, ignore_eos: bool | None = None, video_fps: float | None = None,
+                max_frames: int | None = None, evs_rate: float | None = None) -> list:
     """The request tensors for ``tritonclient.http`` or ``tritonclient.grpc`` (pass the module).
 
     Args:
@@ -203,7 +220,8 @@ def make_inputs(client_module: Any, image: bytes, question: str, *, max_tokens: 
             them out.
     """
     values = {"image": image, "question": question.encode("utf-8"), "max_tokens": max_tokens,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos}
+              "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos,
+              "video_fps": video_fps, "max_frames": max_frames, "evs_rate": evs_rate}
     inputs = []
     for decl in INPUTS:
         value = values[decl.name]

@@ -41,11 +41,28 @@ def export_fingerprint(export_dir: Path) -> str:
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """One engine: the graph it was built from, its file, and its optimization profiles (in order)."""
+    """One engine: the graph it was built from, its file, and its optimization profiles (in order).
+
+    Attributes:
+        engine_bytes: the engine file's size (None in manifests written before issue 34).
+        weight_bytes: its graph's weights (initializers and constants, bytes;
+            :func:`himap_trt.engines.build.weight_bytes`), None before issue 34.
+        build_seconds: wall seconds to parse and build it, None before issue 34.
+    """
 
     graph: str
     file: str
     profiles: tuple[Profile, ...]
+    engine_bytes: int | None = None
+    weight_bytes: int | None = None
+    build_seconds: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """``engine_bytes / weight_bytes`` (None where either is unknown or there are no weights)."""
+        if not self.engine_bytes or not self.weight_bytes:
+            return None
+        return self.engine_bytes / self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,11 @@ class EnginesManifest:
         engines: one entry per graph, in chain order.
         files: every engine file, relative path -> ``{"bytes": size, "sha256": hex}``; an engine
             deserialises plugins, so it is treated like code: checked before TensorRT reads it.
+        profile_form: ``shared`` (one optimization profile per engine covering prefill and decode)
+            or ``phase`` (one per phase), :mod:`himap_trt.engines.profiles`; ``phase`` in manifests
+            written before issue 34.
+        build_peak_rss_bytes: the building process's peak resident set size after the last engine
+            (bytes; None before issue 34).
     """
 
     format_version: int
@@ -87,6 +109,16 @@ class EnginesManifest:
     workspace_bytes: int
     engines: tuple[EngineEntry, ...]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_form: str = "phase"
+    build_peak_rss_bytes: int | None = None
+
+    def size_totals(self, kind: str | None = None) -> tuple[int, int] | None:
+        """(engine bytes, weight bytes) summed over the engines of graphs named ``kind``* (``segment``:
+        every ``segment_j``; None: all), or None if a manifest entry lacks either figure."""
+        chosen = [e for e in self.engines if kind is None or e.graph.startswith(kind)]
+        if not chosen or any(e.engine_bytes is None or e.weight_bytes is None for e in chosen):
+            return None
+        return sum(e.engine_bytes for e in chosen), sum(e.weight_bytes for e in chosen)
 
     def entry(self, graph: str) -> EngineEntry:
         """The engine built from ``graph``; raises :class:`HimapError` if there is none."""
@@ -130,9 +162,13 @@ class EnginesManifest:
                 compute_capabilities=tuple(capabilities), kv_write=str(data.get("kv_write", "scatternd")),
                 max_batch=int(data["max_batch"]), max_seq_len=int(data["max_seq_len"]),
                 workspace_bytes=int(data.get("workspace_bytes", 0)),
-                engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]))
+                engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]),
+                                          engine_bytes=_optional(e.get("engine_bytes"), int),
+                                          weight_bytes=_optional(e.get("weight_bytes"), int),
+                                          build_seconds=_optional(e.get("build_seconds"), float))
                               for e in data["engines"]),
-                files=dict(data["files"]),
+                files=dict(data["files"]), profile_form=str(data.get("profile_form", "phase")),
+                build_peak_rss_bytes=_optional(data.get("build_peak_rss_bytes"), int),
             )
         except HimapError as exc:
             raise HimapError(f"{where}: {exc}") from None
@@ -143,6 +179,11 @@ class EnginesManifest:
         path = Path(directory) / ENGINES_MANIFEST
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
+
+
+def _optional(value, kind):
+    """``kind(value)``, or None for a missing field."""
+    return None if value is None else kind(value)
 
 
 def read_engines_manifest(directory: Path) -> EnginesManifest:

@@ -45,12 +45,33 @@ def _status(pid: int) -> dict[str, int]:
     return values
 
 
+def _child(pid: int) -> int:
+    """The first child of ``pid`` (the command under ``/usr/bin/time``), else ``pid`` itself."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            children = handle.read().split()
+    except OSError:
+        return pid
+    return int(children[0]) if children else pid
+
+
+def _time_v_peak(log: Path) -> float | None:
+    """``Maximum resident set size`` of ``/usr/bin/time -v`` in ``log``, GiB."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "Maximum resident set size" in line:
+            return round(int(line.rsplit(":", 1)[1]) / 2**20, 2)
+    return None
+
+
 def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
-    """Run ``command`` (stdout+stderr to ``log``), watching its RSS; returns wall s and peaks (bytes).
+    """Run ``command`` under ``/usr/bin/time -v`` where installed (stdout+stderr to ``log``), watching
+    its RSS; returns wall s and peaks (GiB).
 
     Raises:
         SystemExit: if the step fails or passes ``limit`` bytes of RSS (it is killed first).
     """
+    if Path("/usr/bin/time").is_file():
+        command = ["/usr/bin/time", "-v", *command]
     print(f"[{name}] {' '.join(command)}", flush=True)
     started = time.perf_counter()
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
@@ -58,10 +79,11 @@ def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         killed = False
         while process.poll() is None:
-            status = _status(process.pid)
+            status = _status(_child(process.pid))
             for key in peaks:
                 peaks[key] = max(peaks[key], status.get(key, 0))
             if status.get("VmRSS", 0) > limit:
+                os.kill(_child(process.pid), 9)
                 process.kill()
                 killed = True
                 break
@@ -73,9 +95,11 @@ def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
         sys.exit(f"[{name}] killed at {gib['VmHWM']} GiB RSS (over --rss-limit-gib) after {wall:.0f} s; log: {log}")
     if code:
         sys.exit(f"[{name}] failed (exit {code}) after {wall:.0f} s; log: {log}")
-    print(f"[{name}] {wall:.0f} s, peak RSS {gib['VmHWM']} GiB (anonymous {gib['RssAnon']}, file {gib['RssFile']})",
-          flush=True)
-    return {"wall_s": round(wall, 1), "peak_rss_gib": gib["VmHWM"], "anon_gib": gib["RssAnon"], "file_gib": gib["RssFile"]}
+    timed = _time_v_peak(log)
+    print(f"[{name}] {wall:.0f} s, peak RSS {gib['VmHWM']} GiB (anonymous {gib['RssAnon']}, file {gib['RssFile']}; "
+          f"/usr/bin/time -v: {timed} GiB)", flush=True)
+    return {"wall_s": round(wall, 1), "peak_rss_gib": gib["VmHWM"], "anon_gib": gib["RssAnon"], "file_gib": gib["RssFile"],
+            "time_v_peak_gib": timed}
 
 
 def main() -> int:
@@ -112,18 +136,19 @@ def main() -> int:
     figures["load_average_after"] = os.getloadavg()
     manifest = json.loads((engines / "manifest.json").read_text())
     print(f"\nengines ({manifest['profile_form']} profiles, {', '.join(manifest['compute_capabilities'])}):")
-    print(f"{'engine':<18}{'engine MB':>12}{'weights MB':>12}{'ratio':>8}{'build s':>9}")
+    print(f"{'engine':<26}{'engine MB':>12}{'weights MB':>12}{'ratio':>10}{'build s':>9}")
     totals = {"segment": [0, 0], "all": [0, 0]}
     for entry in manifest["engines"]:
         size, weights = entry["engine_bytes"], entry["weight_bytes"]
-        ratio = f"{size / weights:.3f}" if weights else "-"
-        print(f"{entry['file']:<18}{size / 1e6:>12,.1f}{weights / 1e6:>12,.1f}{ratio:>8}{entry['build_seconds']:>9.1f}")
+        ratio = f"{size / weights:.3f}" if weights >= 1e6 else "-"    # scoring graphs: kernels, no weights
+        name = f"{entry['graph']} ({len(entry['parts'])} chunks)" if entry.get("parts") else entry["file"]
+        print(f"{name:<26}{size / 1e6:>12,.1f}{weights / 1e6:>12,.1f}{ratio:>10}{entry['build_seconds']:>9.1f}")
         for key in ("segment", "all"):
             if key == "all" or entry["graph"].startswith("segment_"):
                 totals[key][0] += size
                 totals[key][1] += weights
     for key, (size, weights) in totals.items():
-        print(f"{key + ' total':<18}{size / 1e6:>12,.1f}{weights / 1e6:>12,.1f}{size / weights:>8.3f}")
+        print(f"{key + ' total':<26}{size / 1e6:>12,.1f}{weights / 1e6:>12,.1f}{size / weights:>10.3f}")
     figures["engines"] = {k: {"engine_bytes": v[0], "weight_bytes": v[1]} for k, v in totals.items()}
     figures["build_peak_rss_bytes_manifest"] = manifest.get("build_peak_rss_bytes")
     print(json.dumps(figures))

@@ -56,14 +56,14 @@ loading = lazy_import("himap_trt.models.loading")
 models = lazy_import("himap_trt.models")
 
 
-def _parse_bytes(text: str) -> int:
-    """``4294967296``, ``4G``, ``512MiB`` -> bytes."""
+def _parse_bytes(text: str, flag: str = "--workspace") -> int:
+    """``4294967296``, ``4G``, ``512MiB``, ``2.5G`` -> bytes."""
     import re
 
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if not match:
-        raise HimapError(f"--workspace must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
-    return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
+        raise HimapError(f"{flag} must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper()))
 
 
 
@@ -164,6 +164,11 @@ def build(
              "copy of the weights) or phase (one per phase: TensorRT-RTX 1.7 stores the weights once per "
              "profile); auto is shared for TensorRT-RTX (it specialises kernels for the shapes met at run "
              "time), phase for TensorRT.")] = "auto",
+    engine_weight_limit: Annotated[str, typer.Option(
+        "--engine-weight-limit",
+        help="Build a decoder segment holding more weights than this (bytes, e.g. 2.5G) as consecutive engines "
+             "of as many layers as fit it (the builder needs ~2.7x an engine's weights in host memory); 0: "
+             "every segment as one engine.")] = "2500000000",
     as_json: JsonOpt = False,
 ):
     """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
@@ -174,6 +179,7 @@ def build(
     the TensorRT flavour and version and the GPU architectures they were built for; `run` refuses others.
     """
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    chunk_bytes = _parse_bytes(engine_weight_limit, "--engine-weight-limit")
     if fp16 or int8:
         raise HimapError(f"--{'fp16' if fp16 else 'int8'}: networks are strongly typed, precision comes from the "
                          "export (`himap-trt export --dtype fp16|bf16`); TensorRT-RTX has no FP16/INT8 builder flags")
@@ -213,7 +219,7 @@ def build(
     engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
                            workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign,
-                           profiles=profiles)
+                           profiles=profiles, chunk_weight_bytes=chunk_bytes)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

@@ -23,7 +23,7 @@ def require_tensorrt(tensorrt: str = "auto", compute_capability: Optional[str] =
 
 def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest, *, max_batch: int, max_seq_len: int,
                    workspace: int, timing_cache: Optional[Path], target=None, sign_key: Optional[Path] = None,
-                   profiles: str = "auto"):
+                   profiles: str = "auto", chunk_weight_bytes: Optional[int] = None):
     """Build engines with a progress display (the flavour and its targets are checked first)."""
     target = target or require_tensorrt(fp32_gemms=has_fp32_gemms(manifest.dtype, manifest.plan))
     engines_dir = engines_dir or loader.default_engines_dir(export_dir)
@@ -40,7 +40,8 @@ def build_with_progress(export_dir: Path, engines_dir: Optional[Path], manifest,
         return engine_build.build_engines(export_dir, engines_dir, manifest,
                              max_batch=max_batch, max_seq_len=max_seq_len, workspace=workspace,
                              timing_cache=timing_cache, target=target, progress=report, sign_key=sign_key,
-                             profiles=profiles)
+                             profiles=profiles, **({} if chunk_weight_bytes is None else
+                                                   {"chunk_weight_bytes": chunk_weight_bytes}))
 
 
 def _mb(count: int) -> str:
@@ -57,7 +58,9 @@ def print_built(built) -> None:
         if entry.engine_bytes is None or entry.weight_bytes is None:
             continue
         ratio = f"{entry.ratio:.3f}x" if entry.ratio is not None else "no weights"
-        out.print(f"  {entry.file}: {_mb(entry.engine_bytes)} engine, {_mb(entry.weight_bytes)} weights ({ratio}), "
+        chunks = f" in {len(entry.parts)} layer chunks" if entry.parts else ""
+        name = f"{entry.graph}.part*.engine" if entry.parts else entry.file
+        out.print(f"  {name}: {_mb(entry.engine_bytes)} engine{chunks}, {_mb(entry.weight_bytes)} weights ({ratio}), "
                   f"{entry.build_seconds:.1f} s")
     for label, kind in (("segments", "segment"), ("all engines", None)):
         totals = built.size_totals(kind)

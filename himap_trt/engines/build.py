@@ -28,10 +28,12 @@ from himap_trt.confine import load_onnx_proto, record_files
 # here for build_engines and for callers that import them from this module.
 from himap_trt.engines.environment import gpu_identity, has_gpu  # noqa: F401
 from himap_trt.engines.flavour import CURRENT, Flavour, has_fp32_gemms, parse_capabilities, select_flavour
+from himap_trt.engines.chunks import layers_per_chunk, segment_chunks
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
     ENGINES_MANIFEST,
     EngineEntry,
+    EnginePart,
     EnginesManifest,
     export_fingerprint,
     is_engines_manifest,
@@ -57,6 +59,19 @@ def default_timing_cache(tensorrt_version: str | None = None, capability: str | 
         prefix = "trt" if flavour == "tensorrt" else "rtx"
         return cache_root() / f"timing-{prefix}{tensorrt_version}-sm{capability.replace('.', '')}.cache"
     return cache_root() / "timing.cache"
+
+
+#: ``build``'s default: a decoder segment with more weights than this (bytes) is built in layer chunks
+#: of at most this much (2.5 GB: six 7B fp16 layers, three 13B; the builder peaks near 2.7x an
+#: engine's weights plus ~0.5 GiB, docs/PERFORMANCE.md "TensorRT-RTX engines of a 7B export").
+DEFAULT_CHUNK_WEIGHT_BYTES = 2_500_000_000
+
+
+def part_profile(profile: Profile, segment, part) -> Profile:
+    """A segment profile restricted to one chunk's inputs; the boundary input (the previous chunk's
+    hidden states) takes the range of the segment's ``hidden_states``."""
+    hidden = profile.shapes["hidden_states"]
+    return Profile(profile.name, {t.name: profile.shapes.get(t.name, hidden) for t in part.inputs})
 
 
 def weight_bytes(path: Path) -> int:
@@ -227,7 +242,8 @@ def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile],
 
 
 def build_engine_file(target: BuildTarget, path: Path, profiles: list[Profile], out: Path, *, workspace: int = 0,
-                      timing_cache: Path | None = None, optimization_level: int | None = None) -> int:
+                      timing_cache: Path | None = None, optimization_level: int | None = None,
+                      model: bytes | None = None) -> int:
     """Parse and build one graph into the file ``out``, in bounded host memory: the builder streams
     the serialized engine to the file (``IBuilder.build_serialized_network_to_stream``) instead of
     returning it in one host buffer, so the engine is never held in memory beside the parsed
@@ -236,6 +252,8 @@ def build_engine_file(target: BuildTarget, path: Path, profiles: list[Profile], 
 
     Args:
         out: the engine file to write (created or truncated).
+        model: the ONNX model bytes to build instead of ``path``'s (a layer chunk of it,
+            :mod:`himap_trt.engines.chunks`); external data is still read relative to ``path``.
         target, path, profiles, workspace, timing_cache, optimization_level: as
             :func:`build_engine_bytes`.
 
@@ -248,7 +266,7 @@ def build_engine_file(target: BuildTarget, path: Path, profiles: list[Profile], 
     trt = target.flavour.module()
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
-    network, parser = parse_network(trt, builder, logger, path)
+    network, parser = parse_network(trt, builder, logger, path, model)
     config = _builder_config(trt, builder, target, path, profiles, workspace=workspace,
                              optimization_level=optimization_level)
     cache = None
@@ -310,7 +328,8 @@ def check_timing_cache(flavour: Flavour, timing_cache: Path | None) -> None:
 def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: int, max_seq_len: int,
                   workspace: int = 0, timing_cache: Path | None = None, target: BuildTarget | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
-                  sign_key: Path | None = None, profiles: str = "auto") -> EnginesManifest:
+                  sign_key: Path | None = None, profiles: str = "auto",
+                  chunk_weight_bytes: int = DEFAULT_CHUNK_WEIGHT_BYTES) -> EnginesManifest:
     """Build one engine per graph of the export.
 
     Args:
@@ -327,6 +346,9 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         profiles: ``auto``, ``shared`` (one optimization profile per engine covering prefill and
             decode) or ``phase`` (one per phase); see :mod:`himap_trt.engines.profiles`. ``auto``
             is ``shared`` for TensorRT-RTX, ``phase`` for TensorRT.
+        chunk_weight_bytes: a decoder segment with more weights than this is built as consecutive
+            engines of as many layers as fit it (:mod:`himap_trt.engines.chunks`; the builder's
+            host memory follows an engine's weights, ~2.7x); 0: every segment as one engine.
 
     Each engine is streamed to its file (:func:`build_engine_file`) and recorded with its bytes, its
     graph's weight bytes (:func:`weight_bytes`) and its build seconds; the manifest records the
@@ -365,23 +387,37 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                                              form=form)
             engine_file = f"{spec.name}.engine"
             graph_path = Path(export_dir) / spec.file
+            weights = weight_bytes(graph_path)
+            per_chunk = layers_per_chunk(weights, spec.layers[1] - spec.layers[0], chunk_weight_bytes) \
+                if spec.kind == "segment" and spec.layers is not None else 0
             started = time.perf_counter()
+            parts: list[EnginePart] = []
             try:
-                written = build_engine_file(target, graph_path, graph_profiles, tmp / engine_file, workspace=workspace,
-                                            timing_cache=timing_cache)
+                if per_chunk:
+                    for data, part in segment_chunks(graph_path, spec, per_chunk):
+                        part_file = f"{part.name}.engine"
+                        part_profiles = tuple(part_profile(p, spec, part) for p in graph_profiles)
+                        size = build_engine_file(target, graph_path, list(part_profiles), tmp / part_file,
+                                                 workspace=workspace, timing_cache=timing_cache, model=data)
+                        parts.append(EnginePart(part_file, part, part_profiles, size))
+                        write_point("build:engine")
+                    written, engine_file = sum(p.engine_bytes for p in parts), parts[0].file
+                else:
+                    written = build_engine_file(target, graph_path, graph_profiles, tmp / engine_file,
+                                                workspace=workspace, timing_cache=timing_cache)
             except HimapError as exc:
                 raise HimapError(f"graph {spec.name!r}: {exc}") from None
             seconds = time.perf_counter() - started
             write_point("build:engine")
             entries.append(EngineEntry(spec.name, engine_file, tuple(graph_profiles), engine_bytes=written,
-                                       weight_bytes=weight_bytes(graph_path), build_seconds=round(seconds, 3)))
+                                       weight_bytes=weights, build_seconds=round(seconds, 3), parts=tuple(parts)))
         engines = EnginesManifest(
             format_version=ENGINES_FORMAT_VERSION, package_version=__version__,
             export_fingerprint=export_fingerprint(export_dir), plan=manifest.plan, dtype=manifest.dtype,
             tensorrt_flavour=flavour.key, tensorrt_version=version, gpu_name=target.gpu_name,
             compute_capabilities=target.recorded_capabilities, kv_write=manifest.kv_write,
             max_batch=max_batch, max_seq_len=max_seq_len, workspace_bytes=workspace, engines=tuple(entries),
-            files=record_files(tmp, [entry.file for entry in entries]), profile_form=form,
+            files=record_files(tmp, [name for entry in entries for name in entry.files]), profile_form=form,
             build_peak_rss_bytes=peak_rss_bytes(),
         )
         engines.save(tmp)

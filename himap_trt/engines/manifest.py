@@ -19,6 +19,7 @@ from himap_trt.engines.environment import gpu_identity
 from himap_trt.engines.flavour import FLAVOURS, flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
+from himap_trt.graphs.spec import GraphSpec
 from himap_trt.manifest import MANIFEST_NAME, read_versioned_json
 from himap_trt.plan import PruningPlan
 
@@ -40,6 +41,24 @@ def export_fingerprint(export_dir: Path) -> str:
 
 
 @dataclass(frozen=True)
+class EnginePart:
+    """One layer chunk of a segment built as several engines (:mod:`himap_trt.engines.chunks`).
+
+    Attributes:
+        file: its engine file.
+        spec: the chunk's graph declaration (``{segment}.part{k}``: the segment inputs it reads,
+            the previous chunk's boundary, the outputs it writes).
+        profiles: its optimization profiles (the segment's, restricted to its inputs).
+        engine_bytes: the file's size.
+    """
+
+    file: str
+    spec: GraphSpec
+    profiles: tuple[Profile, ...]
+    engine_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class EngineEntry:
     """One engine: the graph it was built from, its file, and its optimization profiles (in order).
 
@@ -48,6 +67,8 @@ class EngineEntry:
         weight_bytes: its graph's weights (initializers and constants, bytes;
             :func:`himap_trt.engines.build.weight_bytes`), None before issue 34.
         build_seconds: wall seconds to parse and build it, None before issue 34.
+        parts: for a segment built in layer chunks, one :class:`EnginePart` per chunk in order
+            (``file`` is then the first part's, ``engine_bytes`` their sum); empty otherwise.
     """
 
     graph: str
@@ -56,6 +77,12 @@ class EngineEntry:
     engine_bytes: int | None = None
     weight_bytes: int | None = None
     build_seconds: float | None = None
+    parts: tuple[EnginePart, ...] = ()
+
+    @property
+    def files(self) -> list[str]:
+        """Every engine file of this graph (its parts', or its own)."""
+        return [part.file for part in self.parts] or [self.file]
 
     @property
     def ratio(self) -> float | None:
@@ -165,7 +192,11 @@ class EnginesManifest:
                 engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]),
                                           engine_bytes=_optional(e.get("engine_bytes"), int),
                                           weight_bytes=_optional(e.get("weight_bytes"), int),
-                                          build_seconds=_optional(e.get("build_seconds"), float))
+                                          build_seconds=_optional(e.get("build_seconds"), float),
+                                          parts=tuple(EnginePart(p["file"], GraphSpec.from_dict(p["spec"]),
+                                                                 tuple(Profile.from_dict(q) for q in p["profiles"]),
+                                                                 _optional(p.get("engine_bytes"), int))
+                                                      for p in e.get("parts", [])))
                               for e in data["engines"]),
                 files=dict(data["files"]), profile_form=str(data.get("profile_form", "phase")),
                 build_peak_rss_bytes=_optional(data.get("build_peak_rss_bytes"), int),
@@ -216,9 +247,10 @@ def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
     source = Path(directory) / ENGINES_MANIFEST
     records = parse_file_records(engines.files, field="files", source=source)
     for i, entry in enumerate(engines.engines):
-        confined_path(directory, entry.file, field=f"engines[{i}].file", source=source)
-        if entry.file not in records:
-            raise HimapError(f"engine file {entry.file!r} is not recorded in 'files' of {str(source)!r}")
+        for name in [entry.file, *entry.files]:
+            confined_path(directory, name, field=f"engines[{i}].file", source=source)
+            if name not in records:
+                raise HimapError(f"engine file {name!r} is not recorded in 'files' of {str(source)!r}")
     verify_files(directory, records, source=source)
 
 

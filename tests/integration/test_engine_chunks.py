@@ -77,3 +77,60 @@ def test_a_graph_without_layer_names_is_refused(tmp_path_factory):
     out, manifest, _ = exported(tmp_path_factory, "tiny", "himap", k1=2, r1=0.5, k2=8, r2=0.75)
     with pytest.raises(HimapError, match="only segments"):
         segment_chunks(out / manifest.graph("embed").file, manifest.graph("embed"), 2)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt_rtx") is None,
+                    reason="needs TensorRT-RTX: module 'tensorrt_rtx' is not installed")
+def test_build_in_layer_chunks_with_tensorrt_rtx(tmp_path_factory, tmp_path):
+    """`build --engine-weight-limit` small: every multi-layer segment becomes one engine per chunk;
+    the manifest lists the parts (specs, profiles, files recorded and verified), each part's real
+    parsed network declares the part's inputs and outputs, and a changed part file is refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+    from himap_trt.engines.flavour import RTX, rtx_header_capabilities
+    from himap_trt.engines.manifest import read_engines_manifest, verify_engine_files
+    from himap_trt.engines.parser import parse_network
+
+    out, manifest, _ = exported(tmp_path_factory, "tiny", "none")     # vision, embed, one 12-layer segment
+    engines = tmp_path / "engines"
+    result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--engines", str(engines), "--tensorrt", "rtx",
+                                      "--compute-capability", "8.6", "--max-seq-len", "256",
+                                      "--engine-weight-limit", "1300K"])
+    assert result.exit_code == 0, result.output
+    built = read_engines_manifest(engines)
+    trt = RTX.module()
+    chunked = 0
+    for spec in manifest.graphs:
+        entry = built.entry(spec.name)
+        if spec.kind != "segment" or not entry.parts:
+            assert not entry.parts
+            continue
+        chunked += 1
+        assert [p.spec.layers for p in entry.parts] == layer_ranges(spec.layers, entry.parts[0].spec.layers[1]
+                                                                     - entry.parts[0].spec.layers[0])
+        assert entry.engine_bytes == sum((engines / p.file).stat().st_size for p in entry.parts)
+        for part in entry.parts:
+            assert rtx_header_capabilities((engines / part.file).read_bytes()) == ("8.6",)
+            assert [set(p.shapes) for p in part.profiles] == [set(part.spec.input_names)]
+            data = next(d for d, p in segment_chunks(out / spec.file, spec, part.spec.layers[1] - part.spec.layers[0])
+                        if p.name == part.spec.name)
+            logger = trt.Logger(trt.Logger.ERROR)
+            network, _parser = parse_network(trt, trt.Builder(logger), logger, out / spec.file, data)
+            assert sorted(network.get_input(i).name for i in range(network.num_inputs)) == sorted(part.spec.input_names)
+            assert sorted(network.get_output(i).name for i in range(network.num_outputs)) == \
+                sorted(part.spec.output_names)
+    assert chunked == 1 and len(built.entry("segment_0").parts) >= 2
+    assert "segment_0.part*.engine" in result.output and "layer chunks" in result.output
+    text = json.loads((engines / "manifest.json").read_text())
+    part_file = next(p["file"] for e in text["engines"] for p in e.get("parts", []))
+    assert part_file in text["files"]
+    with open(engines / part_file, "r+b") as handle:      # one byte changed in a part: refused, naming it
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(HimapError, match=part_file.replace(".", r"\.")):
+        verify_engine_files(engines, built)

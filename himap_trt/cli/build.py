@@ -171,7 +171,12 @@ def build(
              "every segment as one engine.")] = "2500000000",
     as_json: JsonOpt = False,
 ):
-    """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
+    """Build one TensorRT engine per exported graph, with optimization profiles covering prefill and decode.
+
+    TensorRT-RTX engines get one profile for both (it stores the weights once per profile); a decoder
+    segment holding more than --engine-weight-limit of weights is built as consecutive engines of a
+    few layers, so the build's memory follows the largest engine. Prints each engine's bytes beside
+    its weights and the build's peak RSS.
 
     Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
     for reduced precision). With TensorRT-RTX (--tensorrt rtx) engines are built ahead of time for

@@ -57,7 +57,8 @@ def print_built(built) -> None:
     for entry in built.engines:
         if entry.engine_bytes is None or entry.weight_bytes is None:
             continue
-        ratio = f"{entry.ratio:.3f}x" if entry.ratio is not None else "no weights"
+        # a scoring graph's few KB of constants: its engine is kernels, a ratio would mean nothing
+        ratio = f"{entry.ratio:.3f}x" if entry.ratio is not None and entry.weight_bytes >= 100_000 else "kernels only"
         chunks = f" in {len(entry.parts)} layer chunks" if entry.parts else ""
         name = f"{entry.graph}.part*.engine" if entry.parts else entry.file
         out.print(f"  {name}: {_mb(entry.engine_bytes)} engine{chunks}, {_mb(entry.weight_bytes)} weights ({ratio}), "

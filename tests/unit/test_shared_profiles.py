@@ -2,6 +2,7 @@
 covers every shape either phase profile covers, and nothing beyond their bounding box."""
 
 import itertools
+import json
 
 import pytest
 
@@ -76,3 +77,24 @@ def test_profile_form_resolution_and_refusals():
     a = Profile("a", {"x": ShapeRange((1, 2), (1, 4), (2, 8))})
     with pytest.raises(HimapError, match="input 'x' with rank 2"):
         shared_profile([a, Profile("b", {"x": ShapeRange((1,), (1,), (2,))})])
+
+
+def test_engines_manifests_before_issue_34_read_as_phase_without_figures():
+    """New engines-manifest fields are optional: a format-3 manifest without them still reads."""
+    from himap_trt.engines.manifest import EngineEntry, EnginesManifest
+
+    plan, specs = _specs("tiny")
+    data = {"format_version": 3, "package_version": "x", "export_fingerprint": "sha256:aa", "plan": plan.to_dict(),
+            "dtype": "float32", "tensorrt_flavour": "rtx", "tensorrt_version": "1.7.1.116", "gpu_name": None,
+            "compute_capabilities": ["8.6"], "kv_write": "scatternd", "max_batch": 1, "max_seq_len": 512,
+            "workspace_bytes": 0, "engines": [{"graph": "vision", "file": "vision.engine", "profiles": []}],
+            "files": {}}
+    old = EnginesManifest.from_dict(data)
+    assert old.profile_form == "phase" and old.build_peak_rss_bytes is None and old.size_totals() is None
+    assert old.engines[0] == EngineEntry("vision", "vision.engine", ()) and old.engines[0].files == ["vision.engine"]
+    new = EnginesManifest.from_dict({**data, "profile_form": "shared", "build_peak_rss_bytes": 7,
+                                     "engines": [{"graph": "segment_0", "file": "s.engine", "profiles": [],
+                                                  "engine_bytes": 110, "weight_bytes": 100, "build_seconds": 1.5}]})
+    assert new.profile_form == "shared" and new.size_totals("segment") == (110, 100)
+    assert new.engines[0].ratio == 1.1
+    assert EnginesManifest.from_dict(json.loads(json.dumps(new.to_dict()))) == new

@@ -63,11 +63,11 @@ def default_timing_cache(tensorrt_version: str | None = None, capability: str | 
 
 #: ``build``'s default: a decoder segment with more weights than this (bytes) is built in layer chunks
 #: of at most this much (2.5 GB: six 7B fp16 layers, three 13B; the builder peaks near 2.7x an
-#: engine's weights plus ~0.5 GiB, docs/PERFORMANCE.md "TensorRT-RTX engines of a 7B export").
+#: engine's weights plus ~0.5 GiB, docs/PERFORMANCE.md "TensorRT-RTX engine size and build memory").
 DEFAULT_CHUNK_WEIGHT_BYTES = 2_500_000_000
 
 
-def part_profile(profile: Profile, segment, part) -> Profile:
+def part_profile(profile: Profile, part) -> Profile:
     """A segment profile restricted to one chunk's inputs; the boundary input (the previous chunk's
     hidden states) takes the range of the segment's ``hidden_states``."""
     hidden = profile.shapes["hidden_states"]
@@ -396,7 +396,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                 if per_chunk:
                     for data, part in segment_chunks(graph_path, spec, per_chunk):
                         part_file = f"{part.name}.engine"
-                        part_profiles = tuple(part_profile(p, spec, part) for p in graph_profiles)
+                        part_profiles = tuple(part_profile(p, part) for p in graph_profiles)
                         size = build_engine_file(target, graph_path, list(part_profiles), tmp / part_file,
                                                  workspace=workspace, timing_cache=timing_cache, model=data)
                         parts.append(EnginePart(part_file, part, part_profiles, size))

@@ -2,7 +2,7 @@
 
 Why: TensorRT-RTX 1.7's builder holds about 2.7x an engine's weights in host memory while it builds
 (its own copy of the weights, the serialized engine, and the parser's; measured on a 7B-dims
-2-layer segment, docs/PERFORMANCE.md), so a 24-layer 7B segment (10 GB of fp16 weights) needs
+2-layer segment, docs/PERFORMANCE.md "TensorRT-RTX engine size and build memory"), so a 24-layer 7B segment (10 GB of fp16 weights) needs
 ~27 GiB. Built in chunks of ``n`` layers, the peak follows the chunk's weights, not the segment's.
 
 How: the exported segment graph is composed in named parts (:mod:`himap_trt.export.compose`):

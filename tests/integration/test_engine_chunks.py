@@ -70,7 +70,6 @@ def test_chunked_segments_equal_whole_segments_in_onnx_runtime(tmp_path_factory,
                 torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5, msg=f"{spec.name} {name}")
             checked += 1
     assert checked >= 4
-    opened.close() if hasattr(opened, "close") else None
 
 
 def test_a_graph_without_layer_names_is_refused(tmp_path_factory):

@@ -101,10 +101,10 @@ def test_two_profiles_duplicate_the_weights_and_streaming_changes_no_byte(medium
     assert written == path.stat().st_size and path.read_bytes() == build_engine_bytes(target, out / embed.file, profiles)
 
 
-def test_build_json_reports_sizes(medium_fp16, tmp_path):
-    """`build --json --profiles phase` records the form and per-engine figures (embed only: cheap)."""
+def test_profiles_option_in_the_dry_run_and_its_refusal(medium_fp16):
+    """`build --dry-run --profiles phase|shared` shows the profiles a build would use; a bad value is
+    refused in one line."""
     out, _, _ = medium_fp16
-    # a one-graph view of the export is not available through the CLI; the dry run names the form instead
     result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--dry-run", "--json", "--profiles", "phase",
                                       "--max-seq-len", "1024"])
     assert result.exit_code == 0, result.output

@@ -81,7 +81,9 @@ def _profile_rows(profiles):
     return rows
 
 
-def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "phase") -> None:
+def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "phase", built: str = "phase") -> None:
+    """Print the profiles in ``form`` (``phase``: one per phase, what the runtime's calls select
+    between; ``shared``: merged per engine); ``built`` is the form a build with these options uses."""
     profiles = {spec.name: engine_profiles.engine_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len,
                                                            form=form) for spec in specs}
     variable = any(s.attrs.get("variable") for s in specs)   # per-request counts: no segment is shorter
@@ -89,7 +91,7 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "p
     kv = engine_profiles.kv_cache_bytes(specs, max_batch, per_segment)
     if as_json:
         print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len, "profile_form": form,
-                          "kv_cache_bytes_at_max": kv,
+                          "build_profile_form": built, "kv_cache_bytes_at_max": kv,
                           "profiles": {name: [p.to_dict() for p in items] for name, items in profiles.items()}}, indent=1))
         return
     from rich.table import Table
@@ -104,11 +106,14 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "p
     out.print(table)
     out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
               f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
+    if built != form:
+        out.print(f"A build with these options merges each engine's profiles into one covering its phases "
+                  f"({built}; print them with --profiles {built}).")
 
 
 def _dry_run_form(profiles: str, tensorrt: str) -> str:
-    """The profile form a build would use (``auto``: by the flavour --tensorrt names or, for auto, the
-    installed one; phase when none is installed)."""
+    """The profile form a build with these options uses (``auto``: by the flavour --tensorrt names or,
+    for auto, the installed one; phase when none is installed)."""
     if profiles != "auto":
         return profiles
     if tensorrt == "auto":
@@ -208,7 +213,8 @@ def build(
                                         arch=arch.get_architecture(dims.architecture))
 
         length = max_seq_len or export_lib.default_max_seq_len(dims)
-        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json, _dry_run_form(profiles, tensorrt))
+        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json,
+                 "phase" if profiles == "auto" else profiles, _dry_run_form(profiles, tensorrt))
         return
     manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
 
@@ -218,7 +224,8 @@ def build(
         raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")
     if dry_run:
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
-                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json, _dry_run_form(profiles, tensorrt))
+                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json,
+                 "phase" if profiles == "auto" else profiles, _dry_run_form(profiles, tensorrt))
         return
     target = require_tensorrt(tensorrt, compute_capability, has_fp32_gemms(manifest.dtype, manifest.plan))
     engine_build.check_timing_cache(target.flavour, timing_cache)

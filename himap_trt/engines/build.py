@@ -400,7 +400,6 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
                         size = build_engine_file(target, graph_path, list(part_profiles), tmp / part_file,
                                                  workspace=workspace, timing_cache=timing_cache, model=data)
                         parts.append(EnginePart(part_file, part, part_profiles, size))
-                        write_point("build:engine")
                     written, engine_file = sum(p.engine_bytes for p in parts), parts[0].file
                 else:
                     written = build_engine_file(target, graph_path, graph_profiles, tmp / engine_file,

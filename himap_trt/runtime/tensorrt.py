@@ -52,7 +52,7 @@ from himap_trt.engines.flavour import RTX, flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
 from himap_trt.graphs.spec import GraphSpec
-from himap_trt.runtime.backend import BackendBase
+from himap_trt.runtime.backend import BackendBase, ChunkedBackend
 from himap_trt.runtime.kv_cache import torch_dtype
 
 #: TensorRT requires I/O tensor addresses aligned to this many bytes.
@@ -454,5 +454,15 @@ def tensorrt_backends(engines_dir: Path, engines, export, *,
     backends = {}
     for spec in export.graphs:
         entry = engines.entry(spec.name)
-        backends[spec.name] = TensorRTBackend(spec, Path(engines_dir) / entry.file, entry.profiles, shared)
+        backends[spec.name] = _engine_backend(spec, entry, Path(engines_dir), shared)
     return backends
+
+
+def _engine_backend(spec: GraphSpec, entry, engines_dir: Path, shared: SharedResources):
+    """The backend of one engines-manifest entry: one :class:`TensorRTBackend`, or for a segment
+    built in layer chunks (issue 34, :mod:`himap_trt.engines.chunks`) a
+    :class:`~himap_trt.runtime.backend.ChunkedBackend` over one TensorRTBackend per chunk engine."""
+    if not entry.parts:
+        return TensorRTBackend(spec, engines_dir / entry.file, entry.profiles, shared)
+    return ChunkedBackend(spec, [TensorRTBackend(part.spec, engines_dir / part.file, part.profiles, shared)
+                                 for part in entry.parts])

@@ -89,4 +89,6 @@ def test_static_check_never_accepts_what_the_parser_rejects(tmp_path_factory, tm
     # the corpus exercises both verdicts: the tensorscatter and gqa segments and the rule breakers
     assert any(label.startswith("tiny-fastv-fp32-tensorscatter") for label in both)
     assert any("-gqa-" in label for label in both)
+    # every family's graphs are in the corpus (VARIANTS holds each; test_tensorrt_rtx_build checks it)
+    assert {label.split("-")[1] for label in graphs if label.startswith("tiny-qwen")} == {"qwen2.5", "qwen3"}
     assert "control-relu" not in both + [s[0] for s in static_only]

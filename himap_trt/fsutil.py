@@ -29,16 +29,11 @@ import secrets
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from himap_trt.errors import HimapError
-
-#: Environment variable naming a point where a writing process stops (prints ``paused at <point>`` on
-#: stderr and sleeps), so tests can kill it there: ``export:graph``, ``swap:before``, ``swap:exchanged``.
-PAUSE_ENV = "HIMAP_TRT_PAUSE_AT"
 
 _HELD: dict[str, int] = {}   # lock files held by this process: target -> fd
 
@@ -57,22 +52,13 @@ STOP_ENV = "HIMAP_TRT_TEST_STOP_AT_POINTS"
 _POINTS = 0   # write points passed by this process
 
 
-def pause_point(name: str) -> None:
-    """Stop here forever if :data:`PAUSE_ENV` names this point (a test hook; a no-op otherwise)."""
-    if os.environ.get(PAUSE_ENV) == name:
-        print(f"paused at {name}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
-
-
 def write_point(name: str) -> None:
-    """Mark a step of a write sequence: a test hook (:data:`KILL_ENV`, :data:`PAUSE_ENV`); a no-op otherwise.
+    """Mark a step of a write sequence: a test hook (:data:`KILL_ENV`, :data:`STOP_ENV`); a no-op otherwise.
 
     Raises:
         HimapError: if :data:`KILL_ENV` is set but not a positive integer.
     """
     global _POINTS
-    pause_point(name)
     kill_at = kill_after()
     stop = stop_at_points()
     if kill_at is None and not stop:

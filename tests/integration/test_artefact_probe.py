@@ -130,3 +130,31 @@ def test_requests_without_an_image_mention_video_and_no_llava_wording():
     assert "image_url" in text and "video_url" in text
     text = refusal({"model": "m", "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]})
     assert "LLaVA" not in text and "video_url" in text
+
+
+def test_a_test_hook_set_prints_a_warning_line_and_the_pause_hook_is_gone(monkeypatch, good_export, tmp_path):  # noqa: F811
+    import subprocess
+
+    from test_hostile_inputs import HIMAP, PYTHON_ENV
+
+    from himap_trt import fsutil
+    from himap_trt.cli.app import TEST_HOOKS
+    from himap_trt.runtime.engine import FAULT_ENV
+
+    assert set(TEST_HOOKS) == {fsutil.KILL_ENV, fsutil.STOP_ENV, FAULT_ENV}
+    monkeypatch.setenv(FAULT_ENV, "decode:3")
+    monkeypatch.setenv("HIMAP_TRT_TEST_PAUSE_AT", "swap:before")
+    result = invoke("flops", "--model", "tiny")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: HIMAP_TRT_TEST_FAULT='decode:3' is set: a test-only hook (faults are injected into the engine's "
+        "backend calls); unset it outside tests",
+        "warning: HIMAP_TRT_TEST_PAUSE_AT is set, but it is not one of himap-trt's test hooks "
+        f"({', '.join(TEST_HOOKS)}); ignored"]
+    monkeypatch.setenv(FAULT_ENV, "decode:0")         # malformed: no warning, the command's one-line error instead
+    monkeypatch.delenv("HIMAP_TRT_TEST_PAUSE_AT")
+    assert invoke("flops", "--model", "tiny").stderr == ""
+    # the old unvalidated pause hook stopped a writer forever at the point it named; it does nothing now
+    done = subprocess.run([*HIMAP, "triton", "repo", "--export-dir", str(good_export), "--out", str(tmp_path / "repo")],
+                          env={**PYTHON_ENV, "HIMAP_TRT_PAUSE_AT": "swap:before"}, capture_output=True, timeout=300)
+    assert done.returncode == 0 and b"paused" not in done.stderr, done.stderr[-2000:]

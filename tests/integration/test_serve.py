@@ -70,11 +70,19 @@ class ServerProcess:
         return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=self.api_key, max_retries=0, timeout=60)
 
     def metric(self, name: str, **labels) -> float:
+        """A sample's value on /metrics. A labelled sample not observed yet reads 0.0, but only when its
+        metric family is declared (``# TYPE``): a metric the server does not publish (renamed,
+        removed) fails the test instead of reading 0."""
         text = httpx.get(f"{self.base}/metrics", timeout=10, headers={"Authorization": f"Bearer {self.api_key}"}).text
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
         pattern = rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$"
         found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        if found:
+            return float(found.group(1))
+        family = re.sub(r"_(total|count|sum|bucket|created)$", "", name)
+        assert labels and re.search(rf"^# TYPE {re.escape(family)} ", text, re.MULTILINE), \
+            f"metric {name}{labels or ''} is not on /metrics"
+        return 0.0
 
     def wait_metric(self, name: str, value: float, timeout: float = 10.0, **labels) -> None:
         deadline = time.monotonic() + timeout

@@ -312,12 +312,12 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")
     path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise HimapError(f"{flag} {str(directory)!r} holds no {MANIFEST_NAME}; it is not a himap-trt export")
     kind = artefact_kind(directory)
     if kind is not None and kind != "an export":
         raise HimapError(f"{flag} {str(directory)!r} is {kind}, not an export; pass the export directory "
                          "(written by `himap-trt export`)")
+    if not path.is_file():
+        raise HimapError(f"{flag} {str(directory)!r} holds no {MANIFEST_NAME}; it is not a himap-trt export")
     data = read_versioned_json(path, FORMAT_VERSION, "manifest",
                                f"re-export with this version (format {FORMAT_VERSION} records every file's sha256)")
     manifest = Manifest.from_dict(data, source=path)

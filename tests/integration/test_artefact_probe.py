@@ -82,6 +82,11 @@ def test_an_engines_directory_given_as_the_export_says_so(tmp_path, photo_path):
                     ["run", photo_path, "Hi?", "--export-dir", engines]):
         line = one_line_error(invoke(*command), f"--export-dir {str(engines)!r} is an engines directory, not an export")
         assert "re-export" not in line and "format version" not in line
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / REPOSITORY_MARKER).write_text(json.dumps({"format_version": 1}))
+    one_line_error(invoke("check", "--export-dir", repo, "--tensorrt-compat"),
+                   f"--export-dir {str(repo)!r} is a Triton model repository, not an export")
 
 
 def test_a_curve_model_signing_cannot_use_is_refused_before_loading(good_export, tmp_path, photo_path):  # noqa: F811

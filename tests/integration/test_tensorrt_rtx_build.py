@@ -146,24 +146,28 @@ def test_tensorscatter_segments_are_rejected_by_the_real_parser(tmp_path_factory
 
 
 def test_the_variants_cover_every_family_and_the_stated_graph_count(tmp_path_factory):
-    """What README states of this file holds: every model family has a variant, and the number of
-    distinct graphs (file sha256 and profiles, as built above) is README's "N distinct graphs", so a
-    shrunken (or grown) variant list fails here until README says so."""
+    """What README states of this file holds: every model family has a variant, and the variants'
+    exports hold README's "N graphs of M exports", so a shrunken (or grown) variant list fails here
+    until README says so. (The number of byte-distinct graphs, what the builds above dedupe on, is
+    printed, not asserted: the ONNX exporter's node names can differ between sessions, so shared
+    vision/embed graphs are identical in one session and not in another.)"""
     import re
     from pathlib import Path
 
     from himap_trt.arch import ARCHITECTURES, get_architecture
 
-    keys, families = set(), set()
+    keys, families, total = set(), set(), 0
     for model, method, dtype, kv_write, validate, kw in VARIANTS:
         out, manifest, _ = exported(tmp_path_factory, model, method, dtype=dtype, validate=validate,
                                     kv_write=kv_write, **kw)
         families.add(get_architecture(manifest.dims.architecture).name)
+        total += len(manifest.graphs)
         for spec in manifest.graphs:
             profiles = graph_profiles(spec, manifest.plan, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN)
             keys.add((hashlib.sha256((out / spec.file).read_bytes()).hexdigest(), repr(profiles)))
     assert families == {a.name for a in ARCHITECTURES.values()}
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    stated = re.search(r"on every graph the project offers for TensorRT\*\*: (\d+) distinct graphs", readme)
-    assert stated, "README no longer states the distinct graph count of this file"
-    assert len(keys) == int(stated.group(1)), (len(keys), stated.group(1))
+    stated = re.search(r"on every graph the project offers for TensorRT\*\*: (\d+) graphs of (\d+) exports", readme)
+    assert stated, "README no longer states the graph and export counts of this file"
+    assert (total, len(VARIANTS)) == (int(stated.group(1)), int(stated.group(2)))
+    print(f"{total} graphs of {len(VARIANTS)} exports, {len(keys)} byte-distinct in this session")

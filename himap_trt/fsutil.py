@@ -29,16 +29,11 @@ import secrets
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from himap_trt.errors import HimapError
-
-#: Environment variable naming a point where a writing process stops (prints ``paused at <point>`` on
-#: stderr and sleeps), so tests can kill it there: ``export:graph``, ``swap:before``, ``swap:exchanged``.
-PAUSE_ENV = "HIMAP_TRT_PAUSE_AT"
 
 _HELD: dict[str, int] = {}   # lock files held by this process: target -> fd
 
@@ -57,22 +52,13 @@ STOP_ENV = "HIMAP_TRT_TEST_STOP_AT_POINTS"
 _POINTS = 0   # write points passed by this process
 
 
-def pause_point(name: str) -> None:
-    """Stop here forever if :data:`PAUSE_ENV` names this point (a test hook; a no-op otherwise)."""
-    if os.environ.get(PAUSE_ENV) == name:
-        print(f"paused at {name}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
-
-
 def write_point(name: str) -> None:
-    """Mark a step of a write sequence: a test hook (:data:`KILL_ENV`, :data:`PAUSE_ENV`); a no-op otherwise.
+    """Mark a step of a write sequence: a test hook (:data:`KILL_ENV`, :data:`STOP_ENV`); a no-op otherwise.
 
     Raises:
         HimapError: if :data:`KILL_ENV` is set but not a positive integer.
     """
     global _POINTS
-    pause_point(name)
     kill_at = kill_after()
     stop = stop_at_points()
     if kill_at is None and not stop:
@@ -176,10 +162,12 @@ def check_target(target: Path, *, marker: str, flag: str,
         recognise: ``(parsed marker JSON) -> bool``; when given, ``marker`` must also parse as ours.
 
     Raises:
-        HimapError: if ``target`` is a file, a non-empty directory without a ``marker`` of ours, or
-            cannot be created (its parent is a file, or not writable).
+        HimapError: if ``target`` is a file, a non-empty directory without a ``marker`` of ours, lies
+            inside another artefact directory (:func:`check_outside_artefacts`), or cannot be created
+            (its parent is a file, or not writable).
     """
     target = Path(target).absolute()
+    check_outside_artefacts(target, flag)
     if target.exists():
         if not target.is_dir():
             raise HimapError(f"{flag} {str(target)!r} exists and is not a directory")
@@ -203,6 +191,60 @@ def check_target(target: Path, *, marker: str, flag: str,
     else:
         _check_parent(target, flag)
     return target
+
+
+#: The marker files of the directories himap-trt writes: an export's or an engines directory's
+#: ``manifest.json`` (told apart by their fields), a Triton repository's ``himap-repository.json``
+#: (the names of :mod:`himap_trt.manifest`, :mod:`himap_trt.engines.manifest` and
+#: :mod:`himap_trt.triton.repository`, which sit above this module; a test checks they agree).
+ARTEFACT_MARKERS = ("manifest.json", "himap-repository.json")
+_MARKER_READ_LIMIT = 64 * 2**20
+
+
+def artefact_kind(directory: Path) -> str | None:
+    """What himap-trt artefact ``directory`` is, from its marker file: ``"an export"``, ``"an engines
+    directory"``, ``"a Triton model repository"``, or None (none of ours, or unreadable). Reads at
+    most 64 MiB of a marker."""
+    for marker in ARTEFACT_MARKERS:
+        path = Path(directory) / marker
+        try:
+            if not path.is_file():
+                continue
+            with open(path, "rb") as handle:
+                data = json.loads(handle.read(_MARKER_READ_LIMIT + 1)[:_MARKER_READ_LIMIT])
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
+            continue
+        if marker == "himap-repository.json":
+            return "a Triton model repository"
+        if isinstance(data.get("engines"), list):
+            return "an engines directory"
+        if isinstance(data.get("graphs"), list):
+            return "an export"
+    return None
+
+
+def check_outside_artefacts(target: Path, flag: str) -> None:
+    """Refuse an output directory inside an export, engines directory or Triton repository (any
+    ancestor, by its path as given and with symlinks resolved): files added there break that
+    artefact's file list and signature (``--require-signature`` refuses it as changed).
+
+    Raises:
+        HimapError: naming the flag, the enclosing directory and what it is.
+    """
+    target = Path(target).absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    resolved = existing.resolve() / target.relative_to(existing)
+    for candidate in (target, resolved):
+        for ancestor in candidate.parents:
+            kind = artefact_kind(ancestor)
+            if kind is not None:
+                raise HimapError(f"{flag} {str(target)!r} lies inside {str(ancestor)!r}, which is {kind} written by "
+                                 "himap-trt; write it beside that directory, not inside it (files added to it break "
+                                 "its manifest and signature)")
 
 
 def _lock_path(target: Path) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 from himap_trt.confine import check_onnx_external_data, confined_path, files_under, parse_file_records, verify_files
 from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
+from himap_trt.fsutil import artefact_kind
 from himap_trt.graphs.spec import GraphSpec, graph_specs
 from himap_trt.plan import PruningPlan
 
@@ -325,6 +326,10 @@ def load_manifest(directory: str | Path, flag: str = "--export-dir", verify: boo
     if not directory.is_dir():
         raise HimapError(f"{flag} {str(directory)!r} does not exist; create it with `himap-trt export`")
     path = directory / MANIFEST_NAME
+    kind = artefact_kind(directory)
+    if kind is not None and kind != "an export":
+        raise HimapError(f"{flag} {str(directory)!r} is {kind}, not an export; pass the export directory "
+                         "(written by `himap-trt export`)")
     if not path.is_file():
         raise HimapError(f"{flag} {str(directory)!r} holds no {MANIFEST_NAME}; it is not a himap-trt export")
     data = read_versioned_json(path, FORMAT_VERSION, "manifest",

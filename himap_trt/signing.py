@@ -21,13 +21,19 @@ beyond this; they are not wired to flags here. ``model-signing`` is the optional
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 
 from himap_trt.errors import HimapError
 
 #: The signature file written inside a signed directory (model-signing's default name).
 SIGNATURE_NAME = "model.sig"
+#: The largest ``model.sig`` read (bytes); a bundle lists each file's name and sha256 (~200 bytes a
+#: file), so 16 MiB holds tens of thousands of files.
+MAX_SIGNATURE_BYTES = 16 * 2**20
 INSTALL_HINT = "install the signing extra: pip install 'himap-trt[sign]' (OpenSSF model-signing)"
 
 
@@ -74,11 +80,12 @@ def check_private_key(path: Path, flag: str = "--sign") -> Path:
     """Check a ``--sign`` key before the export or build starts (and that model-signing imports).
 
     Raises:
-        HimapError: missing or unreadable file, not an unencrypted EC private key in PEM, or
-            model-signing missing.
+        HimapError: missing or unreadable file, not an unencrypted EC private key in PEM, a curve
+            model-signing cannot sign with (anything but P-256, P-384, P-521), or model-signing missing.
     """
-    _model_signing()
+    model_signing = _model_signing()
     _read_key(path, flag, private=True)
+    _library_accepts(flag, path, lambda: model_signing.signing.Config().use_elliptic_key_signer(private_key=str(path)))
     return Path(path)
 
 
@@ -86,11 +93,26 @@ def check_public_key(path: Path, flag: str = "--require-signature") -> Path:
     """Check a ``--require-signature`` key before anything is loaded.
 
     Raises:
-        HimapError: missing or unreadable file, not an EC public key in PEM, or model-signing missing.
+        HimapError: missing or unreadable file, not an EC public key in PEM, a curve model-signing
+            cannot verify with (anything but P-256, P-384, P-521), or model-signing missing.
     """
-    _model_signing()
+    model_signing = _model_signing()
     _read_key(path, flag, private=False)
+    _library_accepts(flag, path,
+                     lambda: model_signing.verifying.Config().use_elliptic_key_verifier(public_key=str(path)))
     return Path(path)
+
+
+def _library_accepts(flag: str, path: Path, configure) -> None:
+    """Configure model-signing's own signer or verifier with the key now, so every check it makes
+    (the curves it supports: P-256, P-384, P-521; not e.g. secp256k1) runs before any model is
+    loaded rather than after a whole export."""
+    try:
+        configure()
+    except Exception as exc:  # noqa: BLE001 - the library raises ValueError and others
+        raise HimapError(f"{flag} {str(path)!r} is a key model-signing cannot use: {_first_line(exc)} (it signs "
+                         "with the NIST curves P-256, P-384 and P-521, e.g. `openssl ecparam -name prime256v1 "
+                         "-genkey -noout -out key.pem`)") from None
 
 
 def _hashing(model_signing):
@@ -138,22 +160,52 @@ def verify_directory(directory: Path, public_key: Path, *, what: str, flag: str 
 
     Raises:
         HimapError: in one line naming the directory (and the file, where model-signing names one):
-            no signature, a signature by another key, a changed, added or removed file.
+            no signature, a signature over :data:`MAX_SIGNATURE_BYTES` or not a regular file, a
+            signature by another key, a changed, added or removed file.
     """
     model_signing = _model_signing()
     check_public_key(public_key, flag)
     directory = Path(directory)
     signature = directory / SIGNATURE_NAME
     where = f"{what} {str(directory)!r}"
-    if not signature.is_file():
+    if not os.path.lexists(signature):
         raise HimapError(f"{where} is not signed ({SIGNATURE_NAME} is missing) and {flag} is given; sign it with "
                          "`himap-trt export --sign KEY.pem`")
+    data = _read_signature(signature, where)
+    with tempfile.TemporaryDirectory(prefix="himap-trt-sig-") as scratch:
+        # model-signing reads the bundle from a path: it gets this bounded copy, never the directory's file
+        copy = Path(scratch) / SIGNATURE_NAME
+        copy.write_bytes(data)
+        try:
+            config = model_signing.verifying.Config().use_elliptic_key_verifier(public_key=str(public_key))
+            config.set_hashing_config(_hashing(model_signing))
+            config.verify(str(directory), str(copy))
+        except Exception as exc:  # noqa: BLE001 - ValueError for mismatches, others for corrupt bundles
+            raise HimapError(f"{where} fails {flag} {str(public_key)!r}: {_describe_failure(exc)}") from None
+
+
+def _read_signature(signature: Path, where: str) -> bytes:
+    """The bytes of ``model.sig``: a regular file (not a link, FIFO or device) of at most
+    :data:`MAX_SIGNATURE_BYTES`, read with that bound whatever its size says.
+
+    Raises:
+        HimapError: naming the file, over the bound or not a regular file.
+    """
+    too_big = HimapError(f"{where}: {SIGNATURE_NAME} is larger than {MAX_SIGNATURE_BYTES // 2**20} MiB, the most a "
+                         "signature may take (a bundle of every file's sha256 takes a few hundred bytes per file); "
+                         "it is not one himap-trt wrote")
     try:
-        config = model_signing.verifying.Config().use_elliptic_key_verifier(public_key=str(public_key))
-        config.set_hashing_config(_hashing(model_signing))
-        config.verify(str(directory), str(signature))
-    except Exception as exc:  # noqa: BLE001 - ValueError for mismatches, others for corrupt bundles
-        raise HimapError(f"{where} fails {flag} {str(public_key)!r}: {_describe_failure(exc)}") from None
+        if not stat.S_ISREG(signature.lstat().st_mode):
+            raise HimapError(f"{where}: {SIGNATURE_NAME} is not a regular file (a link, FIFO or device)")
+        if signature.lstat().st_size > MAX_SIGNATURE_BYTES:
+            raise too_big
+        with open(signature, "rb") as handle:
+            data = handle.read(MAX_SIGNATURE_BYTES + 1)
+    except OSError as exc:
+        raise HimapError(f"{where}: {SIGNATURE_NAME} cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise too_big
+    return data
 
 
 def _describe_failure(exc: BaseException) -> str:

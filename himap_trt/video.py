@@ -5,10 +5,16 @@ A :class:`Video` is the frames a prompt sees (RGB PIL images, in order) and the 
 (seconds from the clip's start). It is what ``prepare_batch`` of a Qwen family accepts in place of
 an image (:mod:`himap_trt.arch.qwen2_5_vl`); how frames become visual tokens is the family's.
 
-Sampling (:func:`sample_times`), as transformers' Qwen video processors sample: ``n = round(duration
+Sampling (:func:`sample_indices`), as transformers' Qwen video processors sample: ``n = round(duration
 · fps)`` frames, at most ``max_frames``, at least 2, rounded down to an even count (Qwen's temporal
 patches hold 2 frames), spread evenly over the clip (``linspace`` over the decoded frames,
-rounded), so a long clip is covered end to end rather than truncated.
+rounded), so a long clip is covered end to end rather than truncated. Never more distinct frames
+than the clip has: a clip shorter than ``n`` frames (a frame rate below ``--video-fps``, a
+``--video-fps`` above the clip's rate, a 1-frame clip) gives all its frames, rounded down to an
+even count; a 1-frame clip gives its frame twice (one temporal patch, as transformers pads).
+
+Limits are checked on every frame as it is decoded, not only on the container's header (a stream
+can change frame size mid-stream): see :func:`load_video`.
 
 Decoding is PyAV's (FFmpeg); nothing here parses a container or codec itself.
 """
@@ -68,15 +74,23 @@ def _check_sampling(fps: float, max_frames: int) -> None:
 def sample_indices(total: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
     """Which of ``total`` decoded frames (at ``source_fps``) to keep (see the module docstring).
 
+    Distinct and increasing: never more indices than the clip has frames. ``round(duration · fps)``
+    capped at ``max_frames`` and at ``total``, at least 2 (1 for a 1-frame clip), then rounded down to
+    an even count; a clip of fewer frames than that gives all of them (an odd count is padded later by
+    repeating the last frame, see :func:`load_video`).
+
     Raises:
         HimapError: fewer than one decoded frame.
     """
     if total < 1:
         raise HimapError("the video has no frames")
     wanted = int(round(total / source_fps * fps))
-    count = max(2, min(max_frames, wanted))
-    count -= count % 2
-    return [int(round(i)) for i in np.linspace(0, total - 1, count)]
+    count = min(total, max(2, min(max_frames, wanted)))
+    if count > 1:
+        count -= count % 2
+    indices = [int(round(i)) for i in np.linspace(0, total - 1, count)]
+    assert len(set(indices)) == len(indices), indices   # linspace steps are >= 1 when count <= total
+    return indices
 
 
 def frame_memory(width: int, height: int) -> int:
@@ -85,26 +99,67 @@ def frame_memory(width: int, height: int) -> int:
     return width * height * (3 + 3 * 4)
 
 
+def _check_frame(label: str, index: int, size: tuple[int, int], header: tuple[int, int],
+                 max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        said = "" if size == header else f" (its header said {header[0]}x{header[1]})"
+        raise HimapError(f"{label}: frame {index} is {width}x{height} px{said}, over the limit of {max_pixels} "
+                         "pixels per frame")
+
+
+def _decoded(container, label: str, header: tuple[int, int], max_pixels: int | None):
+    """Yield ``(index, frame)`` for every frame of the first video stream, each checked against
+    ``max_pixels`` as decoded. FFmpeg's own ``max_pixels`` decoder option is set too, so a frame
+    over the limit is refused inside the decoder before its buffers are allocated (a 6000x6000
+    frame's would take ~100 MB); that refusal is reported as the size, not as a corrupt file."""
+    import av
+
+    stream = container.streams.video[0]
+    if max_pixels is not None:
+        stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(max_pixels)}
+    index = 0
+    try:
+        for frame in container.decode(stream):
+            _check_frame(label, index, (frame.width, frame.height), header, max_pixels)
+            yield index, frame
+            index += 1
+    except av.error.FFmpegError:
+        size = (stream.codec_context.width, stream.codec_context.height)
+        _check_frame(label, index, size, header, max_pixels)     # the decoder refused a frame over the limit
+        raise
+
+
 def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
                name: str | None = None, max_pixels: int | None = None, max_memory: int | None = None) -> Video:
     """Decode a video file (or its bytes) with PyAV and sample its frames.
 
     Two passes, so memory stays bounded by the frames kept whatever the clip's length: the first
-    decodes every frame only for its time (each frame is dropped at once; at most
+    decodes every frame only for its time and size (each frame is dropped at once; at most
     :data:`DECODE_LIMIT` frames), the second converts just the sampled frames to images.
+
+    Every decoded frame is checked as it is decoded, whatever the container's header says (a stream
+    may change frame size mid-stream, e.g. two clips joined): its pixels against ``max_pixels`` in
+    both passes, and the kept frames' own sizes against ``max_memory`` before any becomes an image.
+    Kept frames of different sizes are refused (a :class:`Video`'s frames share one size). A clip of
+    fewer frames than sampling asks for gives all its frames; an odd count is padded by repeating the
+    last frame (as transformers pads a temporal patch), so a 1-frame clip gives 2 equal frames.
 
     Args:
         path: a file path, or the file's bytes (the server's data URLs).
         fps: frames per second to sample (``--video-fps``).
         max_frames: most frames kept (``--max-frames``).
         name: what to call it in messages (default: the path).
-        max_pixels: refuse frames larger than this (width x height), before decoding any.
+        max_pixels: refuse any frame larger than this (width x height): from the header before
+            decoding, then each frame as it is decoded.
         max_memory: refuse a clip whose kept frames would take more than this (bytes,
-            :func:`frame_memory` per frame), before converting any frame to an image.
+            :func:`frame_memory` of each kept frame's decoded size), before converting any frame to
+            an image.
 
     Raises:
         HimapError: not a readable video (one line naming it), no video stream, no frames, more than
-            :data:`DECODE_LIMIT` frames, frames over ``max_pixels``, kept frames over ``max_memory``.
+            :data:`DECODE_LIMIT` frames, a frame over ``max_pixels``, kept frames over ``max_memory``
+            or of different sizes.
     """
     import av
 
@@ -119,15 +174,17 @@ def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames
             if not container.streams.video:
                 raise HimapError(f"{label} holds no video stream")
             stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            if max_pixels is not None and width * height > max_pixels:
-                raise HimapError(f"{label}: frames of {width}x{height} px exceed the limit of {max_pixels} "
+            header = (stream.codec_context.width, stream.codec_context.height)
+            if max_pixels is not None and header[0] * header[1] > max_pixels:
+                raise HimapError(f"{label}: frames of {header[0]}x{header[1]} px exceed the limit of {max_pixels} "
                                  "pixels per frame")
-            times = []
-            for frame in container.decode(stream):
+            times, sizes = [], []
+            for _, frame in _decoded(container, label, header, max_pixels):
                 if len(times) == DECODE_LIMIT:
                     raise HimapError(f"{label}: more than {DECODE_LIMIT} frames (the most a video may hold here)")
                 times.append(float(frame.time or 0.0))
+                sizes.append((frame.width, frame.height))
+                del frame
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
         if not times:
             raise HimapError(f"{label} has no frames")
@@ -135,15 +192,27 @@ def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames
             span = times[-1] - times[0]
             rate = (len(times) - 1) / span if span > 0 else 1.0
         keep = sample_indices(len(times), rate, fps, max_frames)
-        if max_memory is not None and len(keep) * frame_memory(width, height) > max_memory:
+        kept_sizes = sorted({sizes[i] for i in keep})
+        if len(kept_sizes) > 1:
+            first = next(i for i in keep if sizes[i] != sizes[keep[0]])
+            raise HimapError(f"{label}: the frames change size mid-stream ({sizes[keep[0]][0]}x{sizes[keep[0]][1]} px "
+                             f"at frame {keep[0]}, {sizes[first][0]}x{sizes[first][1]} px at frame {first}); "
+                             "give a clip of one frame size")
+        memory = sum(frame_memory(*sizes[i]) for i in keep)
+        if max_memory is not None and memory > max_memory:
+            width, height = sizes[keep[0]]
             raise HimapError(f"{label}: {len(keep)} frames of {width}x{height} px would take "
-                             f"{len(keep) * frame_memory(width, height) / 2**20:.1f} MiB to decode and preprocess, "
+                             f"{memory / 2**20:.1f} MiB to decode and preprocess, "
                              f"more than the limit of {max_memory / 2**20:.1f} MiB (--max-image-memory)")
         wanted, images = set(keep), {}
         with av.open(source(), mode="r") as container:
-            for index, frame in enumerate(container.decode(container.streams.video[0])):
+            for index, frame in _decoded(container, label, header, max_pixels):
+                if index < len(sizes) and (frame.width, frame.height) != sizes[index]:
+                    raise HimapError(f"{label}: decoding again gave frame {index} as {frame.width}x{frame.height} px, "
+                                     f"not {sizes[index][0]}x{sizes[index][1]}")
                 if index in wanted:
                     images[index] = frame.to_image().convert("RGB")
+                del frame
                 if index >= keep[-1]:
                     break
     except HimapError:
@@ -153,8 +222,13 @@ def load_video(path: str | Path | bytes, *, fps: float = DEFAULT_FPS, max_frames
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if len(images) != len(keep):
         raise HimapError(f"{label}: decoding again gave {len(images)} of the {len(keep)} sampled frames")
+    frames = [images[i] for i in keep]
+    stamps = [times[i] - times[0] for i in keep]
+    if len(frames) % 2:             # a 1-frame clip (the only odd count sample_indices gives)
+        frames.append(frames[-1])
+        stamps.append(stamps[-1])
     effective = min(fps, rate)
-    return Video(tuple(images[i] for i in keep), tuple(times[i] - times[0] for i in keep), effective, label)
+    return Video(tuple(frames), tuple(stamps), effective, label)
 
 
 def frames_video(images: list[Image.Image], *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
@@ -213,6 +287,28 @@ def moving_shapes_clip(path: str | Path, *, frames: int = 16, fps: int = 8, size
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def mpegts_clip(width: int, height: int, frames: int, *, fps: int = 8, shade: int = 0) -> bytes:
+    """The bytes of an MPEG-TS clip (H.264 via PyAV, ultrafast) of ``frames`` flat grey frames of
+    ``width`` x ``height`` px, each a different shade: a test input. MPEG-TS streams can be joined by
+    concatenating their bytes (``cat a.ts b.ts``), which gives one stream whose frame size changes
+    where the second clip starts, while its header keeps the first clip's size.
+    """
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "30"}
+        for t in range(frames):
+            pixels = np.full((height, width, 3), (shade + 9 * t) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
 
 
 def video_request(video: str | Path | None, frames: list | None, *, fps: float = DEFAULT_FPS,

@@ -13,6 +13,8 @@ status 1, without a traceback. Heavy imports happen inside the commands so ``--h
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -20,7 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from himap_trt.errors import HimapError
-from himap_trt import __version__
+from himap_trt import __version__, fsutil
+from himap_trt.cli.lazy import lazy_import
+
+engine = lazy_import("himap_trt.runtime.engine")   # only when HIMAP_TRT_TEST_FAULT is set
 
 app = typer.Typer(
     name="himap-trt",
@@ -70,6 +75,37 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Deploy LLaVA-style multimodal LLMs with in-decoder image-token pruning (HiMAP, FastV)."""
+    warn_test_hooks()
+
+
+#: The test-only environment hooks and what each does when set (a warning line names them at start-up).
+TEST_HOOKS = {
+    "HIMAP_TRT_TEST_KILL_AFTER": "the process SIGKILLs itself at its N-th write point",
+    "HIMAP_TRT_TEST_STOP_AT_POINTS": "the process SIGSTOPs itself at every write point",
+    "HIMAP_TRT_TEST_FAULT": "faults are injected into the engine's backend calls",
+}
+
+
+def warn_test_hooks() -> None:
+    """One ``warning:`` line on stderr for each ``HIMAP_TRT_TEST_*`` variable set: a known test hook
+    with a valid value (a malformed one is the command's one-line error instead), or an unknown name
+    (ignored). Set in production, a hook kills, stops or fails the process on purpose."""
+    checks = {"HIMAP_TRT_TEST_KILL_AFTER": fsutil.kill_after, "HIMAP_TRT_TEST_STOP_AT_POINTS": fsutil.stop_at_points,
+              "HIMAP_TRT_TEST_FAULT": lambda: engine.FaultPlan(os.environ["HIMAP_TRT_TEST_FAULT"])}
+    for name in sorted(n for n in os.environ if n.startswith("HIMAP_TRT_TEST_")):
+        value = os.environ[name]
+        if name not in TEST_HOOKS:
+            print(f"warning: {name} is set, but it is not one of himap-trt's test hooks "
+                  f"({', '.join(TEST_HOOKS)}); ignored", file=sys.stderr, flush=True)
+            continue
+        try:
+            active = checks[name]()
+        except HimapError:
+            continue                        # the command refuses the malformed value in one line
+        if active is False or (name == "HIMAP_TRT_TEST_FAULT" and not active.faults):
+            continue
+        print(f"warning: {name}={value!r} is set: a test-only hook ({TEST_HOOKS[name]}); unset it outside tests",
+              file=sys.stderr, flush=True)
 
 
 def progress_bar():

@@ -49,9 +49,11 @@ from himap_trt.cli.lazy import lazy_import
 arch = lazy_import("himap_trt.arch")
 engine_build = lazy_import("himap_trt.engines.build")
 engine_profiles = lazy_import("himap_trt.engines.profiles")
+fsutil = lazy_import("himap_trt.fsutil")
 export_lib = lazy_import("himap_trt.export")
 export_manifest = lazy_import("himap_trt.manifest")
 graph_spec = lazy_import("himap_trt.graphs.spec")
+loader = lazy_import("himap_trt.runtime.loader")
 loading = lazy_import("himap_trt.models.loading")
 models = lazy_import("himap_trt.models")
 
@@ -227,6 +229,9 @@ def build(
                  f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json,
                  "phase" if profiles == "auto" else profiles, _dry_run_form(profiles, tensorrt))
         return
+    # engines inside an export (or any artefact directory) would break its file list and signature:
+    # refused before TensorRT is looked for
+    fsutil.check_outside_artefacts(engines_dir or loader.default_engines_dir(export_dir), "--engines")
     target = require_tensorrt(tensorrt, compute_capability, has_fp32_gemms(manifest.dtype, manifest.plan))
     engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,

@@ -219,7 +219,8 @@ def build_engine_bytes(target: BuildTarget, path: Path, profiles: list[Profile],
         timing_cache: tactic timing cache file, read if present and rewritten after the build (None:
             no cache).
         optimization_level: ``IBuilderConfig.builder_optimization_level`` (0..5; None: the
-            flavour's default, 3). Lower builds faster with fewer kernels tried (the CI test uses 0).
+            flavour's default, 3). Lower builds faster with fewer kernels tried (no command or test
+            passes it: CI builds at the default).
 
     Returns:
         The serialized engine.

@@ -312,8 +312,9 @@ def image_and_question(request: ChatCompletionRequest) -> tuple[str, str, str]:
     """
     if len(request.messages) != 1 or request.messages[0].role != "user":
         roles = ", ".join(m.role for m in request.messages)
-        raise ApiError(400, f"messages: expected one user message with one image_url part and text (LLaVA-1.5 "
-                            f"prompts hold one image and one question), got roles [{roles}]", param="messages")
+        raise ApiError(400, f"messages: expected one user message with one image_url (or video_url) part and text "
+                            f"(a prompt holds one image or video and one question), got roles [{roles}]",
+                       param="messages")
     content = request.messages[0].content
     parts = [] if content is None else content if isinstance(content, list) else []
     videos = [(i, p) for i, p in enumerate(parts) if isinstance(p, VideoPart)]
@@ -327,7 +328,9 @@ def image_and_question(request: ChatCompletionRequest) -> tuple[str, str, str]:
     images = images or videos
     if not images:
         raise ApiError(400, "messages[0].content: no image; add a part {\"type\": \"image_url\", \"image_url\": "
-                            "{\"url\": \"data:image/png;base64,...\"}}", param="messages[0].content")
+                            "{\"url\": \"data:image/png;base64,...\"}} (or, for a Qwen export, a video: "
+                            "{\"type\": \"video_url\", \"video_url\": {\"url\": \"data:video/mp4;base64,...\"}})",
+                       param="messages[0].content")
     if len(images) > 1:
         raise ApiError(400, f"messages[0].content: {len(images)} images; the model takes one image per prompt",
                        param="messages[0].content")

@@ -465,16 +465,21 @@ def complete_run(args) -> tuple[list[str], float]:
     return writer.points, last - started
 
 
-def kill_at_random_time(args, rng: random.Random, window_s: float) -> float:
-    """SIGKILL a writer a random time (uniform in [0, window_s]) after its first write point."""
+def kill_at_random_time(args, rng: random.Random, window_s: float) -> tuple[float, list[str]]:
+    """SIGKILL a writer a random time (uniform in [0, window_s]) after its first write point; returns
+    the delay and the write points it had announced by then (the last one tells whether the kill
+    landed inside the write sequence: before ``swap:done``)."""
     writer = Writer(args, stop=False, kill_after=10**6)   # announces points, never kills itself
     first = writer.next_point()
     assert first is not None, writer.tail.decode(errors="replace")
     delay = rng.uniform(0, window_s)
     time.sleep(delay)
     writer.kill()
+    rest = writer.proc.stderr.read()
     writer.proc.stderr.close()
-    return delay
+    writer.points += [line.split(": ", 1)[1].strip() for line in rest.decode(errors="replace").splitlines()
+                      if line.startswith("write point ")]
+    return delay, writer.points
 
 
 def export_args(target: Path, key: Path) -> list[str]:
@@ -523,8 +528,8 @@ def test_export_sweep_killed_at_write_points(good_export, keys, tmp_path, photo_
             shutil.rmtree(target)
             shutil.copytree(good_export, target)
             if n is None:
-                delay = kill_at_random_time(args, rng, window)
-                what = f"{delay:.2f} s after its first write point"
+                delay, passed = kill_at_random_time(args, rng, window)
+                what = f"{delay:.2f} s after its first write point ({passed[-1]})"
             else:
                 passed = kill_at(args, n)
                 what = f"at point {n} ({passed[-1]})"
@@ -578,14 +583,23 @@ def test_triton_repo_sweep_killed_at_write_points(good_export, other_export, tmp
             write_repo(good_export, target)    # the next run succeeds and cleans up
         print(f"triton repo killed at point {n} ({passed[-1]}): target "
               f"{'new' if swapped(passed) else 'previous'}, intact")
-    window = complete_run(args)[1] if FULL_SWEEP else 1.0
-    for _ in range(4 if FULL_SWEEP else 1):
+    # random-time kills within the write window (first to last write point of a complete run, measured
+    # here): CI needs one that lands inside it (before swap:done), drawing again (at most 6 times) when
+    # one lands after the process finished writing
+    window = complete_run(args)[1]
+    inside = 0
+    for attempt in range(12 if FULL_SWEEP else 6):
         write_repo(good_export, target)
-        delay = kill_at_random_time(args, rng, window)
+        delay, passed = kill_at_random_time(args, rng, window)
         state = {before: "previous", new: "new"}.get(tree_digest(target))
         assert state, delay
-        print(f"triton repo killed {delay:.2f} s after its first write point (of {window:.2f} s): target {state}, "
-              "intact")
+        assert state == "new" or not swapped(passed), (delay, passed)   # an announced exchange happened
+        inside += passed[-1] != "swap:done"
+        print(f"triton repo killed {delay:.2f} s after its first write point (of {window:.2f} s), after "
+              f"{len(passed)} points ({passed[-1]}): target {state}, intact")
+        if inside >= (4 if FULL_SWEEP else 1):
+            break
+    assert inside >= 1, "no random-time kill landed inside the write window"
     write_repo(good_export, target)
     assert tree_digest(target) == before and leftovers(tmp_path) == []
 

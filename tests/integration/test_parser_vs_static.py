@@ -89,4 +89,26 @@ def test_static_check_never_accepts_what_the_parser_rejects(tmp_path_factory, tm
     # the corpus exercises both verdicts: the tensorscatter and gqa segments and the rule breakers
     assert any(label.startswith("tiny-fastv-fp32-tensorscatter") for label in both)
     assert any("-gqa-" in label for label in both)
+    # every family's graphs are in the corpus (VARIANTS holds each; test_tensorrt_rtx_build checks it)
+    assert {label.split("-")[1] for label in graphs if label.startswith("tiny-qwen")} == {"qwen2.5", "qwen3"}
     assert "control-relu" not in both + [s[0] for s in static_only]
+
+
+def test_check_tensorrt_compat_on_a_qwen3_vl_export(tmp_path_factory):
+    """`himap-trt check --tensorrt-compat` on the Qwen3-VL export (the session's, test_qwen3_vl.py's):
+    every graph of the manifest passes the static table and is parsed by TensorRT-RTX's parser."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "himap")
+    result = CliRunner().invoke(app, ["check", "--export-dir", str(out), "--tensorrt-compat", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    names = [g.file for g in manifest.graphs]
+    assert report["ok"] and sorted(g["graph"] for g in report["graphs"]) == sorted(names)
+    assert all(not g["offenses"] for g in report["graphs"])
+    assert report["parser"]["flavour"] == "rtx" and sorted(g["graph"] for g in report["parser"]["graphs"]) == sorted(names)
+    assert all(not g["errors"] for g in report["parser"]["graphs"])

@@ -67,7 +67,8 @@ def test_quantized_segments_match_pytorch_within_tolerance(quantized):
 def test_codes_dequantize_to_the_checkpoint_weights(quantized):
     """Independent of ONNX Runtime: every linear weight of every layer, rebuilt from the stored codes
     and scales, is within half a quantization step of the PyTorch parameter (int4: a block's clipped
-    maximum within one step)."""
+    maximum within one step). int8: each output channel's scale is exactly its absmax / 127 and its
+    codes reach +-127, so a too-coarse scale (which half a step alone would let pass) fails."""
     scheme, export_dir, manifest, _ = quantized
     model = onnx.load(str(export_dir / manifest.graph("segment_0").file))
     inits = {t.name: t for t in model.graph.initializer}
@@ -85,11 +86,18 @@ def test_codes_dequantize_to_the_checkpoint_weights(quantized):
         scales_name = node.input[1] if node.op_type == "DequantizeLinear" else codes_name.replace("_DQ_Q8", "_DQ_scales")
         scales = numpy_helper.to_array(inits[scales_name]).astype(np.float64)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if scheme == "int8-dynamic":
-            assert scales.shape == (weight.shape[1],) and codes.min() >= -127 and inits[codes_name].data_type == onnx.TensorProto.INT8
-            step, bound = scales[None, :], 0.5
-        elif scheme == "int8":
-            assert attrs["axis"] == 1 and scales.shape == (weight.shape[1],) and codes.min() >= -127
+        if scheme in ("int8", "int8-dynamic"):
+            if scheme == "int8":
+                assert attrs["axis"] == 1
+            else:
+                assert inits[codes_name].data_type == onnx.TensorProto.INT8
+            assert scales.shape == (weight.shape[1],)
+            # the scale is each output channel's absmax / 127 (no coarser: with no clipping a coarser scale
+            # would still dequantize within half a step), and the codes use the whole symmetric range
+            absmax = np.abs(weight).max(axis=0)
+            assert np.allclose(scales, absmax / 127, rtol=1e-6, atol=0), np.abs(scales / (absmax / 127) - 1).max()
+            assert codes.min() >= -127 and codes.max() <= 127
+            assert np.array_equal(np.abs(codes).max(axis=0), np.full(weight.shape[1], 127))
             step, bound = scales[None, :], 0.5       # round to nearest, scale = absmax / 127: half a step
         else:
             block = attrs["block_size"]

@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from conftest import exported
+from himap_trt.serve.metrics import ServerMetrics
 
 STARTUP_S = 120          # bound on a server start (imports + loading on a busy 2-core machine)
 LONG = 1700              # max_tokens of requests meant to still be running when the test acts
@@ -37,6 +38,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: The metric families the server declares (labelled ones appear on /metrics once a label is used).
+DECLARED_METRICS = {family.name for family in ServerMetrics().registry.collect()}
 
 
 class ServerProcess:
@@ -70,11 +75,19 @@ class ServerProcess:
         return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=self.api_key, max_retries=0, timeout=60)
 
     def metric(self, name: str, **labels) -> float:
+        """A sample's value on /metrics. A labelled sample not observed yet reads 0.0 (prometheus_client
+        publishes a labelled family only once a label value is used), but only for a family the
+        server declares (:class:`ServerMetrics`); an unlabelled sample must be there. A metric the
+        server does not publish (renamed, removed) fails the test instead of reading 0."""
         text = httpx.get(f"{self.base}/metrics", timeout=10, headers={"Authorization": f"Bearer {self.api_key}"}).text
         want = ",".join(f'{k}="{v}"' for k, v in labels.items())
         pattern = rf"^{re.escape(name)}{re.escape('{' + want + '}') if want else ''} (\S+)$"
         found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        if found:
+            return float(found.group(1))
+        family = re.sub(r"_(total|count|sum|bucket|created)$", "", name)
+        assert labels and family in DECLARED_METRICS, f"metric {name}{labels or ''} is not on /metrics"
+        return 0.0
 
     def wait_metric(self, name: str, value: float, timeout: float = 10.0, **labels) -> None:
         deadline = time.monotonic() + timeout

@@ -2,8 +2,9 @@
 types, OpenAPI fuzzing (schemathesis), the API key, read timeouts (slowloris), overload, injected
 backend faults and a wedged engine.
 
-Two server processes on the tiny export (module scope): `guarded` (an API key, 2 slots and a queue
-of 2, a 2 s read timeout) and `faulty` (the test-only hook HIMAP_TRT_TEST_FAULT set, --wedged-after 1).
+Three server processes on the tiny export (module scope): `guarded` (an API key, 2 slots and a queue
+of 2, a 2 s read timeout), `faulty` (the test-only hook HIMAP_TRT_TEST_FAULT: decode call 3 fails)
+and `wedging` (its first decode call hangs 3 s, --wedged-after 1), so no test depends on another's calls.
 The longer runs of the same drivers are benchmarks/serve_overload.py and benchmarks/serve_soak.py,
 with their figures in docs/RELIABILITY.md.
 """
@@ -77,7 +78,16 @@ def guarded(export_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def faulty(export_dir, tmp_path_factory):
     proc = ServerProcess(export_dir, tmp_path_factory.mktemp("logs") / "faulty.log", "--max-batch", "2",
-                         "--wedged-after", "1", env={"HIMAP_TRT_TEST_FAULT": "decode:3,decode:14:hang=3"})
+                         "--wedged-after", "1", env={"HIMAP_TRT_TEST_FAULT": "decode:3"})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def wedging(export_dir, tmp_path_factory):
+    """A server whose first decode call hangs 3 s: independent of what other tests sent elsewhere."""
+    proc = ServerProcess(export_dir, tmp_path_factory.mktemp("logs") / "wedging.log", "--max-batch", "2",
+                         "--wedged-after", "1", env={"HIMAP_TRT_TEST_FAULT": "decode:1:hang=3"})
     yield proc
     proc.stop()
 
@@ -380,9 +390,11 @@ def test_injected_decode_fault_fails_that_batch_and_the_engine_goes_on(faulty):
     assert httpx.get(f"{faulty.base}/health").json() == {"status": "ok"}
 
 
-def test_health_reports_a_wedged_engine(faulty):
-    """decode call 14 hangs 3 s (the previous test made 3 + 7 decode calls: it runs first): /health answers 503 'wedged'
-    while it hangs (--wedged-after 1), then 200; the request that hung completes."""
+def test_health_reports_a_wedged_engine(wedging):
+    """decode call 1 hangs 3 s (its own server): /health answers 503 'wedged' while it hangs
+    (--wedged-after 1), then 200; the request that hung completes."""
+    faulty = wedging
+    assert httpx.get(f"{faulty.base}/health").status_code == 200
     body = {"model": "tiny", "messages": messages(URL, "What?"), "max_tokens": 8, "ignore_eos": True}
     out = {}
     thread = threading.Thread(target=lambda: out.update(r=post(faulty, body, headers={})))

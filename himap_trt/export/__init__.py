@@ -30,7 +30,7 @@ from himap_trt.fsutil import atomic_directory, write_point
 from himap_trt.export.qwen_vision import export_vision_graph as export_qwen2_5_vl_vision
 from himap_trt.export.qwen3_vision import export_vision_graph as export_qwen3_vl_vision
 from himap_trt.graphs.build import build_module
-from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
+from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs, segment_cache_lengths, static_cache_specs
 from himap_trt.manifest import (
     FORMAT_VERSION,
     KV_WRITES,
@@ -192,6 +192,9 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype, arch=arch)
+    if options.kv_write == "attention":     # TensorRT's KV-cache update needs a cache of static length
+        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
+                                                                variable_image_tokens=arch.variable_image_tokens))
     quantization = options.quantization(dims)
     specs = recorded_specs(specs, quantization.to_dict() if quantization is not None else {})
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)

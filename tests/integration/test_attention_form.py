@@ -1,0 +1,140 @@
+"""``--kv-write attention`` (issue 28): one opset-24 ONNX ``Attention`` node per layer over caches of a
+length fixed at export, written by ``TensorScatter`` in place.
+
+- The graphs hold what the form says: per segment one Attention and two TensorScatter nodes per layer,
+  no Softmax, no repeat_kv (Expand) of the cache; the cache axis is static.
+- ONNX Runtime = the PyTorch reference token for token (padded batch of 3 and batch 1, grouped-query
+  heads), kept indices of HiMAP, FastV and VisiPruner included; slots joining and leaving = solo runs.
+- The write is in place: ONNX Runtime's TensorScatter warns when it copies the cache, and does not
+  when the ``present`` output is bound to the ``past`` buffer (the pipeline's binding).
+"""
+
+import onnx
+import pytest
+import torch
+
+from conftest import exported, tiny
+from himap_trt.graphs.spec import past_names, present_names
+from himap_trt.runtime import GenerationConfig, reference_pipeline
+from himap_trt.runtime.loader import open_pipeline
+from test_slots import _Request, _solo, _step
+
+#: Small static caches keep the exports and the decode steps cheap (tiny's prompts are ~170 tokens).
+MAX_SEQ_LEN = 320
+NEW_TOKENS = 12
+CASES = [
+    pytest.param("tiny-gqa", "himap", dict(k1=2, r1=0.5, k2=8, r2=0.75), id="tiny-gqa-himap"),
+    pytest.param("tiny", "fastv", dict(k=2, r=0.5), id="tiny-fastv"),
+    pytest.param("tiny-gqa", "visipruner", dict(mid_layer=4, deep_layer=8), id="tiny-gqa-visipruner"),
+]
+
+
+def _export(tmp_path_factory, name, method, kw):
+    return exported(tmp_path_factory, name, method, kv_write="attention", max_seq_len=MAX_SEQ_LEN, **kw)
+
+
+def test_segment_graphs_hold_attention_nodes_over_static_caches(tmp_path_factory):
+    out, manifest, _ = _export(tmp_path_factory, *CASES[0].values)
+    assert manifest.kv_write == "attention"
+    segments = [spec for spec in manifest.graphs if spec.kind == "segment"]
+    dropped = [0, 72, 126]     # image tokens dropped before each segment under this plan
+    for spec, drop in zip(segments, dropped):
+        model = onnx.load(str(out / spec.file), load_external_data=False)
+        ops = [node.op_type for node in model.graph.node]
+        layers = spec.layers[1] - spec.layers[0]
+        assert ops.count("Attention") == layers and ops.count("TensorScatter") == 2 * layers, spec.name
+        per_layer = [node.op_type for node in model.graph.node if node.name.startswith("layers.")]
+        assert "Softmax" not in ops and "ScatterND" not in ops and "Expand" not in per_layer, spec.name
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 24
+        attention = next(node for node in model.graph.node if node.op_type == "Attention")
+        heads = {a.name: a.i for a in attention.attribute if a.name.endswith("num_heads")}
+        assert heads == {"q_num_heads": manifest.dims.num_heads, "kv_num_heads": manifest.dims.num_kv_heads}
+        assert attention.input[6], "nonpad_kv_seqlen must be fed"
+        cache = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+        assert cache[past_names(spec.layers[0])[0]][2] == MAX_SEQ_LEN - drop, spec.name
+
+
+@pytest.mark.parametrize("name,method,kw", CASES)
+def test_attention_form_equals_reference(tmp_path_factory, name, method, kw, requests_3):
+    out, manifest, checks = _export(tmp_path_factory, name, method, kw)
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert {(c.graph, c.phase) for c in checks} >= {(s.name, p) for s in manifest.graphs if s.kind == "segment"
+                                                    for p in ("prefill", "decode")}
+    images, questions = requests_3
+    pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    ref = reference_pipeline(tiny(name), manifest.plan)
+    for size in (3, 1):
+        batch = ref.prepare(images[:size], questions[:size])
+        if size == 3:
+            assert (batch.attention_mask == 0).any(), "the batch should be padded"
+        ours = pipe.generate(batch, GenerationConfig(max_new_tokens=NEW_TOKENS))
+        theirs = ref.generate(batch, GenerationConfig(max_new_tokens=NEW_TOKENS))
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert len(ours.stages) == len(manifest.plan.stages) > 0
+        for mine, expected in zip(ours.stages, theirs.stages):
+            assert torch.equal(mine.kept_indices, expected.kept_indices)
+            assert mine.kept_image_positions == expected.kept_image_positions
+
+
+def test_slots_joining_and_leaving_equal_solo_runs(tmp_path_factory, requests_3):
+    """Requests prefilled at different times into the static slot caches, decoded together at different
+    lengths, joining and leaving: the tokens of each run alone, and of the PyTorch reference."""
+    out, manifest, _ = _export(tmp_path_factory, *CASES[0].values)
+    pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    images, questions = requests_3
+    batches = [pipe.prepare([images[i]], [questions[i]]) for i in range(3)]
+    steps = 6
+    solo = [_solo(pipe, b, steps) for b in batches]
+    cache = pipe.allocate(4)
+    assert cache.max_lens == [MAX_SEQ_LEN, MAX_SEQ_LEN - 72, MAX_SEQ_LEN - 126]
+    a = _Request(pipe, cache, batches[0], 2)
+    for _ in range(2):
+        _step(pipe, cache, [a])
+    b = _Request(pipe, cache, batches[1], 0)
+    for _ in range(steps - 3):
+        _step(pipe, cache, [a, b])
+    pipe.release(cache, [2])
+    c = _Request(pipe, cache, batches[2], 3)          # slots 0 and 3 decode, 1 and 2 free between them
+    while len(b.tokens) < steps:
+        _step(pipe, cache, [c, b])
+    while len(c.tokens) < steps:
+        _step(pipe, cache, [c])
+    for request, (tokens, logits) in zip((a, b, c), solo):
+        assert request.tokens == tokens
+        worst = max(float((x - y).abs().max()) for x, y in zip(request.logits, logits))
+        assert worst < 1e-4, worst
+    reference = reference_pipeline(tiny("tiny-gqa"), manifest.plan)
+    assert [r.tokens for r in (a, b, c)] == [_solo(reference, batch, steps)[0] for batch in batches]
+
+
+def test_cache_write_is_in_place(tmp_path_factory, monkeypatch, capfd):
+    """Bound as the pipeline binds it (present = the past buffer), TensorScatter writes the new keys into
+    the buffer and copies nothing: ONNX Runtime's copy warning is absent. Unbound, it copies and warns."""
+    from himap_trt.export.onnx_export import example_inputs
+    from himap_trt.runtime import onnxrt
+
+    out, manifest, _ = _export(tmp_path_factory, *CASES[0].values)
+    spec = manifest.graph("segment_0")
+    monkeypatch.setattr(onnxrt, "LOG_SEVERITY", 1)
+    backend = onnxrt.OnnxRuntimeBackend(spec, out / spec.file)
+    cache = spec.input("attention_mask").shape[1]
+    feeds = example_inputs(spec, {"batch": 2, "sequence": 1, "cache_sequence": cache}, manifest.dims.vocab_size)
+    feeds["cache_position"] = torch.tensor([5, 9])
+    feeds["attention_mask"] = (torch.arange(cache)[None] <= feeds["cache_position"][:, None]).long()
+    before = {name: tensor.clone() for name, tensor in feeds.items()}
+    layer = spec.layers[0]
+    presents = {present: feeds[past] for layer in range(*spec.layers)
+                for past, present in zip(past_names(layer), present_names(layer))}
+    capfd.readouterr()
+    got = backend.run(feeds, presents)
+    warned = capfd.readouterr()
+    assert "TensorScatter" not in warned.out + warned.err, warned.err[-500:]
+    key = feeds[past_names(layer)[0]]
+    assert got[present_names(layer)[0]].data_ptr() == key.data_ptr()
+    changed = (key != before[past_names(layer)[0]]).any(dim=(1, 3))             # [B, M]: positions written
+    assert changed.nonzero().tolist() == [[0, 5], [1, 9]]
+    # the control: without the binding the kernel copies the cache, and says so
+    fresh = {name: tensor.clone() for name, tensor in before.items()}
+    backend.run(fresh)
+    assert "in-place optimization not activated" in capfd.readouterr().err
+    backend.close()

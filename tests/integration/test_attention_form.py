@@ -138,3 +138,26 @@ def test_cache_write_is_in_place(tmp_path_factory, monkeypatch, capfd):
     backend.run(fresh)
     assert "in-place optimization not activated" in capfd.readouterr().err
     backend.close()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_qwen_families_equal_reference(tmp_path_factory, name, qwen_requests):
+    """Qwen2.5-VL (M-RoPE position ids [3,B,S]) and Qwen3-VL (DeepStack inputs, q/k norms) in the attention
+    form: every graph validated, a mixed batch of three image sizes (per-row image-token counts) and
+    batch 1 give the reference's tokens and kept indices."""
+    out, manifest, checks = exported(tmp_path_factory, name, "himap", kv_write="attention", max_seq_len=MAX_SEQ_LEN)
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    segments = [spec for spec in manifest.graphs if spec.kind == "segment"]
+    assert [spec.input("attention_mask").shape[1] for spec in segments] == [MAX_SEQ_LEN] * len(segments)
+    images, questions = qwen_requests
+    pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    ref = reference_pipeline(tiny(name), manifest.plan)
+    for rows in ([0, 1, 2], [1]):
+        batch = ref.prepare([images[r] for r in rows], [questions[r] for r in rows])
+        with torch.inference_mode():
+            ours = pipe.generate(batch, GenerationConfig(max_new_tokens=8))
+            theirs = ref.generate(batch, GenerationConfig(max_new_tokens=8))
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert ours.image_tokens_per_row == theirs.image_tokens_per_row
+        for mine, expected in zip(ours.stages, theirs.stages):
+            assert torch.equal(mine.kept_indices, expected.kept_indices)

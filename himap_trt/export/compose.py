@@ -34,7 +34,7 @@ export (:func:`himap_trt.graphs.spec.static_cache_specs`), and its attention one
 ``Attention`` node over that cache: query [B,H,S,Dh] against key/value [B,Hkv,M,Dh] (grouped-query
 heads by ``q_num_heads``/``kv_num_heads``, no ``repeat_kv``), a boolean mask [B,1,S,M] (causal and
 padding, from the prelude's bias) and ``nonpad_kv_seqlen`` = cache_position + S (each row reads its
-occupied prefix only), softmax in float32; then the traced ``output`` piece. See :meth:`SegmentComposer._attention`.
+occupied prefix only); then the traced ``output`` piece. See :meth:`SegmentComposer._attention`.
 
 The templates take their weights as graph *inputs*; each stamped copy binds them to that
 layer's parameters as initializers named like the checkpoint
@@ -223,7 +223,8 @@ class SegmentComposer:
     def _attention(self, graph: ir.Graph, layer: int, query: ir.Value, present_key: ir.Value,
                    present_value: ir.Value, shared: dict[str, ir.Value]) -> ir.Value:
         """One opset-24 ``Attention`` node: query [B,H,S,Dh] over the written cache [B,Hkv,M,Dh] with
-        the shared mask and ``nonpad_kv_seqlen``, softmax in float32 (as the reference); returns the
+        the shared mask and ``nonpad_kv_seqlen`` (softmax in the kernel's precision: TensorRT's parser
+        rejects ``softmax_precision``); returns the
         heads concatenated, [B,S,H*Dh] (the ``output`` piece's input)."""
         import numpy as np
 
@@ -235,8 +236,9 @@ class SegmentComposer:
         node = ir.Node("", "Attention", [query, present_key, present_value, shared["mask"], None, None,
                                          shared["nonpad_kv_seqlen"]],
                        attributes=[ir.AttrInt64("q_num_heads", heads), ir.AttrInt64("kv_num_heads", kv),
-                                   ir.AttrFloat32("scale", float(attn.scaling)),
-                                   ir.AttrInt64("softmax_precision", int(ir.DataType.FLOAT))],
+                                   ir.AttrFloat32("scale", float(attn.scaling))],
+                       # no softmax_precision: TensorRT-RTX 1.7.1's parser rejects it ("Setting softmax
+                       # precision is not supported in TensorRT Attention")
                        name=prefix, version=ATTENTION_OPSET)
         node.outputs[0].name = f"{prefix}/out"
         graph.append(node)

@@ -161,3 +161,56 @@ def test_qwen_families_equal_reference(tmp_path_factory, name, qwen_requests):
         assert ours.image_tokens_per_row == theirs.image_tokens_per_row
         for mine, expected in zip(ours.stages, theirs.stages):
             assert torch.equal(mine.kept_indices, expected.kept_indices)
+
+
+#: (model, dtype) of the TensorRT-RTX builds: each family, both dtypes TensorRT-RTX builds Attention in.
+RTX_VARIANTS = [("tiny-gqa", "fp16"), ("tiny-qwen2.5-vl", "bf16"), ("tiny-qwen3-vl", "fp16")]
+
+
+@pytest.mark.parametrize("name,dtype", RTX_VARIANTS, ids=[f"{n}-{d}" for n, d in RTX_VARIANTS])
+def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path_factory, name, dtype):
+    """The real TensorRT-RTX parser makes one attention (ATTENTION_INPUT/OUTPUT) and two KV_CACHE_UPDATE
+    layers per decoder layer of every segment and no SOFTMAX (no MatMul-Softmax-MatMul left); the
+    builder builds each segment for SM86 with the export's profiles."""
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (`make install`; TRT_RTX=0 skips it)")
+    from collections import Counter
+
+    from himap_trt.engines.build import BuildTarget, build_engine_bytes, check_buildable
+    from himap_trt.engines.flavour import RTX, rtx_header_capabilities
+    from himap_trt.engines.parser import parse_network
+    from himap_trt.engines.profiles import graph_profiles
+
+    out, manifest, _ = exported(tmp_path_factory, name, "himap", dtype=dtype, validate=False, kv_write="attention",
+                                max_seq_len=MAX_SEQ_LEN)
+    check_buildable(manifest, out)
+    trt = RTX.module()
+    for spec in manifest.graphs:
+        if spec.kind != "segment":
+            continue
+        logger = trt.Logger(trt.Logger.ERROR)
+        network, _parser = parse_network(trt, trt.Builder(logger), logger, out / spec.file)
+        types = Counter(network.get_layer(i).type.name for i in range(network.num_layers))
+        layers = spec.layers[1] - spec.layers[0]
+        assert (types["ATTENTION_INPUT"], types["ATTENTION_OUTPUT"], types["KV_CACHE_UPDATE"]) == \
+            (layers, layers, 2 * layers), (spec.name, dict(types))
+        assert types["SOFTMAX"] == 0, (spec.name, dict(types))
+        profiles = graph_profiles(spec, manifest.plan, max_batch=2, max_seq_len=256)
+        engine = build_engine_bytes(BuildTarget(RTX, ("8.6",)), out / spec.file, profiles, optimization_level=0)
+        assert rtx_header_capabilities(engine) == ("8.6",), spec.name
+
+
+def test_build_refuses_what_it_cannot_build_or_would_run_badly(tmp_path_factory, tmp_path):
+    """fp32 attention (no TensorRT-RTX kernel) and a --max-seq-len beyond the static caches: one line each,
+    nothing written; an fp16 scatternd export builds with a one-line note naming the fixing export."""
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    out, _, _ = _export(tmp_path_factory, *CASES[0].values)                  # fp32, attention, 320 tokens
+    for extra, message in (([], "--dtype fp16"), (["--max-seq-len", "400"], "--max-seq-len 400")):
+        engines = tmp_path / "engines"
+        result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--engines", str(engines),
+                                          "--tensorrt", "rtx", "--compute-capability", "8.6", *extra])
+        assert result.exit_code != 0 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not engines.exists()

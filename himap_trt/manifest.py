@@ -43,6 +43,24 @@ DEFAULT_KV_WRITE = "scatternd"
 #: The form each ``export --target`` gets (``attention`` for TensorRT: its fused attention and in-place
 #: KV-cache-update layers; docs/ARCHITECTURE.md "The attention form").
 TARGET_KV_WRITES = {"onnxruntime": DEFAULT_KV_WRITE, "tensorrt": "attention"}
+#: ``export --target`` choices (recorded in the manifest as ``target``).
+TARGETS = tuple(TARGET_KV_WRITES)
+
+
+def target_kv_write(target: str, dtype: str) -> str:
+    """The ``--kv-write`` an export for ``target`` gets when none is given: :data:`TARGET_KV_WRITES`, except that an
+    fp32 export for TensorRT gets the explicit ``scatternd`` form (TensorRT-RTX 1.7.1 has no fp32 kernel for its
+    Attention layer, and layers parsed from ONNX cannot be marked decomposable).
+
+    Raises:
+        HimapError: for an unknown target.
+    """
+    if target not in TARGET_KV_WRITES:
+        raise HimapError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    form = TARGET_KV_WRITES[target]
+    if form == "attention" and dtype not in TENSORRT_ATTENTION_DTYPES:
+        return "scatternd"
+    return form
 #: ONNX opset of the ``attention`` form's segment graphs (``Attention`` with ``nonpad_kv_seqlen``,
 #: ``TensorScatter``).
 ATTENTION_OPSET = 24
@@ -144,6 +162,7 @@ class Manifest:
             caches of static length + ONNX Attention); see :mod:`himap_trt.export.compose`.
         quantization: ``{}`` (float weights) or the weight quantization of the segment graphs
             (``export --quantize``): :meth:`Quantization.to_dict`.
+        target: the backend the export was made for (``export --target``: ``onnxruntime`` or ``tensorrt``).
     """
 
     format_version: int
@@ -164,6 +183,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     kv_write: str = "scatternd"
     quantization: dict[str, Any] = field(default_factory=dict)
+    target: str = "onnxruntime"
 
     @property
     def quantize(self) -> str:
@@ -214,6 +234,9 @@ class Manifest:
         if data.get("kv_write", "scatternd") not in KV_WRITES:
             raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
                              f"got {data.get('kv_write')!r:.40}")
+        if data.get("target", "onnxruntime") not in TARGETS:
+            raise HimapError(f"{where}: field 'target' must be one of {', '.join(TARGETS)}, "
+                             f"got {data.get('target')!r:.40}")
         quantization = Quantization.from_dict(data.get("quantization"), where)
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
@@ -236,6 +259,7 @@ class Manifest:
                 validation=dict(data.get("validation") or {}),
                 files=dict(data["files"]),
                 kv_write=str(data.get("kv_write", "scatternd")),
+                target=str(data.get("target", "onnxruntime")),
                 quantization=quantization.to_dict() if quantization else {},
             )
         except HimapError as exc:

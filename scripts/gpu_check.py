@@ -5,6 +5,9 @@
 CPU); prints per backend how many tokens equal the CPU path's, and exits 1 if an fp32 export's
 TensorRT or torch CUDA tokens differ (fp16 graphs are reported, not required: rounding).
 
+``kv-write DTYPE``: the ``--kv-write`` form TensorRT exports of DTYPE get by default (``export --target
+tensorrt``; ``attention`` for fp16/bf16): what scripts/gpu_check.sh exports for TensorRT.
+
 ``time EXPORT_DIR...``: TTFT / TPOT per export (method) and backend, with ``himap-trt bench``'s
 metric names (``ttft_s``, ``tpot_s``: medians over interleaved repeats, batch 1, 32 new tokens),
 and the same token comparison of TensorRT against torch CUDA on the bench request.
@@ -121,7 +124,20 @@ def timing(export_dirs: list[Path]) -> int:
     return 0 if rows else 2
 
 
+def kv_write_form(dtype: str) -> str:
+    """The ``--kv-write`` a TensorRT export of ``dtype`` gets by default (``export --target tensorrt``): read from
+    the one constant :data:`himap_trt.manifest.TARGET_KV_WRITES` (via :func:`himap_trt.manifest.target_kv_write`),
+    so the GPU check runs the default TensorRT form whatever it is."""
+    from himap_trt.graphs.spec import DTYPE_NAMES
+    from himap_trt.manifest import target_kv_write
+
+    return target_kv_write("tensorrt", DTYPE_NAMES[dtype])
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "kv-write":
+        print(kv_write_form(argv[1]))
+        return 0
     if len(argv) >= 3 and argv[0] == "tokens":
         return tokens(Path(argv[1]), Path(argv[2]))
     if len(argv) >= 2 and argv[0] == "time":

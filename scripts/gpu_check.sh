@@ -96,8 +96,10 @@ grep -E "^(TOKENS|ERROR)" "$OUT/shapes-tokens.log" | tee -a "$SUMMARY"
 # 3. 7B dimensions, fp16, HiMAP and none: TTFT / TPOT on TensorRT and torch CUDA -------------------
 CK="$OUT/7b/checkpoint"
 step 7b-checkpoint 150 "$PY" benchmarks/make_big_checkpoint.py --size 7b --layers 8 --out "$CK"
-step 7b-export-himap 150 $HT export --model "$CK" --dtype fp16 --k1 2 --k2 6 --no-validate --max-seq-len 1024 --out "$OUT/7b/himap/export"
-step 7b-export-none 120 $HT export --model "$CK" --dtype fp16 --method none --no-validate --max-seq-len 1024 --out "$OUT/7b/none/export"
+# the default TensorRT form (himap_trt.manifest.TARGET_KV_WRITES, read through gpu_check.py kv-write)
+KVW=$("$PY" scripts/gpu_check.py kv-write fp16)
+step 7b-export-himap 150 $HT export --model "$CK" --dtype fp16 --kv-write "$KVW" --k1 2 --k2 6 --no-validate --max-seq-len 1024 --out "$OUT/7b/himap/export"
+step 7b-export-none 120 $HT export --model "$CK" --dtype fp16 --kv-write "$KVW" --method none --no-validate --max-seq-len 1024 --out "$OUT/7b/none/export"
 for method in himap none; do
     step "7b-build-$method" 150 $HT build --export-dir "$OUT/7b/$method/export" --compute-capability current --max-batch 1 --max-seq-len 1024 --json
 done

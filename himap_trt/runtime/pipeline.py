@@ -159,6 +159,9 @@ class Pipeline:
         self.max_seq_len = max_seq_len
         self.max_positions = max_positions
         self.num_image_tokens = plan.num_image_tokens
+        #: generate() allocates its caches to ``max_seq_len`` (True: what a server's slots hold; ``bench
+        #: --full-cache``) instead of prompt + new tokens (False, the default)
+        self.full_cache = False
 
     # -- plumbing -------------------------------------------------------------------------------
     def _run(self, name: str, feeds: Mapping[str, torch.Tensor],
@@ -462,8 +465,10 @@ class Pipeline:
         # Caches sized for this batch's answer (gpt-fast's max_seq_length = prompt + new tokens), so a
         # short answer does not attend over a max_seq_len-long buffer. Allocating them is set-up (a
         # server allocates its slots once), reported as timings["allocate"], not counted in TTFT.
+        # (full_cache: allocated to max_seq_len, as a server's slots are; the attention form's are always)
         allocated_at = time.perf_counter()
-        cache = self.allocate(batch.batch_size, max_seq_len=prompt_len + limit)
+        cache = self.allocate(batch.batch_size, max_seq_len=None if self.full_cache and self.max_seq_len
+                              else prompt_len + limit)
         timings["allocate"] = time.perf_counter() - allocated_at
         start = time.perf_counter()
         chooser = TokenChooser(config, self.device)

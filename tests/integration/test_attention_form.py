@@ -214,3 +214,35 @@ def test_build_refuses_what_it_cannot_build_or_would_run_badly(tmp_path_factory,
         assert result.exit_code != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not engines.exists()
+
+
+def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
+    """--target: onnxruntime gets the default form, tensorrt the attention form in fp16/bf16 and the explicit
+    form in fp32 (no TensorRT-RTX kernel); build notes an fp16 scatternd export; bad values: one line, nothing
+    written."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+    from himap_trt.engines.build import attention_note
+    from himap_trt.errors import HimapError
+    from himap_trt.export import ExportOptions
+    from himap_trt.manifest import DEFAULT_KV_WRITE
+
+    assert ExportOptions(out=tmp_path / "a").kv_write == DEFAULT_KV_WRITE
+    assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="fp16").kv_write == "attention"
+    assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="bf16").kv_write == "attention"
+    assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="fp32").kv_write == "scatternd"
+    assert ExportOptions(out=tmp_path / "a", target="tensorrt", kv_write="gqa").kv_write == "gqa"   # explicit wins
+    with pytest.raises(HimapError, match="--target must be one of"):
+        ExportOptions(out=tmp_path / "a", target="tpu")
+    assert "--target tensorrt" in attention_note(SimpleNamespace(kv_write="scatternd", dtype="float16"))
+    assert attention_note(SimpleNamespace(kv_write="scatternd", dtype="float32")) is None
+    assert attention_note(SimpleNamespace(kv_write="attention", dtype="float16")) is None
+    for args, message in ((["--target", "tpu"], "--target must be one of"),
+                          (["--kv-write", "attention", "--max-seq-len", "100"], "--max-seq-len must be in")):
+        out = tmp_path / "export"
+        result = CliRunner().invoke(app, ["export", "--model", "tiny", "--out", str(out), *args])
+        assert result.exit_code != 0 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

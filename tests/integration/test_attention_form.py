@@ -246,3 +246,24 @@ def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
         result = CliRunner().invoke(app, ["export", "--model", "tiny", "--out", str(out), *args])
         assert result.exit_code != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_serving_engine_runs_the_attention_form_like_run(tmp_path_factory, requests_3):
+    """The continuous-batching engine (what `serve` and the Triton model run) on an attention export: its
+    static slot caches written in place, three requests at once answer like `run`'s generate, one by one."""
+    from himap_trt.runtime.engine import Engine, SamplingParams
+
+    out, _, _ = _export(tmp_path_factory, *CASES[0].values)
+    pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
+    images, questions = requests_3
+    solo = [list(pipe.generate(pipe.prepare([image], [question]), GenerationConfig(max_new_tokens=5)).tokens[0])
+            for image, question in zip(images, questions)]
+    engine = Engine(pipe, max_batch=3).start()
+    try:
+        assert engine.cache.max_lens == [MAX_SEQ_LEN, MAX_SEQ_LEN - 72, MAX_SEQ_LEN - 126]
+        handles = [engine.submit(engine.prepare(image, question), SamplingParams(max_tokens=5, temperature=0))
+                   for image, question in zip(images, questions)]
+        done = [list(h.result(timeout=300).token_ids) for h in handles]
+    finally:
+        engine.stop(timeout=10)
+    assert done == solo

@@ -63,7 +63,7 @@ def test_attention_form_equals_reference(tmp_path_factory, name, method, kw, req
     images, questions = requests_3
     pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     ref = reference_pipeline(tiny(name), manifest.plan)
-    for size in (3, 1):
+    for size in (3, 1) if method == "himap" else (3,):     # batch 1 once (CI time)
         batch = ref.prepare(images[:size], questions[:size])
         if size == 3:
             assert (batch.attention_mask == 0).any(), "the batch should be padded"

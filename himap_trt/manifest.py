@@ -21,7 +21,7 @@ from himap_trt.confine import check_onnx_external_data, confined_path, files_und
 from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
 from himap_trt.fsutil import artefact_kind
-from himap_trt.graphs.spec import GraphSpec, graph_specs
+from himap_trt.graphs.spec import GraphSpec, graph_specs, segment_cache_lengths, static_cache_specs
 from himap_trt.plan import PruningPlan
 
 #: Bump on any incompatible change of the manifest or the graph I/O contract. Version 2 records every
@@ -30,12 +30,44 @@ from himap_trt.plan import PruningPlan
 FORMAT_VERSION = 2
 #: How segment graphs write their KV caches (the export's ``--kv-write``; see export/compose.py).
 #: ``gqa``: ONNX Runtime's ``com.microsoft.GroupQueryAttention`` writes and attends (ONNX Runtime only).
-KV_WRITES = ("scatternd", "tensorscatter", "gqa")
+#: ``attention``: opset-24 ``TensorScatter`` into static-length slot caches + one ``Attention`` node per
+#: layer (grouped-query heads, ``nonpad_kv_seqlen``): TensorRT's KV-cache-update and attention layers.
+KV_WRITES = ("scatternd", "tensorscatter", "gqa", "attention")
 #: The ``kv_write`` forms TensorRT's ONNX parser takes (``gqa`` is an ONNX Runtime contrib operator;
 #: ``tensorscatter``'s TensorScatter needs a static cache length in TensorRT's KV-cache update layer,
 #: which the exported segments' dynamic ``cache_sequence`` is not: the real parser rejects every
 #: segment, see docs/ARCHITECTURE.md "TensorRT and TensorRT-RTX").
-TENSORRT_KV_WRITES = ("scatternd",)
+TENSORRT_KV_WRITES = ("scatternd", "attention")
+#: The export's default ``--kv-write`` (ONE constant: ``export``, ``bench`` and ``scripts/gpu_check.py`` read
+#: it; chosen by measurement, docs/PERFORMANCE.md "KV-write forms (issue 28)").
+DEFAULT_KV_WRITE = "scatternd"
+#: The form each ``export --target`` gets (``attention`` for TensorRT: its fused attention and in-place
+#: KV-cache-update layers; docs/ARCHITECTURE.md "The attention form").
+TARGET_KV_WRITES = {"onnxruntime": DEFAULT_KV_WRITE, "tensorrt": "attention"}
+#: ``export --target`` choices (recorded in the manifest as ``target``).
+TARGETS = tuple(TARGET_KV_WRITES)
+
+
+def target_kv_write(target: str, dtype: str) -> str:
+    """The ``--kv-write`` an export for ``target`` gets when none is given: :data:`TARGET_KV_WRITES`, except that an
+    fp32 export for TensorRT gets the explicit ``scatternd`` form (TensorRT-RTX 1.7.1 has no fp32 kernel for its
+    Attention layer, and layers parsed from ONNX cannot be marked decomposable).
+
+    Raises:
+        HimapError: for an unknown target.
+    """
+    if target not in TARGET_KV_WRITES:
+        raise HimapError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    form = TARGET_KV_WRITES[target]
+    if form == "attention" and dtype not in TENSORRT_ATTENTION_DTYPES:
+        return "scatternd"
+    return form
+#: ONNX opset of the ``attention`` form's segment graphs (``Attention`` with ``nonpad_kv_seqlen``,
+#: ``TensorScatter``).
+ATTENTION_OPSET = 24
+#: Floating dtypes TensorRT-RTX 1.7.1 builds the ``attention`` form in (fp32: "Attention operation was not
+#: supported by a dedicated kernel"; ../shared/TENSORRT-RTX.md).
+TENSORRT_ATTENTION_DTYPES = ("float16", "bfloat16")
 #: Why ``build`` refuses each non-TensorRT kv_write (one line each).
 NOT_TENSORRT = {
     "gqa": "ONNX Runtime's com.microsoft.GroupQueryAttention, which TensorRT cannot parse",
@@ -138,9 +170,11 @@ class Manifest:
         kv_write: how segment graphs write their caches: ``scatternd`` (opset ``opset``),
             ``tensorscatter`` (segment graphs at opset 24) or ``gqa`` (ONNX Runtime's
             GroupQueryAttention writes the cache and attends over each row's occupied prefix; not
-            buildable with TensorRT); see :mod:`himap_trt.export.compose`.
+            buildable with TensorRT) or ``attention`` (segment graphs at opset 24: TensorScatter into
+            caches of static length + ONNX Attention); see :mod:`himap_trt.export.compose`.
         quantization: ``{}`` (float weights) or the weight quantization of the segment graphs
             (``export --quantize``): :meth:`Quantization.to_dict`.
+        target: the backend the export was made for (``export --target``: ``onnxruntime`` or ``tensorrt``).
     """
 
     format_version: int
@@ -161,6 +195,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     kv_write: str = "scatternd"
     quantization: dict[str, Any] = field(default_factory=dict)
+    target: str = "onnxruntime"
 
     @property
     def quantize(self) -> str:
@@ -214,6 +249,9 @@ class Manifest:
         if data.get("kv_write", "scatternd") not in KV_WRITES:
             raise HimapError(f"{where}: field 'kv_write' must be one of {', '.join(KV_WRITES)}, "
                              f"got {data.get('kv_write')!r:.40}")
+        if data.get("target", "onnxruntime") not in TARGETS:
+            raise HimapError(f"{where}: field 'target' must be one of {', '.join(TARGETS)}, "
+                             f"got {data.get('target')!r:.40}")
         quantization = Quantization.from_dict(data.get("quantization"), where)
         if not isinstance(data.get("validation") or {}, dict):
             raise HimapError(f"{where}: field 'validation' must be an object")
@@ -236,6 +274,7 @@ class Manifest:
                 validation=dict(data.get("validation") or {}),
                 files=dict(data["files"]),
                 kv_write=str(data.get("kv_write", "scatternd")),
+                target=str(data.get("target", "onnxruntime")),
                 quantization=quantization.to_dict() if quantization else {},
             )
         except HimapError as exc:
@@ -394,6 +433,9 @@ def check_consistency(manifest: Manifest, families: Callable[[str], Any], source
         raise HimapError(f"{where}: field 'dims.architecture': {exc}") from None
     try:
         expected = recorded_specs(graph_specs(dims, manifest.plan, manifest.dtype, arch=arch), manifest.quantization)
+        if manifest.kv_write == "attention":    # caches of the length fixed at export (max_seq_len)
+            expected = static_cache_specs(expected, segment_cache_lengths(
+                manifest.plan, manifest.max_seq_len, variable_image_tokens=arch.variable_image_tokens))
     except HimapError as exc:
         raise HimapError(f"{where}: fields 'plan' and 'dims' disagree: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:

@@ -240,7 +240,7 @@ build() {   # build NAME EXPORT_DIR MAX_BATCH [build options]: current, else pla
 # 2. shapes: tokens on TensorRT, torch CUDA and ONNX Runtime; TTFT/TPOT ----------------------------
 S="$OUT/shapes"
 if wants shapes; then
-    step shapes-export 120 "${HT[@]}" export --model shapes --out "$S/export" \
+    step shapes-export 120 "${HT[@]}" export --model shapes --target tensorrt --out "$S/export" \
         && build shapes "$S/export" 4
     step shapes-scenes 30 "$PY" -m himap_trt.data.shapes --out "$S/scenes" --n 4 --seed 1 \
         && step shapes-tokens 120 "${CHECK[@]}" tokens "$S/export" "$S/scenes/questions.jsonl"
@@ -262,7 +262,7 @@ fi
 # 4. medium: TTFT/TPOT on the three; 5. decode TPOT as the cache grows --------------------------------
 M="$OUT/medium"
 if wants medium; then
-    step medium-export 150 "${HT[@]}" export --model medium --no-validate --out "$M/export" \
+    step medium-export 150 "${HT[@]}" export --model medium --target tensorrt --no-validate --out "$M/export" \
         && build medium "$M/export" 1
     step medium-time 150 "${CHECK[@]}" time "$M/export"
 fi
@@ -286,7 +286,7 @@ if wants 7b; then
         step 7b-checkpoint 120 "$PY" benchmarks/make_big_checkpoint.py --size 7b --layers 8 --out "$CK"
         for method in himap none; do
             extra=(); [ "$method" = himap ] && extra=(--k1 2 --k2 6)
-            step "7b-export-$method" 150 "${HT[@]}" export --model "$CK" --dtype fp16 --method "$method" "${extra[@]}" \
+            step "7b-export-$method" 150 "${HT[@]}" export --model "$CK" --dtype fp16 --target tensorrt --method "$method" "${extra[@]}" \
                 --no-validate --max-seq-len 1024 --out "$OUT/7b/$method/export" \
                 && build "7b-$method" "$OUT/7b/$method/export" 1 --max-seq-len 1024
         done

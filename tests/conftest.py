@@ -121,13 +121,14 @@ _EXPORTS: dict[tuple, tuple] = {}
 
 
 def exported(tmp_path_factory, name: str, method: str, dtype: str = "fp32", validate: bool = True,
-             kv_write: str = "scatternd", quantize: str = "none", **plan_kw):
+             kv_write: str = "scatternd", quantize: str = "none", max_seq_len: int | None = None, **plan_kw):
     """Export a built-in model under a plan once per session (Python API, the CLI's code path).
 
     Returns:
         (export_dir, manifest, validation checks).
     """
-    key = (name, method, dtype, validate, kv_write, quantize, tuple(sorted(plan_kw.items())))
+    key = (name, method, dtype, validate, kv_write, quantize, tuple(sorted(plan_kw.items())),
+           *((max_seq_len,) if max_seq_len else ()))
     if key not in _EXPORTS:
         from himap_trt.export import ExportOptions, export_model
         from himap_trt.models.loading import DTYPES
@@ -137,10 +138,12 @@ def exported(tmp_path_factory, name: str, method: str, dtype: str = "fp32", vali
             name, dtype=DTYPES[dtype])
         dims = loaded.dims
         plan = build_plan(method, num_layers=dims.num_layers, num_image_tokens=dims.num_image_tokens, **plan_kw)
-        label = "-".join([name, method, dtype, kv_write, quantize, *(f"{k}{v}" for k, v in sorted(plan_kw.items()))])
+        label = "-".join([name, method, dtype, kv_write, quantize, *(f"{k}{v}" for k, v in sorted(plan_kw.items())),
+                          *((f"m{max_seq_len}",) if max_seq_len else ())])
         out = tmp_path_factory.mktemp("exports") / label
         manifest, checks = export_model(loaded, plan, ExportOptions(out=out, dtype=dtype, validate=validate,
-                                                                    kv_write=kv_write, quantize=quantize))
+                                                                    kv_write=kv_write, quantize=quantize,
+                                                                    max_seq_len=max_seq_len))
         _EXPORTS[key] = (out, manifest, checks)
     return _EXPORTS[key]
 

@@ -78,7 +78,7 @@ def bench(
         "--max-seq-len", help="With --model: the exports' --max-seq-len.",
         show_default="the model's, at most 2048")] = None,
     kv_write: Annotated[str, typer.Option(
-        "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
+        "--kv-write", metavar="[scatternd|tensorscatter|gqa|attention]",
         help="With --model: comma-separated KV-cache write forms (export --kv-write); each method is "
              "exported and measured once per form, e.g. scatternd,gqa.")] = "scatternd",
     backend: Annotated[str, typer.Option("--backend", metavar="[auto|onnxruntime|tensorrt|torch]",
@@ -101,6 +101,9 @@ def bench(
     video_fps: Annotated[float, typer.Option("--video-fps", help="With --video: frames per second sampled.")] = 2.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="With --video: most frames sampled.")] = 16,
     kernel_specialization: KernelSpecializationOpt = "eager",
+    full_cache: Annotated[bool, typer.Option(
+        "--full-cache", help="Allocate every export's KV caches to its max_seq_len (as a server's slots; the "
+                             "attention form's always are) instead of prompt + new tokens.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ):
     """Measure several exports (methods) side by side in one interleaved run: TTFT, TPOT, inter-token
@@ -129,6 +132,7 @@ def bench(
             + ("" if manifest.quantize == "none" else f" {manifest.quantize}")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
+        opened.pipeline.full_cache = full_cache
         contenders.append(bench_lib.PipelineContender(name, opened.pipeline, ignore_eos))
         first = first or (manifest, opened)
     if vs_transformers:

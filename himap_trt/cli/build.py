@@ -220,8 +220,14 @@ def build(
         return
     manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
 
-    engine_build.check_buildable(manifest, export_dir)
     length = max_seq_len or manifest.max_seq_len
+    if manifest.kv_write == "attention" and length > manifest.max_seq_len:
+        raise HimapError(f"--max-seq-len {length} exceeds what the caches of this --kv-write attention export hold "
+                         f"({manifest.max_seq_len} tokens, fixed at export); re-export with --max-seq-len {length}")
+    engine_build.check_buildable(manifest, export_dir)
+    note = engine_build.attention_note(manifest)
+    if note:
+        typer.echo(note, err=True)
     if length > manifest.dims.max_position_embeddings:
         raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")
     if dry_run:

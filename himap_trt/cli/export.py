@@ -80,12 +80,20 @@ def export(
         "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles.",
         show_default="the model's positions, at most 2048")] = None,
     opset: Annotated[int, typer.Option("--opset", metavar="[18|19|20]", help="ONNX opset.")] = 18,
-    kv_write: Annotated[str, typer.Option(
-        "--kv-write", metavar="[scatternd|tensorscatter|gqa]",
+    kv_write: Annotated[Optional[str], typer.Option(
+        "--kv-write", metavar="[scatternd|tensorscatter|gqa|attention]",
         help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "
              "TensorRT 10.x and TensorRT-RTX), tensorscatter (opset-24 TensorScatter; ONNX Runtime only: "
-             "TensorRT's parser needs a static cache length there) or gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
-             "occupied cache only, flat TPOT; ONNX Runtime only, fp32/fp16).")] = "scatternd",
+             "TensorRT's parser needs a static cache length there), gqa (ONNX Runtime's GroupQueryAttention: decode attends over the "
+             "occupied cache only, flat TPOT; ONNX Runtime only, fp32/fp16) or attention (opset-24 TensorScatter into "
+             "caches of static length --max-seq-len + one ONNX Attention per layer: TensorRT's fused attention and "
+             "KV-cache-update layers; TensorRT-RTX builds it in fp16/bf16).",
+        show_default="the --target's form")] = None,
+    target: Annotated[str, typer.Option(
+        "--target", metavar="[onnxruntime|tensorrt]",
+        help="The backend the export is for (recorded in the manifest): onnxruntime gets the default --kv-write "
+             "(himap_trt.manifest.DEFAULT_KV_WRITE), tensorrt gets attention (fp16/bf16; scatternd for "
+             "fp32, which TensorRT-RTX's Attention layer cannot build).")] = "onnxruntime",
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="Compare every graph with PyTorch after export (ONNX Runtime; ONNX's "
                                          "reference evaluator where ONNX Runtime cannot run the dtype).")] = True,
@@ -128,7 +136,8 @@ def export(
     options = export_lib.ExportOptions(out=out_dir, dtype=loading.canonical_dtype(dtype), opset=opset, max_seq_len=max_seq_len,
                             validate=validate, kv_write=kv_write, validate_chunk_layers=validate_chunk_layers,
                             device=device, quantize=quantize, quant_block_size=quant_block_size,
-                            quantize_lm_head=quantize_lm_head, sign_key=sign)
+                            quantize_lm_head=quantize_lm_head, sign_key=sign, target=target)
+    kv_write = options.kv_write
     if validate:
         export_lib.check_reference_device(device)
     config = models.load_config(model)

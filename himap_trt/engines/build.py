@@ -44,7 +44,7 @@ from himap_trt.engines.parser import parse_file, parse_network, parser_errors  #
 from himap_trt.engines.profiles import Profile, engine_profiles, resolve_profile_form
 from himap_trt.errors import HimapError
 from himap_trt.fsutil import atomic_directory, cache_root, write_point
-from himap_trt.manifest import NOT_TENSORRT, NOT_TENSORRT_QUANTIZE, TENSORRT_KV_WRITES
+from himap_trt.manifest import NOT_TENSORRT, NOT_TENSORRT_QUANTIZE, TENSORRT_ATTENTION_DTYPES, TENSORRT_KV_WRITES
 from himap_trt.signing import check_private_key, sign_directory
 
 
@@ -128,6 +128,21 @@ def check_buildable(manifest, export_dir: Path) -> None:
         raise HimapError(f"{str(export_dir)!r} was exported with --kv-write {manifest.kv_write} "
                          f"({NOT_TENSORRT.get(manifest.kv_write, 'not TensorRT-parsable')}); re-export with "
                          f"--kv-write {' or '.join(TENSORRT_KV_WRITES)} for TensorRT")
+    if manifest.kv_write == "attention" and manifest.dtype not in TENSORRT_ATTENTION_DTYPES:
+        raise HimapError(f"{str(export_dir)!r} is a {manifest.dtype} export with --kv-write attention, which "
+                         "TensorRT-RTX 1.7.1 cannot build (its Attention layer has no fp32 kernel); re-export with "
+                         "--dtype fp16 (or bf16), or with --kv-write scatternd for fp32")
+
+
+def attention_note(manifest) -> str | None:
+    """One line for ``build`` when an export would run its attention badly on TensorRT, or None: an fp16/bf16
+    export in the explicit ``scatternd`` form (MatMul-Softmax-MatMul over the whole preallocated cache at
+    every decode step) instead of the fused ``attention`` form (docs/ARCHITECTURE.md "The attention form")."""
+    if manifest.kv_write == "scatternd" and manifest.dtype in TENSORRT_ATTENTION_DTYPES:
+        return ("note: this export spells attention out as MatMul-Softmax-MatMul over the whole cache; for "
+                "TensorRT's fused attention and KV-cache-update layers re-export with `himap-trt export --target "
+                "tensorrt` (--kv-write attention)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,13 @@ from himap_trt.fsutil import atomic_directory, write_point
 from himap_trt.export.qwen_vision import export_vision_graph as export_qwen2_5_vl_vision
 from himap_trt.export.qwen3_vision import export_vision_graph as export_qwen3_vl_vision
 from himap_trt.graphs.build import build_module
-from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs
+from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs, segment_cache_lengths, static_cache_specs
 from himap_trt.manifest import (
     FORMAT_VERSION,
     KV_WRITES,
     MANIFEST_NAME,
+    TARGETS,
+    target_kv_write,
     Manifest,
     PROCESSOR_DIR,
     is_export_manifest,
@@ -68,7 +70,11 @@ class ExportOptions:
             TensorScatter, TensorRT 10.15+/11's in-place KV-cache update; segment graphs at opset 24) or
             ``gqa`` (ONNX Runtime's ``com.microsoft.GroupQueryAttention`` writes the cache and attends
             over each row's occupied prefix only: flat decode on ONNX Runtime; fp32/fp16; TensorRT cannot
-            parse it).
+            parse it) or ``attention`` (opset-24 ``TensorScatter`` into caches of static length
+            ``max_seq_len`` + one ONNX ``Attention`` per layer: TensorRT's fused attention and
+            KV-cache-update layers; fp16/bf16 for TensorRT-RTX). None: the ``target``'s form
+            (:func:`himap_trt.manifest.target_kv_write`).
+        target: ``onnxruntime`` or ``tensorrt``: the backend the export is for (recorded in the manifest).
         validate_chunk_layers: validate decoder segments in chunks of this many layers (0: whole
             segments; None: as many layers as fit 1 GiB of weights, see :mod:`himap_trt.export.chunked`;
             one layer with ``quantize``, so each layer's error is measured on the fp32 model's inputs).
@@ -89,16 +95,23 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     max_seq_len: int | None = None
     validate: bool = True
-    kv_write: str = "scatternd"
+    kv_write: str | None = None
     validate_chunk_layers: int | None = None
     device: str = "cpu"
     quantize: str = "none"
     quant_block_size: int | None = None
     quantize_lm_head: bool = False
     sign_key: Path | None = None
+    target: str = "onnxruntime"
 
     def __post_init__(self):
         check_device(self.device)
+        if self.dtype not in DTYPE_NAMES:
+            raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.kv_write is None:       # the target's form (manifest.target_kv_write)
+            object.__setattr__(self, "kv_write", target_kv_write(self.target, DTYPE_NAMES[self.dtype]))
+        elif self.target not in TARGETS:
+            raise HimapError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.validate_chunk_layers is not None and self.validate_chunk_layers < 0:
             raise HimapError(f"--validate-chunk-layers must be >= 0 (0: whole segments), got {self.validate_chunk_layers}")
 
@@ -194,6 +207,9 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
     specs = graph_specs(dims, plan, dtype, arch=arch)
+    if options.kv_write == "attention":     # TensorRT's KV-cache update needs a cache of static length
+        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
+                                                                variable_image_tokens=arch.variable_image_tokens))
     quantization = options.quantization(dims)
     specs = recorded_specs(specs, quantization.to_dict() if quantization is not None else {})
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
@@ -275,6 +291,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             validation={f"{c.graph}/{c.phase}/{c.output}": c.max_abs_diff for c in checks},
             files=record_files(tmp, files_under(tmp)),
             kv_write=options.kv_write,
+            target=options.target,
             quantization=quantization.to_dict() if quantization else {},
         )
         manifest.save(tmp)

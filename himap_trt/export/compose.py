@@ -28,6 +28,14 @@ With ``kv_write='gqa'`` (ONNX Runtime only) the write and the attention of each 
 ``cache_position``), which reads only each row's occupied prefix, followed by the traced ``output``
 piece (o_proj, residual, MLP); see :meth:`SegmentComposer._gqa` and docs/ARCHITECTURE.md.
 
+With ``kv_write='attention'`` (TensorRT's form, docs/ARCHITECTURE.md "The attention form") each
+layer's write is ``TensorScatter`` (as ``tensorscatter``) into a cache whose length M is fixed at
+export (:func:`himap_trt.graphs.spec.static_cache_specs`), and its attention one opset-24 ONNX
+``Attention`` node over that cache: query [B,H,S,Dh] against key/value [B,Hkv,M,Dh] (grouped-query
+heads by ``q_num_heads``/``kv_num_heads``, no ``repeat_kv``), a boolean mask [B,1,S,M] (causal and
+padding, from the prelude's bias) and ``nonpad_kv_seqlen`` = cache_position + S (each row reads its
+occupied prefix only); then the traced ``output`` piece. See :meth:`SegmentComposer._attention`.
+
 The templates take their weights as graph *inputs*; each stamped copy binds them to that
 layer's parameters as initializers named like the checkpoint
 (``model.language_model.layers.{l}.self_attn.q_proj.weight``). The composed graph computes exactly
@@ -46,7 +54,7 @@ from onnx_ir.tensor_adapters import TorchTensor
 from himap_trt.arch import architecture_for
 from himap_trt.graphs.modules import LayerTemplate, SegmentHead, SegmentPrelude
 from himap_trt.graphs.spec import GraphSpec, TensorSpec, deepstack_name, past_names, present_names, query_name
-from himap_trt.manifest import KV_WRITES  # how segment graphs write their caches
+from himap_trt.manifest import ATTENTION_OPSET, KV_WRITES  # how segment graphs write their caches
 from himap_trt.export.onnx_export import export_program, save_model
 from himap_trt.export.quantize import Quantization, quantize_model
 
@@ -102,9 +110,10 @@ class SegmentComposer:
         llava: the ``LlavaForConditionalGeneration`` (eval mode, export dtype).
         dtype: spec dtype name of the graphs.
         opset: ONNX opset of the traced pieces.
-        kv_write: ``scatternd``, ``tensorscatter`` or ``gqa`` (:data:`KV_WRITES`; ``tensorscatter``
-            raises the segment graphs' opset to :data:`TENSORSCATTER_OPSET`, ``gqa`` adds the
-            ``com.microsoft`` domain).
+        kv_write: ``scatternd``, ``tensorscatter``, ``gqa`` or ``attention`` (:data:`KV_WRITES`;
+            ``tensorscatter`` and ``attention`` raise the segment graphs' opset to 24, ``gqa`` adds the
+            ``com.microsoft`` domain; ``attention`` needs specs with static caches,
+            :func:`himap_trt.graphs.spec.static_cache_specs`).
         initializer: ``(state_dict name, parameter) -> onnx_ir tensor`` for a layer weight; default:
             the parameter's memory. A streamed export passes
             :meth:`himap_trt.models.streaming.StreamedWeights.initializer` (read from the checkpoint
@@ -161,7 +170,7 @@ class SegmentComposer:
     def _write(self, graph: ir.Graph, past: ir.Value, new: ir.Value, rope: dict[str, ir.Value],
                cache_position: ir.Value, name: str) -> ir.Value:
         """The in-place cache write: past [B,Hkv,M,Dh] with new [B,Hkv,S,Dh] at cache_position[b] + s."""
-        if self.kv_write == "tensorscatter":
+        if self.kv_write in ("tensorscatter", "attention"):
             node = ir.Node("", "TensorScatter", [past, new, cache_position], attributes=[ir.AttrInt64("axis", 2)],
                            name=name, version=TENSORSCATTER_OPSET)
         else:
@@ -171,6 +180,81 @@ class SegmentComposer:
         node.outputs[0].shape = past.shape
         graph.append(node)
         return node.outputs[0]
+
+    def _attention_inputs(self, graph: ir.Graph, rope: dict[str, ir.Value], inputs: dict[str, ir.Value]
+                          ) -> dict[str, ir.Value]:
+        """What every Attention node of a segment shares (``kv_write='attention'``).
+
+        ``nonpad_kv_seqlen`` [B] int64 = cache_position + S: keys 0..cache_position[b] + S - 1 hold row
+        b's tokens (a slot's cache is dense from position 0; the prompt at prefill written at 0..S-1).
+        ``mask`` [B,1,S,M] bool: True where the prelude's bias is 0 (key visible: causal and not
+        padding), or where the key is the query's own position: a left-padded prompt's padding queries
+        then see themselves instead of nothing (a fully masked row is NaN in a kernel that masks with
+        -inf; their outputs are unspecified either way: no real position reads them).
+        """
+        import numpy as np
+
+        def node(op: str, args: list, name: str, **attrs) -> ir.Value:
+            attributes = [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()]
+            n = ir.Node("", op, args, attributes=attributes, name=f"attention/{name}")
+            n.outputs[0].name = f"attention/{name}/out"
+            graph.append(n)
+            return n.outputs[0]
+
+        def const(name: str, array) -> ir.Value:
+            value = ir.Value(name=f"attention/{name}", const_value=ir.tensor(array, name=f"attention/{name}"))
+            graph.register_initializer(value)
+            return value
+
+        seq = node("Shape", [inputs["hidden_states"]], "seq", start=1, end=2)                       # [1]
+        nonpad = node("Add", [inputs["cache_position"], seq], "nonpad_kv_seqlen")                    # [B]
+        cache = node("Shape", [inputs["attention_mask"]], "cache", start=1, end=2)                   # [1] = M
+        zero, one = const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64))
+        scalar = const("scalar", np.array([], np.int64))
+        keys = node("Range", [zero, node("Reshape", [cache, scalar], "cache_scalar"), one], "keys")     # [M]
+        steps = node("Range", [zero, node("Reshape", [seq, scalar], "seq_scalar"), one], "steps")      # [S]
+        queries = node("Add", [node("Unsqueeze", [inputs["cache_position"], const("axis1", np.array([1], np.int64))],
+                                    "start"), steps], "queries")                                      # [B,S]
+        own = node("Equal", [node("Unsqueeze", [queries, const("axes13", np.array([1, 3], np.int64))], "queries4"),
+                             keys], "own")                                                            # [B,1,S,M]
+        visible = node("Equal", [rope["bias"], const("zero_bias", np.array(0.0, np.float32))], "visible")
+        return {"nonpad_kv_seqlen": nonpad, "mask": node("Or", [visible, own], "mask")}
+
+    def _attention(self, graph: ir.Graph, layer: int, query: ir.Value, present_key: ir.Value,
+                   present_value: ir.Value, shared: dict[str, ir.Value]) -> ir.Value:
+        """One opset-24 ``Attention`` node: query [B,H,S,Dh] over the written cache [B,Hkv,M,Dh] with
+        the shared mask and ``nonpad_kv_seqlen`` (softmax in the kernel's precision: TensorRT's parser
+        rejects ``softmax_precision``); returns the
+        heads concatenated, [B,S,H*Dh] (the ``output`` piece's input)."""
+        import numpy as np
+
+        attn = self.llava.model.language_model.layers[layer].self_attn
+        config = self.llava.config.text_config
+        heads = config.num_attention_heads
+        kv = config.num_key_value_heads or heads
+        prefix = f"layers.{layer}/attention"
+        node = ir.Node("", "Attention", [query, present_key, present_value, shared["mask"], None, None,
+                                         shared["nonpad_kv_seqlen"]],
+                       attributes=[ir.AttrInt64("q_num_heads", heads), ir.AttrInt64("kv_num_heads", kv),
+                                   ir.AttrFloat32("scale", float(attn.scaling))],
+                       # no softmax_precision: TensorRT-RTX 1.7.1's parser rejects it ("Setting softmax
+                       # precision is not supported in TensorRT Attention")
+                       name=prefix, version=ATTENTION_OPSET)
+        node.outputs[0].name = f"{prefix}/out"
+        graph.append(node)
+        flat = graph.initializers.get("attention/flat_shape")
+        if flat is None:
+            flat = ir.Value(name="attention/flat_shape",
+                            const_value=ir.tensor(np.array([0, 0, -1], np.int64), name="attention/flat_shape"))
+            graph.register_initializer(flat)
+        t = ir.Node("", "Transpose", [node.outputs[0]], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])],
+                    name=f"{prefix}/bshd")
+        t.outputs[0].name = f"{prefix}/bshd/out"
+        graph.append(t)
+        r = ir.Node("", "Reshape", [t.outputs[0], flat], name=f"{prefix}/bsh")
+        r.outputs[0].name = f"{prefix}/bsh/out"
+        graph.append(r)
+        return r.outputs[0]
 
     def _gqa_inputs(self, graph: ir.Graph, rope: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> dict[str, ir.Value]:
         """What every GroupQueryAttention node of a segment shares (``kv_write='gqa'``).
@@ -260,14 +344,15 @@ class SegmentComposer:
         final = spec.attrs["final"]
         inputs = {t.name: _value(t) for t in spec.inputs}
         opsets = dict(self._piece("qkv").opset_imports)
-        if self.kv_write == "tensorscatter":
-            opsets[""] = max(opsets.get("", self.opset), TENSORSCATTER_OPSET)
+        if self.kv_write in ("tensorscatter", "attention"):
+            opsets[""] = max(opsets.get("", self.opset), TENSORSCATTER_OPSET, ATTENTION_OPSET)
         if self.kv_write == "gqa":
             opsets["com.microsoft"] = 1
         graph = ir.Graph(list(inputs.values()), [], nodes=[], opset_imports=opsets, name=spec.name)
         rope = _stamp(graph, self._piece("prelude").graph, "prelude/", {
             name: inputs[name] for name in ("hidden_states", "position_ids", "attention_mask", "cache_position")})
-        shared = self._gqa_inputs(graph, rope, inputs) if self.kv_write == "gqa" else {}
+        shared = self._gqa_inputs(graph, rope, inputs) if self.kv_write == "gqa" else \
+            self._attention_inputs(graph, rope, inputs) if self.kv_write == "attention" else {}
         hidden = inputs["hidden_states"]
         outputs: dict[str, ir.Value] = {}
         query = None
@@ -291,6 +376,15 @@ class SegmentComposer:
                                       f"layers.{layer}/write_key")
             present_value = self._write(graph, inputs[past_value], new["value"], rope, inputs["cache_position"],
                                         f"layers.{layer}/write_value")
+            if self.kv_write == "attention":
+                attention = self._attention(graph, layer, query, present_key, present_value, shared)
+                hidden = _stamp(graph, self._piece("output").graph, f"layers.{layer}/output/",
+                                {"hidden_states": hidden, "attention": attention,
+                                 **self._weights(graph, layer, "output")})["hidden_out"]
+                outputs[present_names(layer)[0]] = present_key
+                outputs[present_names(layer)[1]] = present_value
+                hidden = _deepstack(graph, hidden, inputs, layer)
+                continue
             hidden = _stamp(graph, self._piece("attention").graph, f"layers.{layer}/attention/",
                             {"hidden_states": hidden, "query": query, "key": present_key, "value": present_value,
                              "bias": rope["bias"], **self._weights(graph, layer, "attention")})["hidden_out"]
@@ -307,7 +401,7 @@ class SegmentComposer:
             value.name = tensor.name
             graph.outputs.append(value)
         ir_version = self._piece("qkv").ir_version
-        if self.kv_write == "tensorscatter":
+        if self.kv_write in ("tensorscatter", "attention"):
             ir_version = max(ir_version, 11)     # opset 24 needs IR version 11
         return ir.Model(graph, ir_version=ir_version, producer_name="himap-trt")
 

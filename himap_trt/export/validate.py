@@ -82,7 +82,9 @@ class RecordingBackend:
 def call_phase(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> str:
     """``prefill`` or ``decode`` for a call of graph ``spec`` with ``feeds``."""
     if spec.kind == "segment":   # prefill fills an exact-size buffer; decode feeds 1 token into a longer one
-        return "prefill" if feeds["hidden_states"].shape[1] == feeds["attention_mask"].shape[1] else "decode"
+        # (--kv-write attention: prefill feeds S > 1 tokens into the static-length buffer)
+        seq = feeds["hidden_states"].shape[1]
+        return "prefill" if seq > 1 or seq == feeds["attention_mask"].shape[1] else "decode"
     if spec.kind == "embed":
         return "prefill" if feeds["input_ids"].shape[1] > 1 else "decode"
     return "prefill"
@@ -158,9 +160,13 @@ def compare(spec: GraphSpec, phase: str, expected: Mapping[str, torch.Tensor], g
                 checks.append(OutputCheck(spec.name, phase, name, float("nan"), 0.0, False, backend))
                 continue
             keep = positions.cpu()
-            if ref.dim() == 3 and ref.shape[1] == keep.shape[1]:
+            # a static-length cache (--kv-write attention): the mask covers M >= S positions, the S new
+            # tokens at 0..S-1, the rest never written
+            if ref.dim() == 3 and ref.shape[1] <= keep.shape[1]:
+                keep = keep[:, :ref.shape[1]]
                 ref, ours = ref[keep], ours[keep]
-            elif ref.dim() == 4 and ref.shape[2] == keep.shape[1]:
+            elif ref.dim() == 4 and ref.shape[2] <= keep.shape[1]:
+                keep = keep[:, :ref.shape[2]]
                 ref, ours = ref.transpose(1, 2)[keep], ours.transpose(1, 2)[keep]
         scale = float(ref.double().abs().max()) if ref.numel() else 0.0
         if ours.shape != ref.shape:

@@ -287,3 +287,47 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32", *, a
                        **({"variable": True, "ratio": stage.ratio} if variable else {})},
             ))
     return specs
+
+
+def segment_cache_lengths(plan: PruningPlan, max_seq_len: int, *, variable_image_tokens: bool) -> list[int]:
+    """``max_len_j`` per segment: positions of segment j's slot-cache buffers for ``max_seq_len`` tokens
+    (prompt + generated) per request: ``max_seq_len`` minus the image tokens dropped before segment j
+    (0 for a family with per-request image-token counts, where a request with few image tokens drops
+    few). See :class:`himap_trt.runtime.kv_cache.SlotKVCache`.
+
+    Raises:
+        HimapError: if ``max_seq_len`` cannot hold the image tokens (fixed-count families).
+    """
+    if variable_image_tokens:
+        return [max_seq_len] * len(plan.image_tokens_per_segment)
+    if max_seq_len <= plan.num_image_tokens:
+        raise HimapError(f"max_seq_len {max_seq_len} cannot hold the {plan.num_image_tokens} image tokens")
+    return [max_seq_len - (plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
+
+
+def static_cache_specs(specs: list[GraphSpec], lengths: list[int]) -> list[GraphSpec]:
+    """``specs`` with every segment's ``cache_sequence`` fixed to its ``lengths[j]`` (``--kv-write attention``:
+    TensorRT's KV-cache-update layer needs a static cache length; the segment graphs then always run on
+    [B, Hkv, max_len_j, Dh] buffers, at prefill too). Other graphs are returned unchanged."""
+    segments = iter(lengths)
+    out = []
+    for spec in specs:
+        if spec.kind == "segment":
+            length = next(segments)
+
+            def fix(tensor: TensorSpec) -> TensorSpec:
+                return TensorSpec(tensor.name, tensor.dtype, tuple(length if d == "cache_sequence" else d
+                                                                   for d in tensor.shape))
+            spec = GraphSpec(spec.name, spec.kind, tuple(map(fix, spec.inputs)), tuple(map(fix, spec.outputs)),
+                             spec.layers, spec.stage, spec.file, {**spec.attrs, "cache_length": length})
+        out.append(spec)
+    return out
+
+
+def static_cache_length(spec: GraphSpec) -> int | None:
+    """The fixed cache length of a segment graph exported with static caches (``--kv-write attention``,
+    :func:`static_cache_specs`), or None (its ``cache_sequence`` is dynamic)."""
+    if spec.kind != "segment":
+        return None
+    dim = spec.input("attention_mask").shape[1]
+    return dim if isinstance(dim, int) else None

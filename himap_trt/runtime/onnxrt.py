@@ -24,6 +24,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64"}
 
 
+#: ONNX Runtime's session log level (3: errors only). At 1 (warnings) a ``TensorScatter`` that copies its
+#: cache says so ("in-place optimization not activated"): how the tests check that writes are in place.
+LOG_SEVERITY = 3
+
+
 def session_config(quantization: dict | None) -> dict[str, str]:
     """ONNX Runtime session config entries for a graph with quantized weights (``spec.attrs['quantization']``,
     written by ``export --quantize``; see :mod:`himap_trt.export.quantize`), or ``{}``: the accuracy level
@@ -70,7 +75,7 @@ class OnnxRuntimeBackend(BackendBase):
                                  f"({tensor.name}); export with --dtype fp32 or fp16 for this backend")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = LOG_SEVERITY
         # Each graph has its own session and thread pool; a pool whose threads spin after a run steals
         # cores from the next graph's pool (measured: docs/PERFORMANCE.md, "ONNX Runtime threads").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

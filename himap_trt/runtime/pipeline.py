@@ -31,7 +31,8 @@ import torch
 
 from himap_trt.errors import HimapError
 from himap_trt.arch import get_architecture
-from himap_trt.graphs.spec import DEEPSTACK_OUTPUT, GraphSpec, past_names, present_names, query_name
+from himap_trt.graphs.spec import (DEEPSTACK_OUTPUT, GraphSpec, past_names, present_names, query_name,
+                                   segment_cache_lengths, static_cache_length)
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
@@ -162,6 +163,9 @@ class Pipeline:
         self.max_seq_len = max_seq_len
         self.max_positions = max_positions
         self.num_image_tokens = plan.num_image_tokens
+        #: generate() allocates its caches to ``max_seq_len`` (True: what a server's slots hold; ``bench
+        #: --full-cache``) instead of prompt + new tokens (False, the default)
+        self.full_cache = False
 
     # -- plumbing -------------------------------------------------------------------------------
     def _run(self, name: str, feeds: Mapping[str, torch.Tensor],
@@ -242,17 +246,16 @@ class Pipeline:
             HimapError: without a ``max_seq_len`` (neither given nor the pipeline's), or if it cannot
                 hold the image tokens.
         """
+        static = [static_cache_length(spec) for spec in self.segments]
+        if all(static):
+            # --kv-write attention: the graphs take caches of the length fixed at export, whatever is asked
+            return SlotKVCache.allocate(self.segments, max_batch, static, self.device)
         length = max_seq_len or self.max_seq_len
         if length is None:
             raise HimapError("allocating a KV cache needs a max_seq_len (the pipeline has none; pass one)")
-        if self.arch.variable_image_tokens:
-            # a request with few image tokens drops few: every segment may hold the whole length
-            dropped = [0] * len(self.plan.image_tokens_per_segment)
-        elif length <= self.num_image_tokens:
-            raise HimapError(f"max_seq_len {length} cannot hold the {self.num_image_tokens} image tokens")
-        else:
-            dropped = [self.num_image_tokens - n for n in self.plan.image_tokens_per_segment]
-        return SlotKVCache.allocate(self.segments, max_batch, [length - d for d in dropped], self.device)
+        # a request with few image tokens drops few: every segment may hold the whole length
+        lengths = segment_cache_lengths(self.plan, length, variable_image_tokens=self.arch.variable_image_tokens)
+        return SlotKVCache.allocate(self.segments, max_batch, lengths, self.device)
 
     def release(self, cache: SlotKVCache, slots: Sequence[int]) -> None:
         """Free the slots (length 0); they can be prefilled again.
@@ -339,17 +342,32 @@ class Pipeline:
         start = torch.zeros(size, dtype=torch.int64, device=dev)
         for j, seg in enumerate(self.segments):
             length = mask.shape[1]
+            # exact-size buffers, or (--kv-write attention) the static length fixed at export: zero-filled,
+            # the mask padded with zeros, the S tokens written at positions 0..S-1
+            static = static_cache_length(seg)
+            buffer_length = static or length
+            if buffer_length < length:
+                raise HimapError(f"the prompt has {length} positions in segment {j} but its graph takes a cache "
+                                 f"of {buffer_length}; shorten the question or re-export with a larger --max-seq-len")
+            alloc = torch.zeros if static else torch.empty
             buffers = {}
             for layer in range(*seg.layers):
                 for name in past_names(layer):
                     _, heads, _, head_dim = seg.input(name).shape
-                    buffers[name] = torch.empty((size, heads, length, head_dim), dtype=self.dtype, device=dev)
+                    buffers[name] = alloc((size, heads, buffer_length, head_dim), dtype=self.dtype, device=dev)
             presents = {present: buffers[past] for layer in range(*seg.layers)
                         for past, present in zip(past_names(layer), present_names(layer))}
             layered = {name: deepstack[int(name.split(".")[1])] for name in seg.input_names
                        if name.startswith("deepstack.")}
-            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions, "attention_mask": mask,
-                                       "cache_position": start, **buffers, **layered}, presents)
+            segment_mask = torch.nn.functional.pad(mask, (0, buffer_length - length)) if static else mask
+            out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions,
+                                       "attention_mask": segment_mask, "cache_position": start, **buffers,
+                                       **layered}, presents)
+            if static:      # the prompt's S positions of the static buffers (views)
+                buffers = {name: buffer[:, :, :length] for name, buffer in buffers.items()}
+                past_of = {present: past for layer in range(*seg.layers)
+                           for past, present in zip(past_names(layer), present_names(layer))}
+                out = {name: buffers[past_of[name]] if name in past_of else value for name, value in out.items()}
             for row, slot in enumerate(slots):
                 cache.store(j, slot, buffers, row, mask[row])
             if j == len(self.segments) - 1:
@@ -477,8 +495,10 @@ class Pipeline:
         # Caches sized for this batch's answer (gpt-fast's max_seq_length = prompt + new tokens), so a
         # short answer does not attend over a max_seq_len-long buffer. Allocating them is set-up (a
         # server allocates its slots once), reported as timings["allocate"], not counted in TTFT.
+        # (full_cache: allocated to max_seq_len, as a server's slots are; the attention form's are always)
         allocated_at = time.perf_counter()
-        cache = self.allocate(batch.batch_size, max_seq_len=prompt_len + limit)
+        cache = self.allocate(batch.batch_size, max_seq_len=None if self.full_cache and self.max_seq_len
+                              else prompt_len + limit)
         timings["allocate"] = time.perf_counter() - allocated_at
         start = time.perf_counter()
         chooser = TokenChooser(config, self.device)

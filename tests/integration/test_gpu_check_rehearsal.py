@@ -13,7 +13,6 @@ export and CPU timing on 2 cores; the same code paths as `shapes`, run by hand: 
 First run on a machine: downloads ~97 MB of wheels and builds the venv (~3 minutes); then ~2 minutes.
 """
 
-import inspect
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from himap_trt.cli.export import export as export_command
+from himap_trt.manifest import target_kv_write
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("vision", "embed", "segment_0", "scoring_0", "segment_1", "scoring_1", "segment_2")
@@ -49,8 +48,9 @@ def test_rehearsal_runs_every_step_up_to_the_gpu(tmp_path):
     assert f"TensorRT-RTX 1.7.1.116 from {out}/site/tensorrt_rtx" in summary   # from the bundle's target dir
     assert not re.search(r"^ERROR ", summary, re.M), summary
     assert not re.search(r"^step \S+: exit [1-9]", summary, re.M), summary
-    # the export uses the CLI's own default KV-cache write; tokens agree between the CPU backends
-    default_kv_write = inspect.signature(export_command).parameters["kv_write"].default
+    # the check exports with `--target tensorrt`: the KV-cache write `build` wants by default for that dtype
+    # (himap_trt.manifest.TARGET_KV_WRITES); tokens agree between the CPU backends
+    default_kv_write = target_kv_write("tensorrt", "float32")
     tokens = re.search(r"^ROW tokens shapes himap float32 kv_write=(\S+): torch-cpu vs onnxruntime-cpu (\d+)/(\d+) equal",
                        summary, re.M)
     assert tokens and tokens[1] == default_kv_write and tokens[2] == tokens[3] and int(tokens[3]) > 0, summary

@@ -137,7 +137,8 @@ def check_conversation(conversation: Conversation, where: str = "messages") -> C
             if part.kind == "text":
                 check_question(part.text, f"{name}.content[{j}].text" if len(message.parts) > 1 else f"{name}.content")
             elif message.role != "user":
-                raise HimapError(f"{part.where or name + '.content'}: an {part.kind} in a {message.role} message; "
+                article = "an" if message.role == "assistant" else "a"
+                raise HimapError(f"{part.where or name + '.content'}: an {part.kind} in {article} {message.role} message; "
                                  "images and videos go in user messages")
         if not message.parts:
             raise HimapError(f"{name}.content: empty; a {message.role} message needs text"

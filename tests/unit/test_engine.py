@@ -70,6 +70,9 @@ class FakePipeline:
         self.allocated_len = max_seq_len
         return FakeCache(max_batch)
 
+    def capacity(self, batch):
+        return self.max_seq_len
+
     def prepare(self, images, questions, processor=None):
         (question,) = questions
         ids = torch.tensor([[5] + [ord(c) % 50 + 2 for c in question]], dtype=torch.int64)

@@ -172,7 +172,11 @@ class EngineScheduler:
 
     async def _serve(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> None:
         try:
-            prompt = await self.loop.run_in_executor(None, self.engine.prepare, parsed.image, parsed.question)
+            if parsed.conversation is not None:
+                prompt = await self.loop.run_in_executor(None, self.engine.prepare_conversation, parsed.conversation,
+                                                         parsed.visuals)
+            else:
+                prompt = await self.loop.run_in_executor(None, self.engine.prepare, parsed.image, parsed.question)
             config = parsed.config
             params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature,
                                     top_p=config.top_p, seed=config.seed, ignore_eos=parsed.ignore_eos)

@@ -30,7 +30,6 @@ across modules, a reader would have to follow one iteration through several file
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 import os
@@ -44,6 +43,7 @@ import torch
 
 from himap_trt.errors import HimapError
 from himap_trt.prompt import PromptBatch
+from himap_trt.runtime.batching import RequestPreparer, merge_prompts
 from himap_trt.runtime.faults import FAULT_ENV, FaultPlan
 from himap_trt.runtime.logits import penalise, token_logprobs
 from himap_trt.runtime.requests import (
@@ -77,7 +77,7 @@ class EngineStats:
     steps: int
 
 
-class Engine:
+class Engine(RequestPreparer):
     """Continuous batching over one pipeline's slot caches.
 
     Args:
@@ -86,6 +86,9 @@ class Engine:
         max_batch: slots, i.e. most requests decoded together (requests).
         max_queue: most requests waiting for a slot; :meth:`submit` raises :class:`QueueFull` beyond.
         max_prefill_batch: most prompts prefilled in one call (default: ``max_batch``).
+        mixed_prefill: prefill waiting prompts of different lengths (and visual-token counts) together,
+            left-padded and masked (:func:`~himap_trt.runtime.batching.merge_prompts`); False: only
+            prompts of equal length and count share a prefill (docs/PERFORMANCE.md has the measurement).
         max_seq_len: most tokens (prompt + generated) per request (tokens); default and upper bound:
             the pipeline's. Slot buffers are this long, and every decode step attends over them.
             Questions longer than ``max_question_bytes`` (derived from it) are refused before tokenizing.
@@ -95,7 +98,7 @@ class Engine:
     """
 
     def __init__(self, pipeline: Any, *, max_batch: int = 8, max_queue: int = 64, max_prefill_batch: int | None = None,
-                 max_seq_len: int | None = None, on_finish=None, on_step=None):
+                 max_seq_len: int | None = None, on_finish=None, on_step=None, mixed_prefill: bool = False):
         if max_batch < 1:
             raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
         if max_queue < 0:
@@ -104,6 +107,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prefill_batch = max_prefill_batch or max_batch
+        self.mixed_prefill = mixed_prefill
         self.on_finish = on_finish
         self.on_step = on_step
         self.tokenizer = pipeline.processor.tokenizer
@@ -114,9 +118,7 @@ class Engine:
         self.max_seq_len = max_seq_len or limit
         self.cache = pipeline.allocate(max_batch, max_seq_len=self.max_seq_len)
         self.max_question_bytes = question_byte_limit(self.tokenizer, self.max_seq_len)
-        # The processor's fast tokenizer is not safe to use from several threads at once (prepare sets
-        # its padding): the scheduler thread alone decodes with the pipeline's; each thread that
-        # prepares prompts has its own copy, so no lock is shared and a long prompt stalls nobody.
+        # the scheduler thread alone decodes with the pipeline's tokenizer; preparing threads use their own
         self._local = threading.local()
         self._faults = FaultPlan(os.environ.get(FAULT_ENV))
         self._iteration_started: float | None = None
@@ -184,75 +186,6 @@ class Engine:
                                self._steps)
 
     # -- requests -------------------------------------------------------------------------------
-    def check_question(self, question: str) -> None:
-        """Refuse a question that cannot fit ``max_seq_len`` by its UTF-8 length alone (no tokenizing).
-
-        Raises:
-            HimapError: more than ``max_question_bytes`` bytes.
-        """
-        if self.max_question_bytes is not None and len(question) * 4 > self.max_question_bytes:
-            size = len(question.encode("utf-8", "surrogatepass"))
-            if size > self.max_question_bytes:
-                raise HimapError(f"the question has {size} bytes; no question over {self.max_question_bytes} bytes "
-                                 f"fits the server's --max-seq-len of {self.max_seq_len} tokens")
-
-    def prepare(self, image: Any, question: str) -> PromptBatch:
-        """The model inputs of one (PIL image, question) pair (thread-safe, no shared lock: each calling
-        thread tokenizes with its own copy of the processor).
-
-        Raises:
-            HimapError: empty question, a question over ``max_question_bytes`` (refused before
-                tokenizing), or a prompt that does not fit ``max_seq_len``.
-        """
-        self.check_question(question)
-        processor = getattr(self._local, "processor", None)
-        if processor is None:
-            processor = self._local.processor = copy.deepcopy(self.pipeline.processor)
-        prompt = self.pipeline.prepare([image], [question], processor=processor)
-        length = int(prompt.input_ids.shape[1])
-        if self.max_seq_len is not None and length >= self.max_seq_len:
-            raise HimapError(f"the prompt has {length} tokens but the server's --max-seq-len is {self.max_seq_len} "
-                             "(prompt plus at least one generated token must fit)")
-        return prompt
-
-    def prepare_conversation(self, conversation: Any, visuals: list[Any]) -> PromptBatch:
-        """The model inputs of one conversation (:class:`himap_trt.chat.Conversation`; ``visuals``: its
-        loaded images / videos in prompt order); thread-safe like :meth:`prepare`.
-
-        Raises:
-            HimapError: a message's text over ``max_question_bytes`` (refused before tokenizing), a
-                conversation the export cannot take, or one that does not fit ``max_seq_len`` (naming
-                its token count).
-        """
-        for i, message in enumerate(conversation.messages):
-            for part in message.parts:
-                if part.kind == "text":
-                    try:
-                        self.check_question(part.text)
-                    except HimapError as exc:
-                        raise HimapError(f"messages[{i}].content: {exc}") from None
-        processor = getattr(self._local, "processor", None)
-        if processor is None:
-            processor = self._local.processor = copy.deepcopy(self.pipeline.processor)
-        prompt = self.pipeline.prepare_conversation(conversation, visuals, processor=processor)
-        length = int(prompt.attention_mask.sum())
-        limit = self.capacity(prompt)
-        if limit is not None and length >= limit:
-            raise HimapError(f"messages: the conversation has {length} prompt tokens but the server's --max-seq-len "
-                             f"of {self.max_seq_len} leaves room for {limit - 1}"
-                             f"{' without an image' if limit != self.max_seq_len else ''} (prompt plus at least one "
-                             "generated token must fit); shorten the conversation")
-        return prompt
-
-    def capacity(self, prompt: PromptBatch) -> int | None:
-        """Most tokens (prompt + generated) ``prompt`` may hold in this engine's slots (tokens), or None."""
-        if self.max_seq_len is None:
-            return None
-        whole = self.pipeline.capacity(prompt)
-        if whole is None or self.pipeline.max_seq_len is None:
-            return self.max_seq_len
-        return self.max_seq_len - (self.pipeline.max_seq_len - whole)
-
     def submit(self, prompt: PromptBatch, params: SamplingParams, *, loop: asyncio.AbstractEventLoop | None = None,
                arrived: float | None = None) -> RequestHandle:
         """Queue a prepared one-prompt batch (see :meth:`prepare`).
@@ -333,15 +266,17 @@ class Engine:
             self._decode()
 
     def _admit(self) -> list[_Request]:
-        """Take the oldest waiting request and the later ones with the same prompt length, up to the
-        free slots (a request with n choices takes n; called with the lock held)."""
+        """Take the oldest waiting request and the later ones it can be prefilled with (the same prompt
+        length and visual-token count, or with ``mixed_prefill`` any that also have / lack visual
+        tokens), up to the free slots (a request with n choices takes n; called with the lock held)."""
         free = self.cache.free_slots()
         if not self._waiting or not free:
             return []
-        key = self._waiting[0].group_key
+        index = -1 if self.mixed_prefill else slice(None)
+        key = self._waiting[0].group_key[index]
         group = []
         for request in self._waiting:
-            if request.group_key != key:
+            if request.group_key[index] != key:
                 continue
             if request.params.n > len(free) or len(group) >= self.max_prefill_batch:
                 break
@@ -353,18 +288,7 @@ class Engine:
         return group
 
     def _prefill(self, group: list[_Request]) -> None:
-        prompts = [r.prompt for r in group]
-        batch = PromptBatch(
-            input_ids=torch.cat([p.input_ids for p in prompts]),
-            attention_mask=torch.cat([p.attention_mask for p in prompts]),
-            pixel_values=torch.cat([p.pixel_values for p in prompts]),
-            token_type_ids=torch.cat([p.token_type_ids for p in prompts]),
-            position_ids=torch.cat([p.position_ids for p in prompts], dim=-2),   # [B,S] or [3,B,S]
-            prompts=[q for p in prompts for q in p.prompts],
-            image_grid_thw=None if prompts[0].image_grid_thw is None else torch.cat([p.image_grid_thw for p in prompts]),
-            image_tokens=None if prompts[0].image_tokens is None else [n for p in prompts for n in p.image_tokens],
-            media=None if any(p.media is None for p in prompts) else [m for p in prompts for m in p.media],
-        )
+        batch = merge_prompts([r.prompt for r in group], self.pipeline.pad_token_id)
         slots = [r.slot for r in group]
         started = time.perf_counter()
         self._prefilling = group
@@ -385,7 +309,9 @@ class Engine:
                 limit = min(limit, self.capacity(request.prompt) - request.length)
             request.limit = limit
             request.completion.image_tokens_per_segment = state.image_tokens[row] if state.image_tokens else image_tokens
-            request.completion.kept_image_positions = [stage.kept_image_positions[row] for stage in state.stages]
+            shift = int(batch.input_ids.shape[1]) - request.length            # left padding of a mixed prefill
+            request.completion.kept_image_positions = [[p - shift for p in stage.kept_image_positions[row]]
+                                                       for stage in state.stages]
             forks = []
             for index, slot in enumerate(request.slots[1:], start=1):     # n choices: one prefill, n slots
                 self.cache.copy_slot(request.slot, slot)

@@ -195,3 +195,32 @@ def test_too_many_images(two_images):
     conversation = parse_messages(QWEN_CONVERSATION)
     with pytest.raises(Exception, match=r"messages\[3\]\.content\[1\]\.image_url\.url: 2 images .* one image"):
         pipe.prepare_conversation(conversation, two_images)
+
+
+def test_mixed_length_prefill_rows_equal_alone(two_images):
+    """Three prompts of different lengths and visual-token counts (two images, one image, none: two
+    prefills, one for the visual ones) admitted together: one prefill of the two with images, each
+    request's tokens and kept positions those it gets alone."""
+    from himap_trt.runtime.engine import Engine, SamplingParams
+
+    loaded = tiny("tiny-qwen2.5-vl")
+    pipe = reference_pipeline(loaded, _plan(loaded, "himap", k1=2, r1=0.5, k2=3, r2=0.5), max_seq_len=256)
+    conversations = [(parse_messages(QWEN_CONVERSATION), two_images),
+                     (parse_messages([{"role": "user", "content": [_image("a"), {"type": "text", "text": "Hi?"}]}]),
+                      two_images[1:]),
+                     (parse_messages([{"role": "user", "content": "Tell me a story about a cat."}]), [])]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    batches = []
+    engine = Engine(pipe, max_batch=4, mixed_prefill=True,
+                    on_step=lambda phase, n, s: batches.append(n) if phase == "prefill" else None)
+    handles = [engine.submit(engine.prepare_conversation(c, v), params) for c, v in conversations]
+    engine.start()
+    try:
+        together = [h.result(timeout=300) for h in handles]
+        alone = [engine.submit(engine.prepare_conversation(c, v), params).result(timeout=300) for c, v in conversations]
+    finally:
+        engine.stop(timeout=10)
+    assert batches[:2] == [2, 1]                       # mixed lengths and counts in one prefill
+    for a, b in zip(together, alone):
+        assert a.token_ids == b.token_ids
+        assert a.kept_image_positions == b.kept_image_positions and a.image_tokens_per_segment == b.image_tokens_per_segment

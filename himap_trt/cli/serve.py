@@ -55,6 +55,10 @@ def serve(
         "--max-batch", help="KV-cache slots: most requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Most requests waiting for a slot; more are refused with HTTP 429.")] = 64,
+    mixed_prefill: Annotated[bool, typer.Option(
+        "--mixed-prefill/--equal-prefill", help="Prefill waiting prompts of different lengths in one padded, masked "
+                                                "call, or only prompts of equal length together (docs/PERFORMANCE.md).")]
+    = False,
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="Most tokens (prompt + generated) per request; each slot's KV cache is this long "
                               "and decode steps attend over it [default: the export's].", show_default=False)] = None,
@@ -146,7 +150,7 @@ def serve(
     name = model_name or manifest.source_model
     config = serve_app.ServeConfig(
         export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
-        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
+        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len, mixed_prefill=mixed_prefill,
         images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                                   max_pixels=max_image_pixels, max_memory=max_image_memory, timeout_s=image_timeout),
         videos=serve_videos.VideoPolicy(fps=video_fps, max_frames=max_frames, max_bytes=max_video_bytes,

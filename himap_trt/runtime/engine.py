@@ -1,19 +1,19 @@
 """Continuous batching over slot KV caches: one scheduler thread owns the pipeline.
 
 Each running request owns one slot of a :class:`~himap_trt.runtime.kv_cache.SlotKVCache` (per
-segment, its own length). One iteration of the scheduler::
+segment, its own length; a request with ``n`` choices owns n). One iteration of the scheduler::
 
     drop cancelled requests ─► release their slots
-    admit waiting requests  ─► prefill them into free slots (one batch of equal-length prompts)
-                               first token of each (TTFT)
+    admit waiting requests  ─► prefill them into free slots (one batch: equal-length prompts, or with
+                               mixed_prefill any lengths, left-padded and masked); n choices: the
+                               prompt's slot copied into n - 1 more; first token of each (TTFT)
     one decode step         ─► every running request, whatever its length, one token each
     finished requests       ─► release their slots
 
 so a request joins the running batch between decode steps and leaves it within one step of
-finishing, stopping, or being cancelled (a client that disconnected). Prompts are batched at
-prefill only when they have the same length: no padding enters a slot, and a request's tokens do
-not depend on the requests next to it (fp32 ONNX Runtime: the same tokens as the request alone,
-the slot API's contract).
+finishing, stopping, or being cancelled (a client that disconnected). No padding enters a slot,
+and (equal-length batching, the default) a request's tokens do not depend on the requests next to
+it (fp32 ONNX Runtime: the same tokens as the request alone, the slot API's contract).
 
 No HTTP here: ``himap_trt.serve`` puts the OpenAI API in front of it. Usable on its own::
 
@@ -22,9 +22,10 @@ No HTTP here: ``himap_trt.serve`` puts the OpenAI API in front of it. Usable on 
     completion = engine.generate(image, "What is shown?", SamplingParams(max_tokens=32, temperature=0))
     engine.stop()
 
-Length (~570 lines, over the ~500 of the house style): the :class:`Engine` class is one scheduler
-loop whose admission, prefill, decode and release steps share its lock, slots and queues; split
-across modules, a reader would have to follow one iteration through several files.
+The modules around it (issue 30's split): :mod:`~himap_trt.runtime.requests` (sampling settings,
+handles, per-choice state, text rules), :mod:`~himap_trt.runtime.batching` (request preparation in
+the caller's thread, prompt merging), :mod:`~himap_trt.runtime.logits` (penalties, logprobs),
+:mod:`~himap_trt.runtime.faults` (the test-only fault hook).
 """
 
 from __future__ import annotations

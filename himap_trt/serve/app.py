@@ -101,6 +101,7 @@ class ServeConfig:
         read_timeout_s: most seconds a client may take to send a whole request (request line,
             headers, body); slower connections are closed (seconds).
         keep_alive_s: an idle kept-alive connection is closed after this (seconds).
+        mixed_prefill: prefill waiting prompts of different lengths together (padded, masked).
     """
 
     export_dir: Path
@@ -122,6 +123,7 @@ class ServeConfig:
     image_workers: int = 2
     read_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
+    mixed_prefill: bool = False
 
 
 class ServerState:
@@ -146,7 +148,8 @@ class ServerState:
                                    device=config.device, require_signature=config.require_signature)
             self.pipeline = opened.pipeline
             engine = Engine(opened.pipeline, max_batch=config.max_batch, max_queue=config.max_queue,
-                            max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step)
+                            max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step,
+                            mixed_prefill=config.mixed_prefill)
             engine.start()
             self.metrics.bind(engine)
             self.engine = engine

@@ -409,12 +409,18 @@ def test_bad_requests_get_400(server, cases):
            "messages: the conversation has", "prompt tokens")
     _error(post({"model": "tiny", "messages": messages(url, question), "logprobs": True, "top_logprobs": 21}), 400,
            "top_logprobs")
+    # the bounds hold for every message: text by its bytes before tokenizing, each image before decoding
+    later = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    _error(post({"model": "tiny", "messages": later + [{"role": "user", "content": "why " * 100_000}]}), 400,
+           "messages[2].content: the question has 400000 bytes")
+    _error(post({"model": "tiny", "messages": later + messages("data:image/png;base64," + base64.b64encode(
+        b"just text").decode(), question)}), 400, "messages[2].content[0].image_url.url", "not a PNG image")
     # through the openai client: n beyond --max-batch and an unknown model
     with pytest.raises(openai.BadRequestError, match=r"n: 17 choices need 17 slots"):
         server.client.chat.completions.create(model="tiny", messages=messages(url, question), n=17)
     with pytest.raises(openai.BadRequestError, match="unknown model 'gpt-4o'"):
         server.client.chat.completions.create(model="gpt-4o", messages=messages(url, question))
-    assert server.metric("himap_request_errors_total", status="400") - before == 15
+    assert server.metric("himap_request_errors_total", status="400") - before == 17
 
 
 def test_oversized_body_gets_413(server, cases):

@@ -177,6 +177,9 @@ def bench_serve(
     prompt: Annotated[str, typer.Option("--prompt", help="Question sent with every request.")]
     = "Describe the image in detail.",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 64,
+    conversations: Annotated[Optional[Path], typer.Option(
+        "--conversations", help="JSONL of conversations (OpenAI messages arrays), sent in turn instead of --image "
+                                "and --prompt: varied prompts.", show_default=False)] = None,
     ignore_eos: Annotated[bool, typer.Option(
         "--ignore-eos/--no-ignore-eos", help="Send the ignore_eos extension (vLLM's) so every answer has max_tokens "
                                              "tokens.")] = True,
@@ -208,9 +211,10 @@ def bench_serve(
         err.print(f"concurrency {level['concurrency']}: {level['completed']}/{level['requests']} ok, "
                   f"{level['output_throughput']:.1f} output tok/s", highlight=False)
 
+    dataset = serve_bench.read_conversations(conversations) if conversations is not None else None
     report = serve_bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
                              ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
-                             progress=None if as_json else progress)
+                             progress=None if as_json else progress, conversations=dataset)
     if plot is not None:
         serve_bench.plot(report, plot)
     if as_json:

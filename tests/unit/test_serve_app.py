@@ -164,3 +164,17 @@ def test_api_key_405_and_openapi_without_a_model():
     assert "security" not in schema["paths"]["/health"]["get"]
     response = call(app, "PUT", "/health")
     assert response.status_code == 405 and response.headers["allow"] == "GET"
+
+
+def test_bench_serve_conversations_file(tmp_path):
+    from himap_trt.errors import HimapError
+    from himap_trt.serve.bench import read_conversations
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('[{"role": "user", "content": "a"}]\n\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert read_conversations(path) == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    for text, fragment in [("{", "c.jsonl:1: not JSON"), ('{"x": 1}', "c.jsonl:1: expected a non-empty array"),
+                           ("\n", "holds no conversations")]:
+        path.write_text(text)
+        with pytest.raises(HimapError, match=fragment):
+            read_conversations(path)

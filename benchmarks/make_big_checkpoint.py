@@ -42,6 +42,15 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import himap_trt  # noqa: F401 - installed, or on PYTHONPATH
+except ImportError:        # run from the tree without an install (e.g. the GPU check): import it from here
+    sys.path.insert(0, str(ROOT))
+
+from himap_trt.arch.llava_known import known_config  # noqa: E402
+from himap_trt.models.tiny import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, TinySpec, _processor, _tokenizer  # noqa: E402
+
 SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp32": (torch.float32, "F32")}
 #: Shard size (bytes), as transformers' save_pretrained default.
@@ -59,9 +68,6 @@ def checkpoint_name(state_name: str) -> str:
 
 
 def build_config(size: str, layers: int | None):
-    from himap_trt.arch.llava_known import known_config
-    from himap_trt.models.tiny import EOS_ID, IMAGE_ID, PAD_ID, BOS_ID
-
     config = known_config(SIZES[size])
     if layers is not None:
         config.text_config.num_hidden_layers = layers
@@ -147,8 +153,6 @@ def main(argv=None) -> int:
         print(f"--layers must be >= 1, got {args.layers}", file=sys.stderr)
         return 2
     from transformers import GenerationConfig
-
-    from himap_trt.models.tiny import EOS_ID, PAD_ID, BOS_ID, TinySpec, _processor, _tokenizer
 
     dtype, tag = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()

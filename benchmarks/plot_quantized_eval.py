@@ -1,4 +1,4 @@
-"""Accuracy of {fp32, int8, int4} x {methods} from one ``himap-trt eval --json`` run, as grouped bars.
+"""Accuracy of {fp32, int8, int4, int8-dynamic} x {methods} from one ``himap-trt eval --json`` run, as grouped bars.
 
     himap-trt eval --data shapes:1000 --export-dir ex/none-none --export-dir ex/none-int8 ... --json > eval.json
     python benchmarks/plot_quantized_eval.py eval.json docs/images/eval-shapes-quantization.png
@@ -29,7 +29,7 @@ def main(result_path: str, out: str) -> None:
         scheme = load_manifest(row["source"], verify=False, families=get_architecture).quantize
         rows[(row["method"], "fp32" if scheme == "none" else scheme)] = row
     methods = list(dict.fromkeys(method for method, _ in rows))
-    schemes = [s for s in ("fp32", "int8", "int4") if any(key[1] == s for key in rows)]
+    schemes = [s for s in ("fp32", "int8", "int4", "int8-dynamic") if any(key[1] == s for key in rows)]
     panels = ["overall", *result["groups"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), sharey=True)
     width = 0.8 / len(schemes)
@@ -45,7 +45,7 @@ def main(result_path: str, out: str) -> None:
         axis.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"{result['data']}: weights fp32 / int8 / int4 under pruning", fontsize=10)
+    fig.suptitle(f"{result['data']}: {' / '.join(schemes)} under pruning", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -98,9 +98,12 @@ class Conversation:
         return out
 
     @classmethod
-    def single(cls, question: str, kind: str | None = "image", source: str | None = None) -> Conversation:
-        """One user message: an optional visual input then the question (``run``'s flags)."""
-        parts = ((Part(kind, source=source, where="image"),) if kind else ()) + (Part("text", text=question),)
+    def single(cls, question: str, kind: str | None = "image", source: str | None = None,
+               options: dict | None = None) -> Conversation:
+        """One user message: an optional visual input (with a video's ``options``: :data:`VIDEO_FIELDS`)
+        then the question (``run``'s flags, a ``--batch`` line)."""
+        parts = ((Part(kind, source=source, where=kind or "image", options=dict(options or {})),) if kind else ()) \
+            + (Part("text", text=question),)
         return check_conversation(cls((ChatMessage("user", parts),)))
 
 
@@ -232,8 +235,63 @@ def _part(value: Any, where: str) -> Part:
         if not isinstance(source, str) or not source:
             raise HimapError(f"{field_name}: expected a non-empty string (a URL or path), got {json_type_name(source)}")
         options = {k: v for k, v in inner.items() if k not in ("url", "detail")} if isinstance(inner, dict) else {}
+        if media == "video":
+            _check_video_fields(options, f"{where}.{kind}")
         return Part(media, source=source, where=field_name, options=options)
     raise HimapError(f"{where}.type: expected text, image_url or video_url, got {json.dumps(kind)}")
+
+
+#: A video part's own sampling and EVS fields (issue 29; vLLM-style extensions of ``video_url``).
+VIDEO_FIELDS = ("fps", "max_frames", "evs_rate")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_video_fields(options: dict, where: str) -> None:
+    """A video part's ``fps`` (> 0, finite), ``max_frames`` (integer >= 2) and ``evs_rate`` ([0, 1)).
+
+    Raises:
+        HimapError: naming the field (``messages[0].content[1].video_url.evs_rate``) and what was expected.
+    """
+    fps, frames, rate = (options.get(k) for k in VIDEO_FIELDS)
+    if fps is not None and not (_number(fps) and 0 < fps < float("inf")):
+        raise HimapError(f"{where}.fps must be a positive number of frames per second, got {fps!r:.40}")
+    if frames is not None and not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 2):
+        raise HimapError(f"{where}.max_frames must be an integer >= 2, got {frames!r:.40}")
+    if rate is not None and not (_number(rate) and 0 <= rate < 1):
+        raise HimapError(f"{where}.evs_rate must be in [0, 1) (the fraction of the video's visual tokens EVS drops), "
+                         f"got {rate!r:.40}")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """A video part's own sampling (``fps``: frames per second, ``max_frames``: frames) and EVS rate
+    (``evs_rate`` in [0, 1)); None: the entry point's default (its flags / inputs, the export's rate)."""
+
+    fps: float | None = None
+    max_frames: int | None = None
+    evs_rate: float | None = None
+
+
+def video_options(part: Part, max_frames: int) -> VideoOptions:
+    """The checked sampling and EVS fields of a visual part (all None for an image), ``max_frames``
+    bounded by the entry point's most frames (``serve --max-frames``, Triton's and ``run``'s frame limit).
+
+    Raises:
+        HimapError: naming the field: a value out of its range (checked again here for parts built by
+            hand), or ``max_frames`` above ``max_frames``.
+    """
+    if part.kind != "video":
+        return VideoOptions()
+    where = part.where.removesuffix(".url")
+    _check_video_fields(part.options, where)
+    fps, frames, rate = (part.options.get(k) for k in VIDEO_FIELDS)
+    if frames is not None and frames > max_frames:
+        raise HimapError(f"{where}.max_frames must be between 2 and {max_frames} (the most frames this server "
+                         f"samples), got {frames}")
+    return VideoOptions(None if fps is None else float(fps), frames, None if rate is None else float(rate))
 
 
 @dataclass(frozen=True)

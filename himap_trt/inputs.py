@@ -1,5 +1,7 @@
-"""User requests from files: ``--batch`` JSONL, one ``{"image": path, "question": text}`` or one
-``{"messages": [...]}`` conversation per line; ``--messages`` a JSON conversation.
+"""User requests from files: ``--batch`` JSONL, one ``{"image": path, "question": text}`` (or, for
+Qwen exports, ``{"video": path, "question": text}`` with optional ``fps``, ``max_frames`` and
+``evs_rate``) or one ``{"messages": [...]}`` conversation per line (a ``video_url`` part may hold the
+same three fields); ``--messages`` a JSON conversation.
 
 Every line is checked before anything is loaded; errors name ``file:line`` and the field, and say
 what was expected. Questions are checked with :func:`himap_trt.prompt.check_question`.
@@ -21,11 +23,17 @@ MAX_BATCH_FILE_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Request:
-    """One request: an image path (relative paths resolved against the batch file's directory) and a
-    question, or a conversation (``conversation``; then ``image`` and ``question`` are None)."""
+    """One request: an image (or video) path (relative paths resolved against the batch file's
+    directory) and a question, with a video's sampling (``fps``, ``max_frames``: None = the command's
+    flags) and EVS rate (``evs_rate``: None = the export's); or a conversation (``conversation``; then
+    ``image`` and ``question`` are None and its video parts carry their own fields)."""
 
     image: Path | None
     question: str | None
+    video: bool = False
+    fps: float | None = None
+    max_frames: int | None = None
+    evs_rate: float | None = None
     conversation: Conversation | None = None
 
 
@@ -88,6 +96,23 @@ def read_messages_file(path: str | Path, flag: str = "--messages") -> Conversati
     return local_conversation(value, f"{path}: messages", path.parent)
 
 
+def _video_fields(item: dict, where: str) -> dict:
+    """The optional ``fps`` (> 0), ``max_frames`` (integer >= 2) and ``evs_rate`` ([0, 1)) of a video line."""
+    out = {}
+    for key, ok, expected in (
+        ("fps", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+         "a positive number of frames per second"),
+        ("max_frames", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an integer >= 2"),
+        ("evs_rate", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+         "a number in [0, 1)"),
+    ):
+        if key in item:
+            if not ok(item[key]):
+                raise HimapError(f"{where}: field \"{key}\" must be {expected}, got {item[key]!r:.40}")
+            out[key] = item[key]
+    return out
+
+
 def read_batch_file(path: str | Path, flag: str = "--batch") -> list[Request]:
     """Parse a JSONL requests file.
 
@@ -132,21 +157,31 @@ def read_batch_file(path: str | Path, flag: str = "--batch") -> list[Request]:
         if not isinstance(item, dict):
             raise HimapError(f"{where}: expected a JSON object with \"image\" and \"question\", got {json_type_name(item)}")
         if "messages" in item:
-            requests.append(Request(None, None, local_conversation(item["messages"], f"{where}: messages", path.parent)))
+            conversation = local_conversation(item["messages"], f"{where}: messages", path.parent)
+            requests.append(Request(None, None, conversation=conversation))
             continue
-        for key in ("image", "question"):
+        if "image" in item and "video" in item:
+            raise HimapError(f"{where}: fields \"image\" and \"video\" both given; a request holds one of them")
+        field = "video" if "video" in item else "image"
+        for key in (field, "question"):
             if key not in item:
-                raise HimapError(f"{where}: field \"{key}\" is missing; expected a JSON object with \"image\" and \"question\"")
-        image = item["image"]
+                raise HimapError(f"{where}: field \"{key}\" is missing; expected a JSON object with \"image\" (or "
+                                 "\"video\") and \"question\"")
+        image = item[field]
         if not isinstance(image, str) or not image or "\x00" in image:
-            raise HimapError(f"{where}: field \"image\" must be a non-empty path string, got {json_type_name(image)}")
+            raise HimapError(f"{where}: field \"{field}\" must be a non-empty path string, got {json_type_name(image)}")
         try:
             image.encode("utf-8")
         except UnicodeEncodeError:
-            raise HimapError(f"{where}: field \"image\" is not valid UTF-8 text") from None
+            raise HimapError(f"{where}: field \"{field}\" is not valid UTF-8 text") from None
+        extra = [k for k in ("fps", "max_frames", "evs_rate") if k in item]
+        if field == "image" and extra:
+            raise HimapError(f"{where}: field \"{extra[0]}\" applies to a \"video\" request, not an image")
+        options = _video_fields(item, where) if field == "video" else {}
         question = check_question(item["question"], f"{where}: field \"question\"")
         image_path = Path(image)
-        requests.append(Request(image_path if image_path.is_absolute() else path.parent / image_path, question))
+        requests.append(Request(image_path if image_path.is_absolute() else path.parent / image_path, question,
+                                video=field == "video", **options))
     if not requests:
         raise HimapError(f"{name} holds no requests")
     return requests

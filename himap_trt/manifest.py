@@ -43,8 +43,15 @@ NOT_TENSORRT = {
 }
 MANIFEST_NAME = "manifest.json"
 PROCESSOR_DIR = "processor"
-#: ``--quantize`` choices.
-SCHEMES = ("none", "int8", "int4")
+#: ``--quantize`` choices: ``int8``/``int4`` weight-only (``DequantizeLinear -> MatMul``), ``int8-dynamic``
+#: int8 weights with activations quantized per call at run time (``DynamicQuantizeLinear -> MatMulInteger``;
+#: see himap_trt/export/quantize.py).
+SCHEMES = ("none", "int8", "int4", "int8-dynamic")
+#: Why ``build`` refuses each ``--quantize`` scheme TensorRT cannot take (one line each).
+NOT_TENSORRT_QUANTIZE = {
+    "int8-dynamic": "activations quantized per call by DynamicQuantizeLinear/MatMulInteger, ONNX Runtime's CPU "
+                    "int8 form, which TensorRT's ONNX parser does not take",
+}
 #: ONNX Runtime MatMulNBits accuracy level recorded in the export and set on the session
 #: (0: unset, 1: fp32, 2: fp16, 3: bf16, 4: int8 compute of the activations).
 ACCURACY_LEVEL = 4
@@ -55,10 +62,11 @@ class Quantization:
     """How an export's decoder weights are quantized (recorded in the manifest).
 
     Attributes:
-        scheme: ``int8`` or ``int4`` (see :mod:`himap_trt.export.quantize`).
+        scheme: ``int8``, ``int4`` or ``int8-dynamic`` (see :mod:`himap_trt.export.quantize`).
         block_size: int4: input rows (K) per scale; int8: None (one scale per output channel).
         lm_head: whether the LM head is quantized too.
-        accuracy_level: ONNX Runtime MatMulNBits accuracy level (:data:`ACCURACY_LEVEL`).
+        accuracy_level: ONNX Runtime MatMulNBits accuracy level (:data:`ACCURACY_LEVEL`; 0 for
+            ``int8-dynamic``, which has no MatMulNBits).
         symmetric: always True (no zero points).
         tool: the library that computed the codes.
     """
@@ -100,6 +108,9 @@ class Quantization:
     def describe(self) -> str:
         where = "decoder linear layers" + (" and LM head" if self.lm_head else "")
         grain = f"blocks of {self.block_size}" if self.block_size else "per output channel"
+        if self.scheme == "int8-dynamic":
+            return (f"int8 weights ({grain}, symmetric) and uint8 activations quantized per call (one scale per "
+                    f"tensor) on the {where}")
         return f"{self.scheme} weights ({grain}, symmetric) on the {where}"
 
 
@@ -152,7 +163,7 @@ class Manifest:
 
     @property
     def quantize(self) -> str:
-        """``none``, ``int8`` or ``int4``: the export's ``--quantize``."""
+        """``none``, ``int8``, ``int4`` or ``int8-dynamic``: the export's ``--quantize``."""
         return self.quantization.get("scheme", "none") if self.quantization else "none"
 
     def graph(self, name: str) -> GraphSpec:
@@ -163,7 +174,10 @@ class Manifest:
         raise HimapError(f"the manifest has no graph {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.plan.evs_rate:      # exports without EVS (issue 29) are written as before
+            data["plan"].pop("evs_rate", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> Manifest:

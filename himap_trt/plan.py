@@ -68,12 +68,17 @@ class PruningPlan:
         num_layers: L, decoder layers of the model (tokens of the plan are tied to it).
         num_image_tokens: |V|, image tokens per prompt before pruning (576 for LLaVA-1.5).
         stages: the stages in layer order (empty for ``none``).
+        evs_rate: EVS before the LLM (``--prune-before evs --evs-rate q``, METHODS.md "Video, and
+            pruning before the LLM"): the fraction q in [0, 1) of a video's visual tokens dropped
+            before the first decoder layer; 0: no EVS. The stages' keep counts then apply to the tokens
+            EVS kept.
     """
 
     method: Method
     num_layers: int
     num_image_tokens: int
     stages: tuple[Stage, ...] = ()
+    evs_rate: float = 0.0
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -105,8 +110,10 @@ class PruningPlan:
 
     def describe(self) -> str:
         """One human-readable line, e.g. ``himap: K1=2 keep 288/576 (img2txt), K2=8 keep 72 (img2img)``."""
+        before = f"EVS q={self.evs_rate:g} before the LLM (videos), then " if self.evs_rate else ""
         if not self.stages:
-            return f"{self.method}: no pruning, {self.num_image_tokens} image tokens in all {self.num_layers} layers"
+            return (f"{before}{self.method}: no pruning, {self.num_image_tokens} image tokens in all "
+                    f"{self.num_layers} layers")
         parts = []
         entering = self.num_image_tokens
         for i, s in enumerate(self.stages, 1):
@@ -119,7 +126,7 @@ class PruningPlan:
                 how = s.criterion if s.seed is None else f"{s.criterion}, seed {s.seed}"
                 parts.append(f"{name}={s.layer} keep {s.keep}/{entering} ({how})")
             entering = s.keep
-        return f"{self.method}: " + ", ".join(parts)
+        return f"{before}{self.method}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (see :meth:`from_dict`); a stage's ``threshold`` and ``seed`` appear only
@@ -129,6 +136,8 @@ class PruningPlan:
             for optional in ("threshold", "seed"):
                 if stage[optional] is None:
                     del stage[optional]
+        if not self.evs_rate:          # manifests without EVS are written as before
+            del data["evs_rate"]
         return data
 
     @classmethod
@@ -145,6 +154,7 @@ class PruningPlan:
                 num_layers=int(data["num_layers"]),
                 num_image_tokens=int(data["num_image_tokens"]),
                 stages=stages,
+                evs_rate=float(data.get("evs_rate", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HimapError(f"invalid pruning plan {data!r}: {exc}") from None
@@ -241,6 +251,38 @@ def build_plan(
     return PruningPlan("himap", num_layers, num_image_tokens, (first, second))
 
 
+#: What ``--prune-before`` takes: nothing, or EVS (Efficient Video Sampling) on videos.
+PRUNE_BEFORE = ("none", "evs")
+
+
+def with_evs(plan: PruningPlan, prune_before: str, evs_rate: float) -> PruningPlan:
+    """``plan`` with pruning before the LLM (``--prune-before``, ``--evs-rate``; METHODS.md "Video,
+    and pruning before the LLM (EVS)").
+
+    Args:
+        plan: the method inside the decoder.
+        prune_before: ``none`` (``evs_rate`` is then ignored unless not 0) or ``evs``.
+        evs_rate: q in [0, 1): the fraction of a video's visual tokens EVS drops.
+
+    Raises:
+        HimapError: naming the flag, for an unknown ``--prune-before``, a rate outside [0, 1), a rate
+            without ``--prune-before evs``, or EVS with VisiPruner (whose static form has no
+            per-request counts).
+    """
+    if prune_before not in PRUNE_BEFORE:
+        raise HimapError(f"--prune-before must be one of {', '.join(PRUNE_BEFORE)}, got {prune_before!r}")
+    if not (isinstance(evs_rate, (int, float)) and 0.0 <= float(evs_rate) < 1.0):
+        raise HimapError(f"--evs-rate must be in [0, 1) (the fraction of a video's visual tokens dropped), got {evs_rate!r}")
+    if prune_before == "none":
+        if evs_rate:
+            raise HimapError("--evs-rate needs --prune-before evs")
+        return plan
+    if plan.method == "visipruner":
+        raise HimapError("--prune-before evs does not compose with --method visipruner (its static form keeps "
+                         "fixed counts, not per-request ones)")
+    return PruningPlan(plan.method, plan.num_layers, plan.num_image_tokens, plan.stages, float(evs_rate))
+
+
 def _visipruner(num_layers: int, num_image_tokens: int, mid_layer: int | None, deep_layer: int | None,
                 threshold: float, max_keep: int) -> PruningPlan:
     """VisiPruner's static form (METHODS.md): a ``value_norm`` stage at K_M keeping at most
@@ -269,6 +311,8 @@ def validate_plan(plan: PruningPlan) -> None:
     """
     if plan.method not in METHODS:
         raise HimapError(f"unknown method {plan.method!r} (expected one of {', '.join(METHODS)})")
+    if not 0.0 <= plan.evs_rate < 1.0:
+        raise HimapError(f"the plan's evs_rate must be in [0, 1), got {plan.evs_rate!r}")
     entering, previous = plan.num_image_tokens, 0
     for s in plan.stages:
         if s.criterion not in CRITERIA:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from himap_trt.cli.app import app, err, out, user_errors
+from himap_trt.cli.options import KernelSpecializationOpt
 from himap_trt.errors import HimapError
 from himap_trt.flops import request_flops
 from himap_trt.plan import build_plan
@@ -22,6 +24,7 @@ export_manifest = lazy_import("himap_trt.manifest")
 loader = lazy_import("himap_trt.runtime.loader")
 models = lazy_import("himap_trt.models")
 video_mod = lazy_import("himap_trt.video")
+evs_mod = lazy_import("himap_trt.runtime.evs")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -97,6 +100,7 @@ def bench(
         show_default="none: the synthetic image")] = None,
     video_fps: Annotated[float, typer.Option("--video-fps", help="With --video: frames per second sampled.")] = 2.0,
     max_frames: Annotated[int, typer.Option("--max-frames", help="With --video: most frames sampled.")] = 16,
+    kernel_specialization: KernelSpecializationOpt = "eager",
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ):
     """Measure several exports (methods) side by side in one interleaved run: TTFT, TPOT, inter-token
@@ -118,8 +122,10 @@ def bench(
     for directory in export_dirs:
         manifest = export_manifest.load_manifest(directory, families=arch.get_architecture)
         manifests.append(manifest)
-        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device)
-        name = manifest.plan.method + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \
+        opened = loader.open_pipeline(export_dir=directory, backend=backend, device=device,
+                                      kernel_specialization=kernel_specialization)
+        name = (f"evs{manifest.plan.evs_rate:g}+" if manifest.plan.evs_rate else "") + manifest.plan.method \
+            + ("" if manifest.kv_write == "scatternd" else f" ({manifest.kv_write})") \
             + ("" if manifest.quantize == "none" else f" {manifest.quantize}")
         if any(c.name == name for c in contenders):
             name = f"{name} ({directory})"
@@ -167,7 +173,8 @@ def bench(
             parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.1%})" for k, v in f.prefill_graph_s.items())
             out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}): {parts}; sum {total * 1e3:.1f} ms")
     for name, f in (flops or {}).items():
-        out.print(f"prefill FLOPs of the video request, {name}: {f['image_tokens']} -> "
+        evs = f" -> {f['evs_kept']} (EVS)" if f["evs_kept"] != f["image_tokens"] else ""
+        out.print(f"prefill FLOPs of the video request, {name}: {f['image_tokens']}{evs} -> "
                   f"{' -> '.join(map(str, f['kept']))} visual tokens; Eq. 10 {f['eq10'] / 1e9:.3f} GFLOPs, "
                   f"decoder {f['decoder'] / 1e9:.3f} GFLOPs, whole prompt {f['total'] / 1e9:.3f} GFLOPs")
     if plot_path:
@@ -180,8 +187,17 @@ def video_flops(batch, manifests, contenders) -> dict[str, dict]:
     n, length = batch.image_tokens[0], batch.prompt_lengths[0]
     result = {}
     for manifest, contender in zip(manifests, contenders):
-        eq10, prompt = request_flops(manifest.plan, manifest.dims, n, length)
-        result[contender.name] = {"image_tokens": n, "prompt_tokens": length,
-                                  "kept": manifest.plan.image_tokens_for(n)[1:], "eq10": eq10,
+        plan, dims = manifest.plan, manifest.dims
+        eq10, prompt = request_flops(plan, dims, n, length)
+        kept = n
+        if plan.evs_rate:      # EVS before the LLM: the decoder sees its kept tokens; the vision tower all
+            t, h, w = (int(v) for v in batch.image_grid_thw[0])
+            merge = dims.spatial_merge_size
+            kept = evs_mod.evs_keep_count(t, h // merge, w // merge, plan.evs_rate)
+            vision = prompt.vision
+            eq10, prompt = request_flops(plan, dims, kept, length - (n - kept))
+            prompt = replace(prompt, vision=vision)
+        result[contender.name] = {"image_tokens": n, "prompt_tokens": length, "evs_kept": kept,
+                                  "kept": plan.image_tokens_for(kept)[1:], "eq10": eq10,
                                   "decoder": prompt.decoder, "total": prompt.total}
     return result

@@ -31,7 +31,7 @@ from himap_trt.cli.options import (
     ThresholdOpt,
     plan_from_options,
 )
-from himap_trt.engines.flavour import TENSORRT_CHOICES, has_fp32_gemms
+from himap_trt.engines.flavour import TENSORRT_CHOICES, has_fp32_gemms, installed_flavour
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -56,14 +56,14 @@ loading = lazy_import("himap_trt.models.loading")
 models = lazy_import("himap_trt.models")
 
 
-def _parse_bytes(text: str) -> int:
-    """``4294967296``, ``4G``, ``512MiB`` -> bytes."""
+def _parse_bytes(text: str, flag: str = "--workspace") -> int:
+    """``4294967296``, ``4G``, ``512MiB``, ``2.5G`` -> bytes."""
     import re
 
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if not match:
-        raise HimapError(f"--workspace must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
-    return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
+        raise HimapError(f"{flag} must be a byte count such as 4294967296, 4G or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper()))
 
 
 
@@ -81,14 +81,17 @@ def _profile_rows(profiles):
     return rows
 
 
-def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
-    profiles = {spec.name: engine_profiles.graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len) for spec in specs}
+def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "phase", built: str = "phase") -> None:
+    """Print the profiles in ``form`` (``phase``: one per phase, what the runtime's calls select
+    between; ``shared``: merged per engine); ``built`` is the form a build with these options uses."""
+    profiles = {spec.name: engine_profiles.engine_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len,
+                                                           form=form) for spec in specs}
     variable = any(s.attrs.get("variable") for s in specs)   # per-request counts: no segment is shorter
     per_segment = [max_seq_len - 1 - (0 if variable else plan.num_image_tokens - n) for n in plan.image_tokens_per_segment]
     kv = engine_profiles.kv_cache_bytes(specs, max_batch, per_segment)
     if as_json:
-        print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len,
-                          "kv_cache_bytes_at_max": kv,
+        print(json.dumps({"plan": plan.to_dict(), "max_batch": max_batch, "max_seq_len": max_seq_len, "profile_form": form,
+                          "build_profile_form": built, "kv_cache_bytes_at_max": kv,
                           "profiles": {name: [p.to_dict() for p in items] for name, items in profiles.items()}}, indent=1))
         return
     from rich.table import Table
@@ -103,6 +106,20 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json) -> None:
     out.print(table)
     out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
               f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
+    if built != form:
+        out.print(f"A build with these options merges each engine's profiles into one covering its phases "
+                  f"({built}; print them with --profiles {built}).")
+
+
+def _dry_run_form(profiles: str, tensorrt: str) -> str:
+    """The profile form a build with these options uses (``auto``: by the flavour --tensorrt names or,
+    for auto, the installed one; phase when none is installed)."""
+    if profiles != "auto":
+        return profiles
+    if tensorrt == "auto":
+        installed = installed_flavour()
+        return engine_profiles.resolve_profile_form("auto", installed.key if installed else "tensorrt")
+    return engine_profiles.resolve_profile_form("auto", tensorrt)
 
 
 @app.command()
@@ -146,9 +163,25 @@ def build(
                                        help="With --dry-run --model: graph dtype.")] = "fp16",
     max_image_tokens: MaxImageTokensOpt = None,
     sign: SignOpt = None,
+    profiles: Annotated[str, typer.Option(
+        "--profiles", metavar="[auto|shared|phase]",
+        help="Optimization profiles per engine: shared (one covering prefill and decode: the engine holds one "
+             "copy of the weights) or phase (one per phase: TensorRT-RTX 1.7 stores the weights once per "
+             "profile); auto is shared for TensorRT-RTX (it specialises kernels for the shapes met at run "
+             "time), phase for TensorRT.")] = "auto",
+    engine_weight_limit: Annotated[str, typer.Option(
+        "--engine-weight-limit",
+        help="Build a decoder segment holding more weights than this (bytes, e.g. 2.5G) as consecutive engines "
+             "of as many layers as fit it (the builder needs ~2.7x an engine's weights in host memory); 0: "
+             "every segment as one engine.")] = "2500000000",
     as_json: JsonOpt = False,
 ):
-    """Build one TensorRT engine per exported graph, with prefill and decode optimization profiles.
+    """Build one TensorRT engine per exported graph, with optimization profiles covering prefill and decode.
+
+    TensorRT-RTX engines get one profile for both (it stores the weights once per profile); a decoder
+    segment holding more than --engine-weight-limit of weights is built as consecutive engines of a
+    few layers, so the build's memory follows the largest engine. Prints each engine's bytes beside
+    its weights and the build's peak RSS.
 
     Networks are parsed strongly typed from the exported graphs (export with --dtype fp16 or bf16
     for reduced precision). With TensorRT-RTX (--tensorrt rtx) engines are built ahead of time for
@@ -156,6 +189,7 @@ def build(
     the TensorRT flavour and version and the GPU architectures they were built for; `run` refuses others.
     """
     workspace_bytes = _parse_bytes(workspace) if workspace else 0  # options first, before any file is read
+    chunk_bytes = _parse_bytes(engine_weight_limit, "--engine-weight-limit")
     if fp16 or int8:
         raise HimapError(f"--{'fp16' if fp16 else 'int8'}: networks are strongly typed, precision comes from the "
                          "export (`himap-trt export --dtype fp16|bf16`); TensorRT-RTX has no FP16/INT8 builder flags")
@@ -163,6 +197,8 @@ def build(
         raise HimapError(f"--tensorrt must be one of {', '.join(TENSORRT_CHOICES)}, got {tensorrt!r}")
     if max_batch < 1:
         raise HimapError(f"--max-batch must be at least 1, got {max_batch}")
+    if profiles not in engine_profiles.PROFILE_FORMS:
+        raise HimapError(f"--profiles must be one of {', '.join(engine_profiles.PROFILE_FORMS)}, got {profiles!r}")
     if sign is not None:
         signing.check_private_key(sign, "--sign")
     if model is not None:
@@ -177,7 +213,8 @@ def build(
                                         arch=arch.get_architecture(dims.architecture))
 
         length = max_seq_len or export_lib.default_max_seq_len(dims)
-        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json)
+        _dry_run(specs, plan, max_batch, length, f"{model}: {plan.describe()}", as_json,
+                 "phase" if profiles == "auto" else profiles, _dry_run_form(profiles, tensorrt))
         return
     manifest = export_manifest.load_manifest(export_dir, families=arch.get_architecture)
 
@@ -187,12 +224,14 @@ def build(
         raise HimapError(f"--max-seq-len {length} exceeds the model's {manifest.dims.max_position_embeddings} positions")
     if dry_run:
         _dry_run(list(manifest.graphs), manifest.plan, max_batch, length,
-                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json)
+                 f"{export_dir}: {manifest.plan.describe()} ({manifest.dtype})", as_json,
+                 "phase" if profiles == "auto" else profiles, _dry_run_form(profiles, tensorrt))
         return
     target = require_tensorrt(tensorrt, compute_capability, has_fp32_gemms(manifest.dtype, manifest.plan))
     engine_build.check_timing_cache(target.flavour, timing_cache)
     built = build_with_progress(export_dir, engines_dir, manifest, max_batch=max_batch, max_seq_len=length,
-                           workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign)
+                           workspace=workspace_bytes, timing_cache=timing_cache, target=target, sign_key=sign,
+                           profiles=profiles, chunk_weight_bytes=chunk_bytes)
     if as_json:
         print(json.dumps(built.to_dict(), indent=1))
         return

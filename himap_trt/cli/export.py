@@ -40,6 +40,7 @@ from himap_trt.plan import (
     DEFAULT_R1,
     DEFAULT_R2,
     DEFAULT_THRESHOLD,
+    with_evs,
 )
 from himap_trt.fsutil import check_target, output_lock
 from himap_trt.cli.lazy import lazy_import
@@ -63,6 +64,15 @@ def export(
     max_keep: MaxKeepOpt = DEFAULT_MAX_KEEP,
     plan_seed: PlanSeedOpt = 0,
     max_image_tokens: MaxImageTokensOpt = None,
+    prune_before: Annotated[str, typer.Option(
+        "--prune-before", metavar="[none|evs]",
+        help="Pruning before the LLM: evs = Efficient Video Sampling on videos (Qwen2.5-VL, Qwen3-VL): drop the "
+             "--evs-rate fraction of a video's visual tokens least changed since the previous temporal patch; "
+             "--method then prunes the tokens EVS kept. Recorded in the manifest; requests may ask for "
+             "another rate.")] = "none",
+    evs_rate: Annotated[float, typer.Option(
+        "--evs-rate", help="With --prune-before evs: the fraction q in [0, 1) of a video's visual tokens EVS drops "
+                           "(keeps max(H'W', int(T H'W' (1 - q))).")] = 0.0,
     out_dir: Annotated[Path, typer.Option("--out", help="Export directory (replaced atomically on success).")] = Path("export"),
     dtype: Annotated[str, typer.Option("--dtype", metavar="[fp32|fp16|bf16]", help="Graph precision (TensorRT "
                                                    "builds strongly typed networks from it).")] = "fp32",
@@ -91,16 +101,18 @@ def export(
     build_engines_too: Annotated[bool, typer.Option(
         "--build", help="Then build TensorRT engines into engines/ beside --out (batch 1; see `himap-trt build`).")] = False,
     quantize: Annotated[str, typer.Option(
-        "--quantize", metavar="[none|int8|int4]",
-        help="Weight-only quantization of the decoder's linear layers (DequantizeLinear -> MatMul; ONNX Runtime "
-             "fuses it into MatMulNBits, TensorRT parses weight-only GEMMs): int8 per output channel, int4 in "
-             "blocks of --quant-block-size; fp32 only.")] = "none",
+        "--quantize", metavar="[none|int8|int4|int8-dynamic]",
+        help="Quantization of the decoder's linear layers; fp32 only. int8/int4: weight-only (DequantizeLinear -> "
+             "MatMul; ONNX Runtime fuses it into MatMulNBits, TensorRT parses weight-only GEMMs), int8 per output "
+             "channel, int4 in blocks of --quant-block-size. int8-dynamic: int8 weights per output channel and "
+             "activations quantized per call (DynamicQuantizeLinear -> MatMulInteger, fused by ONNX Runtime into "
+             "DynamicQuantizeMatMul: int8 GEMMs for the prefill on CPU); ONNX Runtime only.")] = "none",
     quant_block_size: Annotated[Optional[int], typer.Option(
         "--quant-block-size", metavar="[16|32|64|128|256]",
         help="int4: input rows per scale; must divide the model's hidden, attention and FFN sizes.",
         show_default="32 with int4, or the largest smaller size dividing the model's (16 for tiny/shapes)")] = None,
     quantize_lm_head: Annotated[bool, typer.Option(
-        "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4).")] = False,
+        "--quantize-lm-head", help="Quantize the LM head too (with --quantize int8/int4/int8-dynamic).")] = False,
     sign: SignOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -125,11 +137,18 @@ def export(
     options.quantization(dims)
     plan = plan_from_options(config, method, k1, r1, k2, r2, k, r, dims=dims, mid_layer=mid_layer, deep_layer=deep_layer,
                  threshold=threshold, max_keep=max_keep, seed=plan_seed)
+    plan = with_evs(plan, prune_before, evs_rate)
+    if plan.evs_rate and dims.architecture not in ("qwen2_5_vl", "qwen3_vl"):
+        raise HimapError(f"--prune-before evs needs a video model (Qwen2.5-VL, Qwen3-VL); {model} is "
+                         f"{dims.architecture}")
     check_target(out_dir, marker=export_manifest.MANIFEST_NAME, flag="--out", recognise=export_manifest.is_export_manifest)
     if build_engines_too:
         if kv_write in export_manifest.NOT_TENSORRT:
             raise HimapError(f"--build needs a TensorRT-parsable export: --kv-write {kv_write} is ONNX Runtime only "
                              f"({export_manifest.NOT_TENSORRT[kv_write]}); use --kv-write scatternd")
+        if quantize in export_manifest.NOT_TENSORRT_QUANTIZE:
+            raise HimapError(f"--build needs a TensorRT-parsable export: --quantize {quantize} is ONNX Runtime only "
+                             f"({export_manifest.NOT_TENSORRT_QUANTIZE[quantize]}); use --quantize int8 or int4")
         build_target = require_tensorrt(fp32_gemms=has_fp32_gemms(options.dtype, plan))
     with output_lock(out_dir, flag="--out"):
         err.print(f"loading {model} ({options.dtype})")

@@ -57,6 +57,16 @@ RequireSignatureOpt = Annotated[Optional[Path], typer.Option(
 ExportDirOpt = Annotated[Path, typer.Option("--export-dir", help="Export directory written by `himap-trt export`.")]
 EnginesOpt = Annotated[Optional[Path], typer.Option(
     "--engines", help="TensorRT engines directory.", show_default="engines/ beside the export directory")]
+#: ``--kernel-specialization`` (TensorRT-RTX engines; himap_trt.runtime.tensorrt.KERNEL_SPECIALIZATIONS). The
+#: defaults are written where each command declares it: ``run`` uses the runtime's DEFAULT_KERNEL_SPECIALIZATION
+#: (``lazy``, TensorRT-RTX's own), ``bench`` ``eager`` (timed runs on the specialised kernels); a unit test ties them.
+KERNEL_SPECIALIZATION_HELP = (
+    "TensorRT-RTX engines: when shape-specialised kernels are JIT-compiled. lazy: a fallback kernel runs until "
+    "the specialised one is compiled in the background (TensorRT-RTX's default); eager: compiled before a new "
+    "shape's first run; none: fallback kernels only. Compiled kernels are kept in <engines>/runtime.rtxcache "
+    "for the next process. Ignored by other backends and TensorRT proper.")
+KernelSpecializationOpt = Annotated[str, typer.Option("--kernel-specialization", metavar="[lazy|eager|none]",
+                                                      help=KERNEL_SPECIALIZATION_HELP)]
 
 
 def plan_from_options(config: Any, method: str, k1: int, r1: float, k2: int, r2: float, k: int, r: float, *, dims=None,

@@ -12,7 +12,8 @@ from himap_trt.cli.app import app, err, out, user_errors
 from rich.markup import escape
 
 from himap_trt import signing
-from himap_trt.cli.options import METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, RequireSignatureOpt
+from himap_trt.cli.options import (METHOD_CHOICES, EnginesOpt, ExportDirOpt, JsonOpt, KernelSpecializationOpt,
+                                   RequireSignatureOpt)
 from himap_trt.errors import HimapError
 from himap_trt.plan import (
     DEFAULT_K,
@@ -65,15 +66,42 @@ def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], devi
 
 
 def _requests(image: Optional[Path], question: Optional[str], batch: Optional[Path]):
-    """(image paths, questions) from the arguments or a JSONL file (checked, nothing loaded yet)."""
+    """(image paths, questions, the batch file's requests or None) from the arguments or a JSONL file
+    (checked, nothing loaded yet)."""
     if batch is not None:
         if image is not None or question is not None:
             raise HimapError("pass either IMAGE QUESTION or --batch FILE, not both")
         requests = inputs.read_batch_file(batch)
-        return [r.image for r in requests], [r.question for r in requests]
+        return [r.image for r in requests], [r.question for r in requests], requests
     if image is None or question is None:
         raise HimapError("pass an IMAGE and a QUESTION (or --batch FILE with one JSON request per line)")
-    return [image], [prompt.check_question(question)]
+    return [image], [prompt.check_question(question)], None
+
+
+def _load_request(request, fps: float, max_frames: int):
+    """A batch-file request's image, or its video sampled at its own (else the flags') fps / max_frames."""
+    if not request.video:
+        return prompt.load_image(request.image)
+    return video_mod.video_request(request.image, None, fps=fps if request.fps is None else request.fps,
+                                   max_frames=max_frames if request.max_frames is None else request.max_frames)
+
+
+def _single_conversation(request):
+    """A ``--batch`` image / video line as a one-message conversation (its video fields on the part)."""
+    options = {k: v for k, v in (("fps", request.fps), ("max_frames", request.max_frames),
+                                 ("evs_rate", request.evs_rate)) if v is not None}
+    return chat.Conversation.single(request.question, "video" if request.video else "image", str(request.image),
+                                    options)
+
+
+def _load_part(part, fps: float, max_frames: int):
+    """A conversation's visual part: an image, or a video sampled at the part's own (else the flags')
+    fps / max_frames (its ``evs_rate`` is applied by ``Pipeline.prepare_conversation``)."""
+    if part.kind != "video":
+        return prompt.load_image(part.source)
+    own = chat.video_options(part, video_mod.FRAME_LIMIT)
+    return video_mod.video_request(part.source, None, fps=fps if own.fps is None else own.fps,
+                                   max_frames=max_frames if own.max_frames is None else own.max_frames)
 
 
 @app.command()
@@ -82,9 +110,10 @@ def run(
     image: Annotated[Optional[Path], typer.Argument(help="Image file (JPEG, PNG, ...).", show_default=False)] = None,
     question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
     batch: Annotated[Optional[Path], typer.Option(
-        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} per line; run as one "
-                        "padded batch (relative paths are relative to the file). A line may instead hold a "
-                        "conversation, {\"messages\": [...]}: then every line runs on its own, in order.",
+        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} (or {\"video\": path, ...} "
+                        "with optional fps, max_frames, evs_rate) per line; run as one padded batch (relative "
+                        "paths are relative to the file). A line may instead hold a conversation, "
+                        "{\"messages\": [...]}: then every line runs on its own, in order.",
         show_default="none: IMAGE QUESTION")] = None,
     messages: Annotated[Optional[Path], typer.Option(
         "--messages", help="JSON file of one conversation (OpenAI's messages: system / developer / user / assistant, "
@@ -144,6 +173,7 @@ def run(
     max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames sampled from --video (spread over "
                                                                   "the whole clip; even count).")] = 16,
     require_signature: RequireSignatureOpt = None,
+    kernel_specialization: KernelSpecializationOpt = "lazy",
     as_json: JsonOpt = False,
 ):
     """Answer a question about an image (or a video: --video, --frames) with the exported pipeline.
@@ -159,22 +189,21 @@ def run(
         image, question = None, str(image)          # himap-trt run --video clip.mp4 "question"
     if clip and (image is not None or batch is not None):
         raise HimapError("--video / --frames take the place of IMAGE (and of --batch); pass QUESTION only")
-    conversations = None
+    conversations, listed = None, None
     if messages is not None:
         if image is not None or question is not None or batch is not None or clip:
             raise HimapError("--messages FILE holds the whole conversation; pass no IMAGE, QUESTION, --batch or --video")
         conversations = [inputs.read_messages_file(messages)]
         paths, questions = [str(messages)], [conversations[0].messages[-1].text]
     elif batch is not None and not clip and image is None and question is None:
-        requests = inputs.read_batch_file(batch)
-        if any(r.conversation is not None for r in requests):
-            conversations = [r.conversation or chat.Conversation.single(r.question, "image", str(r.image))
-                             for r in requests]
-        paths = [str(r.image) if r.image else f"{batch}:{i + 1}" for i, r in enumerate(requests)]
-        questions = [r.question or r.conversation.messages[-1].text for r in requests]
+        listed = inputs.read_batch_file(batch)
+        if any(r.conversation is not None for r in listed):     # every line on its own, as a conversation
+            conversations = [r.conversation or _single_conversation(r) for r in listed]
+        paths = [str(r.image) if r.image else f"{batch}:{i + 1}" for i, r in enumerate(listed)]
+        questions = [r.question or r.conversation.messages[-1].text for r in listed]
     else:
-        paths, questions = (([video or "--frames"], [prompt.check_question(question or "")]) if clip
-                            else _requests(image, question, batch))
+        paths, questions, listed = (([video or "--frames"], [prompt.check_question(question or "")], None) if clip
+                                    else _requests(image, question, batch))
     config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
     if backend not in loader.BACKENDS:
@@ -186,12 +215,12 @@ def run(
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
-    if conversations is not None:       # each conversation's visual inputs, in prompt order
-        visuals = [[video_mod.video_request(p.source, None, fps=video_fps, max_frames=max_frames) if p.kind == "video"
-                    else prompt.load_image(p.source) for p in c.visual_parts] for c in conversations]
+    if conversations is not None:       # each conversation's visual inputs, in prompt order (a video part's own
+        visuals = [[_load_part(p, video_fps, max_frames) for p in c.visual_parts] for c in conversations]   # fields)
         images = [v for vs in visuals for v in vs]
     else:
         images = ([video_mod.video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
+                  else [_load_request(r, video_fps, max_frames) for r in listed] if listed is not None
                   else [prompt.load_image(p) for p in paths])
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
@@ -206,7 +235,8 @@ def run(
 
     _check_run_memory(export_dir, backend, model, device, batch=max(len(images), 1), force=force)
     opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
-                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature)
+                           engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature,
+                           kernel_specialization=kernel_specialization)
     pipeline = opened.pipeline
     if conversations is not None:
         _run_conversations(opened, conversations, visuals, paths, questions, config, stream and not as_json, as_json)
@@ -214,6 +244,8 @@ def run(
     try:
         started = time.perf_counter()
         prepared = pipeline.prepare(images, questions)
+        if listed is not None and any(r.evs_rate is not None for r in listed):
+            prepared.evs_rates = [r.evs_rate for r in listed]      # a line's own EVS rate (runtime/evs.py)
         preprocess_s = time.perf_counter() - started
         streamer = None
         streaming = stream and not as_json and len(images) == 1

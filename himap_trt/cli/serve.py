@@ -174,6 +174,17 @@ def bench_serve(
     image: Annotated[Optional[Path], typer.Option(
         "--image", help="Image sent with every request [default: a generated 336x336 PNG].", show_default=False)]
     = None,
+    video: Annotated[Optional[Path], typer.Option(
+        "--video", help="Send this video (.mp4, .webm, .mov, .mkv) as a video_url instead of an image (Qwen "
+                        "exports).", show_default=False)] = None,
+    video_fps: Annotated[Optional[float], typer.Option(
+        "--video-fps", help="With --video: the request's fps field [default: the server's].", show_default=False)] = None,
+    max_frames: Annotated[Optional[int], typer.Option(
+        "--max-frames", help="With --video: the request's max_frames field [default: the server's].",
+        show_default=False)] = None,
+    evs_rate: Annotated[Optional[float], typer.Option(
+        "--evs-rate", help="With --video: the request's evs_rate field [default: the export's].",
+        show_default=False)] = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Question sent with every request.")]
     = "Describe the image in detail.",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 64,
@@ -205,6 +216,16 @@ def bench_serve(
         raise HimapError(f"--max-tokens must be at least 1, got {max_tokens}")
     if image is not None and not image.is_file():
         raise HimapError(f"--image {str(image)!r} does not exist")
+    fields = {k: v for k, v in (("fps", video_fps), ("max_frames", max_frames), ("evs_rate", evs_rate)) if v is not None}
+    if video is None and fields:
+        raise HimapError("--video-fps, --max-frames and --evs-rate go with --video")
+    if video is not None and image is not None:
+        raise HimapError("pass either --image or --video, not both")
+    if video is not None and conversations is not None:
+        raise HimapError("pass either --conversations or --video, not both (a conversation's video_url parts "
+                         "carry their own fields)")
+    if video is not None:
+        serve_bench.check_video_file(video)       # before any request
     err = Console(stderr=True)
 
     def progress(level):
@@ -214,7 +235,8 @@ def bench_serve(
     dataset = serve_bench.read_conversations(conversations) if conversations is not None else None
     report = serve_bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
                              ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
-                             progress=None if as_json else progress, conversations=dataset)
+                             progress=None if as_json else progress, conversations=dataset, video=video,
+                             video_fields=fields)
     if plot is not None:
         serve_bench.plot(report, plot)
     if as_json:

@@ -19,6 +19,7 @@ from himap_trt.engines.environment import gpu_identity
 from himap_trt.engines.flavour import FLAVOURS, flavour_of
 from himap_trt.engines.profiles import Profile
 from himap_trt.errors import HimapError
+from himap_trt.graphs.spec import GraphSpec
 from himap_trt.manifest import MANIFEST_NAME, read_versioned_json
 from himap_trt.plan import PruningPlan
 
@@ -40,12 +41,55 @@ def export_fingerprint(export_dir: Path) -> str:
 
 
 @dataclass(frozen=True)
+class EnginePart:
+    """One layer chunk of a segment built as several engines (:mod:`himap_trt.engines.chunks`).
+
+    Attributes:
+        file: its engine file.
+        spec: the chunk's graph declaration (``{segment}.part{k}``: the segment inputs it reads,
+            the previous chunk's boundary, the outputs it writes).
+        profiles: its optimization profiles (the segment's, restricted to its inputs).
+        engine_bytes: the file's size.
+    """
+
+    file: str
+    spec: GraphSpec
+    profiles: tuple[Profile, ...]
+    engine_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class EngineEntry:
-    """One engine: the graph it was built from, its file, and its optimization profiles (in order)."""
+    """One engine: the graph it was built from, its file, and its optimization profiles (in order).
+
+    Attributes:
+        engine_bytes: the engine file's size (None in manifests written before issue 34).
+        weight_bytes: its graph's weights (initializers and constants, bytes;
+            :func:`himap_trt.engines.build.weight_bytes`), None before issue 34.
+        build_seconds: wall seconds to parse and build it, None before issue 34.
+        parts: for a segment built in layer chunks, one :class:`EnginePart` per chunk in order
+            (``file`` is then the first part's, ``engine_bytes`` their sum); empty otherwise.
+    """
 
     graph: str
     file: str
     profiles: tuple[Profile, ...]
+    engine_bytes: int | None = None
+    weight_bytes: int | None = None
+    build_seconds: float | None = None
+    parts: tuple[EnginePart, ...] = ()
+
+    @property
+    def files(self) -> list[str]:
+        """Every engine file of this graph (its parts', or its own)."""
+        return [part.file for part in self.parts] or [self.file]
+
+    @property
+    def ratio(self) -> float | None:
+        """``engine_bytes / weight_bytes`` (None where either is unknown or there are no weights)."""
+        if not self.engine_bytes or not self.weight_bytes:
+            return None
+        return self.engine_bytes / self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -70,6 +114,11 @@ class EnginesManifest:
         engines: one entry per graph, in chain order.
         files: every engine file, relative path -> ``{"bytes": size, "sha256": hex}``; an engine
             deserialises plugins, so it is treated like code: checked before TensorRT reads it.
+        profile_form: ``shared`` (one optimization profile per engine covering prefill and decode)
+            or ``phase`` (one per phase), :mod:`himap_trt.engines.profiles`; ``phase`` in manifests
+            written before issue 34.
+        build_peak_rss_bytes: the building process's peak resident set size after the last engine
+            (bytes; None before issue 34).
     """
 
     format_version: int
@@ -87,6 +136,16 @@ class EnginesManifest:
     workspace_bytes: int
     engines: tuple[EngineEntry, ...]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_form: str = "phase"
+    build_peak_rss_bytes: int | None = None
+
+    def size_totals(self, kind: str | None = None) -> tuple[int, int] | None:
+        """(engine bytes, weight bytes) summed over the engines of graphs named ``kind``* (``segment``:
+        every ``segment_j``; None: all), or None if a manifest entry lacks either figure."""
+        chosen = [e for e in self.engines if kind is None or e.graph.startswith(kind)]
+        if not chosen or any(e.engine_bytes is None or e.weight_bytes is None for e in chosen):
+            return None
+        return sum(e.engine_bytes for e in chosen), sum(e.weight_bytes for e in chosen)
 
     def entry(self, graph: str) -> EngineEntry:
         """The engine built from ``graph``; raises :class:`HimapError` if there is none."""
@@ -96,7 +155,10 @@ class EnginesManifest:
         raise HimapError(f"the engines manifest has no engine for graph {graph!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.plan.evs_rate:      # engines of exports without EVS (issue 29) are described as before
+            data["plan"].pop("evs_rate", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> EnginesManifest:
@@ -130,9 +192,17 @@ class EnginesManifest:
                 compute_capabilities=tuple(capabilities), kv_write=str(data.get("kv_write", "scatternd")),
                 max_batch=int(data["max_batch"]), max_seq_len=int(data["max_seq_len"]),
                 workspace_bytes=int(data.get("workspace_bytes", 0)),
-                engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]))
+                engines=tuple(EngineEntry(e["graph"], e["file"], tuple(Profile.from_dict(p) for p in e["profiles"]),
+                                          engine_bytes=_optional(e.get("engine_bytes"), int),
+                                          weight_bytes=_optional(e.get("weight_bytes"), int),
+                                          build_seconds=_optional(e.get("build_seconds"), float),
+                                          parts=tuple(EnginePart(p["file"], GraphSpec.from_dict(p["spec"]),
+                                                                 tuple(Profile.from_dict(q) for q in p["profiles"]),
+                                                                 _optional(p.get("engine_bytes"), int))
+                                                      for p in e.get("parts", [])))
                               for e in data["engines"]),
-                files=dict(data["files"]),
+                files=dict(data["files"]), profile_form=str(data.get("profile_form", "phase")),
+                build_peak_rss_bytes=_optional(data.get("build_peak_rss_bytes"), int),
             )
         except HimapError as exc:
             raise HimapError(f"{where}: {exc}") from None
@@ -143,6 +213,11 @@ class EnginesManifest:
         path = Path(directory) / ENGINES_MANIFEST
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
+
+
+def _optional(value, kind):
+    """``kind(value)``, or None for a missing field."""
+    return None if value is None else kind(value)
 
 
 def read_engines_manifest(directory: Path) -> EnginesManifest:
@@ -175,9 +250,10 @@ def verify_engine_files(directory: Path, engines: EnginesManifest) -> None:
     source = Path(directory) / ENGINES_MANIFEST
     records = parse_file_records(engines.files, field="files", source=source)
     for i, entry in enumerate(engines.engines):
-        confined_path(directory, entry.file, field=f"engines[{i}].file", source=source)
-        if entry.file not in records:
-            raise HimapError(f"engine file {entry.file!r} is not recorded in 'files' of {str(source)!r}")
+        for name in [entry.file, *entry.files]:
+            confined_path(directory, name, field=f"engines[{i}].file", source=source)
+            if name not in records:
+                raise HimapError(f"engine file {name!r} is not recorded in 'files' of {str(source)!r}")
     verify_files(directory, records, source=source)
 
 

@@ -30,9 +30,10 @@ def parser_errors(parser) -> list[str]:
     return lines
 
 
-def _parse(trt, builder, logger, path: Path):
+def _parse(trt, builder, logger, path: Path, data: bytes | None = None):
     """Parse with a quiet logger of its own: the parser's errors are reported through
-    :func:`parser_errors` (one line each), not TensorRT's multi-line log."""
+    :func:`parser_errors` (one line each), not TensorRT's multi-line log. With ``data``: parse
+    those model bytes, resolving external data relative to ``path`` (a layer chunk of that graph)."""
     logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
     flags = 0
     creation = trt.NetworkDefinitionCreationFlag
@@ -40,11 +41,11 @@ def _parse(trt, builder, logger, path: Path):
         flags |= 1 << int(creation.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(path))
+    ok = parser.parse_from_file(str(path)) if data is None else parser.parse(data, str(path))
     return network, parser, [] if ok else (parser_errors(parser) or ["parse failed (no error recorded)"])
 
 
-def parse_network(trt, builder, logger, path: Path):
+def parse_network(trt, builder, logger, path: Path, data: bytes | None = None):
     """Parse one ONNX file into a strongly typed network (weights included: external data files are
     read from beside ``path``).
 
@@ -54,7 +55,7 @@ def parse_network(trt, builder, logger, path: Path):
     Raises:
         HimapError: naming the file and the parser's first errors.
     """
-    network, parser, errors = _parse(trt, builder, logger, path)
+    network, parser, errors = _parse(trt, builder, logger, path, data)
     if errors:
         more = f" (+{len(errors) - 2} more)" if len(errors) > 2 else ""
         raise HimapError(f"the {trt.__name__} ONNX parser rejects {Path(path).name}: {'; '.join(errors[:2])}{more}")

@@ -21,6 +21,15 @@ on buffers of exactly the prompt's length; decode on the slot cache's preallocat
 ``max_len_j = max_seq_len - dropped_j`` positions (:class:`himap_trt.runtime.kv_cache.SlotKVCache`;
 ``generate`` allocates prompt + new tokens, at most that). ``batch`` is 1 .. max_batch
 everywhere. ``opt`` is a typical LLaVA request: |V| image tokens plus :data:`OPT_TEXT_TOKENS`.
+
+**Engine profile forms** (:data:`PROFILE_FORMS`, ``build --profiles``): ``phase`` builds the table
+above, one optimization profile per phase; ``shared`` merges a graph's phase profiles into one that
+covers prefill and decode (:func:`shared_profile`: per input the smallest min, the largest max, the
+prefill profile's opt). TensorRT-RTX 1.7 stores a copy of the weights per profile (an fp16
+segment with two profiles is 1.8-2.0x its weights, with one 1.0x plus ~2 MB of kernel source; see
+docs/ARCHITECTURE.md, "Engine size and build memory"), and specialises kernels for the shapes it
+meets at run time, so one profile costs it no tuning. ``auto`` is ``shared`` for TensorRT-RTX and
+``phase`` for TensorRT, whose tactics are chosen per profile at build time.
 """
 
 from __future__ import annotations
@@ -151,8 +160,7 @@ def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int
     opt_img = min(n_img, OPT_IMAGE_TOKENS)
     opt_prompt = min(opt_img + OPT_TEXT_TOKENS, longest)
     if spec.kind == "vision":
-        area = spec.attrs["spatial_merge_size"] ** 2
-        return [_profile(spec, "prefill", {"num_patches": (area, area * opt_img * batch[1], area * n_img * batch[2])})]
+        return [_profile(spec, "prefill", _vision_ranges(spec, n_img, opt_img, batch))]
     if spec.kind == "embed":
         return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest)}),
                 _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1)})]
@@ -166,6 +174,83 @@ def _variable_profiles(spec: GraphSpec, plan: PruningPlan, batch: tuple[int, int
     return [_profile(spec, "prefill", {"batch": batch, "sequence": (2, opt_prompt, longest),
                                        "cache_sequence": (2, opt_prompt, longest)}),
             _profile(spec, "decode", {"batch": batch, "sequence": (1, 1, 1), "cache_sequence": (2, cache, longest + 1)})]
+
+
+#: Most temporal patches (frames / 2) of one request's video the vision profile takes (256 frames).
+MAX_TEMPORAL_PATCHES = 128
+
+
+def _vision_ranges(spec: GraphSpec, n_img: int, opt_img: int, batch: tuple[int, int, int]) -> dict:
+    """Named-size ranges of a Qwen vision graph: patches of 1 .. max_batch inputs of up to |V| tokens;
+    attention blocks (docs/ARCHITECTURE.md, "Vision attention per frame and window"): frames 1 ..
+    max_batch x min(|V|, :data:`MAX_TEMPORAL_PATCHES`) of up to |V| tokens' patches each; windows
+    1 .. max_batch x |V| (a window holds at least one merged token). The attention scores at the
+    maxima are frames x frame_len² (the frame sizes of one call add up to the patch count, which a
+    profile cannot express), so keep ``--max-image-tokens`` to what the clips need."""
+    area = spec.attrs["spatial_merge_size"] ** 2
+    ranges = {"num_patches": (area, area * opt_img * batch[1], area * n_img * batch[2])}
+    names = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    if "num_frames" in names:
+        ranges["num_frames"] = (1, batch[1], batch[2] * min(n_img, MAX_TEMPORAL_PATCHES))
+        ranges["frame_len"] = (area, area * opt_img, area * n_img)
+    if "num_windows" in names:
+        window = next(t.shape[1] for t in spec.inputs if t.name == "window_blocks")
+        ranges["num_windows"] = (1, max(1, area * opt_img * batch[1] // window), batch[2] * n_img)
+    return ranges
+
+#: ``build --profiles`` choices (``auto``: :func:`resolve_profile_form`).
+PROFILE_FORMS = ("auto", "shared", "phase")
+
+
+def resolve_profile_form(form: str, flavour_key: str) -> str:
+    """``shared`` or ``phase`` for a ``--profiles`` value and a flavour key (``rtx`` / ``tensorrt``).
+
+    Raises:
+        HimapError: for a value outside :data:`PROFILE_FORMS`, naming ``--profiles``.
+    """
+    if form not in PROFILE_FORMS:
+        raise HimapError(f"--profiles must be one of {', '.join(PROFILE_FORMS)}, got {form!r}")
+    if form == "auto":
+        return "shared" if flavour_key == "rtx" else "phase"
+    return form
+
+
+def shared_profile(profiles: list[Profile]) -> Profile:
+    """One profile covering every given one: per input and dimension the smallest min and the largest
+    max; the opt of the first (the prefill profile). A single profile is returned as it is.
+
+    Raises:
+        HimapError: if the profiles do not declare the same inputs with the same ranks.
+    """
+    if len(profiles) == 1:
+        return profiles[0]
+    first = profiles[0]
+    shapes = {}
+    for name, shape in first.shapes.items():
+        ranges = [p.shapes.get(name) for p in profiles]
+        if any(r is None or len(r.min) != len(shape.min) for r in ranges):
+            raise HimapError(f"profiles {[p.name for p in profiles]} do not all declare input {name!r} with rank "
+                             f"{len(shape.min)}")
+        low = tuple(min(r.min[i] for r in ranges) for i in range(len(shape.min)))
+        high = tuple(max(r.max[i] for r in ranges) for i in range(len(shape.max)))
+        shapes[name] = ShapeRange(low, tuple(min(max(o, lo), hi) for o, lo, hi in zip(shape.opt, low, high)), high)
+    return Profile("shared", shapes)
+
+
+def engine_profiles(spec: GraphSpec, plan: PruningPlan, *, max_batch: int, max_seq_len: int, form: str = "phase",
+                    opt_batch: int = 1) -> list[Profile]:
+    """The optimization profiles an engine of ``spec`` is built with: :func:`graph_profiles` for
+    ``form="phase"``, their :func:`shared_profile` for ``form="shared"`` (one profile).
+
+    Raises:
+        HimapError: see :func:`graph_profiles`; a form other than ``phase`` / ``shared``.
+    """
+    profiles = graph_profiles(spec, plan, max_batch=max_batch, max_seq_len=max_seq_len, opt_batch=opt_batch)
+    if form == "phase":
+        return profiles
+    if form == "shared":
+        return [shared_profile(profiles)]
+    raise HimapError(f"profile form must be phase or shared, got {form!r}")
 
 
 def kv_cache_bytes(specs: list[GraphSpec], batch: int, tokens_per_segment: list[int]) -> int:

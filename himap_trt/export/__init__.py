@@ -74,9 +74,11 @@ class ExportOptions:
             one layer with ``quantize``, so each layer's error is measured on the fp32 model's inputs).
         device: where the PyTorch reference of the validation runs (``cpu``, ``cuda``, ``cuda:N``);
             tracing and the ONNX Runtime checks stay on the CPU.
-        quantize: ``none``, ``int8`` or ``int4``: weight-only quantization of the decoder's linear
+        quantize: ``none``, ``int8`` or ``int4`` (weight-only), or ``int8-dynamic`` (int8 weights and
+            activations quantized per call, ONNX Runtime only): quantization of the decoder's linear
             layers (:mod:`himap_trt.export.quantize`); fp32 only.
-        quant_block_size: int4: input rows per scale (None: 32); int8 takes none (per output channel).
+        quant_block_size: int4: input rows per scale (None: 32); int8 and int8-dynamic take none (per
+            output channel).
         quantize_lm_head: quantize the LM head too.
         sign_key: an unencrypted EC private key (PEM): sign the export with OpenSSF model-signing
             (``model.sig`` inside it, see :mod:`himap_trt.signing`); None: unsigned.

@@ -1,4 +1,5 @@
-"""Weight-only quantization of the decoder's linear layers (``himap-trt export --quantize``).
+"""Quantization of the decoder's linear layers (``himap-trt export --quantize``): weight-only
+(``int8``, ``int4``) and dynamic int8 (``int8-dynamic``, below).
 
 The composed segment graphs (:mod:`himap_trt.export.compose`) are rewritten so that every linear
 layer's weight is stored quantized and dequantized in the graph by a standard ONNX
@@ -24,6 +25,24 @@ kernel at session creation (``DQMatMulToMatMulNBits``; checked by :func:`fused_o
 records :data:`ACCURACY_LEVEL` (4: activations quantized to int8 per block at run time and the
 products computed in int8 with VNNI where the CPU has it) and the ONNX Runtime backend sets it.
 TensorRT(-RTX) parses the same pairs as ``DEQUANTIZE`` + ``MATRIX_MULTIPLY`` layers (weight-only GEMMs).
+
+``int8-dynamic`` (int8 weights, activations quantized per call: ONNX Runtime's dynamic quantization,
+the form its ``quantize_dynamic`` writes, written here node for node with the int8 codes above)::
+
+    x [B,S,K] ─► DynamicQuantizeLinear ─► x_q uint8 [B,S,K], x_scale [], x_zp uint8 []
+    MatMulInteger(x_q, W_q int8 [K,N], x_zp) int32 ─► Cast float ─► Mul(·, x_scale * W_scale [N]) ─► y [B,S,N]
+
+``DynamicQuantizeLinear`` (ONNX opset 11) computes one asymmetric uint8 scale and zero point from
+the whole tensor's range (0 included) at every call: per tensor, not per token, so in a batch the
+rows of one prompt share a scale with the others' (padding, all zeros, never widens the range), and
+one outlier token coarsens the step of every token of the call. ONNX Runtime fuses each chain into
+``com.microsoft.DynamicQuantizeMatMul``, or ``MatMulIntegerToFloat`` behind a ``DynamicQuantizeLinear``
+shared by the layers reading the same input (q/k/v, gate/up); their u8s8 GEMMs use AVX-512 VNNI /
+AMX-INT8 where the CPU has them. Weights are full-range int8 (no ``reduce_range``): on a CPU without
+VNNI, MLAS's AVX2 u8s8 kernel may saturate int16 sums (ONNX Runtime's quantization docs advise 7-bit
+weights there), not measured here. TensorRT has no form of it: ``build`` refuses such an export
+(:data:`himap_trt.manifest.NOT_TENSORRT_QUANTIZE`). Attention, norms, the scoring graphs, vision and
+the LM head (unless ``lm_head``) stay fp32.
 
 Before quantizing, weight transposes are folded: the traced layers compute ``x @ Transpose(W)``
 with ``W`` [N,K] an initializer, which becomes ``x @ W^T`` with ``W^T`` [K,N] the initializer. The
@@ -59,8 +78,10 @@ QUANTIZE_DTYPES = ("float32",)
 #: bound). Worst cases measured on tiny and tiny-gqa, plans none and HiMAP (docs/PERFORMANCE.md,
 #: "Quantized exports"): int8 0.025 and int4 0.157 of max |ref| (layer 0's hidden states, |x| ~ 14-37;
 #: int4 in blocks of 16 on N(0, 0.2) weights: ~12% rms error per weight), with about 2x margin.
-#: Accuracy of whole answers: the shapes eval (``himap-trt eval``), same section.
-TOLERANCES = {"int8": (1e-2, 5e-2), "int4": (5e-2, 3e-1)}
+#: Accuracy of whole answers: the shapes eval (``himap-trt eval``), same section. int8-dynamic: worst
+#: 0.027 of max |ref| on the same models and plans (docs/PERFORMANCE.md, "Dynamic int8"), the int8
+#: tolerance (~1.9x margin).
+TOLERANCES = {"int8": (1e-2, 5e-2), "int4": (5e-2, 3e-1), "int8-dynamic": (1e-2, 5e-2)}
 
 
 def linear_input_sizes(dims) -> dict[str, int]:
@@ -74,7 +95,7 @@ def check_quantization(scheme: str, block_size: int | None, dims, dtype: str, lm
     """Check ``--quantize``/``--quant-block-size``/``--quantize-lm-head`` against the model and dtype.
 
     Args:
-        scheme: ``none``, ``int8`` or ``int4``.
+        scheme: ``none``, ``int8``, ``int4`` or ``int8-dynamic``.
         block_size: int4 only: K rows per scale (None: :data:`DEFAULT_INT4_BLOCK_SIZE`, or the largest
             smaller block size that divides the model's sizes: 16 for the tiny models' FFN of 176).
         dims: the model's :class:`~himap_trt.dims.ModelDims` (None: skip the size checks).
@@ -84,7 +105,7 @@ def check_quantization(scheme: str, block_size: int | None, dims, dtype: str, lm
         The :class:`Quantization`, or None for ``none``.
 
     Raises:
-        HimapError: an unknown scheme, a block size with int8 or without --quantize, an int4 block size
+        HimapError: an unknown scheme, a block size with int8/int8-dynamic or without --quantize, an int4 block size
             that is not one of :data:`INT4_BLOCK_SIZES` or does not divide every linear layer's input
             size, a dtype other than fp32, or --quantize-lm-head without --quantize.
     """
@@ -94,14 +115,17 @@ def check_quantization(scheme: str, block_size: int | None, dims, dtype: str, lm
         if block_size is not None:
             raise HimapError("--quant-block-size needs --quantize int4")
         if lm_head:
-            raise HimapError("--quantize-lm-head needs --quantize int8 or int4")
+            raise HimapError("--quantize-lm-head needs --quantize int8, int4 or int8-dynamic")
         return None
     if dtype not in QUANTIZE_DTYPES:
         raise HimapError(f"--quantize {scheme} needs --dtype fp32 (the quantized graphs dequantize to float32), "
                          f"got {dtype!r}")
-    if scheme == "int8":
+    if scheme in ("int8", "int8-dynamic"):
         if block_size is not None:
-            raise HimapError("--quant-block-size applies to --quantize int4; int8 has one scale per output channel")
+            raise HimapError(f"--quant-block-size applies to --quantize int4; {scheme} has one scale per output channel")
+        if scheme == "int8-dynamic":    # no MatMulNBits: accuracy level 0 (unset)
+            return Quantization(scheme, None, lm_head, accuracy_level=0,
+                                tool=_tool("quant_utils.quantize_nparray (per channel), quantize_dynamic's form"))
         return Quantization("int8", None, lm_head, tool=_tool("quant_utils.quantize_nparray (per channel)"))
     if block_size is None and dims is not None:   # 32, or the largest smaller block that divides every size
         fits = [b for b in INT4_BLOCK_SIZES if b <= DEFAULT_INT4_BLOCK_SIZE
@@ -178,37 +202,95 @@ def _linear_matmuls(graph: ir.Graph) -> list[ir.Node]:
             and node.inputs[1].shape is not None and len(node.inputs[1].shape) == 2]
 
 
-def _quantize_int8(model: ir.Model) -> int:
-    """Per-output-channel symmetric int8 (ONNX Runtime's quant_utils), DequantizeLinear axis 1."""
+def _per_channel_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of a weight ``array`` [K,N] with one scale per output channel (column), from
+    ONNX Runtime's quant_utils: codes int8 [K,N] in [-127, 127] and scales float32 [N] (absmax / 127)."""
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, quantize_nparray
 
-    graph = model.graph
     qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, symmetric=True)
+    lows, highs = array.min(axis=0), array.max(axis=0)
+    scales = np.empty(array.shape[1], np.float32)
+    for n in range(array.shape[1]):
+        _, scale = compute_scale_zp(lows[n], highs[n], qmin, qmax, symmetric=True)
+        scales[n] = scale
+    scales[scales == 0] = 1.0       # an all-zero column: any scale dequantizes it exactly
+    codes = quantize_nparray(TensorProto.INT8, array, scales[None, :], np.zeros_like(scales, np.int8)[None, :])
+    return codes.astype(np.int8), scales
+
+
+def _quantized_weight(graph: ir.Graph, weight: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Register ``weight``'s per-channel int8 codes [K,N] and scales [N] as initializers (the float
+    weight is removed by the caller once unused)."""
+    codes, scales = _per_channel_int8(weight.const_value.numpy().astype(np.float32))      # [K,N], [N]
+    q_name, s_name = f"{weight.name}_DQ_Q8", f"{weight.name}_DQ_scales"
+    q_value = ir.Value(name=q_name, const_value=ir.tensor(codes, name=q_name),
+                       type=ir.TensorType(ir.DataType.INT8), shape=ir.Shape(codes.shape))
+    s_value = ir.Value(name=s_name, const_value=ir.tensor(scales, name=s_name),
+                       type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(scales.shape))
+    graph.register_initializer(q_value)
+    graph.register_initializer(s_value)
+    return q_value, s_value
+
+
+def _quantize_int8(model: ir.Model) -> int:
+    """Per-output-channel symmetric int8 (ONNX Runtime's quant_utils), DequantizeLinear axis 1."""
+    graph = model.graph
     count = 0
     for node in _linear_matmuls(graph):
         weight = node.inputs[1]
-        array = weight.const_value.numpy().astype(np.float32)                       # [K,N]
-        lows, highs = array.min(axis=0), array.max(axis=0)
-        scales = np.empty(array.shape[1], np.float32)
-        for n in range(array.shape[1]):
-            _, scale = compute_scale_zp(lows[n], highs[n], qmin, qmax, symmetric=True)
-            scales[n] = scale
-        scales[scales == 0] = 1.0       # an all-zero column: any scale dequantizes it exactly
-        codes = quantize_nparray(TensorProto.INT8, array, scales[None, :], np.zeros_like(scales, np.int8)[None, :])
-        q_name, s_name = f"{weight.name}_DQ_Q8", f"{weight.name}_DQ_scales"
-        q_value = ir.Value(name=q_name, const_value=ir.tensor(codes.astype(np.int8), name=q_name),
-                           type=ir.TensorType(ir.DataType.INT8), shape=ir.Shape(codes.shape))
-        s_value = ir.Value(name=s_name, const_value=ir.tensor(scales, name=s_name),
-                           type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(scales.shape))
-        graph.register_initializer(q_value)
-        graph.register_initializer(s_value)
+        q_value, s_value = _quantized_weight(graph, weight)
         dq = ir.Node("", "DequantizeLinear", [q_value, s_value], attributes=[ir.AttrInt64("axis", 1)],
                      name=f"{node.name}/dequantize")
         dq.outputs[0].name = f"{weight.name}_DQ"
         dq.outputs[0].type, dq.outputs[0].shape = weight.type, weight.shape
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
+        graph.initializers.pop(weight.name)
+        count += 1
+    return count
+
+
+def _quantize_int8_dynamic(model: ir.Model) -> int:
+    """int8 weights per output channel, activations quantized per call: ONNX Runtime's dynamic form.
+
+    Each ``MatMul(x, W)`` becomes what ONNX Runtime's ``quantize_dynamic`` writes (IntegerOps format)::
+
+        x ─► DynamicQuantizeLinear ─► x_q uint8, x_scale [], x_zp uint8 []
+        MatMulInteger(x_q, W_q, x_zp) int32 ─► Cast(float) ─► Mul(·, x_scale * W_scale [N]) ─► y
+
+    with one ``DynamicQuantizeLinear`` per distinct input (q/k/v and gate/up share theirs) and no
+    weight zero point (symmetric). ONNX Runtime fuses the chain into ``com.microsoft.DynamicQuantizeMatMul``
+    (or ``MatMulIntegerToFloat`` behind a shared ``DynamicQuantizeLinear``), whose u8s8 kernels use
+    VNNI / AMX where the CPU has them.
+    """
+    graph = model.graph
+    quantized_inputs: dict[int, ir.Node] = {}       # id(x) -> its DynamicQuantizeLinear
+    count = 0
+    for node in _linear_matmuls(graph):
+        x, weight = node.inputs[0], node.inputs[1]
+        q_value, s_value = _quantized_weight(graph, weight)
+        dql = quantized_inputs.get(id(x))
+        if dql is None:
+            dql = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{node.name}/quantize_input")
+            for value, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point"), strict=True):
+                value.name = f"{node.name}/input_{suffix}"
+            graph.insert_before(node, dql)
+            quantized_inputs[id(x)] = dql
+        x_q, x_scale, x_zp = dql.outputs
+        gemm = ir.Node("", "MatMulInteger", [x_q, q_value, x_zp], name=f"{node.name}/matmul_integer")
+        cast = ir.Node("", "Cast", [gemm.outputs[0]], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+                       name=f"{node.name}/cast")
+        scales = ir.Node("", "Mul", [x_scale, s_value], name=f"{node.name}/scales_mul")
+        out = ir.Node("", "Mul", [cast.outputs[0], scales.outputs[0]], name=f"{node.name}/output_scale_mul")
+        for new in (gemm, cast, scales, out):
+            new.outputs[0].name = f"{new.name}_output"
+            graph.insert_before(node, new)
+        old = node.outputs[0]
+        name, out.outputs[0].type, out.outputs[0].shape = old.name, old.type, old.shape
+        old.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)   # the head's output is 'logits'
+        graph.remove(node, safe=True)
+        out.outputs[0].name = name
         graph.initializers.pop(weight.name)
         count += 1
     return count
@@ -255,7 +337,7 @@ def quantize_model(model: ir.Model, quantization: Quantization) -> ir.Model:
     """Quantize ``model``'s linear-layer weights as ``quantization`` says (see the module docstring).
 
     Returns:
-        The quantized model (the same object for int8, a new one for int4).
+        The quantized model (the same object for int8 and int8-dynamic, a new one for int4).
 
     Raises:
         HimapError: if the graph has no linear layer to quantize, or some weight was left unquantized.
@@ -263,6 +345,8 @@ def quantize_model(model: ir.Model, quantization: Quantization) -> ir.Model:
     fold_weight_transposes(model, lm_head=quantization.lm_head)
     if quantization.scheme == "int8":
         count = _quantize_int8(model)
+    elif quantization.scheme == "int8-dynamic":
+        count = _quantize_int8_dynamic(model)
     else:
         model, count = _quantize_int4(model, quantization.block_size)
     left = _linear_matmuls(model.graph)

@@ -32,9 +32,10 @@ from himap_trt.graphs.qwen_vision import (  # noqa: F401  (vision_feeds: re-expo
 )
 from himap_trt.graphs.spec import GraphSpec, torch_dtype
 
-#: One (t, h, w) grid per image of the tracing call: two images, 88 patches, 22 image tokens
-#: (sizes that coincide with no other axis, so none is specialised or unified).
-TRACE_GRID = ((1, 4, 6), (1, 8, 8))
+#: One (t, h, w) grid per image of the tracing call: two images and a three-temporal-patch video,
+#: 120 patches, 30 image tokens, 5 frames of at most 48 patches, 9 windows of the tiny config (sizes
+#: that coincide with no other axis, so none is specialised or unified).
+TRACE_GRID = ((1, 4, 6), (1, 6, 8), (3, 4, 4))
 
 
 def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "float32",
@@ -71,7 +72,8 @@ def export_qwen_vision(visual: torch.nn.Module, path: Path, *, dtype: str = "flo
 
 def trace_vision(module: torch.nn.Module, feeds: dict, spec: GraphSpec, path: Path, *, opset: int) -> GraphSpec:
     """Trace a Qwen-family vision encoder on ``feeds`` (its inputs by name: ``pixel_values``
-    [patches, C*T*P*P] and the host-computed position tables, each dynamic in its first axis) and save
+    [patches, C*T*P*P] and the host-computed position tables and attention blocks, dynamic in the axes
+    the spec names) and save
     it to ``path``; shared by Qwen2.5-VL's and Qwen3-VL's exporters.
 
     Returns:
@@ -81,7 +83,8 @@ def trace_vision(module: torch.nn.Module, feeds: dict, spec: GraphSpec, path: Pa
         HimapError: the exporter fails (naming the graph), or :func:`save_model` rejects the result.
     """
     args = tuple(feeds[n] for n in spec.input_names)
-    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in args)
+    dynamic = tuple({axis: torch.export.Dim.AUTO for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
+                    for t in spec.inputs)
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
@@ -111,11 +114,12 @@ def validation_grids(vision_config) -> list[np.ndarray]:
     """The grids :func:`validate_qwen_vision` checks by default, from the config's window:
     a small image (4x6 patches), a square one two merged tokens wider than a window (so it splits
     into full and partial windows: 8x8 for the tiny config, 12x12 for Qwen2.5-VL's 112-pixel
-    windows), and both in one call."""
+    windows), both in one call, and a three-temporal-patch video of the small frames (6 frames that
+    fill no whole window of the 7B config)."""
     merge = int(vision_config.spatial_merge_size)
     window = int(vision_config.window_size) // int(vision_config.patch_size)   # patches per window side
     small, large = [1, 2 * merge, 3 * merge], [1, window + 2 * merge, window + 2 * merge]
-    return [np.array([small]), np.array([large]), np.array([small, large])]
+    return [np.array([small]), np.array([large]), np.array([small, large]), np.array([[3, 2 * merge, 3 * merge]])]
 
 
 def reference_embeds(visual: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw) -> torch.Tensor:

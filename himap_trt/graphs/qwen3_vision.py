@@ -15,15 +15,19 @@ Contract (``num_patches`` = sum over images of t*h*w; ``num_image_tokens`` = num
              ├─ vision_position_ids [num_patches, 2] int64    (row, column) of each patch in its image
              ├─ pos_embed_indices   [num_patches, 4] int64    bilinear taps into the position table
              ├─ pos_embed_weights   [num_patches, 4] float32  their weights
-             └─ frame_segment_ids   [num_patches]    int64    which image (video frame) a patch is in
-    graph: pixel_values [num_patches, patch_dim] dtype + the four above
+             ├─ frame_blocks        [num_frames, frame_len] int64  the patches of each frame (temporal
+             │                                                    patch; an image is one), -1 = padding
+             └─ frame_slots         [num_patches]    int64    each patch's place in frame_blocks
+    graph: pixel_values [num_patches, patch_dim] dtype + the five above
              ──► image_embeds    [num_image_tokens, D] dtype          (transformers' ``pooler_output``)
                  deepstack_embeds [n_deep, num_image_tokens, D] dtype  (its ``deepstack_features``, stacked)
 
 - patch embedding: the Conv3d (kernel = stride, with bias) as a matmul of each flattened patch;
 - position embedding: ``sum_k table[indices[:, k]] * weights[:, k]`` (transformers' own formula);
-- attention: every block attends within a frame (bias from ``frame_segment_ids``; transformers'
-  per-frame ``cu_seqlens``); scores in the model dtype, bias and softmax in float32;
+- attention: every block attends within a frame, computed per frame
+  (:func:`himap_trt.graphs.qwen_vision.block_attention`: transformers' per-frame ``cu_seqlens`` as
+  batched equal-size blocks, padding masked), so cost and memory are linear in the number of frames;
+  scores in the model dtype, bias and softmax in float32;
 - after block ``deepstack_visual_indexes[i]``, ``deepstack_merger_list[i]`` gives DeepStack
   feature i; the blocks and mergers are transformers' modules (weights shared).
 
@@ -43,10 +47,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from himap_trt.errors import HimapError
-from himap_trt.graphs.qwen_vision import PATCHES, TOKENS, segment_bias
+from himap_trt.graphs.qwen_vision import FRAME_LEN, FRAMES, PATCHES, TOKENS, block_attention, block_feeds
 from himap_trt.graphs.spec import DEEPSTACK_OUTPUT, GraphSpec, TensorSpec
 
-INPUT_NAMES = ("pixel_values", "vision_position_ids", "pos_embed_indices", "pos_embed_weights", "frame_segment_ids")
+INPUT_NAMES = ("pixel_values", "vision_position_ids", "pos_embed_indices", "pos_embed_weights", "frame_blocks",
+               "frame_slots")
 
 
 def _cfg(config: Any, name: str) -> Any:
@@ -65,7 +70,8 @@ def qwen3_vision_inputs(image_grid_thw, vision_config) -> dict[str, np.ndarray]:
 
     Returns:
         ``vision_position_ids`` [N, 2] int64, ``pos_embed_indices`` [N, 4] int64,
-        ``pos_embed_weights`` [N, 4] float32, ``frame_segment_ids`` [N] int64; N = sum(t*h*w).
+        ``pos_embed_weights`` [N, 4] float32, ``frame_segment_ids`` [N] int64 (which frame a patch
+        is in; :func:`~himap_trt.graphs.qwen_vision.block_feeds` turns it into blocks); N = sum(t*h*w).
 
     Raises:
         HimapError: a grid that is not [num_images, 3] positive integers with h, w divisible by the merge size.
@@ -98,7 +104,8 @@ class Qwen3VisionEncoder(nn.Module):
     (``model.model.visual``), parameters shared.
 
     ``forward(pixel_values [N, patch_dim], vision_position_ids [N, 2], pos_embed_indices [N, 4],
-    pos_embed_weights [N, 4] float32, frame_segment_ids [N]) -> (image_embeds [N/4, D],
+    pos_embed_weights [N, 4] float32, frame_blocks [num_frames, frame_len], frame_slots [N])
+    -> (image_embeds [N/4, D],
     deepstack_embeds [n_deep, N/4, D])``
     """
 
@@ -113,25 +120,17 @@ class Qwen3VisionEncoder(nn.Module):
         self.deepstack_indexes = [int(i) for i in visual.config.deepstack_visual_indexes]
         self.num_heads = visual.config.num_heads
 
-    def _attention(self, attn: nn.Module, hidden, cos, sin, bias):
-        n = hidden.shape[0]
-        q, k, v = attn.qkv(hidden).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)                 # [N, H, Dh]
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # [H, N, Dh]
-        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
-        probs = torch.softmax(scores.float() + bias, dim=-1).to(v.dtype)
-        return attn.proj(torch.matmul(probs, v).transpose(0, 1).reshape(n, -1))
-
-    def forward(self, pixel_values, vision_position_ids, pos_embed_indices, pos_embed_weights, frame_segment_ids):
+    def forward(self, pixel_values, vision_position_ids, pos_embed_indices, pos_embed_weights, frame_blocks,
+                frame_slots):
         proj = self.patch_embed.proj
         hidden = torch.matmul(pixel_values.to(proj.weight.dtype), proj.weight.flatten(1).t()) + proj.bias
         table = (self.pos_embed(pos_embed_indices) * pos_embed_weights[:, :, None]).sum(1)
         hidden = hidden + table.to(hidden.dtype)
         cos, sin = self.rotary_pos_emb(hidden, vision_position_ids)
-        bias = segment_bias(frame_segment_ids)
         deepstack = []
         for index, block in enumerate(self.blocks):
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
+            hidden = hidden + block_attention(block.attn, block.norm1(hidden), cos, sin, frame_blocks, frame_slots,
+                                              self.num_heads, apply_rotary_pos_emb_vision)
             hidden = hidden + block.mlp(block.norm2(hidden))
             if index in self.deepstack_indexes:
                 deepstack.append(self.deepstack_mergers[self.deepstack_indexes.index(index)](hidden))
@@ -160,7 +159,8 @@ def qwen3_vision_spec(vision_config, dtype: str = "float32", name: str = "vision
                 TensorSpec("vision_position_ids", i64, (PATCHES, 2)),
                 TensorSpec("pos_embed_indices", i64, (PATCHES, 4)),
                 TensorSpec("pos_embed_weights", "float32", (PATCHES, 4)),
-                TensorSpec("frame_segment_ids", i64, (PATCHES,))),
+                TensorSpec("frame_blocks", i64, (FRAMES, FRAME_LEN)),
+                TensorSpec("frame_slots", i64, (PATCHES,))),
         outputs=(TensorSpec("image_embeds", dtype, (TOKENS, d)),
                  TensorSpec(DEEPSTACK_OUTPUT, dtype, (deep, TOKENS, d))),
         attrs=attrs,
@@ -168,13 +168,15 @@ def qwen3_vision_spec(vision_config, dtype: str = "float32", name: str = "vision
 
 
 def qwen3_vision_feeds(pixel_values: torch.Tensor, image_grid_thw, attrs) -> dict[str, torch.Tensor]:
-    """All five graph inputs for one call.
+    """All six graph inputs for one call.
 
     Raises:
         HimapError: if ``pixel_values`` does not hold sum(t*h*w) patches of the grid.
     """
-    host = {k: torch.from_numpy(v) for k, v in qwen3_vision_inputs(image_grid_thw, attrs).items()}
-    patches = host["frame_segment_ids"].shape[0]
+    host = qwen3_vision_inputs(image_grid_thw, attrs)
+    host = {k: torch.from_numpy(v) for k, v in {**host, **block_feeds(host, None)}.items()
+            if k != "frame_segment_ids"}
+    patches = host["frame_slots"].shape[0]
     if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
         raise HimapError(f"pixel_values must be [num_patches={patches}, patch_dim] for image_grid_thw "
                          f"{np.asarray(image_grid_thw).tolist()}, got {tuple(pixel_values.shape)}")

@@ -8,24 +8,28 @@ integer tensors, and the graph (:class:`QwenVisionEncoder`) does everything else
 
 Contract (named sizes: ``num_patches`` = sum over images of t*h*w; ``num_image_tokens`` =
 ``num_patches / merge**2``, merge = ``spatial_merge_size`` = 2; ``patch_dim`` = C*T*P*P, 1176 for
-Qwen2.5-VL; ``out_hidden`` = ``out_hidden_size``, the decoder's hidden size; dtype = the
-export's, ``float32`` or ``float16``)::
+Qwen2.5-VL; ``out_hidden`` = ``out_hidden_size``, the decoder's hidden size; ``num_frames`` = sum of
+t (temporal patches; an image is one); ``frame_len`` = the largest h*w of the call; ``num_windows``
+= attention windows of the call; ``window_len`` = (window / patch)**2 patches, fixed by the config
+(64 for Qwen2.5-VL); dtype = the export's, ``float32`` or ``float16``)::
 
-    host:   image_grid_thw [num_images, 3] int64 ──► qwen_vision_inputs(grid, vision_config)
-              ├─ vision_position_ids [num_patches, 2] int64   (row, column) of each patch in its image
-              ├─ window_segment_ids  [num_patches]    int64   which attention window a patch is in
-              └─ frame_segment_ids   [num_patches]    int64   which image (video frame) a patch is in
+    host:   image_grid_thw [num_images, 3] int64 ──► qwen_vision_inputs(grid, vision_config) ──► block_feeds
+              ├─ vision_position_ids [num_patches, 2]             int64  (row, column) of each patch in its image
+              ├─ window_blocks       [num_windows, window_len]    int64  the patches of each window, -1 = padding
+              ├─ window_slots        [num_patches]                int64  each patch's place in window_blocks
+              ├─ frame_blocks        [num_frames, frame_len]      int64  the patches of each frame, -1 = padding
+              └─ frame_slots         [num_patches]                int64  each patch's place in frame_blocks
     graph:  pixel_values [num_patches, patch_dim] dtype  (the image processor's patches, concatenated
             over the images of the call in image_grid_thw order, exactly as transformers takes them)
-            + the three tensors above
+            + the five tensors above
               ──► image_embeds [num_image_tokens, out_hidden] dtype   (transformers' ``pooler_output``
                   of ``model.visual``: images in order, each image's tokens in its order)
 
 What the graph computes, and why nothing is permuted: the processor emits patches block-major (the
 merge x merge patches of one merged token are consecutive), and transformers' window index only
 permutes whole merged tokens so that windows become contiguous for variable-length attention;
-the merger then runs per merged token and the permutation is undone. Attention restricted by a
-mask is permutation-equivariant, so the graph keeps the processor's order throughout and no
+the merger then runs per merged token and the permutation is undone. Attention restricted to blocks
+is permutation-equivariant, so the graph keeps the processor's order throughout and no
 permutation (and no undo) is needed: its output order *is* transformers' output order.
 
 - patch embedding: the Conv3d whose kernel equals its stride is a matmul of each flattened patch
@@ -33,15 +37,18 @@ permutation (and no undo) is needed: its output order *is* transformers' output 
 - 2-D rotary embedding: ``cos/sin`` of ``position x inv_freq`` for row and column, computed in
   float32 from ``vision_position_ids`` by transformers' own rotary module (no position table, so
   no bound on the image size; positions stay below a few hundred, small angles);
-- attention bias, built in the graph from the segment ids with ``Equal``: patch i may attend to j
-  iff their ``window_segment_ids`` are equal (window blocks) or their ``frame_segment_ids`` are
-  equal (the ``fullatt_block_indexes`` blocks), so images of one call never attend to each other.
-  Scores are computed in the model dtype; bias and softmax in float32 (as the decoder graphs do);
+- attention per block (:func:`block_attention`), as transformers' ``cu_seqlens``: q, k, v are
+  gathered into [blocks, heads, block_len, head_dim] (padding masked as keys), attended per block and
+  gathered back by the slots. Windowed blocks use the windows (one window of one frame), the
+  ``fullatt_block_indexes`` blocks the frames (one temporal patch of one image), so images of one call
+  and temporal patches of one video never attend to each other. Cost and memory are linear in the
+  number of frames (a [num_patches, num_patches] matrix is never formed): frames x frame_len**2 and
+  windows x window_len**2 scores. Scores in the model dtype; bias and softmax in float32;
 - the blocks and the 2x2 patch merger are transformers' modules, weights shared (no copies).
 
-The dense [num_patches, num_patches] bias costs ``4 * num_patches**2`` bytes per bias (two of them):
-64 MiB for a 1024x1024 image (5,476 patches). Segmented attention would avoid it but needs
-``cu_seqlens`` loops, which are not ONNX.
+A call mixing a large image with many small frames pads every frame block to the large image's
+length (the blocks are of equal size); the pipeline runs one request's visual input per row, and
+videos have frames of one size, so the padding is at most the batch's spread of image sizes.
 
 Export and validation: :func:`himap_trt.export.qwen_vision.export_qwen_vision` and
 :func:`himap_trt.export.qwen_vision.validate_qwen_vision`.
@@ -62,11 +69,14 @@ from himap_trt.graphs.spec import GraphSpec, TensorSpec
 _MASKED = torch.finfo(torch.float32).min
 
 #: Names of the graph's inputs, in the module's argument order.
-INPUT_NAMES = ("pixel_values", "vision_position_ids", "window_segment_ids", "frame_segment_ids")
+INPUT_NAMES = ("pixel_values", "vision_position_ids", "window_blocks", "window_slots", "frame_blocks", "frame_slots")
 #: Name of the graph's one output.
 OUTPUT_NAME = "image_embeds"
 #: The named sizes of the vision graph's symbolic dims.
 PATCHES, TOKENS = "num_patches", "num_image_tokens"
+#: The block dims: attention windows (Qwen2.5-VL; their length is fixed), and frames (temporal
+#: patches; an image is one) with the longest frame's patch count of the call.
+WINDOWS, FRAMES, FRAME_LEN = "num_windows", "num_frames", "frame_len"
 
 
 def _cfg(config: Any, name: str) -> Any:
@@ -137,10 +147,82 @@ def qwen_vision_inputs(image_grid_thw, vision_config) -> dict[str, np.ndarray]:
     }
 
 
-def segment_bias(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[N] int64 segment ids -> [N, N] float32 additive bias: 0 within a segment, the most negative
-    float32 across segments (finite; every row has its own patch unmasked, so no row is empty)."""
-    return torch.where(segment_ids[:, None] == segment_ids[None, :], 0.0, _MASKED)
+def segment_blocks(segment_ids: np.ndarray, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Attention blocks of equal size from per-patch segment ids (the block-diagonal layout of
+    transformers' ``cu_seqlens``, batched so that ONNX Runtime and TensorRT run it as plain matmuls).
+
+    Args:
+        segment_ids: [num_patches] int64, consecutive ids 0 .. S-1 (any order of patches).
+        length: the block length (``None``: the largest segment); segments longer than it raise.
+
+    Returns:
+        ``blocks`` [S, length] int64: the patches of segment s in ascending order, then -1 (padding,
+        masked as keys; its query rows are never read back), and ``slots`` [num_patches] int64: where
+        each patch sits in the flattened blocks (``s * length + rank``), for gathering the results
+        back into patch order.
+
+    Raises:
+        HimapError: if a segment holds more than ``length`` patches.
+    """
+    ids = np.asarray(segment_ids, dtype=np.int64)
+    counts = np.bincount(ids)
+    width = int(counts.max()) if length is None else int(length)
+    if int(counts.max()) > width:
+        raise HimapError(f"a segment holds {int(counts.max())} patches, more than the block length {width}")
+    order = np.argsort(ids, kind="stable")                      # patches grouped by segment, ascending
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(ids)
+    rank[order] = np.arange(ids.shape[0]) - starts[ids[order]]
+    blocks = np.full((counts.shape[0], width), -1, dtype=np.int64)
+    blocks[ids, rank] = np.arange(ids.shape[0])
+    return blocks, ids * width + rank
+
+
+def window_length(vision_config) -> int:
+    """Patches in one full attention window of Qwen2.5-VL (the window blocks' fixed length):
+    (``window_size`` / ``patch_size``)**2, 64 for Qwen2.5-VL's 112-pixel windows of 14-pixel patches."""
+    merge = int(_cfg(vision_config, "spatial_merge_size"))
+    return (int(_cfg(vision_config, "window_size")) // merge // int(_cfg(vision_config, "patch_size")) * merge) ** 2
+
+
+def block_feeds(host: dict[str, np.ndarray], window: int | None) -> dict[str, np.ndarray]:
+    """The graph's block inputs from :func:`qwen_vision_inputs`' segment ids: ``frame_blocks``
+    [num_frames, frame_len] / ``frame_slots`` [num_patches] always, and ``window_blocks``
+    [num_windows, window] / ``window_slots`` [num_patches] when ``window`` is given (Qwen2.5-VL)."""
+    out = {"vision_position_ids": host["vision_position_ids"]}
+    if window is not None:
+        out["window_blocks"], out["window_slots"] = segment_blocks(host["window_segment_ids"], window)
+    out["frame_blocks"], out["frame_slots"] = segment_blocks(host["frame_segment_ids"])
+    return out
+
+
+def block_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    blocks: torch.Tensor, slots: torch.Tensor, num_heads: int, rotary) -> torch.Tensor:
+    """Self-attention of transformers' vision ``attn`` module (``qkv``, ``proj``, ``scaling``)
+    restricted to blocks: patches attend only within their block, computed per block, so the cost
+    is linear in the number of blocks (frames, windows) and no [num_patches, num_patches] tensor exists.
+
+    Args:
+        hidden: [num_patches, hidden] model dtype (normed); cos, sin: [num_patches, head_dim] float32.
+        blocks: [num_blocks, block_len] int64 patch indices, -1 = padding (:func:`segment_blocks`).
+        slots: [num_patches] int64, each patch's place in the flattened blocks.
+        rotary: transformers' ``apply_rotary_pos_emb_vision`` of the family.
+
+    Returns:
+        [num_patches, hidden] model dtype: ``attn.proj`` of the attention output, in patch order.
+    """
+    n = hidden.shape[0]
+    q, k, v = attn.qkv(hidden).reshape(n, 3, num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rotary(q, k, cos, sin)                                       # [N, H, Dh]
+    count, length = blocks.shape
+    valid = blocks >= 0
+    flat = torch.where(valid, blocks, torch.zeros_like(blocks)).reshape(-1)    # padding reads patch 0, masked
+    q, k, v = (x[flat].reshape(count, length, num_heads, -1).transpose(1, 2) for x in (q, k, v))  # [B, H, L, Dh]
+    bias = torch.where(valid, 0.0, _MASKED)[:, None, None, :]           # [B, 1, 1, L] float32, keys only
+    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling          # model dtype
+    probs = torch.softmax(scores.float() + bias, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(count * length, -1)   # [B*L, H*Dh]
+    return attn.proj(out[slots])
 
 
 class QwenVisionEncoder(nn.Module):
@@ -151,7 +233,8 @@ class QwenVisionEncoder(nn.Module):
             of ``Qwen2_5_VLForConditionalGeneration``); its parameters are shared, not copied.
 
     ``forward(pixel_values [N, patch_dim] dtype, vision_position_ids [N, 2] int64,
-    window_segment_ids [N] int64, frame_segment_ids [N] int64) -> (image_embeds [N/4, out_hidden],)``
+    window_blocks [num_windows, window_len] int64, window_slots [N] int64,
+    frame_blocks [num_frames, frame_len] int64, frame_slots [N] int64) -> (image_embeds [N/4, out_hidden],)``
     """
 
     def __init__(self, visual: nn.Module):
@@ -164,28 +247,18 @@ class QwenVisionEncoder(nn.Module):
         self.full_attention = frozenset(int(i) for i in config.fullatt_block_indexes)
         self.num_heads = config.num_heads
 
-    def _attention(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, vision_position_ids: torch.Tensor, window_blocks: torch.Tensor,
+                window_slots: torch.Tensor, frame_blocks: torch.Tensor, frame_slots: torch.Tensor) -> tuple[torch.Tensor]:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-        n = hidden.shape[0]
-        q, k, v = attn.qkv(hidden).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)        # [N, H, Dh], float32 inside
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # [H, N, Dh]
-        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling          # model dtype
-        probs = torch.softmax(scores.float() + bias, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
-        return attn.proj(out)
-
-    def forward(self, pixel_values: torch.Tensor, vision_position_ids: torch.Tensor,
-                window_segment_ids: torch.Tensor, frame_segment_ids: torch.Tensor) -> tuple[torch.Tensor]:
         weight = self.patch_embed.proj.weight                               # [hidden, C, T, P, P]
         hidden = torch.matmul(pixel_values.to(weight.dtype), weight.flatten(1).t())
         cos, sin = self.rotary_pos_emb(hidden, vision_position_ids)         # [N, Dh] float32
-        window_bias, frame_bias = segment_bias(window_segment_ids), segment_bias(frame_segment_ids)
         for index, block in enumerate(self.blocks):
-            bias = frame_bias if index in self.full_attention else window_bias
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
+            blocks, slots = ((frame_blocks, frame_slots) if index in self.full_attention
+                             else (window_blocks, window_slots))
+            hidden = hidden + block_attention(block.attn, block.norm1(hidden), cos, sin, blocks, slots,
+                                              self.num_heads, apply_rotary_pos_emb_vision)
             hidden = hidden + block.mlp(block.norm2(hidden))
         return (self.merger(hidden),)
 
@@ -206,8 +279,10 @@ def qwen_vision_spec(vision_config, dtype: str = "float32", name: str = "vision"
         name=name, kind="vision",
         inputs=(TensorSpec("pixel_values", dtype, (PATCHES, patch_dim)),
                 TensorSpec("vision_position_ids", i64, (PATCHES, 2)),
-                TensorSpec("window_segment_ids", i64, (PATCHES,)),
-                TensorSpec("frame_segment_ids", i64, (PATCHES,))),
+                TensorSpec("window_blocks", i64, (WINDOWS, window_length(vision_config))),
+                TensorSpec("window_slots", i64, (PATCHES,)),
+                TensorSpec("frame_blocks", i64, (FRAMES, FRAME_LEN)),
+                TensorSpec("frame_slots", i64, (PATCHES,))),
         outputs=(TensorSpec(OUTPUT_NAME, dtype, (TOKENS, int(_cfg(vision_config, "out_hidden_size")))),),
         attrs={"architecture": "qwen2_5_vl", "spatial_merge_size": int(_cfg(vision_config, "spatial_merge_size"))},
     )
@@ -255,13 +330,15 @@ def qwen_image_processor(min_pixels: int = 28 * 28, max_pixels: int = 112 * 112)
 
 
 def vision_feeds(pixel_values: torch.Tensor, image_grid_thw, vision_config) -> dict[str, torch.Tensor]:
-    """All four graph inputs for one call: ``pixel_values`` plus :func:`qwen_vision_inputs`.
+    """All six graph inputs for one call: ``pixel_values``, the positions of :func:`qwen_vision_inputs`
+    and the window and frame blocks of its segment ids (:func:`block_feeds`).
 
     Raises:
         HimapError: if ``pixel_values`` does not hold sum(t*h*w) patches of the grid.
     """
-    host = {k: torch.from_numpy(v) for k, v in qwen_vision_inputs(image_grid_thw, vision_config).items()}
-    patches = host["frame_segment_ids"].shape[0]
+    host = block_feeds(qwen_vision_inputs(image_grid_thw, vision_config), window_length(vision_config))
+    host = {k: torch.from_numpy(v) for k, v in host.items()}
+    patches = host["frame_slots"].shape[0]
     if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
         raise HimapError(f"pixel_values must be [num_patches={patches}, patch_dim] for image_grid_thw "
                          f"{np.asarray(image_grid_thw).tolist()}, got {tuple(pixel_values.shape)}")

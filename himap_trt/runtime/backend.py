@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from himap_trt.arch import architecture_for
+from himap_trt.errors import HimapError
 from himap_trt.graphs.build import build_module
 from himap_trt.graphs.spec import GraphSpec, TensorSpec
 
@@ -124,3 +125,45 @@ def torch_backends(llava: torch.nn.Module, specs: list[GraphSpec]) -> dict[str, 
     """One :class:`TorchBackend` per spec, sharing ``llava``'s parameters."""
     arch = architecture_for(llava.config)
     return {spec.name: TorchBackend(spec, build_module(llava, spec, arch)) for spec in specs}
+
+
+class ChunkedBackend(BackendBase):
+    """Runs one decoder segment as consecutive layer chunks (:mod:`himap_trt.engines.chunks`), one
+    backend per chunk, in order: each chunk is fed from the segment's feeds and the earlier chunks'
+    outputs (the hidden states crossing a chunk boundary); a ``present`` buffer given in
+    ``outputs`` goes to the chunk that writes it (in place, as for a whole segment).
+
+    Args:
+        spec: the segment's declaration (the pipeline's view: the segment's inputs and outputs).
+        parts: one backend per chunk, in layer order; each ``part.spec`` names its own inputs
+            (segment inputs and the previous boundary) and outputs.
+
+    Raises:
+        HimapError: if the chunks do not produce every output of the segment.
+    """
+
+    label = "chunked"
+
+    def __init__(self, spec: GraphSpec, parts: list):
+        self.spec = spec
+        self.parts = list(parts)
+        produced = {t.name for part in self.parts for t in part.spec.outputs}
+        missing = [name for name in spec.output_names if name not in produced]
+        if missing:
+            raise HimapError(f"graph {spec.name!r}: its chunks produce no {', '.join(missing)}")
+        self.label = f"{self.parts[0].label} x{len(self.parts)}" if self.parts else "chunked"
+
+    def run(self, feeds: Mapping[str, torch.Tensor],
+            outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        outputs = outputs or {}
+        available = dict(feeds)
+        for part in self.parts:
+            part_feeds = {t.name: available[t.name] for t in part.spec.inputs}
+            part_outputs = {t.name: outputs[t.name] for t in part.spec.outputs if t.name in outputs}
+            available.update(part.run(part_feeds, part_outputs))
+        return {name: available[name] for name in self.spec.output_names}
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+        self.parts = []

@@ -31,7 +31,8 @@ def merge_prompts(prompts: list[PromptBatch], pad_token_id: int) -> PromptBatch:
         prompts: one-row :class:`PromptBatch` es, all with visual tokens or all without.
 
     Returns:
-        [len(prompts), width] tensors; ``pixel_values`` / ``image_grid_thw`` concatenated in row order.
+        [len(prompts), width] tensors; ``pixel_values`` / ``image_grid_thw`` / ``evs_rates`` (one per
+        visual input) concatenated in row order.
     """
     if len(prompts) == 1:
         return prompts[0]
@@ -62,6 +63,8 @@ def merge_prompts(prompts: list[PromptBatch], pad_token_id: int) -> PromptBatch:
         image_grid_thw=None if prompts[0].image_grid_thw is None else torch.cat([p.image_grid_thw for p in prompts]),
         image_tokens=None if prompts[0].image_tokens is None else [n for p in prompts for n in p.image_tokens],
         media=None if any(p.media is None for p in prompts) else [m for p in prompts for m in p.media],
+        evs_rates=None if all(p.evs_rates is None for p in prompts) else   # requests' own EVS rates, per visual
+        [r for p in prompts for r in (p.evs_rates or [None] * p.visual_inputs)],
     )
 
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from himap_trt.plan import PruningPlan, build_plan
 from himap_trt.prompt import check_chat_template
 from himap_trt.runtime import Pipeline, reference_pipeline
 from himap_trt.runtime.onnxrt import OnnxRuntimeBackend, cuda_provider_available
-from himap_trt.runtime.tensorrt import tensorrt_backends
+from himap_trt.runtime.tensorrt import DEFAULT_KERNEL_SPECIALIZATION, check_kernel_specialization, tensorrt_backends
 from himap_trt.signing import check_public_key, verify_directory
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -60,8 +60,9 @@ class OpenedPipeline:
 
 
 def check_plan(manifest_plan: PruningPlan, requested: PruningPlan | None, where: str) -> None:
-    """Raise if a plan was requested on the command line and the export implements another."""
-    if requested is not None and requested != manifest_plan:
+    """Raise if a plan was requested on the command line and the export implements another (the
+    decoder's stages; the EVS rate before the LLM is the export's default, not part of the graphs)."""
+    if requested is not None and replace(requested, evs_rate=manifest_plan.evs_rate) != manifest_plan:
         raise HimapError(
             f"{where} implements '{manifest_plan.describe()}', but the options request '{requested.describe()}'; "
             "re-export with those options, or drop --method/--k*/--r* to use the export's plan"
@@ -82,7 +83,8 @@ def _tensorrt_usable(engines_dir: Path) -> bool:
 
 def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None = None,
                   requested_plan=None, engines_dir: Path | None = None, device: str | None = None,
-                  dtype: str | None = None, require_signature: Path | None = None) -> OpenedPipeline:
+                  dtype: str | None = None, require_signature: Path | None = None,
+                  kernel_specialization: str = DEFAULT_KERNEL_SPECIALIZATION) -> OpenedPipeline:
     """Build the pipeline ``run`` uses.
 
     Args:
@@ -97,6 +99,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
         require_signature: an EC public key (PEM): the export (and the engines, for TensorRT) must
             carry a model-signing signature by its private key (:mod:`himap_trt.signing`), verified
             before anything else is read from them.
+        kernel_specialization: TensorRT-RTX engines: ``lazy``/``eager``/``none``
+            (:data:`~himap_trt.runtime.tensorrt.KERNEL_SPECIALIZATIONS`); ignored by other backends.
 
     Raises:
         HimapError: unknown backend, missing/incompatible export or engines, plan mismatch. With
@@ -106,6 +110,7 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
     if backend not in BACKENDS:
         raise HimapError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_device(device)
+    check_kernel_specialization(kernel_specialization)
     if require_signature is not None:
         check_public_key(require_signature)
         if model is not None:
@@ -162,7 +167,8 @@ def open_pipeline(*, export_dir: Path, backend: str = "auto", model: str | None 
             verify_directory(Path(engines), require_signature, what="--engines")
         engines_manifest = load_engines_manifest(engines, export=manifest, export_dir=export_dir)
         dev = "cuda"
-        backends = tensorrt_backends(engines, engines_manifest, manifest)
+        backends = tensorrt_backends(engines, engines_manifest, manifest, kernel_specialization=kernel_specialization,
+                                     keep_runtime_cache=require_signature is None)
         max_seq_len = engines_manifest.max_seq_len
     pipeline = Pipeline(list(manifest.graphs), backends, processor, manifest.plan,
                         image_token_id=manifest.image_token_id, device=dev,

@@ -27,8 +27,9 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 def session_config(quantization: dict | None) -> dict[str, str]:
     """ONNX Runtime session config entries for a graph with quantized weights (``spec.attrs['quantization']``,
     written by ``export --quantize``; see :mod:`himap_trt.export.quantize`), or ``{}``: the accuracy level
-    of the ``MatMulNBits`` kernels ONNX Runtime fuses the ``DequantizeLinear -> MatMul`` pairs into."""
-    if not quantization:
+    of the ``MatMulNBits`` kernels ONNX Runtime fuses the ``DequantizeLinear -> MatMul`` pairs into
+    (``int8-dynamic`` has none: ``{}``)."""
+    if not quantization or quantization.get("scheme") == "int8-dynamic":
         return {}
     return {"session.qdq_matmulnbits_accuracy_level": str(int(quantization.get("accuracy_level", 4)))}
 

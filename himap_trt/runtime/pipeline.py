@@ -35,6 +35,7 @@ from himap_trt.graphs.spec import DEEPSTACK_OUTPUT, GraphSpec, past_names, prese
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
+from himap_trt.runtime.evs import apply_evs, check_evs_rate
 from himap_trt.runtime.kv_cache import SlotKVCache, torch_dtype
 from himap_trt.runtime.sampling import GenerationConfig, TokenChooser
 
@@ -65,6 +66,8 @@ class PrefillResult:
         cache: the slot cache the prompts were written into.
         slots: the slot of each prompt row.
         image_tokens: per row, the image tokens each segment saw (models with per-request counts).
+        evs_kept: per row, the visual tokens EVS kept ([keep] int64 indices into the row's visual
+            tokens, before the decoder; ``image_tokens`` then counts from them); None without EVS.
     """
 
     logits: torch.Tensor
@@ -73,6 +76,7 @@ class PrefillResult:
     cache: SlotKVCache
     slots: list[int] = field(default_factory=list)
     image_tokens: list[list[int]] | None = None
+    evs_kept: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -181,6 +185,27 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def evs_rates(self, batch: PromptBatch) -> list[float]:
+        """EVS rate q of every visual input (``image_grid_thw`` row; one per row for a ``prepare``
+        batch): the request's own (``batch.evs_rates``), else the export's (``plan.evs_rate``); 0 for
+        an input of one temporal patch (an image: EVS keeps every token anyway).
+
+        Raises:
+            HimapError: a rate outside [0, 1), ``evs_rates`` not one per visual input, or EVS asked of
+                a model without per-request visual token counts (LLaVA).
+        """
+        count = batch.visual_inputs
+        own = batch.evs_rates or [None] * count
+        if len(own) != count:
+            raise HimapError(f"evs_rates: {len(own)} rates for {count} visual inputs (one per image or video)")
+        rates = [check_evs_rate(self.plan.evs_rate if r is None else r, "evs_rate") for r in own]
+        if any(rates) and not self.arch.variable_image_tokens:
+            raise HimapError("EVS (evs_rate) needs a video model (Qwen2.5-VL, Qwen3-VL); this export's images have "
+                             "a fixed token count")
+        if batch.image_grid_thw is None:
+            return rates
+        return [rate if int(grid[0]) > 1 else 0.0 for rate, grid in zip(rates, batch.image_grid_thw)]
+
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, images: list[Any], questions: list[str], processor: Any = None) -> PromptBatch:
         """Prompt, tokenize (left padding) and preprocess a batch of (PIL image, question) pairs.
@@ -225,10 +250,22 @@ class Pipeline:
         messages = conversation.messages
         kinds = [p.kind for p in messages[0].parts] if len(messages) == 1 else []
         if len(kinds) >= 2 and kinds[0] != "text" and all(k == "text" for k in kinds[1:]):
-            return self.prepare(list(visuals), [messages[0].text], processor=processor)
+            return self._with_evs_rates(self.prepare(list(visuals), [messages[0].text], processor=processor),
+                                        conversation)
         batch = self.arch.prepare_conversation(processor, conversation, list(visuals), self.image_token_id,
                                                self.num_image_tokens)
         self.check_fits(batch)
+        return self._with_evs_rates(batch, conversation)
+
+    @staticmethod
+    def _with_evs_rates(batch: PromptBatch, conversation: Any) -> PromptBatch:
+        """``batch`` with its video parts' own EVS rates (``video_url.evs_rate``, one per visual input in
+        prompt order; None: the export's), when any part has one."""
+        rates = [p.options.get("evs_rate") if p.kind == "video" else None for p in conversation.visual_parts]
+        if any(r is not None for r in rates):
+            if len(rates) != batch.visual_inputs:
+                raise HimapError(f"messages: {len(rates)} visual inputs but the prompt holds {batch.visual_inputs}")
+            batch.evs_rates = [None if r is None else float(r) for r in rates]
         return batch
 
     def capacity(self, batch: PromptBatch) -> int | None:
@@ -338,6 +375,16 @@ class Pipeline:
             features = seen[self.specs["vision"].outputs[0].name]
             self._sync()
         t1 = time.perf_counter()
+        unpruned, evs_kept = batch, None
+        rates = self.evs_rates(batch)
+        if any(rates):      # EVS before the LLM (runtime/evs.py): a shorter batch, positions unpruned
+            batch, features, deep, evs_kept = apply_evs(
+                batch, features, seen.get(DEEPSTACK_OUTPUT), rates, int(vision_spec.attrs["spatial_merge_size"]),
+                self.image_token_id, self.pad_token_id)
+            if deep is not None:
+                seen = {**seen, DEEPSTACK_OUTPUT: deep}
+            input_ids = batch.input_ids.to(dev)
+            size, seq = batch.input_ids.shape
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]
         image_mask = (input_ids == self.image_token_id)[..., None]
         hidden = embeds.masked_scatter(image_mask, features.to(embeds.dtype)) if visual else embeds   # [B,S,D]
@@ -412,9 +459,9 @@ class Pipeline:
         if timings is not None:
             timings["vision"] = t1 - t0
             timings["prefill"] = time.perf_counter() - t1
-        next_positions = self.arch.next_positions(batch).to(dev)
+        next_positions = self.arch.next_positions(unpruned).to(dev)        # the unpruned prompt's (METHODS.md)
         return PrefillResult(logits, next_positions, stages, cache, slots,
-                             counts if self.arch.variable_image_tokens or not visual else None)
+                             counts if self.arch.variable_image_tokens or not visual else None, evs_kept)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,

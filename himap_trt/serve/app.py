@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from himap_trt.chat import Conversation, parse_messages
+from himap_trt.chat import Conversation, Part, parse_messages
+from himap_trt.chat import video_options as chat_video_options
 from himap_trt.errors import HimapError
 from himap_trt.runtime.engine import (
     Completion,
@@ -327,6 +328,23 @@ def conversation(request: ChatCompletionRequest, max_visuals: int) -> Conversati
     return parsed
 
 
+def video_options(part: Part, policy: VideoPolicy) -> VideoPolicy:
+    """The sampling policy of a conversation's ``video_url`` part: its own ``fps`` / ``max_frames``
+    (issue 29; checked by the conversation parser, ``max_frames`` bounded here by the server's
+    ``--max-frames``). Its ``evs_rate`` goes with the part to ``Pipeline.prepare_conversation``.
+
+    Raises:
+        ApiError: 400 naming the field (``messages[2].content[0].video_url.max_frames``).
+    """
+    try:
+        own = chat_video_options(part, policy.max_frames)
+    except HimapError as exc:
+        raise ApiError(400, str(exc).replace("(the most frames this server samples)", "(the server's --max-frames)"),
+                       param=str(exc).split(" ", 1)[0]) from None
+    return replace(policy, fps=policy.fps if own.fps is None else own.fps,
+                   max_frames=policy.max_frames if own.max_frames is None else own.max_frames)
+
+
 def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
     """OpenAI's fields -> engine settings (defaults as OpenAI's: temperature 1, top_p 1)."""
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
@@ -473,8 +491,8 @@ def create_app(state: ServerState) -> FastAPI:
                 try:
                     for part in chat.visual_parts:      # each within the byte, pixel and memory bounds
                         visuals.append(await (open_video_url(part.source, part.where, replace(
-                            config.videos, image_root=config.images.image_root)) if part.kind == "video"
-                            else open_image_url(part.source, part.where, config.images)))
+                            video_options(part, config.videos), image_root=config.images.image_root))
+                            if part.kind == "video" else open_image_url(part.source, part.where, config.images)))
                 except ImageError as exc:
                     raise ApiError(400, str(exc), param=exc.param) from None
                 try:

@@ -78,14 +78,39 @@ def image_data_url(path: Path | None) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+#: MIME types of the video files ``bench-serve --video`` sends, by suffix.
+VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime", ".mkv": "video/x-matroska"}
+
+
+def check_video_file(path: Path) -> str:
+    """The MIME type of the video file at ``path``.
+
+    Raises:
+        HimapError: a missing file or a suffix other than .mp4, .webm, .mov, .mkv.
+    """
+    kind = VIDEO_TYPES.get(Path(path).suffix.lower())
+    if kind is None:
+        raise HimapError(f"--video {str(path)!r}: expected a {', '.join(VIDEO_TYPES)} file")
+    if not Path(path).is_file():
+        raise HimapError(f"--video {str(path)!r} does not exist")
+    return kind
+
+
+def video_data_url(path: Path) -> str:
+    """A ``data:video/...;base64,`` URL of the video file at ``path`` (:func:`check_video_file`'s errors)."""
+    return f"data:{check_video_file(path)};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def chat_body(model: str, image_url: str, prompt: str, max_tokens: int, *, ignore_eos: bool,
-              temperature: float = 0.0) -> dict:
-    """A streamed chat-completions request with one image and one question."""
+              temperature: float = 0.0, video: dict | None = None) -> dict:
+    """A streamed chat-completions request with one image (or, with ``video`` = the ``video_url``
+    object: ``url`` plus any of ``fps``, ``max_frames``, ``evs_rate``, one video) and one question."""
+    part = ({"type": "video_url", "video_url": video} if video is not None
+            else {"type": "image_url", "image_url": {"url": image_url}})
     body = {
         "model": model, "stream": True, "stream_options": {"include_usage": True},
         "max_tokens": max_tokens, "temperature": temperature,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                  {"type": "text", "text": prompt}]}],
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": prompt}]}],
     }
     if ignore_eos:
         body["ignore_eos"] = True
@@ -269,9 +294,12 @@ def wait_healthy(base_url: str, process, timeout_s: float = 300.0, poll_s: float
 
 def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: str | None, image: Path | None,
               prompt: str, max_tokens: int, ignore_eos: bool, warmup: int, api_key: str | None,
-              timeout_s: float, progress=None, conversations: list[list[dict]] | None = None) -> dict[str, Any]:
+              timeout_s: float, progress=None, conversations: list[list[dict]] | None = None,
+              video: Path | None = None, video_fields: dict | None = None) -> dict[str, Any]:
     """Run every concurrency level; returns ``{"setup": ..., "levels": [summarize(...), ...]}``.
-    ``conversations``: varied requests (:func:`read_conversations`) instead of one image and prompt."""
+    ``conversations``: varied requests (:func:`read_conversations`) instead of one image and prompt.
+    ``video``: send this video file instead of the image, with ``video_fields`` (``fps``,
+    ``max_frames``, ``evs_rate``) in its ``video_url``."""
     base_url = base_url.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[:-3]
@@ -282,7 +310,9 @@ def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: 
         body = [{**chat_body(model, "", "", max_tokens, ignore_eos=ignore_eos), "messages": messages}
                 for messages in conversations]
     else:
-        body = chat_body(model, image_data_url(image), prompt, max_tokens, ignore_eos=ignore_eos)
+        clip = None if video is None else {"url": video_data_url(video), **(video_fields or {})}
+        body = chat_body(model, "" if clip else image_data_url(image), prompt, max_tokens, ignore_eos=ignore_eos,
+                         video=clip)
     if warmup:
         results, _ = asyncio.run(run_level(url, body, 1, warmup, headers=headers, timeout_s=timeout_s))
         bad = [r for r in results if not r.ok]
@@ -299,6 +329,8 @@ def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: 
              "prompt": prompt, "image": str(image) if image else "generated 336x336 PNG"}
     if conversations:
         setup.update(prompt=None, image=None, conversations=len(conversations))
+    elif video is not None:
+        setup.update(image=None, video=str(video), video_fields=video_fields or {})
     return {"setup": setup, "levels": levels}
 
 

@@ -47,9 +47,16 @@ class ImagePart(BaseModel):
 
 
 class VideoURL(BaseModel):
+    """The video and, as vLLM-style extension fields, this request's sampling (``fps``, ``max_frames``:
+    default the server's ``--video-fps`` / ``--max-frames``; ``max_frames`` at most the latter) and
+    EVS rate (``evs_rate`` in [0, 1): default the export's ``--evs-rate``)."""
+
     model_config = STRICT
 
     url: str
+    fps: float | None = None
+    max_frames: int | None = None
+    evs_rate: float | None = None
 
 
 class VideoPart(BaseModel):

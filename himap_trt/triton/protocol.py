@@ -14,6 +14,9 @@ Request (every tensor has shape [1]; the optional ones may be left out)::
     top_p        FP32    nucleus threshold                   [1: off]
     seed         INT64   sampling seed                       [none: nondeterministic]
     ignore_eos   BOOL    keep generating after EOS            [false] (benchmarks: fixed answer lengths)
+    video_fps    FP32    a video's frames sampled per second  [2]      (with messages: the default of every
+    max_frames   INT32   most frames of a video, 2..256       [16]      video_url part, whose own fps /
+    evs_rate     FP32    a video's EVS rate in [0, 1)         [export]  max_frames / evs_rate win)
 
 Responses (``himap``: one per decode step, the last flagged final; ``himap_unary``: one)::
 
@@ -34,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from himap_trt.chat import parse_messages
+from himap_trt.chat import parse_messages, video_options
 from himap_trt.errors import HimapError
 from himap_trt.runtime.sampling import GenerationConfig
-from himap_trt.video import load_video
+from himap_trt.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, FRAME_LIMIT, load_video
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ INPUTS = (
     TensorDecl("top_p", "TYPE_FP32", (1,), np.float32, True, "nucleus sampling threshold (1: off)"),
     TensorDecl("seed", "TYPE_INT64", (1,), np.int64, True, "sampling seed (absent: nondeterministic)"),
     TensorDecl("ignore_eos", "TYPE_BOOL", (1,), np.bool_, True, "keep generating after EOS (benchmarks)"),
+    TensorDecl("video_fps", "TYPE_FP32", (1,), np.float32, True, "a video's frames sampled per second (default 2)"),
+    TensorDecl("max_frames", "TYPE_INT32", (1,), np.int32, True,
+               f"most frames sampled from a video, 2 .. {FRAME_LIMIT} (default {DEFAULT_MAX_FRAMES})"),
+    TensorDecl("evs_rate", "TYPE_FP32", (1,), np.float32, True,
+               "a video's EVS rate in [0, 1) (default: the export's --evs-rate)"),
 )
 OUTPUTS = (
     TensorDecl("text", "TYPE_STRING", (1,), np.object_, doc="this response's piece of the answer (UTF-8)"),
@@ -99,6 +107,7 @@ class ParsedRequest:
     ignore_eos: bool = False
     conversation: Any = None
     visuals: list = field(default_factory=list)
+    evs_rate: float | None = None
 
 
 def _scalar(get: Callable[[str], np.ndarray | None], decl: TensorDecl):
@@ -122,8 +131,8 @@ def _text(value, name: str) -> str:
     return str(value)
 
 
-def decode_image(data: bytes):
-    """Decode an encoded image (PIL) fully.
+def decode_image(data: bytes, *, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES):
+    """Decode an encoded image (PIL) fully, or else a video sampled at ``fps`` up to ``max_frames``.
 
     Raises:
         HimapError: empty, too large, or not an image PIL can read.
@@ -138,7 +147,7 @@ def decode_image(data: bytes):
         image = Image.open(io.BytesIO(data))
         image.load()
     except UnidentifiedImageError:
-        return _decode_video(data)
+        return _decode_video(data, fps, max_frames)
     except Image.DecompressionBombError as exc:
         raise HimapError(f"input 'image' is too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -146,15 +155,15 @@ def decode_image(data: bytes):
     return image
 
 
-def _decode_video(data: bytes):
-    """An ``image`` input that PIL does not read, tried as a video (Qwen exports; PyAV, the
-    defaults of ``run --video``: 2 fps, at most 16 frames).
+def _decode_video(data: bytes, fps: float, max_frames: int):
+    """An ``image`` input that PIL does not read, tried as a video (Qwen exports; PyAV, sampled at
+    the request's ``video_fps`` / ``max_frames``, default ``run --video``'s 2 fps, at most 16 frames).
 
     Raises:
         HimapError: neither an image nor a decodable video.
     """
     try:
-        return load_video(data, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
+        return load_video(data, fps=fps, max_frames=max_frames, name="input 'image'", max_pixels=MAX_VIDEO_FRAME_PIXELS)
     except HimapError as exc:
         if "not a readable video" in str(exc):
             raise HimapError("input 'image' is neither an image PIL can read (JPEG, PNG, WebP, ...) nor a video "
@@ -178,7 +187,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
     if raw_messages is not None:
         if get("image") is not None or get("question") is not None:
             raise HimapError("send either input 'messages' or inputs 'image' and 'question', not both")
-        conversation, visuals = _conversation(_text(raw_messages, "messages"))
+        conversation = _conversation(_text(raw_messages, "messages"))
     else:
         image_value = _scalar(get, decl["image"])
         if image_value is None or get("question") is None:
@@ -189,7 +198,17 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
         if not question.strip():
             raise HimapError("input 'question' is empty; send a non-empty question")
     values = {name: _scalar(get, decl[name]) for name in ("max_tokens", "temperature", "top_p", "seed",
-                                                           "ignore_eos")}
+                                                           "ignore_eos", "video_fps", "max_frames", "evs_rate")}
+    fps = DEFAULT_FPS if values["video_fps"] is None else float(values["video_fps"])
+    if not 0 < fps < float("inf"):
+        raise HimapError(f"input 'video_fps' must be a positive number of frames per second, got {fps}")
+    frames = DEFAULT_MAX_FRAMES if values["max_frames"] is None else int(values["max_frames"])
+    if not 2 <= frames <= FRAME_LIMIT:
+        raise HimapError(f"input 'max_frames' must be between 2 and {FRAME_LIMIT}, got {frames}")
+    rate = None if values["evs_rate"] is None else float(values["evs_rate"])
+    if rate is not None and not 0 <= rate < 1:
+        raise HimapError(f"input 'evs_rate' must be in [0, 1) (the fraction of a video's visual tokens EVS drops), "
+                         f"got {rate}")
     try:
         config = GenerationConfig(
             max_new_tokens=int(values["max_tokens"]) if values["max_tokens"] is not None else default_max_tokens,
@@ -203,11 +222,12 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
                            ("--top-p", "top_p")):
             message = message.replace(flag, f"input {name!r}")
         raise HimapError(message) from None
-    if conversation is not None:
+    if conversation is not None:        # 29's inputs are the defaults of every video part's own fields
+        conversation, visuals = _conversation_visuals(conversation, fps, frames, rate)
         return ParsedRequest(image=None, question=None, config=config, ignore_eos=bool(values["ignore_eos"]),
                              conversation=conversation, visuals=visuals)
-    return ParsedRequest(image=decode_image(bytes(image_value)), question=question, config=config,
-                         ignore_eos=bool(values["ignore_eos"]))
+    return ParsedRequest(image=decode_image(bytes(image_value), fps=fps, max_frames=frames), question=question,
+                         config=config, ignore_eos=bool(values["ignore_eos"]), evs_rate=rate)
 
 
 #: Most visual inputs of one conversation (each decoded and held until the prompt is prepared).
@@ -215,14 +235,12 @@ MAX_VISUAL_INPUTS = 8
 
 
 def _conversation(text: str):
-    """The ``messages`` input -> (checked conversation, decoded visual inputs in prompt order).
+    """The ``messages`` input -> a checked conversation (its visual parts not decoded yet).
 
     Raises:
-        HimapError: not JSON, an invalid conversation (naming the message), a visual part that is not a
-            base64 ``data:`` URL, more than ``MAX_VISUAL_INPUTS``, or an undecodable image.
+        HimapError: not JSON, an invalid conversation (naming the message and field: a ``video_url``'s
+            ``fps`` / ``max_frames`` / ``evs_rate`` included), or more than ``MAX_VISUAL_INPUTS``.
     """
-    import base64
-    import binascii
     import json
 
     try:
@@ -234,8 +252,33 @@ def _conversation(text: str):
     parts = conversation.visual_parts
     if len(parts) > MAX_VISUAL_INPUTS:
         raise HimapError(f"input 'messages': {len(parts)} visual inputs; at most {MAX_VISUAL_INPUTS}")
-    visuals = []
-    for part in parts:
+    return conversation
+
+
+def _conversation_visuals(conversation, fps: float, max_frames: int, evs_rate: float | None):
+    """(the conversation with every video part's ``evs_rate`` defaulted to the ``evs_rate`` input,
+    its decoded visual inputs in prompt order: a video sampled at its part's own ``fps`` /
+    ``max_frames``, else the ``video_fps`` / ``max_frames`` inputs').
+
+    Raises:
+        HimapError: a visual part that is not a base64 ``data:`` URL, a part's ``max_frames`` over
+            FRAME_LIMIT, or an undecodable image or video.
+    """
+    import base64
+    import binascii
+    from dataclasses import replace
+
+    visuals, messages = [], []
+    for message in conversation.messages:
+        parts = []
+        for part in message.parts:
+            if part.kind == "video" and evs_rate is not None and part.options.get("evs_rate") is None:
+                part = replace(part, options={**part.options, "evs_rate": evs_rate})
+            parts.append(part)
+        messages.append(replace(message, parts=tuple(parts)))
+    conversation = replace(conversation, messages=tuple(messages))
+    for part in conversation.visual_parts:
+        own = video_options(part, FRAME_LIMIT)
         header, _, data = part.source.partition(",")
         if not (header.startswith("data:") and header.endswith(";base64")):
             raise HimapError(f"{part.where}: expected a data: URL (data:image/png;base64,...); Triton requests carry "
@@ -244,14 +287,16 @@ def _conversation(text: str):
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise HimapError(f"{part.where}: not valid base64") from None
-        visuals.append(decode_image(raw))
+        visuals.append(decode_image(raw, fps=fps if own.fps is None else own.fps,
+                                    max_frames=max_frames if own.max_frames is None else own.max_frames))
     return conversation, visuals
 
 
 # -- client side ----------------------------------------------------------------------------------
 def make_inputs(client_module: Any, image: bytes | None, question: str | None, *, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None, ignore_eos: bool | None = None, messages: list | None = None) -> list:
+                seed: int | None = None, ignore_eos: bool | None = None, messages: list | None = None,
+                video_fps: float | None = None, max_frames: int | None = None, evs_rate: float | None = None) -> list:
     """The request tensors for ``tritonclient.http`` or ``tritonclient.grpc`` (pass the module).
 
     Args:
@@ -266,7 +311,8 @@ def make_inputs(client_module: Any, image: bytes | None, question: str | None, *
 
     values = {"image": image, "question": None if question is None else question.encode("utf-8"),
               "messages": None if messages is None else json.dumps(messages).encode("utf-8"), "max_tokens": max_tokens,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos}
+              "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos,
+              "video_fps": video_fps, "max_frames": max_frames, "evs_rate": evs_rate}
     inputs = []
     for decl in INPUTS:
         value = values[decl.name]

@@ -1,10 +1,14 @@
-"""``export --quantize``: weight-only int8/int4 decoder graphs checked against the fp32 PyTorch model.
+"""``export --quantize``: weight-only int8/int4 and dynamic int8 decoder graphs checked against the
+fp32 PyTorch model.
 
 One export per scheme of the smallest model (``tiny``, plan ``none``: one segment of all layers);
 the export's own validation compares every segment output with PyTorch within
 :data:`himap_trt.export.quantize.TOLERANCES`, and these tests check independently that the stored
 codes dequantize to the checkpoint's weights within half a quantization step, that ONNX Runtime runs
-them as fused ``MatMulNBits`` kernels, and that TensorRT-RTX parses and builds them.
+them as fused ``MatMulNBits`` kernels (weight-only) or ``DynamicQuantizeMatMul`` /
+``MatMulIntegerToFloat`` kernels (``int8-dynamic``, whose result is also checked against a numpy
+emulation of the per-call activation quantization), and that TensorRT-RTX parses and builds the
+weight-only graphs and ``build`` refuses the dynamic ones.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from onnx import numpy_helper
 
 from conftest import exported, tiny
 from himap_trt.cli import app
+from himap_trt.engines.build import check_buildable
 from himap_trt.engines.flavour import installed_flavour
 from himap_trt.engines.profiles import graph_profiles
 from himap_trt.errors import HimapError
@@ -26,7 +31,8 @@ from himap_trt.manifest import Manifest
 from typer.testing import CliRunner
 
 runner = CliRunner()
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "int8-dynamic")
+WEIGHT_ONLY = ("int8", "int4")
 
 
 @pytest.fixture(scope="module", params=SCHEMES)
@@ -45,7 +51,7 @@ def _codes(tensor: onnx.TensorProto) -> np.ndarray:
 
 def test_quantized_segments_match_pytorch_within_tolerance(quantized):
     scheme, _, manifest, checks = quantized
-    assert manifest.quantize == scheme and manifest.quantization["accuracy_level"] == 4
+    assert manifest.quantize == scheme and manifest.quantization["accuracy_level"] == (0 if scheme == "int8-dynamic" else 4)
     assert manifest.quantization["block_size"] == (16 if scheme == "int4" else None)   # tiny's FFN is 176 = 11 x 16
     segment = [c for c in checks if c.graph.startswith("segment_0")]     # validated layer by layer
     assert {c.graph for c in segment} == {f"segment_0.layers_{i}-{i}" for i in range(manifest.dims.num_layers)}
@@ -68,14 +74,21 @@ def test_codes_dequantize_to_the_checkpoint_weights(quantized):
     lm = tiny("tiny").model.model.language_model
     seen = 0
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear":
+        if node.op_type not in ("DequantizeLinear", "MatMulInteger"):
             continue
-        name = node.input[0].rsplit(".transposed", 1)[0]                    # <checkpoint name>.transposed_DQ_Q*
+        codes_name = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
+        # int8-dynamic: MatMulInteger(x_q, W_q, x_zp) without a weight zero point (symmetric)
+        assert node.op_type == "DequantizeLinear" or (scheme == "int8-dynamic" and len(node.input) == 3), node
+        name = codes_name.rsplit(".transposed", 1)[0]                    # <checkpoint name>.transposed_DQ_Q*
         weight = dict(lm.named_parameters())[name.removeprefix("model.language_model.")].detach().numpy().T  # [K,N]
-        codes = _codes(inits[node.input[0]]).astype(np.float64)
-        scales = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        codes = _codes(inits[codes_name]).astype(np.float64)
+        scales_name = node.input[1] if node.op_type == "DequantizeLinear" else codes_name.replace("_DQ_Q8", "_DQ_scales")
+        scales = numpy_helper.to_array(inits[scales_name]).astype(np.float64)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if scheme == "int8":
+        if scheme == "int8-dynamic":
+            assert scales.shape == (weight.shape[1],) and codes.min() >= -127 and inits[codes_name].data_type == onnx.TensorProto.INT8
+            step, bound = scales[None, :], 0.5
+        elif scheme == "int8":
             assert attrs["axis"] == 1 and scales.shape == (weight.shape[1],) and codes.min() >= -127
             step, bound = scales[None, :], 0.5       # round to nearest, scale = absmax / 127: half a step
         else:
@@ -94,17 +107,47 @@ def test_codes_dequantize_to_the_checkpoint_weights(quantized):
                    and not t.name.endswith("_DQ_scales") for t in model.graph.initializer)   # no float weight left
 
 
-def test_onnxruntime_fuses_into_matmulnbits(quantized):
+def test_onnxruntime_fuses_the_quantized_linear_layers(quantized, tmp_path_factory):
+    """In the optimised graph ONNX Runtime runs: every weight-only pair is one MatMulNBits; every
+    dynamic chain (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) is one DynamicQuantizeMatMul
+    (a layer that quantizes its input alone: o_proj, down_proj) or MatMulIntegerToFloat behind the
+    DynamicQuantizeLinear its siblings share (q/k/v, gate/up), with no float weight MatMul left."""
     scheme, export_dir, manifest, _ = quantized
     spec = manifest.graph("segment_0")
+    layers = manifest.dims.num_layers
     ops = fused_op_counts(export_dir / spec.file, spec.attrs["quantization"])
-    assert ops.get("MatMulNBits") == 7 * manifest.dims.num_layers and "DequantizeLinear" not in ops, ops
+    if scheme in WEIGHT_ONLY:
+        assert ops.get("MatMulNBits") == 7 * layers and "DequantizeLinear" not in ops, ops
+        return
+    assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) == 7 * layers, ops
+    assert ops.get("DynamicQuantizeMatMul") == 2 * layers and ops.get("DynamicQuantizeLinear") == 2 * layers, ops
+    assert "MatMulInteger" not in ops and "MatMulNBits" not in ops and "DequantizeLinear" not in ops, ops
+    # what stays float (attention's products, in whatever form the export writes them; the LM head's
+    # Gemm): the fp32 export's float MatMuls less the 7 linear layers of each layer
+    fp32_dir, fp32_manifest, _ = exported(tmp_path_factory, "tiny", "none")
+    float_ops = fused_op_counts(fp32_dir / fp32_manifest.graph("segment_0").file)
+    products = ("MatMul", "FusedMatMul", "Gemm")
+    assert sum(ops.get(op, 0) for op in products) == sum(float_ops.get(op, 0) for op in products) - 7 * layers, \
+        (ops, float_ops)
+
+
+def test_build_refuses_int8_dynamic_in_one_line(quantized):
+    """TensorRT takes no DynamicQuantizeLinear/MatMulInteger: `build` (and export --build) refuse."""
+    scheme, export_dir, manifest, _ = quantized
+    if scheme != "int8-dynamic":
+        pytest.skip("weight-only exports build (test_tensorrt_rtx_builds_quantized_segment)")
+    with pytest.raises(HimapError, match="exported with --quantize int8-dynamic .*ONNX Runtime's CPU int8 form"):
+        check_buildable(manifest, export_dir)
+    result = runner.invoke(app, ["build", "--export-dir", str(export_dir), "--dry-run"])
+    _one_line_error(result, "--quantize int8-dynamic", "re-export with --quantize int8 or int4")
 
 
 def test_tensorrt_rtx_builds_quantized_segment(quantized):
+    scheme, export_dir, manifest, _ = quantized
+    if scheme not in WEIGHT_ONLY:
+        pytest.skip("int8-dynamic is refused (test_build_refuses_int8_dynamic_in_one_line)")
     trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13)")
 
-    scheme, export_dir, manifest, _ = quantized
     spec = manifest.graph("segment_0")
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
@@ -135,10 +178,13 @@ def _one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--quantize", "fp8"], ["--quantize must be one of none, int8, int4", "'fp8'"]),
+    (["--quantize", "fp8"], ["--quantize must be one of none, int8, int4, int8-dynamic", "'fp8'"]),
     (["--quantize", "int4", "--quant-block-size", "32"], ["--quant-block-size 32 does not divide", "176"]),
     (["--quantize", "int4", "--quant-block-size", "48"], ["--quant-block-size must be one of 16, 32"]),
     (["--quantize", "int8", "--quant-block-size", "16"], ["int8 has one scale per output channel"]),
+    (["--quantize", "int8-dynamic", "--quant-block-size", "16"], ["int8-dynamic has one scale per output channel"]),
+    (["--quantize", "int8-dynamic", "--dtype", "fp16"], ["--quantize int8-dynamic needs --dtype fp32"]),
+    (["--quantize", "int8-dynamic", "--build"], ["--quantize int8-dynamic is ONNX Runtime only"]),
     (["--quantize", "int8", "--dtype", "fp16"], ["--quantize int8 needs --dtype fp32"]),
     (["--quant-block-size", "16"], ["--quant-block-size needs --quantize int4"]),
     (["--quantize-lm-head"], ["--quantize-lm-head needs --quantize"]),
@@ -191,6 +237,7 @@ def test_block_size_default_fits_the_model():
                            "head_dim": 64})
     assert check_quantization("int4", None, medium, "float32").block_size == 32
     assert check_quantization("int8", None, medium, "float32").block_size is None
+    assert check_quantization("int8-dynamic", None, medium, "float32").accuracy_level == 0
     with pytest.raises(HimapError, match="does not divide"):
         check_quantization("int4", 256, medium, "float32")
 
@@ -198,7 +245,10 @@ def test_block_size_default_fits_the_model():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_lm_head_gemm_is_quantized_when_asked(scheme):
     """The LM head is a Gemm(x, W, transB=1) whose output is the graph's ``logits``: with lm_head it
-    becomes DequantizeLinear -> MatMul and still matches x @ W^T (numpy) within the quantization error."""
+    becomes DequantizeLinear -> MatMul (int8-dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast ->
+    Mul) and still matches x @ W^T (numpy) within the quantization error; int8-dynamic also matches a
+    numpy emulation of ONNX's DynamicQuantizeLinear (uint8, one scale and zero point per call) and the
+    integer product, to float rounding."""
     import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -213,10 +263,24 @@ def test_lm_head_gemm_is_quantized_when_asked(scheme):
     with pytest.raises(HimapError, match="quantized 0 linear"):      # without lm_head the head stays a float Gemm
         quantize_model(ir.serde.deserialize_model(ir.serde.serialize_model(model)), Quantization(scheme, 16 if scheme == "int4" else None))
     out = quantize_model(model, Quantization(scheme, 16 if scheme == "int4" else None, lm_head=True))
-    assert [n.op_type for n in out.graph] == ["DequantizeLinear", "MatMul"] and out.graph.outputs[0].name == "logits"
+    ops = ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"] if scheme == "int8-dynamic" \
+        else ["DequantizeLinear", "MatMul"]
+    assert [n.op_type for n in out.graph] == ops and out.graph.outputs[0].name == "logits"
     session = ort.InferenceSession(ir.serde.serialize_model(out).SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.normal(0, 1, (3, 64)).astype(np.float32)
+    x[1] *= 3.0        # rows of different ranges: the activation scale is one per call (the whole tensor)
     expected = x @ weight.T
     got = session.run(None, {"x": x})[0]
     atol, rtol = TOLERANCES[scheme]
     assert np.abs(got - expected).max() <= atol + rtol * np.abs(expected).max()
+    if scheme == "int8-dynamic":
+        inits = {name: value.const_value.numpy() for name, value in out.graph.initializers.items()}
+        codes, scales = inits["W.transposed_DQ_Q8"].astype(np.int64), inits["W.transposed_DQ_scales"]   # [K,N], [N]
+        low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))
+        x_scale = np.float32((high - low) / 255)
+        x_zp = int(np.clip(np.rint(-low / x_scale), 0, 255))
+        x_q = np.clip(np.rint(x / x_scale) + x_zp, 0, 255).astype(np.int64)
+        emulated = ((x_q - x_zp) @ codes).astype(np.float32) * (x_scale * scales)
+        assert np.allclose(got, emulated, rtol=1e-5, atol=1e-5 * np.abs(expected).max()), np.abs(got - emulated).max()
+        # and a different call's range gives a different scale: the quantization is per call
+        assert not np.allclose(session.run(None, {"x": x[:1]})[0], got[:1], rtol=0, atol=1e-7)

@@ -39,15 +39,23 @@ def _hf_inputs(loaded, images, prompts):
     return loaded.processor(images=images, text=prompts, padding=True, return_tensors="pt")
 
 
-def test_vision_graph_module_equals_transformers(qwen_requests):
+@pytest.mark.parametrize("grid", [None, [[1, 8, 8]], [[8, 4, 4]], [[8, 6, 10]]],
+                         ids=["two-images", "2-frames", "16-frames", "16-frames-6x10"])
+def test_vision_graph_module_equals_transformers(qwen_requests, grid):
+    """Two images through the processor, and videos (2 frames = one temporal patch, 16 frames = 8)
+    of random patches: attention per frame block equals transformers' per-frame ``cu_seqlens``
+    (``pooler_output`` and every DeepStack feature)."""
     loaded = tiny(MODEL)
     visual = loaded.model.model.visual
-    images = qwen_requests[0][:2]
-    vision = loaded.processor.image_processor(images, return_tensors="pt")
-    grid = vision["image_grid_thw"]
+    if grid is None:
+        vision = loaded.processor.image_processor(qwen_requests[0][:2], return_tensors="pt")
+        pixels, grid = vision["pixel_values"], vision["image_grid_thw"]
+    else:
+        grid = torch.tensor(grid)
+        pixels = torch.randn(int(grid.prod()), 1536, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        theirs = visual(vision["pixel_values"], grid_thw=grid)
-        feeds = qwen3_vision_feeds(vision["pixel_values"], grid, qwen3_vision_attrs(visual.config))
+        theirs = visual(pixels, grid_thw=grid)
+        feeds = qwen3_vision_feeds(pixels, grid, qwen3_vision_attrs(visual.config))
         embeds, deep = Qwen3VisionEncoder(visual)(*feeds.values())
     assert deep.shape[0] == len(theirs.deepstack_features) == 3
     torch.testing.assert_close(embeds, theirs.pooler_output, rtol=1e-4, atol=1e-4)

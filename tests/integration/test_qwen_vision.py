@@ -23,7 +23,7 @@ from himap_trt.export.qwen_vision import (export_qwen_vision, reference_embeds, 
                                           validation_grids, vision_feeds)
 from himap_trt.export.validate import TOLERANCES
 from himap_trt.graphs.qwen_vision import (QwenVisionEncoder, qwen_image_processor, qwen_vision_inputs,
-                                          tiny_qwen_vision_config)
+                                          segment_blocks, tiny_qwen_vision_config)
 from himap_trt.runtime.onnxrt import OnnxRuntimeBackend
 
 QWEN_7B_VISION = Qwen2_5_VLVisionConfig(window_size=112, patch_size=14, spatial_merge_size=2)
@@ -51,6 +51,24 @@ def test_host_inputs_match_transformers_index_code(grid, window):
     np.testing.assert_array_equal(host["window_segment_ids"][patch_order], _segments_from_cu(cu_window))
     np.testing.assert_array_equal(host["frame_segment_ids"], _segments_from_cu(get_vision_cu_seqlens(grid_thw)))
     assert all(v.dtype == np.int64 for v in host.values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=st.lists(st.integers(0, 5), min_size=1, max_size=40), extra=st.integers(0, 3))
+def test_segment_blocks_hold_each_segment_in_order(ids, extra):
+    """Block s holds segment s's patches ascending, then -1; slots point back to each patch; a block
+    length shorter than the largest segment raises."""
+    _, ids = np.unique(np.array(ids), return_inverse=True)
+    width = int(np.bincount(ids).max()) + extra
+    blocks, slots = segment_blocks(ids, width)
+    assert blocks.shape == (ids.max() + 1, width)
+    for segment in range(ids.max() + 1):
+        members = np.flatnonzero(ids == segment)
+        assert blocks[segment].tolist() == members.tolist() + [-1] * (width - len(members))
+    assert blocks.reshape(-1)[slots].tolist() == list(range(len(ids)))
+    if width > 1 and extra == 0:
+        with pytest.raises(HimapError, match="more than the block length"):
+            segment_blocks(ids, width - 1)
 
 
 def test_host_inputs_really_partition_into_windows():
@@ -112,8 +130,9 @@ def exported(tmp_path_factory, visual):
 
 
 def test_module_equals_transformers_tower(visual, photo_cases):
-    """The torch module (no permutation, masks from segment ids) against transformers' tower, and a
-    wrong mask or no rotary positions is far outside the tolerance (the check can fail)."""
+    """The torch module (no permutation, attention per block) against transformers' tower, and
+    full-frame blocks in the windowed layers or no rotary positions is far outside the tolerance
+    (the check can fail)."""
     module = QwenVisionEncoder(visual).eval()
     atol, rtol = TOLERANCES["float32"]
     for pixels, grid in photo_cases:
@@ -121,10 +140,9 @@ def test_module_equals_transformers_tower(visual, photo_cases):
         feeds = vision_feeds(pixels, grid, visual.config)
         with torch.no_grad():
             ours, = module(**feeds)
-            full_everywhere, = module(feeds["pixel_values"], feeds["vision_position_ids"],
-                                      feeds["frame_segment_ids"], feeds["frame_segment_ids"])
-            no_rope, = module(feeds["pixel_values"], torch.zeros_like(feeds["vision_position_ids"]),
-                              feeds["window_segment_ids"], feeds["frame_segment_ids"])
+            full_everywhere, = module(**{**feeds, "window_blocks": feeds["frame_blocks"],
+                                         "window_slots": feeds["frame_slots"]})
+            no_rope, = module(**{**feeds, "vision_position_ids": torch.zeros_like(feeds["vision_position_ids"])})
         bound = atol + rtol * float(ref.abs().max())
         assert ours.shape == (grid.prod(-1).sum() // 4, 64)
         assert float((ours - ref).abs().max()) <= bound
@@ -142,14 +160,16 @@ def test_one_graph_validates_on_photos_and_grids(exported, photo_cases, dtype):
     checks = (validate_qwen_vision(tower, spec, path, photo_cases) + validate_qwen_vision(tower, spec, path)
               + validate_qwen_vision(tower, spec, path, [(torch.randn(36, 1176), edge)]))
     assert [c.phase for c in checks] == ["grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8",
-                                         "grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8", "grid 1x2x2+2x4x4"]
+                                         "grid 1x4x6", "grid 1x8x8", "grid 1x4x6+1x8x8", "grid 3x4x6",
+                                         "grid 1x2x2+2x4x4"]
     assert all(c.ok for c in checks), checks
     assert all(c.max_abs_ref > 1 for c in checks)          # not a near-zero output passing trivially
     model = onnx.load(str(path), load_external_data=False)
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in [*model.graph.input, *model.graph.output]}
     assert dims == {"pixel_values": ["num_patches", 1176], "vision_position_ids": ["num_patches", 2],
-                    "window_segment_ids": ["num_patches"], "frame_segment_ids": ["num_patches"],
+                    "window_blocks": ["num_windows", 16], "window_slots": ["num_patches"],
+                    "frame_blocks": ["num_frames", "frame_len"], "frame_slots": ["num_patches"],
                     "image_embeds": ["num_image_tokens", 64]}
     assert model.opset_import[0].version in OPSETS
 
@@ -177,12 +197,42 @@ def test_tensorrt_static_check_passes(exported, dtype):
     report = check_onnx_file(path)
     assert report.offenses == () and report.unchecked_types == 0 and report.min_tensorrt == "10.1"
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
-    assert {"Equal", "Where", "Softmax", "Cos", "Sin"} <= ops
+    assert {"Gather", "Where", "Softmax", "Cos", "Sin"} <= ops
     assert not ops & {"Loop", "NonZero", "TopK", "CumSum", "ScatterND", "Conv"}
 
 
 def test_validation_grids_split_real_windows():
     """The default grids exercise several windows for the tiny and the 7B window size."""
     assert [g.tolist() for g in validation_grids(tiny_qwen_vision_config())] == \
-        [[[1, 4, 6]], [[1, 8, 8]], [[1, 4, 6], [1, 8, 8]]]
+        [[[1, 4, 6]], [[1, 8, 8]], [[1, 4, 6], [1, 8, 8]], [[3, 4, 6]]]
     assert validation_grids(QWEN_7B_VISION)[1].tolist() == [[1, 12, 12]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_graph_equals_transformers_on_videos(exported, dtype):
+    """The ONE exported graph on video grids: 2 frames (one temporal patch of 8x8 patches), 16 frames
+    (8 temporal patches of 4x4, one window each), and 16 frames of 6x10 patches, whose frames fill no
+    whole window (partial windows at the right and bottom); attention per temporal patch and window
+    equals transformers' ``cu_seqlens`` tower within the export's tolerances."""
+    tower, spec, path = exported[dtype]
+    gen = torch.Generator().manual_seed(1)
+    grids = [np.array([[1, 8, 8]]), np.array([[8, 4, 4]]), np.array([[8, 6, 10]])]
+    checks = validate_qwen_vision(tower, spec, path, [(torch.randn(int(g.prod()), 1176, generator=gen), g)
+                                                      for g in grids])
+    assert [c.phase for c in checks] == ["grid 1x8x8", "grid 8x4x4", "grid 8x6x10"]
+    assert all(c.ok for c in checks), checks
+    assert all(c.max_abs_ref > 1 for c in checks)
+
+
+def test_video_frames_do_not_attend_to_each_other(exported):
+    """Temporal patches of one clip are independent before the merger: changing the last temporal
+    patch's pixels changes none of the first seven's tokens (no attention across frames)."""
+    _, spec, path = exported["float32"]
+    backend = OnnxRuntimeBackend(spec, path)
+    grid, config = np.array([[8, 6, 10]]), tiny_qwen_vision_config()
+    pixels = torch.randn(480, 1176, generator=torch.Generator().manual_seed(2))
+    changed = pixels.clone()
+    changed[420:] = torch.randn(60, 1176)
+    a, b = (backend.run(vision_feeds(p, grid, config))["image_embeds"] for p in (pixels, changed))
+    torch.testing.assert_close(a[:105], b[:105], atol=1e-5, rtol=1e-5)
+    assert float((a[105:] - b[105:]).abs().max()) > 0.1

@@ -345,6 +345,20 @@ def test_run_batch_with_a_video_line_applies_its_evs_rate(clip, photo, tmp_path)
     t, h, w = pipe.prepare([video], ["What moves?"]).image_grid_thw[0].tolist()
     assert report["requests"][0]["image_tokens_per_segment"] == [evs_keep_count(t, h // 2, w // 2, 0.6)]
     assert report["requests"][0]["image_tokens_per_segment"][0] < t * h * w // 4
+    # with a conversation line (issue 30) every line runs as a conversation: the video line's fields ride
+    # on its part, and the conversation's video_url part has its own
+    with batch.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "c.mp4", "fps": 4, "max_frames": 6, "evs_rate": 0.5}},
+            {"type": "text", "text": "And now?"}]}]}) + "\n")
+    result = CliRunner().invoke(app, ["run", "--backend", "torch", "--model", "tiny-qwen2.5-vl", "--method", "none",
+                                      "--batch", str(batch), "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("{"):])["requests"]
+    t2, h2, w2 = pipe.prepare([load_video(clip, fps=4, max_frames=6)], ["And now?"]).image_grid_thw[0].tolist()
+    assert [r["image_tokens_per_segment"] for r in rows] == [
+        [evs_keep_count(t, h // 2, w // 2, 0.6)], report["requests"][1]["image_tokens_per_segment"],
+        [evs_keep_count(t2, h2 // 2, w2 // 2, 0.5)]]
 
 
 @pytest.mark.slow
@@ -358,16 +372,17 @@ def test_server_video_url_fields(tmp_path_factory, clip):
     import httpx
 
     from conftest import exported
+    from himap_trt.chat import parse_messages
     from himap_trt.serve.app import ServeConfig, ServerState, create_app
     from himap_trt.serve.videos import VideoPolicy
 
-    def post(state, part):
+    def post(state, part, earlier=()):
         async def main():
             transport = httpx.ASGITransport(app=create_app(state))
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
                 return await client.post("/v1/chat/completions", json={
                     "model": "m", "max_tokens": 4, "temperature": 0,
-                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]})
+                    "messages": [*earlier, {"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]})
         return asyncio.run(main())
 
     out, manifest, _ = exported(tmp_path_factory, "tiny-qwen2.5-vl", "himap")
@@ -392,6 +407,22 @@ def test_server_video_url_fields(tmp_path_factory, clip):
             assert response.status_code == 400, response.text
             assert f"video_url.{field}" in response.json()["error"]["message"]
         assert post(state, {"type": "video_url", "video_url": {"url": url}}).status_code == 200
+        # a conversation (issue 30): the video in the last user turn keeps its own fields
+        earlier = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
+                   {"role": "assistant", "content": "Hi."}]
+        part = {"type": "video_url", "video_url": {"url": url, "fps": 4, "max_frames": 6, "evs_rate": 0.7}}
+        answer = post(state, part, earlier)
+        assert answer.status_code == 200, answer.text
+        conversation = parse_messages([*earlier, {"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "clip.mp4", "evs_rate": 0.7}}, {"type": "text", "text": QUESTION}]}])
+        batch = ref.prepare_conversation(conversation, [load_video(clip, fps=4, max_frames=6)])
+        assert batch.evs_rates == [0.7]
+        with torch.inference_mode():
+            expected = ref.generate(batch, GenerationConfig(max_new_tokens=4))
+        assert answer.json()["choices"][0]["message"]["content"] == expected.texts[0]
+        assert expected.image_tokens_per_row[0][0] < batch.image_tokens[0]
+        response = post(state, {"type": "video_url", "video_url": {"url": url, "max_frames": 9}}, earlier)
+        assert response.status_code == 400 and "messages[3].content[0].video_url.max_frames" in response.text
     finally:
         state.close()
 

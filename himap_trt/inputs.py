@@ -1,6 +1,7 @@
 """User requests from files: ``--batch`` JSONL, one ``{"image": path, "question": text}`` (or, for
 Qwen exports, ``{"video": path, "question": text}`` with optional ``fps``, ``max_frames`` and
-``evs_rate``) per line.
+``evs_rate``) or one ``{"messages": [...]}`` conversation per line (a ``video_url`` part may hold the
+same three fields); ``--messages`` a JSON conversation.
 
 Every line is checked before anything is loaded; errors name ``file:line`` and the field, and say
 what was expected. Questions are checked with :func:`himap_trt.prompt.check_question`.
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from himap_trt.chat import Conversation, parse_messages
 from himap_trt.errors import HimapError
 from himap_trt.prompt import json_type_name, check_question
 
@@ -22,15 +24,76 @@ MAX_BATCH_FILE_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class Request:
     """One request: an image (or video) path (relative paths resolved against the batch file's
-    directory) and a question; a video's sampling (``fps``, ``max_frames``: None = the command's
-    flags) and EVS rate (``evs_rate``: None = the export's)."""
+    directory) and a question, with a video's sampling (``fps``, ``max_frames``: None = the command's
+    flags) and EVS rate (``evs_rate``: None = the export's); or a conversation (``conversation``; then
+    ``image`` and ``question`` are None and its video parts carry their own fields)."""
 
-    image: Path
-    question: str
+    image: Path | None
+    question: str | None
     video: bool = False
     fps: float | None = None
     max_frames: int | None = None
     evs_rate: float | None = None
+    conversation: Conversation | None = None
+
+
+def local_conversation(value, where: str, base: Path) -> Conversation:
+    """A ``messages`` array from a file -> a conversation whose visual parts are local paths (relative
+    ones resolved against ``base``; ``file://`` URLs taken as paths).
+
+    Raises:
+        HimapError: an invalid conversation (naming the message) or a visual source that is not a
+            local path (``http(s)://`` or ``data:`` URLs are for ``serve``).
+    """
+    from dataclasses import replace
+    from urllib.parse import unquote, urlparse
+
+    conversation = parse_messages(value, where)
+    messages = []
+    for message in conversation.messages:
+        parts = []
+        for part in message.parts:
+            if part.kind != "text":
+                source = part.source
+                if source.startswith("file://"):
+                    source = unquote(urlparse(source).path)
+                elif "://" in source or source.startswith("data:"):
+                    raise HimapError(f"{part.where}: {source[:40]!r} "
+                                     "is not a local path; run reads image and video files (URLs are for serve)")
+                path = Path(source)
+                part = replace(part, source=str(path if path.is_absolute() else base / path))
+            parts.append(part)
+        messages.append(replace(message, parts=tuple(parts)))
+    return Conversation(tuple(messages))
+
+
+def read_messages_file(path: str | Path, flag: str = "--messages") -> Conversation:
+    """A JSON file holding a conversation: an array of messages, or an object with ``messages``.
+
+    Raises:
+        HimapError: the file missing or unreadable, not JSON, or an invalid conversation (naming the message).
+    """
+    path = Path(path)
+    name = f"{flag} file {str(path)!r}"
+    if not path.is_file():
+        raise HimapError(f"{name} does not exist or is not a regular file")
+    if path.stat().st_size > MAX_BATCH_FILE_BYTES:
+        raise HimapError(f"{name} is larger than {MAX_BATCH_FILE_BYTES} bytes")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise HimapError(f"{name}: byte {exc.start + 1} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise HimapError(f"{name}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise HimapError(f"{name}: JSON nested too deeply") from None
+    except OSError as exc:
+        raise HimapError(f"{name} cannot be read: {exc.strerror}") from None
+    if isinstance(value, dict):
+        if "messages" not in value:
+            raise HimapError(f"{name}: expected an array of messages or an object with \"messages\"")
+        value = value["messages"]
+    return local_conversation(value, f"{path}: messages", path.parent)
 
 
 def _video_fields(item: dict, where: str) -> dict:
@@ -93,6 +156,10 @@ def read_batch_file(path: str | Path, flag: str = "--batch") -> list[Request]:
             raise HimapError(f"{where}: JSON nested too deeply; expected an object with \"image\" and \"question\"") from None
         if not isinstance(item, dict):
             raise HimapError(f"{where}: expected a JSON object with \"image\" and \"question\", got {json_type_name(item)}")
+        if "messages" in item:
+            conversation = local_conversation(item["messages"], f"{where}: messages", path.parent)
+            requests.append(Request(None, None, conversation=conversation))
+            continue
         if "image" in item and "video" in item:
             raise HimapError(f"{where}: fields \"image\" and \"video\" both given; a request holds one of them")
         field = "video" if "video" in item else "image"

@@ -306,8 +306,10 @@ class PromptBatch:
         image_tokens: |V| of each row (tokens) where it varies per request; else None.
         media: per row, ``image`` or ``video`` (Qwen families: a video's visual tokens are handled as
             image tokens, docs/QWEN3VL.md "Video"); None: images only.
-        evs_rates: per row, the EVS rate q in [0, 1) of a request that overrides the export's
-            (:mod:`himap_trt.runtime.evs`); None: the export's rate for every row.
+        evs_rates: per visual input (``image_grid_thw`` row; one per row where each row holds one, as
+            every ``prepare`` batch and LLaVA), the EVS rate q in [0, 1) of a request that overrides the
+            export's, or None for the export's (:mod:`himap_trt.runtime.evs`); None: the export's rate
+            for every visual input. A conversation's videos each carry their own (``video_url.evs_rate``).
     """
 
     input_ids: torch.Tensor
@@ -319,12 +321,18 @@ class PromptBatch:
     image_grid_thw: torch.Tensor | None = None
     image_tokens: list[int] | None = None
     media: list[str] | None = None
-    evs_rates: list[float] | None = None
+    evs_rates: list[float | None] | None = None
 
     @property
     def batch_size(self) -> int:
         """Prompts in the batch."""
         return int(self.input_ids.shape[0])
+
+    @property
+    def visual_inputs(self) -> int:
+        """Images and videos in the batch: ``image_grid_thw``'s rows (Qwen families; 0 for text-only
+        prompts), else one per row (LLaVA)."""
+        return self.batch_size if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
     @property
     def prompt_lengths(self) -> list[int]:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from himap_trt.errors import HimapError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -132,6 +134,20 @@ class Architecture(ABC):
         Raises:
             HimapError: bad question text, mismatched lists, an unexpected image-token count.
         """
+
+    def prepare_conversation(self, processor: Any, conversation: Any, visuals: list[Any], image_token_id: int,
+                             num_image_tokens: int) -> PromptBatch:
+        """One conversation (:class:`himap_trt.chat.Conversation`) -> a one-row :class:`PromptBatch`:
+        the chat template over every message, each visual input (``visuals``: loaded images /
+        videos, in prompt order) expanded to its visual tokens, token types by the conversation rule
+        (:mod:`himap_trt.chat`). No visual input: ``pixel_values`` has 0 rows and no token is an
+        image token (the pipeline then runs neither the vision graph nor the pruning stages).
+
+        Raises:
+            HimapError: more visual inputs (or visual tokens) than the export's graphs hold, a
+                template failure, special-token text in a message.
+        """
+        raise HimapError(f"the {self.name} family does not take conversations")
 
     @abstractmethod
     def vision_feeds(self, batch: PromptBatch, spec: GraphSpec) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
 from himap_trt.graphs.modules import VisionEncoder
 from himap_trt.graphs.spec import GraphSpec, TensorSpec
-from himap_trt.prompt import prepare_batch
+from himap_trt.chat import check_special_text, conversation_types, encode_rendered, render
+from himap_trt.prompt import PromptBatch, position_ids_from_mask, prepare_batch
 from himap_trt.video import Video
 
 
@@ -83,6 +84,36 @@ class Llava(Architecture):
                              "(one image per prompt)")
 
         return prepare_batch(processor, images, questions, image_token_id, num_image_tokens)
+
+    def prepare_conversation(self, processor, conversation, visuals, image_token_id, num_image_tokens):
+        """LLaVA-1.5's graphs hold one image per prompt (a scoring graph drops a constant
+        |V| - keep): zero or one image, in any user message."""
+        parts = conversation.visual_parts
+        if any(p.kind == "video" for p in parts):
+            where = next(p.where for p in parts if p.kind == "video")
+            raise HimapError(f"{where}: video prompts need a Qwen2.5-VL or Qwen3-VL export; this export is LLaVA-1.5")
+        if len(parts) > 1:
+            raise HimapError(f"{parts[1].where}: {len(parts)} images in the conversation; this LLaVA-1.5 export's "
+                             "graphs hold one image per conversation")
+        check_special_text(conversation, processor.tokenizer)
+        placeholder = getattr(processor, "image_token", None) or "<image>"
+        rendered = render(processor, conversation)
+        ids, located = encode_rendered(processor.tokenizer, rendered,
+                                       lambda text: text.replace(placeholder, placeholder * num_image_tokens))
+        count = sum(t == image_token_id for t in ids)
+        if count != num_image_tokens * len(parts):
+            raise HimapError(f"the chat template placed {count // max(num_image_tokens, 1)} image(s) for the "
+                             f"conversation's {len(parts)}")
+        if parts:
+            pixels = processor.image_processor(list(visuals), return_tensors="pt")["pixel_values"].float()
+        else:
+            size = processor.image_processor.crop_size
+            pixels = torch.zeros((0, 3, size["height"], size["width"]))
+        input_ids = torch.tensor([ids], dtype=torch.int64)
+        mask = torch.ones_like(input_ids)
+        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                           token_type_ids=torch.tensor([conversation_types(ids, image_token_id, located)]),
+                           position_ids=position_ids_from_mask(mask), prompts=[rendered.prompt])
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:
         return {"pixel_values": batch.pixel_values}

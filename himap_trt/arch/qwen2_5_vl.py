@@ -38,6 +38,7 @@ from himap_trt.prompt import (
     has_special_text,
     token_type_ids,
 )
+from himap_trt.chat import check_special_text, conversation_types, encode_rendered, render
 from himap_trt.video import Video
 
 #: The published checkpoints' processors bound images to 12845056 pixels = 16384 tokens of 28x28 px.
@@ -408,6 +409,72 @@ class Qwen2_5_VL(Architecture):
             input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(pixels).float(),
             token_type_ids=types, position_ids=positions, prompts=prompts,
             image_grid_thw=torch.cat(grids), image_tokens=counts, media=media,
+        )
+
+    #: What the chat template renders for an image / a video (transformers' Qwen templates).
+    IMAGE_WRAPPER = "<|vision_start|><|image_pad|><|vision_end|>"
+    VIDEO_WRAPPER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+    def prepare_conversation(self, processor, conversation, visuals, image_token_id, num_image_tokens):
+        """Any number of images and videos in any user message; their visual tokens are pooled (one
+        keep count from the total, ranked together by every stage) and bounded in total by the
+        export's ``--max-image-tokens``."""
+        parts = conversation.visual_parts
+        check_special_text(conversation, processor.tokenizer)
+        merge = processor.image_processor.merge_size
+        encoded = []                                       # per visual input: (pixels, grid, placeholder, groups)
+        total = 0
+        for part, item in zip(parts, visuals):
+            if isinstance(item, Video):
+                pixels, grid = video_patches(processor.image_processor, item, max(num_image_tokens - total, 0))
+                placeholder, groups = self._video_placeholder(processor, item, grid), self._video_groups(item, grid, merge)
+            else:
+                vision = processor.image_processor([item], return_tensors="pt")
+                pixels, grid = vision["pixel_values"], vision["image_grid_thw"].long()
+                _, h, w = (int(v) for v in grid[0])
+                count = h * w // (merge * merge)
+                placeholder, groups = "<|vision_start|>" + "<|image_pad|>" * count + "<|vision_end|>", \
+                    [(1, h // merge, w // merge, 1.0)]
+            total += int(grid.prod()) // (merge * merge)
+            if total > num_image_tokens:
+                raise HimapError(f"{part.where}: the conversation's visual inputs give {total} visual tokens so far, "
+                                 f"more than the {num_image_tokens} this export's graphs hold (--max-image-tokens); "
+                                 "send fewer or smaller images, or re-export")
+            encoded.append((pixels, grid, placeholder, groups))
+        pending = list(zip(parts, encoded))
+
+        def expand(text: str) -> str:
+            out = []
+            while True:
+                at = [i for i in (text.find(self.IMAGE_WRAPPER), text.find(self.VIDEO_WRAPPER)) if i >= 0]
+                if not at:
+                    return "".join(out) + text
+                start = min(at)
+                kind = "image" if text.startswith(self.IMAGE_WRAPPER, start) else "video"
+                if not pending or pending[0][0].kind != kind:
+                    raise HimapError(f"messages: the chat template placed an {kind} where the conversation has none")
+                out.append(text[:start] + pending.pop(0)[1][2])
+                text = text[start + len(self.IMAGE_WRAPPER if kind == "image" else self.VIDEO_WRAPPER):]
+
+        rendered = render(processor, conversation)
+        ids, located = encode_rendered(processor.tokenizer, rendered, expand)
+        if pending:
+            raise HimapError(f"{pending[0][0].where}: the model's chat template does not place this {pending[0][0].kind}")
+        video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        ids = [image_token_id if t == video_id else t for t in ids]     # video tokens are image tokens from here on
+        input_ids = torch.tensor([ids], dtype=torch.int64)
+        groups = [g for e in encoded for g in e[3]]
+        if encoded:
+            pixels, grids = torch.cat([e[0] for e in encoded]).float(), torch.cat([e[1] for e in encoded])
+        else:
+            width = (processor.image_processor.temporal_patch_size * processor.image_processor.patch_size ** 2 * 3)
+            pixels, grids = torch.zeros((0, width)), torch.zeros((0, 3), dtype=torch.int64)
+        return PromptBatch(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+            token_type_ids=torch.tensor([conversation_types(ids, image_token_id, located)]),
+            position_ids=mrope_group_positions(input_ids[0], image_token_id, groups)[:, None],
+            prompts=[rendered.prompt], image_grid_thw=grids, image_tokens=[total],
+            media=["video" if any(isinstance(v, Video) for v in visuals) else "image"],
         )
 
     def vision_feeds(self, batch, spec) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ sampling = lazy_import("himap_trt.runtime.sampling")
 tiny = lazy_import("himap_trt.models.tiny")
 tiny_qwen = lazy_import("himap_trt.models.tiny_qwen")
 video_mod = lazy_import("himap_trt.video")
+chat = lazy_import("himap_trt.chat")
 
 
 def _check_run_memory(export_dir: Path, backend: str, model: Optional[str], device: Optional[str], *,
@@ -85,15 +86,39 @@ def _load_request(request, fps: float, max_frames: int):
                                    max_frames=max_frames if request.max_frames is None else request.max_frames)
 
 
+def _single_conversation(request):
+    """A ``--batch`` image / video line as a one-message conversation (its video fields on the part)."""
+    options = {k: v for k, v in (("fps", request.fps), ("max_frames", request.max_frames),
+                                 ("evs_rate", request.evs_rate)) if v is not None}
+    return chat.Conversation.single(request.question, "video" if request.video else "image", str(request.image),
+                                    options)
+
+
+def _load_part(part, fps: float, max_frames: int):
+    """A conversation's visual part: an image, or a video sampled at the part's own (else the flags')
+    fps / max_frames (its ``evs_rate`` is applied by ``Pipeline.prepare_conversation``)."""
+    if part.kind != "video":
+        return prompt.load_image(part.source)
+    own = chat.video_options(part, video_mod.FRAME_LIMIT)
+    return video_mod.video_request(part.source, None, fps=fps if own.fps is None else own.fps,
+                                   max_frames=max_frames if own.max_frames is None else own.max_frames)
+
+
 @app.command()
 @user_errors
 def run(
     image: Annotated[Optional[Path], typer.Argument(help="Image file (JPEG, PNG, ...).", show_default=False)] = None,
     question: Annotated[Optional[str], typer.Argument(help="Question about the image.", show_default=False)] = None,
     batch: Annotated[Optional[Path], typer.Option(
-        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} (or {\"video\": path, ...} with optional fps, max_frames, evs_rate) per line; run as one "
-                        "padded batch (relative paths are relative to the file).",
+        "--batch", help="JSONL file of requests, one {\"image\": path, \"question\": text} (or {\"video\": path, ...} "
+                        "with optional fps, max_frames, evs_rate) per line; run as one padded batch (relative "
+                        "paths are relative to the file). A line may instead hold a conversation, "
+                        "{\"messages\": [...]}: then every line runs on its own, in order.",
         show_default="none: IMAGE QUESTION")] = None,
+    messages: Annotated[Optional[Path], typer.Option(
+        "--messages", help="JSON file of one conversation (OpenAI's messages: system / developer / user / assistant, "
+                           "string or parts content; image_url / video_url parts hold local paths, relative to "
+                           "the file).", show_default="none: IMAGE QUESTION")] = None,
     export_dir: ExportDirOpt = Path("export"),
     engines_dir: EnginesOpt = None,
     backend: Annotated[str, typer.Option(
@@ -164,8 +189,21 @@ def run(
         image, question = None, str(image)          # himap-trt run --video clip.mp4 "question"
     if clip and (image is not None or batch is not None):
         raise HimapError("--video / --frames take the place of IMAGE (and of --batch); pass QUESTION only")
-    paths, questions, listed = (([video or "--frames"], [prompt.check_question(question or "")], None) if clip
-                                else _requests(image, question, batch))
+    conversations, listed = None, None
+    if messages is not None:
+        if image is not None or question is not None or batch is not None or clip:
+            raise HimapError("--messages FILE holds the whole conversation; pass no IMAGE, QUESTION, --batch or --video")
+        conversations = [inputs.read_messages_file(messages)]
+        paths, questions = [str(messages)], [conversations[0].messages[-1].text]
+    elif batch is not None and not clip and image is None and question is None:
+        listed = inputs.read_batch_file(batch)
+        if any(r.conversation is not None for r in listed):     # every line on its own, as a conversation
+            conversations = [r.conversation or _single_conversation(r) for r in listed]
+        paths = [str(r.image) if r.image else f"{batch}:{i + 1}" for i, r in enumerate(listed)]
+        questions = [r.question or r.conversation.messages[-1].text for r in listed]
+    else:
+        paths, questions, listed = (([video or "--frames"], [prompt.check_question(question or "")], None) if clip
+                                    else _requests(image, question, batch))
     config = sampling.GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, ignore_eos=ignore_eos)
     if backend not in loader.BACKENDS:
@@ -177,9 +215,13 @@ def run(
     if config.ignored_options:
         err.print(f"note: {' and '.join(config.ignored_options)} ignored: sampling is off (--temperature 0), "
                   "decoding greedily", highlight=False, soft_wrap=True)
-    images = ([video_mod.video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
-              else [_load_request(r, video_fps, max_frames) for r in listed] if listed is not None
-              else [prompt.load_image(p) for p in paths])
+    if conversations is not None:       # each conversation's visual inputs, in prompt order (a video part's own
+        visuals = [[_load_part(p, video_fps, max_frames) for p in c.visual_parts] for c in conversations]   # fields)
+        images = [v for vs in visuals for v in vs]
+    else:
+        images = ([video_mod.video_request(video, frames, fps=video_fps, max_frames=max_frames)] if clip
+                  else [_load_request(r, video_fps, max_frames) for r in listed] if listed is not None
+                  else [prompt.load_image(p) for p in paths])
     requested = None
     if any(v is not None for v in (method, k1, r1, k2, r2, k, r, mid_layer, deep_layer, threshold, max_keep)):
         def requested(num_layers: int, num_image_tokens: int):
@@ -191,11 +233,14 @@ def run(
                               threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                               max_keep=DEFAULT_MAX_KEEP if max_keep is None else max_keep)
 
-    _check_run_memory(export_dir, backend, model, device, batch=len(images), force=force)
+    _check_run_memory(export_dir, backend, model, device, batch=max(len(images), 1), force=force)
     opened = loader.open_pipeline(export_dir=export_dir, backend=backend, model=model, requested_plan=requested,
                            engines_dir=engines_dir, device=device, dtype=dtype, require_signature=require_signature,
                            kernel_specialization=kernel_specialization)
     pipeline = opened.pipeline
+    if conversations is not None:
+        _run_conversations(opened, conversations, visuals, paths, questions, config, stream and not as_json, as_json)
+        return
     try:
         started = time.perf_counter()
         prepared = pipeline.prepare(images, questions)
@@ -223,6 +268,43 @@ def run(
 
     if report["model"] in tiny.TINY_MODELS or report["model"] in tiny_qwen.TINY_QWEN_MODELS:
         out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
+    _print_run_stats(report)
+
+
+def _run_conversations(opened, conversations, visuals, paths, questions, config, stream: bool, as_json: bool) -> None:
+    """``run --messages`` / a ``--batch`` file with conversations: each conversation prepared and
+    generated on its own, in order (their prompts are not padded into one batch)."""
+    import time
+
+    pipeline = opened.pipeline
+    reports = []
+    streaming = stream and len(conversations) == 1
+    try:
+        for conversation, items in zip(conversations, visuals):
+            started = time.perf_counter()
+            prepared = pipeline.prepare_conversation(conversation, items)
+            streamer = None
+            if streaming:
+                from transformers import TextStreamer
+
+                out.print("[bold]answer:[/] ", end="")
+                streamer = TextStreamer(pipeline.processor.tokenizer, skip_special_tokens=True)
+            result = pipeline.generate(prepared, config, streamer=streamer, preprocess_s=time.perf_counter() - started)
+            reports.append(_run_report(opened, [None], [None], result))
+    finally:
+        pipeline.close()
+    report = reports[0]
+    report["requests"] = [{**r["requests"][0], "image": path, "question": question}
+                          for r, path, question in zip(reports, paths, questions)]
+    report["stats"]["batch_size"] = 1
+    report["stats"]["conversations"] = len(reports)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if not streaming:
+        for i, request in enumerate(report["requests"]):
+            prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
+            out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
     _print_run_stats(report)
 
 

@@ -55,6 +55,10 @@ def serve(
         "--max-batch", help="KV-cache slots: most requests decoded together.")] = 8,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Most requests waiting for a slot; more are refused with HTTP 429.")] = 64,
+    mixed_prefill: Annotated[bool, typer.Option(
+        "--mixed-prefill/--equal-prefill", help="Prefill waiting prompts of different lengths in one padded, masked "
+                                                "call, or only prompts of equal length together (docs/PERFORMANCE.md).")]
+    = False,
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="Most tokens (prompt + generated) per request; each slot's KV cache is this long "
                               "and decode steps attend over it [default: the export's].", show_default=False)] = None,
@@ -146,7 +150,7 @@ def serve(
     name = model_name or manifest.source_model
     config = serve_app.ServeConfig(
         export_dir=export_dir, backend=backend, device=device, engines_dir=engines_dir, max_batch=max_batch,
-        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len,
+        max_queue=max_queue, model_name=name, max_seq_len=max_seq_len, mixed_prefill=mixed_prefill,
         images=images.ImagePolicy(image_root=image_root, allow_remote=allow_remote_images, max_bytes=max_image_bytes,
                                   max_pixels=max_image_pixels, max_memory=max_image_memory, timeout_s=image_timeout),
         videos=serve_videos.VideoPolicy(fps=video_fps, max_frames=max_frames, max_bytes=max_video_bytes,
@@ -184,6 +188,9 @@ def bench_serve(
     prompt: Annotated[str, typer.Option("--prompt", help="Question sent with every request.")]
     = "Describe the image in detail.",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of every request.")] = 64,
+    conversations: Annotated[Optional[Path], typer.Option(
+        "--conversations", help="JSONL of conversations (OpenAI messages arrays), sent in turn instead of --image "
+                                "and --prompt: varied prompts.", show_default=False)] = None,
     ignore_eos: Annotated[bool, typer.Option(
         "--ignore-eos/--no-ignore-eos", help="Send the ignore_eos extension (vLLM's) so every answer has max_tokens "
                                              "tokens.")] = True,
@@ -214,6 +221,9 @@ def bench_serve(
         raise HimapError("--video-fps, --max-frames and --evs-rate go with --video")
     if video is not None and image is not None:
         raise HimapError("pass either --image or --video, not both")
+    if video is not None and conversations is not None:
+        raise HimapError("pass either --conversations or --video, not both (a conversation's video_url parts "
+                         "carry their own fields)")
     if video is not None:
         serve_bench.check_video_file(video)       # before any request
     err = Console(stderr=True)
@@ -222,9 +232,11 @@ def bench_serve(
         err.print(f"concurrency {level['concurrency']}: {level['completed']}/{level['requests']} ok, "
                   f"{level['output_throughput']:.1f} output tok/s", highlight=False)
 
+    dataset = serve_bench.read_conversations(conversations) if conversations is not None else None
     report = serve_bench.benchmark(url, levels, requests, model=model, image=image, prompt=prompt, max_tokens=max_tokens,
                              ignore_eos=ignore_eos, warmup=warmup, api_key=api_key, timeout_s=timeout,
-                             progress=None if as_json else progress, video=video, video_fields=fields)
+                             progress=None if as_json else progress, conversations=dataset, video=video,
+                             video_fields=fields)
     if plot is not None:
         serve_bench.plot(report, plot)
     if as_json:

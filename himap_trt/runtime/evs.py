@@ -102,11 +102,12 @@ def apply_evs(batch: PromptBatch, features: torch.Tensor, deepstack: torch.Tenso
     """Drop the visual tokens EVS prunes from a Qwen-family prompt batch.
 
     Args:
-        batch: the prepared batch (one visual input per row, ``image_grid_thw`` one row per prompt row,
-            ``image_tokens`` per row).
+        batch: the prepared batch (``image_grid_thw`` one row per visual input, rows' inputs in row
+            order; ``image_tokens`` per row: the sum of its inputs' tokens; a conversation's row may hold
+            several images and videos, each pruned on its own).
         features: [sum of image_tokens, D] the vision graph's merged features, rows in order.
         deepstack: [n_deep, sum of image_tokens, D] (Qwen3-VL) or None.
-        rates: q per row (0: that row is unchanged).
+        rates: q per visual input (``image_grid_thw`` row; 0: that input is unchanged).
         merge: the vision tower's ``spatial_merge_size``.
         image_token_id, pad_token_id: the image placeholder and padding ids.
 
@@ -114,7 +115,7 @@ def apply_evs(batch: PromptBatch, features: torch.Tensor, deepstack: torch.Tenso
         ``(batch, features, deepstack, kept)``: the shortened batch (same fields, new ``image_tokens``;
         ``pixel_values`` unchanged), the kept features [sum of kept, D], the kept DeepStack features
         [n_deep, sum of kept, D] or None, and per row the kept indices into that row's visual tokens
-        ([keep] int64).
+        (all its inputs' tokens in order; [keep] int64).
 
     Raises:
         HimapError: if the batch's grids, counts or features disagree.
@@ -122,17 +123,26 @@ def apply_evs(batch: PromptBatch, features: torch.Tensor, deepstack: torch.Tenso
     grids = batch.image_grid_thw
     counts = list(batch.image_tokens or [])
     size = batch.batch_size
-    if grids is None or grids.shape[0] != size or len(counts) != size or features.shape[0] != sum(counts):
-        raise HimapError("EVS needs one visual input per prompt with its grid and token count (Qwen families)")
-    rows, kept_all, offset = [], [], 0
+    if grids is None or len(counts) != size or len(rates) != grids.shape[0] or features.shape[0] != sum(counts):
+        raise HimapError("EVS needs the visual inputs' grids, a rate per visual input and the rows' token counts "
+                         "(Qwen families)")
+    rows, kept_all, offset, item = [], [], 0, 0
     for b in range(size):
-        t, h, w = (int(v) for v in grids[b])
-        grid = (t, h // merge, w // merge)
-        n = counts[b]
-        if n != grid[0] * grid[1] * grid[2]:
-            raise HimapError(f"EVS: row {b} has {n} visual tokens, its grid {t}x{h}x{w} makes "
-                             f"{grid[0] * grid[1] * grid[2]}")
-        kept = evs_kept_indices(features[offset:offset + n], grid, rates[b]) if rates[b] > 0 else torch.arange(n)
+        n, kept, first = counts[b], [], 0         # the row's visual inputs: grids in order until n tokens
+        while first < n:
+            if item >= grids.shape[0]:
+                raise HimapError(f"EVS: row {b} has {n} visual tokens, more than its grids make")
+            t, h, w = (int(v) for v in grids[item])
+            grid = (t, h // merge, w // merge)
+            size_i = grid[0] * grid[1] * grid[2]
+            own = features[offset + first:offset + first + size_i]
+            kept.append(first + (evs_kept_indices(own, grid, rates[item]) if rates[item] > 0
+                                 else torch.arange(size_i)))
+            first += size_i
+            item += 1
+        if first != n:
+            raise HimapError(f"EVS: row {b} has {n} visual tokens, its grids make {first}")
+        kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
         kept_all.append(kept)
         real = batch.attention_mask[b] == 1
         visual = torch.nonzero(real & (batch.input_ids[b] == image_token_id)).reshape(-1)
@@ -144,6 +154,8 @@ def apply_evs(batch: PromptBatch, features: torch.Tensor, deepstack: torch.Tenso
         keep_pos[visual[drop]] = False
         rows.append(torch.nonzero(keep_pos).reshape(-1))
         offset += n
+    if item != grids.shape[0]:
+        raise HimapError(f"EVS: the rows' {sum(counts)} visual tokens use {item} of the batch's {grids.shape[0]} grids")
     new_counts = [int(k.numel()) for k in kept_all]
     slots = max(new_counts)
     width = max(len(r) - n for r, n in zip(rows, new_counts)) + slots

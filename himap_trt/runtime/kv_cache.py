@@ -136,3 +136,20 @@ class SlotKVCache:
                 mask[slot] = 0
                 lengths[slot] = 0
             self.occupied[slot] = False
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Give free slot ``target`` a copy of occupied slot ``source``'s tokens in every segment (a
+        request's ``n`` choices share one prefill), and mark it occupied.
+
+        Raises:
+            HimapError: ``source`` free or ``target`` occupied (or either out of range).
+        """
+        self.check_slots([source], occupied=True)
+        self.check_slots([target], occupied=False)
+        for buffers, mask, lengths in zip(self.tensors, self.masks, self.lengths):
+            count = int(lengths[source])
+            for tensor in buffers.values():
+                tensor[target, :, :count] = tensor[source, :, :count]
+            mask[target] = mask[source]
+            lengths[target] = count
+        self.occupied[target] = True

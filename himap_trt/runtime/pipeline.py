@@ -32,7 +32,7 @@ import torch
 from himap_trt.errors import HimapError
 from himap_trt.arch import get_architecture
 from himap_trt.graphs.spec import (DEEPSTACK_OUTPUT, GraphSpec, past_names, present_names, query_name,
-                                   segment_cache_lengths, static_cache_length)
+                                   static_cache_length)
 from himap_trt.plan import PruningPlan
 from himap_trt.prompt import TOKEN_IMAGE, PromptBatch
 from himap_trt.runtime.backend import Backend
@@ -190,20 +190,25 @@ class Pipeline:
         self.close()
 
     def evs_rates(self, batch: PromptBatch) -> list[float]:
-        """EVS rate q of every row: the request's own (``batch.evs_rates``), else the export's
-        (``plan.evs_rate``); 0 for image rows (one temporal patch: EVS keeps every token anyway).
+        """EVS rate q of every visual input (``image_grid_thw`` row; one per row for a ``prepare``
+        batch): the request's own (``batch.evs_rates``), else the export's (``plan.evs_rate``); 0 for
+        an input of one temporal patch (an image: EVS keeps every token anyway).
 
         Raises:
-            HimapError: a rate outside [0, 1), or EVS asked of a model without per-request visual
-                token counts (LLaVA).
+            HimapError: a rate outside [0, 1), ``evs_rates`` not one per visual input, or EVS asked of
+                a model without per-request visual token counts (LLaVA).
         """
-        own = batch.evs_rates or [None] * batch.batch_size
+        count = batch.visual_inputs
+        own = batch.evs_rates or [None] * count
+        if len(own) != count:
+            raise HimapError(f"evs_rates: {len(own)} rates for {count} visual inputs (one per image or video)")
         rates = [check_evs_rate(self.plan.evs_rate if r is None else r, "evs_rate") for r in own]
         if any(rates) and not self.arch.variable_image_tokens:
             raise HimapError("EVS (evs_rate) needs a video model (Qwen2.5-VL, Qwen3-VL); this export's images have "
                              "a fixed token count")
-        media = batch.media or ["image"] * batch.batch_size
-        return [rate if kind == "video" else 0.0 for rate, kind in zip(rates, media)]
+        if batch.image_grid_thw is None:
+            return rates
+        return [rate if int(grid[0]) > 1 else 0.0 for rate, grid in zip(rates, batch.image_grid_thw)]
 
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, images: list[Any], questions: list[str], processor: Any = None) -> PromptBatch:
@@ -232,6 +237,65 @@ class Pipeline:
             )
         return batch
 
+    def prepare_conversation(self, conversation: Any, visuals: list[Any], processor: Any = None) -> PromptBatch:
+        """A one-row batch for a conversation (:class:`himap_trt.chat.Conversation`; ``visuals``: its
+        loaded images / videos in prompt order).
+
+        A conversation that is one user message holding one visual input then text is prepared
+        exactly as :meth:`prepare` does (special-token text in the question tokenized as text);
+        any other goes through the family's ``prepare_conversation`` (chat template over every
+        message, visual inputs pooled, instruction tokens by the conversation rule).
+
+        Raises:
+            HimapError: more visual inputs than the graphs hold, special-token text in a conversation,
+                or a prompt that does not fit (naming its token count).
+        """
+        processor = processor or self.processor
+        messages = conversation.messages
+        kinds = [p.kind for p in messages[0].parts] if len(messages) == 1 else []
+        if len(kinds) >= 2 and kinds[0] != "text" and all(k == "text" for k in kinds[1:]):
+            return self._with_evs_rates(self.prepare(list(visuals), [messages[0].text], processor=processor),
+                                        conversation)
+        batch = self.arch.prepare_conversation(processor, conversation, list(visuals), self.image_token_id,
+                                               self.num_image_tokens)
+        self.check_fits(batch)
+        return self._with_evs_rates(batch, conversation)
+
+    @staticmethod
+    def _with_evs_rates(batch: PromptBatch, conversation: Any) -> PromptBatch:
+        """``batch`` with its video parts' own EVS rates (``video_url.evs_rate``, one per visual input in
+        prompt order; None: the export's), when any part has one."""
+        rates = [p.options.get("evs_rate") if p.kind == "video" else None for p in conversation.visual_parts]
+        if any(r is not None for r in rates):
+            if len(rates) != batch.visual_inputs:
+                raise HimapError(f"messages: {len(rates)} visual inputs but the prompt holds {batch.visual_inputs}")
+            batch.evs_rates = [None if r is None else float(r) for r in rates]
+        return batch
+
+    def capacity(self, batch: PromptBatch) -> int | None:
+        """Most tokens (prompt + generated) a row of ``batch`` may hold (tokens), or None (no limit).
+
+        ``max_seq_len``; for a prompt without visual tokens on a fixed-|V| export less: every segment
+        keeps all its tokens, while segment j's cache holds ``max_seq_len - dropped_j``.
+        """
+        if self.max_seq_len is None:
+            return None
+        if self.arch.variable_image_tokens or bool((batch.input_ids == self.image_token_id).any()):
+            return self.max_seq_len
+        return self.max_seq_len - (self.num_image_tokens - min(self.plan.image_tokens_per_segment))
+
+    def check_fits(self, batch: PromptBatch) -> None:
+        """Raise :class:`HimapError` naming the token count unless each prompt leaves room for one
+        generated token (:meth:`capacity`)."""
+        limit = self.capacity(batch)
+        length = max(batch.prompt_lengths)
+        if limit is not None and length >= limit:
+            text_only = limit != self.max_seq_len
+            raise HimapError(
+                f"messages: the conversation has {length} tokens but the export's --max-seq-len allows "
+                f"{limit - 1} prompt tokens{' for a prompt without an image' if text_only else ''} (prompt plus at "
+                "least one generated token must fit); shorten the conversation or re-export with a larger --max-seq-len")
+
     # -- slots ----------------------------------------------------------------------------------
     def allocate(self, max_batch: int, *, max_seq_len: int | None = None) -> SlotKVCache:
         """Allocate caches for ``max_batch`` slots, all free.
@@ -253,9 +317,14 @@ class Pipeline:
         length = max_seq_len or self.max_seq_len
         if length is None:
             raise HimapError("allocating a KV cache needs a max_seq_len (the pipeline has none; pass one)")
-        # a request with few image tokens drops few: every segment may hold the whole length
-        lengths = segment_cache_lengths(self.plan, length, variable_image_tokens=self.arch.variable_image_tokens)
-        return SlotKVCache.allocate(self.segments, max_batch, lengths, self.device)
+        if self.arch.variable_image_tokens:
+            # a request with few image tokens drops few: every segment may hold the whole length
+            dropped = [0] * len(self.plan.image_tokens_per_segment)
+        else:
+            dropped = [self.num_image_tokens - n for n in self.plan.image_tokens_per_segment]
+            if length - max(dropped) < 2:
+                raise HimapError(f"max_seq_len {length} cannot hold the {self.num_image_tokens} image tokens")
+        return SlotKVCache.allocate(self.segments, max_batch, [length - d for d in dropped], self.device)
 
     def release(self, cache: SlotKVCache, slots: Sequence[int]) -> None:
         """Free the slots (length 0); they can be prefilled again.
@@ -298,17 +367,21 @@ class Pipeline:
             raise HimapError(f"{size} prompt(s) need {size} slot(s), got {len(slots)}")
         cache.check_slots(slots, occupied=False)
         need = int(batch.attention_mask.sum(1).max()) + 1
-        if need > cache.max_lens[0]:
+        if need > (cache.max_lens[0] if bool((batch.input_ids == self.image_token_id).any()) else min(cache.max_lens)):
             raise HimapError(f"the prompt has {need - 1} tokens but the cache holds {cache.max_lens[0] - 1} "
                              "(prompt plus at least one generated token must fit); allocate a larger cache")
         input_ids = batch.input_ids.to(dev)
         t0 = time.perf_counter()
-        vision_spec = self.specs["vision"]
-        vision = {name: t.to(dev, torch_dtype(vision_spec.input(name).dtype) if t.is_floating_point() else t.dtype)
-                  for name, t in self.arch.vision_feeds(batch, vision_spec).items()}
-        seen = self._run("vision", vision)
-        features = seen[self.specs["vision"].outputs[0].name]
-        self._sync()
+        # no visual token in the batch (text-only conversations): no vision graph, no pruning stage
+        visual = bool((batch.input_ids == self.image_token_id).any())
+        seen = {}
+        if visual:
+            vision_spec = self.specs["vision"]
+            vision = {name: t.to(dev, torch_dtype(vision_spec.input(name).dtype) if t.is_floating_point() else t.dtype)
+                      for name, t in self.arch.vision_feeds(batch, vision_spec).items()}
+            seen = self._run("vision", vision)
+            features = seen[self.specs["vision"].outputs[0].name]
+            self._sync()
         t1 = time.perf_counter()
         unpruned, evs_kept = batch, None
         rates = self.evs_rates(batch)
@@ -322,7 +395,7 @@ class Pipeline:
             size, seq = batch.input_ids.shape
         embeds = self._run("embed", {"input_ids": input_ids})["inputs_embeds"]
         image_mask = (input_ids == self.image_token_id)[..., None]
-        hidden = embeds.masked_scatter(image_mask, features.to(embeds.dtype))           # [B,S,D]
+        hidden = embeds.masked_scatter(image_mask, features.to(embeds.dtype)) if visual else embeds   # [B,S,D]
         # DeepStack (Qwen3-VL): per layer, the image tokens' features at their positions, 0 elsewhere:
         # [n, B, S, D], gathered by every stage's kept indices like the hidden states (docs/QWEN3VL.md)
         deepstack = None
@@ -339,6 +412,8 @@ class Pipeline:
         counts = [self.plan.image_tokens_for(n) if self.arch.variable_image_tokens else
                   self.plan.image_tokens_per_segment
                   for n in self.arch.image_token_counts(batch, self.num_image_tokens)]
+        if not visual:
+            counts = [[0] * len(self.segments) for _ in range(size)]
         start = torch.zeros(size, dtype=torch.int64, device=dev)
         for j, seg in enumerate(self.segments):
             length = mask.shape[1]
@@ -357,8 +432,8 @@ class Pipeline:
                     buffers[name] = alloc((size, heads, buffer_length, head_dim), dtype=self.dtype, device=dev)
             presents = {present: buffers[past] for layer in range(*seg.layers)
                         for past, present in zip(past_names(layer), present_names(layer))}
-            layered = {name: deepstack[int(name.split(".")[1])] for name in seg.input_names
-                       if name.startswith("deepstack.")}
+            layered = {name: torch.zeros_like(hidden) if deepstack is None else deepstack[int(name.split(".")[1])]
+                       for name in seg.input_names if name.startswith("deepstack.")}
             segment_mask = torch.nn.functional.pad(mask, (0, buffer_length - length)) if static else mask
             out = self._run(seg.name, {"hidden_states": hidden, "position_ids": positions,
                                        "attention_mask": segment_mask, "cache_position": start, **buffers,
@@ -373,6 +448,11 @@ class Pipeline:
             if j == len(self.segments) - 1:
                 logits = out["logits"]
                 break
+            if not visual:           # a stage with no visual token keeps every token
+                hidden = out["last_hidden_state"]
+                index = torch.arange(hidden.shape[1], device=dev).expand(size, -1)
+                stages.append(StageOutput(index, origin, [[] for _ in range(size)]))
+                continue
             scoring = self.scorings[j]
             scored = scoring.layers[0]
             available = {
@@ -404,7 +484,7 @@ class Pipeline:
             timings["prefill"] = time.perf_counter() - t1
         next_positions = self.arch.next_positions(unpruned).to(dev)        # the unpruned prompt's (METHODS.md)
         return PrefillResult(logits, next_positions, stages, cache, slots,
-                             counts if self.arch.variable_image_tokens else None, evs_kept)
+                             counts if self.arch.variable_image_tokens or not visual else None, evs_kept)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -491,14 +571,17 @@ class Pipeline:
         prompt_len = batch.input_ids.shape[1]
         limit = config.max_new_tokens
         if self.max_seq_len is not None:
-            limit = min(limit, self.max_seq_len - prompt_len)
+            limit = min(limit, self.capacity(batch) - prompt_len)
         # Caches sized for this batch's answer (gpt-fast's max_seq_length = prompt + new tokens), so a
         # short answer does not attend over a max_seq_len-long buffer. Allocating them is set-up (a
         # server allocates its slots once), reported as timings["allocate"], not counted in TTFT.
         # (full_cache: allocated to max_seq_len, as a server's slots are; the attention form's are always)
         allocated_at = time.perf_counter()
+        # a prompt without visual tokens drops none: room for it in every segment
+        extra = 0 if self.arch.variable_image_tokens or bool((batch.input_ids == self.image_token_id).any()) else \
+            self.num_image_tokens - min(self.plan.image_tokens_per_segment)
         cache = self.allocate(batch.batch_size, max_seq_len=None if self.full_cache and self.max_seq_len
-                              else prompt_len + limit)
+                              else prompt_len + limit + extra)
         timings["allocate"] = time.perf_counter() - allocated_at
         start = time.perf_counter()
         chooser = TokenChooser(config, self.device)

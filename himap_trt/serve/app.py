@@ -34,6 +34,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from himap_trt.chat import Conversation, Part, parse_messages
+from himap_trt.chat import video_options as chat_video_options
 from himap_trt.errors import HimapError
 from himap_trt.runtime.engine import (
     Completion,
@@ -54,10 +56,7 @@ from himap_trt.serve.protocol import (
     ChatCompletionRequest,
     ErrorResponse,
     Health,
-    ImagePart,
     ModelList,
-    TextPart,
-    VideoPart,
     completion_id,
     error_body,
     now,
@@ -103,6 +102,7 @@ class ServeConfig:
         read_timeout_s: most seconds a client may take to send a whole request (request line,
             headers, body); slower connections are closed (seconds).
         keep_alive_s: an idle kept-alive connection is closed after this (seconds).
+        mixed_prefill: prefill waiting prompts of different lengths together (padded, masked).
     """
 
     export_dir: Path
@@ -124,6 +124,7 @@ class ServeConfig:
     image_workers: int = 2
     read_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
+    mixed_prefill: bool = False
 
 
 class ServerState:
@@ -148,7 +149,8 @@ class ServerState:
                                    device=config.device, require_signature=config.require_signature)
             self.pipeline = opened.pipeline
             engine = Engine(opened.pipeline, max_batch=config.max_batch, max_queue=config.max_queue,
-                            max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step)
+                            max_seq_len=config.max_seq_len, on_finish=self.metrics.finished, on_step=self.metrics.step,
+                            mixed_prefill=config.mixed_prefill)
             engine.start()
             self.metrics.bind(engine)
             self.engine = engine
@@ -295,8 +297,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         if first["type"] == "model_type" and not first["loc"]:
             raise ApiError(400, "the request body must be a JSON object") from None
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
-    if request.n not in (None, 1):
-        raise ApiError(400, f"n: this server returns one choice per request (n=1), got n={request.n}", param="n")
     extra = request.model_extra or {}
     for name, off in UNSUPPORTED.items():
         if name in extra and extra[name] not in off:
@@ -304,70 +304,45 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     return request
 
 
-def image_and_question(request: ChatCompletionRequest) -> tuple[str, str, str]:
-    """(image URL, its field name, question text) of a one-user-message request.
+#: Most visual inputs (images and videos) in one conversation on a family with per-request visual-token
+#: counts (Qwen): each is decoded and held until the prompt is prepared, each within --max-image-memory.
+MAX_VISUAL_INPUTS = 8
+
+
+def conversation(request: ChatCompletionRequest, max_visuals: int) -> Conversation:
+    """The request's ``messages`` as a checked :class:`~himap_trt.chat.Conversation`.
 
     Raises:
-        ApiError: 400 unless the conversation is one user message with one image and some text.
+        ApiError: 400 naming the message and what was expected (roles out of order, an assistant
+            message last, empty content, an image in an assistant message, a tool message, more
+            visual inputs than ``max_visuals``).
     """
-    if len(request.messages) != 1 or request.messages[0].role != "user":
-        roles = ", ".join(m.role for m in request.messages)
-        raise ApiError(400, f"messages: expected one user message with one image_url (or video_url) part and text "
-                            f"(a prompt holds one image or video and one question), got roles [{roles}]",
-                       param="messages")
-    content = request.messages[0].content
-    parts = [] if content is None else content if isinstance(content, list) else []
-    videos = [(i, p) for i, p in enumerate(parts) if isinstance(p, VideoPart)]
-    images = [(i, p) for i, p in enumerate(parts) if isinstance(p, ImagePart)]
-    if videos and images:
-        raise ApiError(400, "messages[0].content: an image and a video; a prompt holds one image or one video",
-                       param="messages[0].content")
-    if len(videos) > 1:
-        raise ApiError(400, f"messages[0].content: {len(videos)} videos; a prompt holds one video",
-                       param="messages[0].content")
-    images = images or videos
-    if not images:
-        raise ApiError(400, "messages[0].content: no image; add a part {\"type\": \"image_url\", \"image_url\": "
-                            "{\"url\": \"data:image/png;base64,...\"}} (or, for a Qwen export, a video: "
-                            "{\"type\": \"video_url\", \"video_url\": {\"url\": \"data:video/mp4;base64,...\"}})",
-                       param="messages[0].content")
-    if len(images) > 1:
-        raise ApiError(400, f"messages[0].content: {len(images)} images; the model takes one image per prompt",
-                       param="messages[0].content")
-    texts = [content] if isinstance(content, str) else [p.text for p in parts if isinstance(p, TextPart)]
-    question = "\n".join(t for t in texts if t and t.strip())
-    if not question.strip():
-        raise ApiError(400, "messages[0].content: no text; add a part {\"type\": \"text\", \"text\": \"...\"}",
-                       param="messages[0].content")
-    index, part = images[0]
-    if isinstance(part, VideoPart):
-        return part.video_url.url, f"messages[0].content[{index}].video_url.url", question
-    return part.image_url.url, f"messages[0].content[{index}].image_url.url", question
+    try:
+        parsed = parse_messages([m.model_dump(exclude_none=True) for m in request.messages])
+    except HimapError as exc:
+        raise ApiError(400, str(exc), param=str(exc).split(":", 1)[0].split(".")[0] or "messages") from None
+    visuals = parsed.visual_parts
+    if len(visuals) > max_visuals:
+        raise ApiError(400, f"{visuals[max_visuals].where}: {len(visuals)} visual inputs (images and videos) in the "
+                            f"conversation; this server takes at most {max_visuals}", param="messages")
+    return parsed
 
 
-def video_options(request: ChatCompletionRequest, param: str, policy: VideoPolicy) -> tuple[VideoPolicy, float | None]:
-    """The sampling policy and EVS rate of a request's ``video_url`` part (at ``param``): its own
-    ``fps`` / ``max_frames`` / ``evs_rate`` (issue 29), bounded by the server's flags.
+def video_options(part: Part, policy: VideoPolicy) -> VideoPolicy:
+    """The sampling policy of a conversation's ``video_url`` part: its own ``fps`` / ``max_frames``
+    (issue 29; checked by the conversation parser, ``max_frames`` bounded here by the server's
+    ``--max-frames``). Its ``evs_rate`` goes with the part to ``Pipeline.prepare_conversation``.
 
     Raises:
-        ApiError: 400 naming the field: fps not a positive finite number, max_frames outside
-            2 .. the server's --max-frames, evs_rate outside [0, 1).
+        ApiError: 400 naming the field (``messages[2].content[0].video_url.max_frames``).
     """
-    index = int(param.split("content[", 1)[1].split("]", 1)[0])
-    part = request.messages[0].content[index].video_url
-    where = param.rsplit(".", 1)[0]
-    if part.fps is not None and not (0 < part.fps < float("inf")):
-        raise ApiError(400, f"{where}.fps must be a positive number of frames per second, got {part.fps}",
-                       param=f"{where}.fps")
-    if part.max_frames is not None and not 2 <= part.max_frames <= policy.max_frames:
-        raise ApiError(400, f"{where}.max_frames must be between 2 and the server's --max-frames {policy.max_frames}, "
-                            f"got {part.max_frames}", param=f"{where}.max_frames")
-    if part.evs_rate is not None and not 0 <= part.evs_rate < 1:
-        raise ApiError(400, f"{where}.evs_rate must be in [0, 1) (the fraction of the video's visual tokens EVS "
-                            f"drops), got {part.evs_rate}", param=f"{where}.evs_rate")
-    own = replace(policy, fps=policy.fps if part.fps is None else float(part.fps),
-                  max_frames=policy.max_frames if part.max_frames is None else part.max_frames)
-    return own, part.evs_rate
+    try:
+        own = chat_video_options(part, policy.max_frames)
+    except HimapError as exc:
+        raise ApiError(400, str(exc).replace("(the most frames this server samples)", "(the server's --max-frames)"),
+                       param=str(exc).split(" ", 1)[0]) from None
+    return replace(policy, fps=policy.fps if own.fps is None else own.fps,
+                   max_frames=policy.max_frames if own.max_frames is None else own.max_frames)
 
 
 def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
@@ -376,12 +351,22 @@ def sampling_params(request: ChatCompletionRequest) -> SamplingParams:
     max_tokens = request.max_completion_tokens or request.max_tokens
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
                           top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(stops),
-                          ignore_eos=request.ignore_eos)
+                          ignore_eos=request.ignore_eos, presence_penalty=request.presence_penalty or 0.0,
+                          frequency_penalty=request.frequency_penalty or 0.0,
+                          repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+                          min_tokens=request.min_tokens or 0, logprobs=bool(request.logprobs),
+                          top_logprobs=request.top_logprobs or 0, n=request.n or 1)
 
 
-def _usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
-            "total_tokens": completion.prompt_tokens + len(completion.token_ids)}
+def logprobs_content(entries, tokenizer) -> list[dict]:
+    """Engine log-probability entries -> OpenAI's ``logprobs.content`` items (token text, its UTF-8
+    bytes, log-probability, ``top_logprobs``)."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
+            for token, logprob, top in entries]
 
 
 def _extension(completion: Completion, with_ids: bool) -> dict:
@@ -479,36 +464,45 @@ def create_app(state: ServerState) -> FastAPI:
         if request.model != config.model_name:
             raise ApiError(400, f"model: unknown model {request.model!r}; this server serves {config.model_name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
-        url, param, question = image_and_question(request)
+        variable = engine.pipeline.arch.variable_image_tokens
+        chat = conversation(request, MAX_VISUAL_INPUTS if variable else 1)
         try:
             params = sampling_params(request)
         except HimapError as exc:
-            raise ApiError(400, str(exc)) from None
-        try:
-            engine.check_question(question)        # by bytes, before anything is tokenized
-        except HimapError as exc:
-            raise ApiError(400, f"messages: {exc}", param="messages") from None
+            raise ApiError(400, str(exc), param=str(exc).split(":", 1)[0] if ":" in str(exc) else None) from None
+        if params.n > engine.max_batch:
+            raise ApiError(400, f"n: {params.n} choices need {params.n} slots; this server has {engine.max_batch} "
+                                "(--max-batch)", param="n")
+        for i, message in enumerate(chat.messages):     # every message's text, by bytes, before tokenizing
+            for part in message.parts:
+                if part.kind == "text":
+                    try:
+                        engine.check_question(part.text)
+                    except HimapError as exc:
+                        raise ApiError(400, f"messages[{i}].content: {exc}", param="messages") from None
         # admission, before decoding the image: requests being prepared count against the queue
         if state.preparing >= engine.room():
             raise ApiError(429, f"the queue is full ({engine.max_queue} requests waiting); retry later",
                            code="queue_full")
         state.preparing += 1
         try:
-            async with image_slots:                 # at most image_workers images in memory at once
-                video = video_options(request, param, config.videos) if param.endswith("video_url.url") else None
+            async with image_slots:                 # at most image_workers conversations' images in memory at once
+                visuals = []
                 try:
-                    image = await (open_video_url(url, param, replace(video[0], image_root=config.images.image_root))
-                                   if video else open_image_url(url, param, config.images))
+                    for part in chat.visual_parts:      # each within the byte, pixel and memory bounds
+                        visuals.append(await (open_video_url(part.source, part.where, replace(
+                            video_options(part, config.videos), image_root=config.images.image_root))
+                            if part.kind == "video" else open_image_url(part.source, part.where, config.images)))
                 except ImageError as exc:
                     raise ApiError(400, str(exc), param=exc.param) from None
                 try:
-                    prompt = await to_thread.run_sync(engine.prepare, image, question)
+                    prompt = await to_thread.run_sync(engine.prepare_conversation, chat, visuals)
                 except HimapError as exc:
-                    raise ApiError(400, f"messages: {exc}", param="messages") from None
+                    message = str(exc)
+                    raise ApiError(400, message if message.startswith("messages") else f"messages: {message}",
+                                   param="messages") from None
                 finally:
-                    del image
-                if video and video[1] is not None:
-                    prompt.evs_rates = [video[1]]          # the request's own EVS rate (runtime/evs.py)
+                    del visuals
         finally:
             state.preparing -= 1
         try:
@@ -523,26 +517,32 @@ def create_app(state: ServerState) -> FastAPI:
             return StreamingResponse(_sse(handle, ident, created, config.model_name, include_usage,
                                           request.return_token_ids),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        completion, gone = await _wait(handle, http)
+        completions, gone = await _wait(handle, http)
         if gone:                      # nobody to answer; counted as nginx's 499 "client closed request"
             metrics.errors.labels("499").inc()
             return Response(status_code=499)
-        if completion.finish_reason not in ("stop", "length"):
-            raise _failed(completion)
+        for completion in completions:
+            if completion.finish_reason not in ("stop", "length"):
+                raise _failed(completion)
+        first = completions[0]
+        generated = sum(len(c.token_ids) for c in completions)
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": config.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "logprobs": None, "finish_reason": completion.finish_reason}],
-            "usage": _usage(completion),
-            "himap": _extension(completion, request.return_token_ids),
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": None if c.logprobs is None else
+                         {"content": logprobs_content(c.logprobs, engine.tokenizer)},
+                         "finish_reason": c.finish_reason} for c in completions],
+            "usage": {"prompt_tokens": first.prompt_tokens, "completion_tokens": generated,
+                      "total_tokens": first.prompt_tokens + generated},
+            "himap": _extension(first, request.return_token_ids),
         }
 
-    async def _wait(handle: RequestHandle, http: Request) -> tuple[Completion, bool]:
-        """(the completion, whether the client went away); cancels the request if it did."""
+    async def _wait(handle: RequestHandle, http: Request) -> tuple[list[Completion], bool]:
+        """(every choice's completion, whether the client went away); cancels the request if it did."""
         async def consume():
             async for event in handle:
-                if isinstance(event, Completion):
-                    return event
+                pass
+            return handle.results()
 
         task = asyncio.ensure_future(consume())
         gone = False
@@ -558,28 +558,35 @@ def create_app(state: ServerState) -> FastAPI:
             handle.cancel()       # no-op once finished; frees the slot if this coroutine is cancelled
 
     async def _sse(handle: RequestHandle, ident: str, created: int, model: str, include_usage: bool, with_ids: bool):
-        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None, **extra) -> str:
             body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                    **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         complete = False
+        tokenizer = state.engine.tokenizer
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for index in range(handle.n):
+                yield chunk(index, {"role": "assistant", "content": ""})
             async for event in handle:
                 if isinstance(event, Delta):
-                    yield chunk({"content": event.text})
+                    yield chunk(event.index, {"content": event.text}, logprobs=None if event.logprobs is None else
+                                {"content": logprobs_content(event.logprobs, tokenizer)})
                     continue
                 if event.finish_reason in ("stop", "length"):
-                    yield chunk({}, event.finish_reason, himap=_extension(event, with_ids))
-                    if include_usage:
-                        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [], "usage": _usage(event)}
-                        yield f"data: {json.dumps(body)}\n\n"
+                    yield chunk(event.index, {}, event.finish_reason, himap=_extension(event, with_ids))
                 else:
                     error = _failed(event)
                     metrics.errors.labels(str(error.status)).inc()
                     yield f"data: {json.dumps(error_body(error.message, type_=ApiError.TYPES[error.status]))}\n\n"
+            if include_usage:
+                done = handle.results()
+                generated = sum(len(c.token_ids) for c in done)
+                body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": {"prompt_tokens": done[0].prompt_tokens, "completion_tokens": generated,
+                                                 "total_tokens": done[0].prompt_tokens + generated}}
+                yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             complete = True
         finally:

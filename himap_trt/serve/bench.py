@@ -202,21 +202,51 @@ def summarize(concurrency: int, results: list[RequestResult], duration_s: float)
     }
 
 
-async def run_level(url: str, body: dict, concurrency: int, requests: int, *, headers: dict | None = None,
-                    timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
-    """``requests`` requests with at most ``concurrency`` in flight; (results, wall seconds)."""
+def read_conversations(path: Path) -> list[list[dict]]:
+    """``bench-serve --conversations FILE``: JSONL, one conversation per line (OpenAI's ``messages`` array,
+    or an object holding one), sent in turn (request i takes line i modulo their number).
+
+    Raises:
+        HimapError: the file missing, unreadable, empty, or a line that is not a conversation (naming it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HimapError(f"--conversations {str(path)!r} does not exist or is not a regular file")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HimapError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        messages = value.get("messages") if isinstance(value, dict) else value
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise HimapError(f"{path}:{number}: expected a non-empty array of messages (or an object with \"messages\")")
+        out.append(messages)
+    if not out:
+        raise HimapError(f"--conversations {str(path)!r} holds no conversations")
+    return out
+
+
+async def run_level(url: str, body: dict | list[dict], concurrency: int, requests: int, *,
+                    headers: dict | None = None, timeout_s: float = 600.0) -> tuple[list[RequestResult], float]:
+    """``requests`` requests with at most ``concurrency`` in flight; (results, wall seconds). ``body``: one
+    body for every request, or a list taken in turn (request i: ``body[i % len(body)]``)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
-        async def one():
+        bodies = body if isinstance(body, list) else [body]
+
+        async def one(i):
             async with semaphore:
-                return await stream_request(client, url, body, headers)
+                return await stream_request(client, url, bodies[i % len(bodies)], headers)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one() for _ in range(requests)))
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
         return list(results), time.perf_counter() - start
 
 
@@ -264,9 +294,10 @@ def wait_healthy(base_url: str, process, timeout_s: float = 300.0, poll_s: float
 
 def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: str | None, image: Path | None,
               prompt: str, max_tokens: int, ignore_eos: bool, warmup: int, api_key: str | None,
-              timeout_s: float, progress=None, video: Path | None = None,
-              video_fields: dict | None = None) -> dict[str, Any]:
+              timeout_s: float, progress=None, conversations: list[list[dict]] | None = None,
+              video: Path | None = None, video_fields: dict | None = None) -> dict[str, Any]:
     """Run every concurrency level; returns ``{"setup": ..., "levels": [summarize(...), ...]}``.
+    ``conversations``: varied requests (:func:`read_conversations`) instead of one image and prompt.
     ``video``: send this video file instead of the image, with ``video_fields`` (``fps``,
     ``max_frames``, ``evs_rate``) in its ``video_url``."""
     base_url = base_url.rstrip("/")
@@ -275,9 +306,13 @@ def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     url = f"{base_url}/v1/chat/completions"
     model = model or asyncio.run(first_model(base_url, headers))
-    clip = None if video is None else {"url": video_data_url(video), **(video_fields or {})}
-    body = chat_body(model, "" if clip else image_data_url(image), prompt, max_tokens, ignore_eos=ignore_eos,
-                     video=clip)
+    if conversations:
+        body = [{**chat_body(model, "", "", max_tokens, ignore_eos=ignore_eos), "messages": messages}
+                for messages in conversations]
+    else:
+        clip = None if video is None else {"url": video_data_url(video), **(video_fields or {})}
+        body = chat_body(model, "" if clip else image_data_url(image), prompt, max_tokens, ignore_eos=ignore_eos,
+                         video=clip)
     if warmup:
         results, _ = asyncio.run(run_level(url, body, 1, warmup, headers=headers, timeout_s=timeout_s))
         bad = [r for r in results if not r.ok]
@@ -292,7 +327,9 @@ def benchmark(base_url: str, concurrencies: list[int], requests: int, *, model: 
             progress(levels[-1])
     setup = {"url": base_url, "model": model, "requests": requests, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
              "prompt": prompt, "image": str(image) if image else "generated 336x336 PNG"}
-    if video is not None:
+    if conversations:
+        setup.update(prompt=None, image=None, conversations=len(conversations))
+    elif video is not None:
         setup.update(image=None, video=str(video), video_fields=video_fields or {})
     return {"setup": setup, "levels": levels}
 

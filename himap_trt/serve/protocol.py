@@ -1,11 +1,13 @@
 """The OpenAI chat-completions request and response shapes the server speaks (pydantic).
 
 Types are strict where OpenAI's API is (pydantic strict mode on the JSON body): ``"5"`` is not an
-integer, ``"true"`` not a boolean; integers are accepted for numbers. Only what a prompt can hold is accepted: one user message with one ``image_url`` part
-(or, for Qwen exports, one ``video_url`` part) and text. Fields OpenAI defines that this server cannot honour (``n > 1``, ``logprobs``, tools,
-penalties) are refused with 400 rather than ignored. Extensions, as vLLM names them:
-``ignore_eos`` and ``return_token_ids`` in the request, ``himap`` (image tokens kept per segment)
-in the response.
+integer, ``"true"`` not a boolean; integers are accepted for numbers. ``messages`` is any conversation :mod:`himap_trt.chat` accepts
+(system / developer / user / assistant, string or parts content, images and, for Qwen exports,
+videos in user messages). Fields OpenAI defines that this server cannot honour (tools, functions,
+``response_format`` other than text, ``logit_bias``, audio) are refused with 400 rather than
+ignored. Extensions, as vLLM names them: ``ignore_eos``, ``return_token_ids``,
+``repetition_penalty`` and ``min_tokens`` in the request, ``himap`` (image tokens kept per
+segment) in the response.
 """
 
 from __future__ import annotations
@@ -100,8 +102,14 @@ class ChatCompletionRequest(BaseModel):
                                                           Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     # extensions (vLLM's names)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
     return_token_ids: bool = False
 
@@ -109,9 +117,9 @@ class ChatCompletionRequest(BaseModel):
 #: Request fields that change what OpenAI returns and that this server does not implement:
 #: refused (400) when set to anything but their "off" value.
 UNSUPPORTED: dict[str, Any] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "audio": (None,),
+    "modalities": (None, ["text"]), "continue_final_message": (None, False),
 }
 
 
@@ -133,10 +141,27 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 

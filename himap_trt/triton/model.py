@@ -172,9 +172,13 @@ class EngineScheduler:
 
     async def _serve(self, parsed: protocol.ParsedRequest, stream: ResponseStream) -> None:
         try:
-            prompt = await self.loop.run_in_executor(None, self.engine.prepare, parsed.image, parsed.question)
-            if parsed.evs_rate is not None:
-                prompt.evs_rates = [parsed.evs_rate]       # the request's own EVS rate (runtime/evs.py)
+            if parsed.conversation is not None:      # its video parts carry their own EVS rates
+                prompt = await self.loop.run_in_executor(None, self.engine.prepare_conversation, parsed.conversation,
+                                                         parsed.visuals)
+            else:
+                prompt = await self.loop.run_in_executor(None, self.engine.prepare, parsed.image, parsed.question)
+                if parsed.evs_rate is not None:
+                    prompt.evs_rates = [parsed.evs_rate]       # the request's own EVS rate (runtime/evs.py)
             config = parsed.config
             params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature,
                                     top_p=config.top_p, seed=config.seed, ignore_eos=parsed.ignore_eos)

@@ -6,11 +6,17 @@ Request (every tensor has shape [1]; the optional ones may be left out)::
     image        BYTES   encoded image (JPEG, PNG, WebP, ... anything PIL reads), or a video (MP4, WebM, ...:
                          Qwen exports; decoded with PyAV, 2 frames per second, at most 16 frames)
     question     BYTES   UTF-8 question
+    messages     BYTES   instead of image and question: a conversation, OpenAI's ``messages`` as UTF-8 JSON
+                         (the rules of ``serve``, himap_trt/chat.py); image_url / video_url parts hold
+                         ``data:`` URLs (base64)
     max_tokens   INT32   most new tokens (tokens)           [default: the model's default_max_tokens]
     temperature  FP32    0: greedy; > 0: sample              [0]
     top_p        FP32    nucleus threshold                   [1: off]
     seed         INT64   sampling seed                       [none: nondeterministic]
     ignore_eos   BOOL    keep generating after EOS            [false] (benchmarks: fixed answer lengths)
+    video_fps    FP32    a video's frames sampled per second  [2]      (with messages: the default of every
+    max_frames   INT32   most frames of a video, 2..256       [16]      video_url part, whose own fps /
+    evs_rate     FP32    a video's EVS rate in [0, 1)         [export]  max_frames / evs_rate win)
 
 Responses (``himap``: one per decode step, the last flagged final; ``himap_unary``: one)::
 
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from himap_trt.chat import parse_messages, video_options
 from himap_trt.errors import HimapError
 from himap_trt.runtime.sampling import GenerationConfig
 from himap_trt.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, FRAME_LIMIT, load_video
@@ -55,8 +62,11 @@ class TensorDecl:
 
 
 INPUTS = (
-    TensorDecl("image", "TYPE_STRING", (1,), np.object_, doc="encoded image: JPEG, PNG, WebP, ... (what PIL reads)"),
-    TensorDecl("question", "TYPE_STRING", (1,), np.object_, doc="UTF-8 question about the image"),
+    TensorDecl("image", "TYPE_STRING", (1,), np.object_, True,
+               doc="encoded image: JPEG, PNG, WebP, ... (what PIL reads) [or messages]"),
+    TensorDecl("question", "TYPE_STRING", (1,), np.object_, True, doc="UTF-8 question about the image [or messages]"),
+    TensorDecl("messages", "TYPE_STRING", (1,), np.object_, True,
+               doc="a conversation: OpenAI messages as UTF-8 JSON, visual parts as data: URLs"),
     TensorDecl("max_tokens", "TYPE_INT32", (1,), np.int32, True, "most new tokens [parameter default_max_tokens]"),
     TensorDecl("temperature", "TYPE_FP32", (1,), np.float32, True, "0: greedy (default); > 0: sample"),
     TensorDecl("top_p", "TYPE_FP32", (1,), np.float32, True, "nucleus sampling threshold (1: off)"),
@@ -92,9 +102,11 @@ class ParsedRequest:
     """A validated request: the decoded image, the question and the generation settings."""
 
     image: Any
-    question: str
+    question: str | None
     config: Any
     ignore_eos: bool = False
+    conversation: Any = None
+    visuals: list = field(default_factory=list)
     evs_rate: float | None = None
 
 
@@ -170,12 +182,21 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
         HimapError: one line naming the input and what was expected.
     """
     decl = {t.name: t for t in INPUTS}
-    image_value = _scalar(get, decl["image"])
-    if not isinstance(image_value, (bytes, np.bytes_)):
-        raise HimapError("input 'image' must be BYTES holding the encoded image file")
-    question = _text(_scalar(get, decl["question"]), "question")
-    if not question.strip():
-        raise HimapError("input 'question' is empty; send a non-empty question")
+    conversation, visuals = None, []
+    raw_messages = _scalar(get, decl["messages"])
+    if raw_messages is not None:
+        if get("image") is not None or get("question") is not None:
+            raise HimapError("send either input 'messages' or inputs 'image' and 'question', not both")
+        conversation = _conversation(_text(raw_messages, "messages"))
+    else:
+        image_value = _scalar(get, decl["image"])
+        if image_value is None or get("question") is None:
+            raise HimapError("inputs 'image' and 'question' are missing; send both (or a conversation in 'messages')")
+        if not isinstance(image_value, (bytes, np.bytes_)):
+            raise HimapError("input 'image' must be BYTES holding the encoded image file")
+        question = _text(_scalar(get, decl["question"]), "question")
+        if not question.strip():
+            raise HimapError("input 'question' is empty; send a non-empty question")
     values = {name: _scalar(get, decl[name]) for name in ("max_tokens", "temperature", "top_p", "seed",
                                                            "ignore_eos", "video_fps", "max_frames", "evs_rate")}
     fps = DEFAULT_FPS if values["video_fps"] is None else float(values["video_fps"])
@@ -201,25 +222,95 @@ def parse_request(get: Callable[[str], np.ndarray | None], default_max_tokens: i
                            ("--top-p", "top_p")):
             message = message.replace(flag, f"input {name!r}")
         raise HimapError(message) from None
+    if conversation is not None:        # 29's inputs are the defaults of every video part's own fields
+        conversation, visuals = _conversation_visuals(conversation, fps, frames, rate)
+        return ParsedRequest(image=None, question=None, config=config, ignore_eos=bool(values["ignore_eos"]),
+                             conversation=conversation, visuals=visuals)
     return ParsedRequest(image=decode_image(bytes(image_value), fps=fps, max_frames=frames), question=question,
                          config=config, ignore_eos=bool(values["ignore_eos"]), evs_rate=rate)
 
 
+#: Most visual inputs of one conversation (each decoded and held until the prompt is prepared).
+MAX_VISUAL_INPUTS = 8
+
+
+def _conversation(text: str):
+    """The ``messages`` input -> a checked conversation (its visual parts not decoded yet).
+
+    Raises:
+        HimapError: not JSON, an invalid conversation (naming the message and field: a ``video_url``'s
+            ``fps`` / ``max_frames`` / ``evs_rate`` included), or more than ``MAX_VISUAL_INPUTS``.
+    """
+    import json
+
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise HimapError(f"input 'messages' is not JSON: {exc}") from None
+    conversation = parse_messages(value.get("messages") if isinstance(value, dict) else value,
+                                  "input 'messages': messages")
+    parts = conversation.visual_parts
+    if len(parts) > MAX_VISUAL_INPUTS:
+        raise HimapError(f"input 'messages': {len(parts)} visual inputs; at most {MAX_VISUAL_INPUTS}")
+    return conversation
+
+
+def _conversation_visuals(conversation, fps: float, max_frames: int, evs_rate: float | None):
+    """(the conversation with every video part's ``evs_rate`` defaulted to the ``evs_rate`` input,
+    its decoded visual inputs in prompt order: a video sampled at its part's own ``fps`` /
+    ``max_frames``, else the ``video_fps`` / ``max_frames`` inputs').
+
+    Raises:
+        HimapError: a visual part that is not a base64 ``data:`` URL, a part's ``max_frames`` over
+            FRAME_LIMIT, or an undecodable image or video.
+    """
+    import base64
+    import binascii
+    from dataclasses import replace
+
+    visuals, messages = [], []
+    for message in conversation.messages:
+        parts = []
+        for part in message.parts:
+            if part.kind == "video" and evs_rate is not None and part.options.get("evs_rate") is None:
+                part = replace(part, options={**part.options, "evs_rate": evs_rate})
+            parts.append(part)
+        messages.append(replace(message, parts=tuple(parts)))
+    conversation = replace(conversation, messages=tuple(messages))
+    for part in conversation.visual_parts:
+        own = video_options(part, FRAME_LIMIT)
+        header, _, data = part.source.partition(",")
+        if not (header.startswith("data:") and header.endswith(";base64")):
+            raise HimapError(f"{part.where}: expected a data: URL (data:image/png;base64,...); Triton requests carry "
+                             "their images")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise HimapError(f"{part.where}: not valid base64") from None
+        visuals.append(decode_image(raw, fps=fps if own.fps is None else own.fps,
+                                    max_frames=max_frames if own.max_frames is None else own.max_frames))
+    return conversation, visuals
+
+
 # -- client side ----------------------------------------------------------------------------------
-def make_inputs(client_module: Any, image: bytes, question: str, *, max_tokens: int | None = None,
+def make_inputs(client_module: Any, image: bytes | None, question: str | None, *, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None, ignore_eos: bool | None = None, video_fps: float | None = None,
-                max_frames: int | None = None, evs_rate: float | None = None) -> list:
+                seed: int | None = None, ignore_eos: bool | None = None, messages: list | None = None,
+                video_fps: float | None = None, max_frames: int | None = None, evs_rate: float | None = None) -> list:
     """The request tensors for ``tritonclient.http`` or ``tritonclient.grpc`` (pass the module).
 
     Args:
         client_module: ``tritonclient.http`` or ``tritonclient.grpc`` (both have ``InferInput``).
-        image: the encoded image file's bytes.
-        question: the question.
+        image: the encoded image file's bytes (None with ``messages``).
+        question: the question (None with ``messages``).
+        messages: a conversation (OpenAI's messages, visual parts as ``data:`` URLs) instead.
         max_tokens, temperature, top_p, seed, ignore_eos: see the module docstring; None leaves
             them out.
     """
-    values = {"image": image, "question": question.encode("utf-8"), "max_tokens": max_tokens,
+    import json
+
+    values = {"image": image, "question": None if question is None else question.encode("utf-8"),
+              "messages": None if messages is None else json.dumps(messages).encode("utf-8"), "max_tokens": max_tokens,
               "temperature": temperature, "top_p": top_p, "seed": seed, "ignore_eos": ignore_eos,
               "video_fps": video_fps, "max_frames": max_frames, "evs_rate": evs_rate}
     inputs = []

@@ -123,18 +123,22 @@ def test_model_sig_is_read_with_a_bound(signed_export, keys, tmp_path, photo_pat
     assert signing.MAX_SIGNATURE_BYTES == 16 * 2**20
 
 
-def test_requests_without_an_image_mention_video_and_no_llava_wording():
-    from himap_trt.serve.app import ApiError, ChatCompletionRequest, image_and_question
+def test_requests_without_an_image_are_conversations_and_refusals_speak_of_images_and_videos():
+    """Issue 33 case 6, after issue 30: a request without an image is a text-only conversation (no
+    refusal to word), and the visual-input refusal names images and videos, not LLaVA-1.5 prompts."""
+    from himap_trt.serve.app import ApiError, ChatCompletionRequest, conversation
 
-    def refusal(body):
-        with pytest.raises(ApiError) as info:
-            image_and_question(ChatCompletionRequest.model_validate(body))
-        return info.value.message if hasattr(info.value, "message") else str(info.value)
+    def parse(body, max_visuals=1):
+        return conversation(ChatCompletionRequest.model_validate(body), max_visuals)
 
-    text = refusal({"model": "m", "messages": [{"role": "user", "content": "no image here"}]})
-    assert "image_url" in text and "video_url" in text
-    text = refusal({"model": "m", "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]})
-    assert "LLaVA" not in text and "video_url" in text
+    assert parse({"model": "m", "messages": [{"role": "user", "content": "no image here"}]}).visual_parts == []
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    with pytest.raises(ApiError) as info:
+        parse({"model": "m", "messages": [{"role": "system", "content": "x"},
+                                          {"role": "user", "content": [image, video, {"type": "text", "text": "y"}]}]})
+    text = info.value.message if hasattr(info.value, "message") else str(info.value)
+    assert "LLaVA" not in text and "images and videos" in text and "at most 1" in text, text
 
 
 def test_a_test_hook_set_prints_a_warning_line_and_the_pause_hook_is_gone(monkeypatch, good_export, tmp_path):  # noqa: F811

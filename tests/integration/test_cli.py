@@ -226,3 +226,41 @@ def test_quick_start_subprocess(tmp_path, photo_path):
     bad = subprocess.run([*HIMAP, "run", str(tmp_path / "nope.jpg"), "Hi?", "--export-dir", str(tmp_path / "export")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# ---- conversations: run --messages, --batch lines with messages -------------------------------------------------
+def test_run_messages_and_batch_conversations(tmp_path, photo_path):
+    shutil.copy(photo_path, tmp_path / "photo.jpg")
+    turns = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "photo.jpg"}},
+                                          {"type": "text", "text": "What is shown?"}]},
+             {"role": "assistant", "content": "A person."}, {"role": "user", "content": "Any colours?"}]
+    (tmp_path / "conversation.json").write_text(json.dumps({"messages": turns}))
+    common = ["--backend", "torch", "--model", "tiny", "--max-new-tokens", 5, "--json"]
+    alone = invoke("run", "--messages", tmp_path / "conversation.json", *common)
+    assert alone.exit_code == 0, alone.stderr
+    alone = json.loads(alone.stdout)["requests"][0]
+    single = invoke("run", photo_path, "What is shown?", *common)
+    assert single.exit_code == 0, single.stderr
+    (tmp_path / "batch.jsonl").write_text("\n".join([
+        json.dumps({"messages": turns}), json.dumps({"image": "photo.jpg", "question": "What is shown?"}),
+        json.dumps({"messages": [{"role": "user", "content": "Hello?"}]})]))
+    batch = invoke("run", "--batch", tmp_path / "batch.jsonl", *common)
+    assert batch.exit_code == 0, batch.stderr
+    rows = json.loads(batch.stdout)["requests"]
+    assert rows[0]["tokens"] == alone["tokens"]                                          # the same conversation
+    assert rows[1]["tokens"] == json.loads(single.stdout)["requests"][0]["tokens"]      # IMAGE QUESTION's prompt
+    assert rows[2]["image_tokens_per_segment"] == [0, 0, 0] and rows[2]["kept_image_positions"] == [[], []]
+    assert alone["kept_image_positions"][0] and alone["image_tokens_per_segment"][0] == 144
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages[1].role: the last message is"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages[0].content[0].image_url.url: 'https://x/y.png' is not a local path"),
+    ({"turns": []}, "an object with \"messages\""),
+])
+def test_run_bad_messages_file(tmp_path, content, fragment):
+    (tmp_path / "c.json").write_text(json.dumps(content))
+    assert_one_line_error(invoke("run", "--messages", tmp_path / "c.json", "--backend", "torch", "--model", "tiny"),
+                          fragment)

@@ -345,6 +345,20 @@ def test_run_batch_with_a_video_line_applies_its_evs_rate(clip, photo, tmp_path)
     t, h, w = pipe.prepare([video], ["What moves?"]).image_grid_thw[0].tolist()
     assert report["requests"][0]["image_tokens_per_segment"] == [evs_keep_count(t, h // 2, w // 2, 0.6)]
     assert report["requests"][0]["image_tokens_per_segment"][0] < t * h * w // 4
+    # with a conversation line (issue 30) every line runs as a conversation: the video line's fields ride
+    # on its part, and the conversation's video_url part has its own
+    with batch.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "c.mp4", "fps": 4, "max_frames": 6, "evs_rate": 0.5}},
+            {"type": "text", "text": "And now?"}]}]}) + "\n")
+    result = CliRunner().invoke(app, ["run", "--backend", "torch", "--model", "tiny-qwen2.5-vl", "--method", "none",
+                                      "--batch", str(batch), "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("{"):])["requests"]
+    t2, h2, w2 = pipe.prepare([load_video(clip, fps=4, max_frames=6)], ["And now?"]).image_grid_thw[0].tolist()
+    assert [r["image_tokens_per_segment"] for r in rows] == [
+        [evs_keep_count(t, h // 2, w // 2, 0.6)], report["requests"][1]["image_tokens_per_segment"],
+        [evs_keep_count(t2, h2 // 2, w2 // 2, 0.5)]]
 
 
 @pytest.mark.slow
@@ -358,16 +372,17 @@ def test_server_video_url_fields(tmp_path_factory, clip):
     import httpx
 
     from conftest import exported
+    from himap_trt.chat import parse_messages
     from himap_trt.serve.app import ServeConfig, ServerState, create_app
     from himap_trt.serve.videos import VideoPolicy
 
-    def post(state, part):
+    def post(state, part, earlier=()):
         async def main():
             transport = httpx.ASGITransport(app=create_app(state))
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
                 return await client.post("/v1/chat/completions", json={
                     "model": "m", "max_tokens": 4, "temperature": 0,
-                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]})
+                    "messages": [*earlier, {"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]})
         return asyncio.run(main())
 
     out, manifest, _ = exported(tmp_path_factory, "tiny-qwen2.5-vl", "himap")
@@ -392,6 +407,22 @@ def test_server_video_url_fields(tmp_path_factory, clip):
             assert response.status_code == 400, response.text
             assert f"video_url.{field}" in response.json()["error"]["message"]
         assert post(state, {"type": "video_url", "video_url": {"url": url}}).status_code == 200
+        # a conversation (issue 30): the video in the last user turn keeps its own fields
+        earlier = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
+                   {"role": "assistant", "content": "Hi."}]
+        part = {"type": "video_url", "video_url": {"url": url, "fps": 4, "max_frames": 6, "evs_rate": 0.7}}
+        answer = post(state, part, earlier)
+        assert answer.status_code == 200, answer.text
+        conversation = parse_messages([*earlier, {"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "clip.mp4", "evs_rate": 0.7}}, {"type": "text", "text": QUESTION}]}])
+        batch = ref.prepare_conversation(conversation, [load_video(clip, fps=4, max_frames=6)])
+        assert batch.evs_rates == [0.7]
+        with torch.inference_mode():
+            expected = ref.generate(batch, GenerationConfig(max_new_tokens=4))
+        assert answer.json()["choices"][0]["message"]["content"] == expected.texts[0]
+        assert expected.image_tokens_per_row[0][0] < batch.image_tokens[0]
+        response = post(state, {"type": "video_url", "video_url": {"url": url, "max_frames": 9}}, earlier)
+        assert response.status_code == 400 and "messages[3].content[0].video_url.max_frames" in response.text
     finally:
         state.close()
 
@@ -510,3 +541,77 @@ def test_evs_then_himap_equals_transformers_on_qwen3_vl(clip):
     assert n2 < n1 < len(kept) < len(visual)
     assert state.stages[0].kept_indices[0].tolist() == first
     assert state.stages[1].kept_indices[0].tolist() == second
+
+
+def test_conversation_video_parts_carry_their_own_evs_rates(clip, photo):
+    """A conversation (issue 30) with two videos and an image in two user turns, each video with its own
+    ``video_url.evs_rate``: the row's EVS kept set = the reference on transformers' own features of
+    each video (offset by the visual tokens before it), the image keeps every token, and the decoder's
+    keep counts are pooled from the kept total. A bad field in a later message names it."""
+    from himap_trt.chat import parse_messages
+
+    loaded = tiny("tiny-qwen2.5-vl")
+    d = loaded.dims
+    pipe = reference_pipeline(loaded, build_plan("himap", num_layers=d.num_layers, num_image_tokens=d.num_image_tokens))
+    messages = [
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "a.mp4", "evs_rate": 0.75}},
+                                     {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": "A square."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "b.png"}},
+                                     {"type": "video_url", "video_url": {"url": "c.mp4", "evs_rate": 0.5}},
+                                     {"type": "text", "text": "And now?"}]},
+    ]
+    conversation = parse_messages(messages)
+    visuals = [load_video(clip, fps=8, max_frames=6), photo.convert("RGB").resize((56, 56)),
+               load_video(clip, fps=4, max_frames=4)]
+    batch = pipe.prepare_conversation(conversation, visuals)
+    assert batch.evs_rates == [0.75, None, 0.5] and batch.image_grid_thw.shape[0] == 3
+    with torch.inference_mode():
+        state = pipe.prefill(batch)
+        out = loaded.model.model.visual(batch.pixel_values.to(loaded.model.dtype), grid_thw=batch.image_grid_thw)
+    features = out.pooler_output.float()
+    merge = loaded.model.config.vision_config.spatial_merge_size
+    expected, offset = [], 0
+    for rate, (t, h, w) in zip([0.75, 0.0, 0.5], batch.image_grid_thw.tolist()):
+        n = t * (h // merge) * (w // merge)
+        x = features[offset:offset + n].reshape(t, h // merge, w // merge, -1).numpy()
+        expected += [offset + i for i in reference_evs(x, rate)]
+        offset += n
+    assert state.evs_kept[0].tolist() == expected
+    assert len(expected) < batch.image_tokens[0]                               # the videos were pruned
+    assert state.image_tokens[0][0] == len(expected)
+    assert state.image_tokens[0][1] == keep_count(pipe.plan.stages[0].ratio, len(expected))   # pooled
+    bad = copy.deepcopy(messages)
+    bad[2]["content"][1]["video_url"]["evs_rate"] = 1.5
+    with pytest.raises(HimapError, match=r"messages\[2\]\.content\[1\]\.video_url\.evs_rate must be in \[0, 1\)"):
+        parse_messages(bad)
+    bad[2]["content"][1]["video_url"] = {"url": "c.mp4", "max_frames": 1}
+    with pytest.raises(HimapError, match=r"messages\[2\]\.content\[1\]\.video_url\.max_frames must be an integer"):
+        parse_messages(bad)
+
+
+def test_triton_messages_video_parts_take_their_own_fields(clip):
+    """Triton's ``messages`` input: a video_url part's own fps / max_frames / evs_rate win over the
+    request's ``video_fps`` / ``max_frames`` / ``evs_rate`` inputs, which are every other video's
+    defaults; a part's max_frames over the frame limit is one line naming it."""
+    import base64
+    import json
+
+    from himap_trt.triton.protocol import parse_request
+
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+
+    def request(parts, **extra):
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What?"}]}]
+        tensors = {"messages": np.array([json.dumps(messages).encode()], dtype=object),
+                   **{k: np.array([v]) for k, v in extra.items()}}
+        return parse_request(tensors.get, 8)
+
+    parsed = request([{"type": "video_url", "video_url": {"url": url, "fps": 4, "max_frames": 6, "evs_rate": 0.25}},
+                      {"type": "video_url", "video_url": {"url": url}}],
+                     video_fps=np.float32(8), max_frames=np.int32(4), evs_rate=np.float32(0.5))
+    own, default = parsed.visuals
+    assert (len(own.frames), own.fps, len(default.frames), default.fps) == (6, 4, 4, 8)
+    assert [p.options.get("evs_rate") for p in parsed.conversation.visual_parts] == [0.25, pytest.approx(0.5)]
+    with pytest.raises(HimapError, match=r"messages\[0\]\.content\[0\]\.video_url\.max_frames must be between 2"):
+        request([{"type": "video_url", "video_url": {"url": url, "max_frames": 100000}}])

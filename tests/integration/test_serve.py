@@ -176,6 +176,96 @@ def solo(export_dir):
     pipeline.close()
 
 
+# ---- conversations and real clients (the openai SDK, LangChain's ChatOpenAI) ----------------------------
+@pytest.fixture(scope="module")
+def converse(export_dir):
+    """Greedy answers of the pipeline in this process for a conversation: (messages, images, n) -> (ids, text)."""
+    from himap_trt.chat import parse_messages
+    from himap_trt.runtime import GenerationConfig
+    from himap_trt.runtime.loader import open_pipeline
+
+    pipeline = open_pipeline(export_dir=export_dir, backend="onnxruntime", device="cpu").pipeline
+
+    def run(conversation, images, max_new_tokens):
+        batch = pipeline.prepare_conversation(parse_messages(conversation), images)
+        out = pipeline.generate(batch, GenerationConfig(max_new_tokens=max_new_tokens))
+        return out.tokens[0], out.texts[0]
+
+    yield run
+    pipeline.close()
+
+
+def _history(url):
+    """A system prompt, an image turn, the assistant's answer, a text-only follow-up."""
+    return [{"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": [{"type": "text", "text": "What is in the picture?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]},
+            {"role": "assistant", "content": "A person."},
+            {"role": "user", "content": "What are they wearing?"}]
+
+
+def test_openai_sdk_conversation_streamed_and_not(server, cases, converse):
+    url, image, _ = cases[0]
+    expected_ids, expected_text = converse(_history(url), [image], 10)
+    whole = server.client.chat.completions.create(model="tiny", messages=_history(url), max_tokens=10, temperature=0,
+                                                  extra_body={"return_token_ids": True})
+    assert whole.model_extra["himap"]["token_ids"] == expected_ids
+    assert whole.choices[0].message.content == expected_text
+    assert whole.model_extra["himap"]["image_tokens_per_segment"] == [144, 72, 18]
+    stream = server.client.chat.completions.create(model="tiny", messages=_history(url), max_tokens=10, temperature=0,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected_text
+    # text-only: no vision graph, no stage
+    text_only = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    expected_ids, _ = converse(text_only, [], 6)
+    answer = server.client.chat.completions.create(model="tiny", messages=text_only, max_tokens=6, temperature=0,
+                                                   extra_body={"return_token_ids": True})
+    assert answer.model_extra["himap"]["token_ids"] == expected_ids
+    assert answer.model_extra["himap"]["image_tokens_per_segment"] == [0, 0, 0]
+
+
+def test_openai_sdk_logprobs_and_n(server, cases):
+    url, _, question = cases[1]
+    response = server.client.chat.completions.create(model="tiny", messages=messages(url, question), max_tokens=5,
+                                                     temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert response.choices[0].message.content == response.choices[1].message.content     # greedy: the same
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens // 2
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob == entry.top_logprobs[0].logprob   # greedy = best
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    stream = server.client.chat.completions.create(model="tiny", messages=messages(url, question), max_tokens=5,
+                                                   temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+
+
+def test_langchain_chat_openai_multi_turn_with_an_image(server, cases, converse):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    url, image, _ = cases[2]
+    chat = ChatOpenAI(model="tiny", base_url=f"{server.base}/v1", api_key="unused", temperature=0, max_tokens=8,
+                      max_retries=0, timeout=60)
+    history = [SystemMessage("You are a terse assistant."),
+               HumanMessage(content=[{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What is in the picture?"}])]
+    first = chat.invoke(history)
+    turns = [{"role": "system", "content": "You are a terse assistant."},
+             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                          {"type": "text", "text": "What is in the picture?"}]}]
+    assert first.content == converse(turns, [image], 8)[1]
+    history += [AIMessage(first.content or "Nothing."), HumanMessage("Describe the colours.")]
+    second = chat.invoke(history)
+    turns += [{"role": "assistant", "content": first.content or "Nothing."},
+              {"role": "user", "content": "Describe the colours."}]
+    assert second.content == converse(turns, [image], 8)[1]
+    streamed = "".join(chunk.content for chunk in chat.stream(history))
+    assert streamed == second.content
+
+
 # ---- answers ----------------------------------------------------------------------------------------
 def test_16_concurrent_requests_equal_solo_runs(server, cases, solo):
     async def ask(client, url, question, max_tokens):
@@ -310,19 +400,40 @@ def test_bad_requests_get_400(server, cases):
     _error(post(None, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}),
            400, "not valid JSON")
     _error(post({"model": "tiny"}), 400, "messages")
-    _error(post({"model": "tiny", "messages": [{"role": "user", "content": "no image here"}]}), 400, "no image")
+    _error(post({"model": "tiny", "messages": messages(url, question) + [{"role": "assistant", "content": "x"}]}), 400,
+           "messages[1].role: the last message is")
     _error(post({"model": "tiny", "messages": messages("data:image/png;base64," + base64.b64encode(b"just text").decode(),
                                                          question)}), 400, "not a PNG image")
     _error(post({"model": "tiny", "messages": messages("data:text/plain;base64,aGk=", question)}), 400, "text/plain")
     _error(post({"model": "tiny", "messages": messages(url, "why? " * 500)}), 400, "max-seq-len")
     _error(post({"model": "tiny", "messages": messages(url, question), "max_tokens": 0}), 400, "max_tokens")
     _error(post({"model": "tiny", "messages": messages(url, question), "temperature": -1}), 400, "temperature")
-    # through the openai client: n > 1 and an unknown model
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        server.client.chat.completions.create(model="tiny", messages=messages(url, question), n=2)
+    # conversations: visual inputs beyond the graphs, an image in an assistant message, empty content, too long
+    _error(post({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "a"},
+        {"type": "image_url", "image_url": {"url": url}}]}]}), 400, "messages[0].content[2].image_url.url: 2 visual inputs")
+    _error(post({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}, {"role": "user", "content": "b"}]}), 400,
+        "messages[1].content[0].image_url.url: an image in an assistant message")
+    _error(post({"model": "tiny", "messages": [{"role": "system", "content": ""}, {"role": "user", "content": "b"}]}),
+           400, "messages[0].content is empty")
+    _error(post({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                               {"role": "user", "content": "why? " * 500}]}), 400,
+           "messages: the conversation has", "prompt tokens")
+    _error(post({"model": "tiny", "messages": messages(url, question), "logprobs": True, "top_logprobs": 21}), 400,
+           "top_logprobs")
+    # the bounds hold for every message: text by its bytes before tokenizing, each image before decoding
+    later = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    _error(post({"model": "tiny", "messages": later + [{"role": "user", "content": "why " * 100_000}]}), 400,
+           "messages[2].content: the question has 400000 bytes")
+    _error(post({"model": "tiny", "messages": later + messages("data:image/png;base64," + base64.b64encode(
+        b"just text").decode(), question)}), 400, "messages[2].content[0].image_url.url", "not a PNG image")
+    # through the openai client: n beyond --max-batch and an unknown model
+    with pytest.raises(openai.BadRequestError, match=r"n: 17 choices need 17 slots"):
+        server.client.chat.completions.create(model="tiny", messages=messages(url, question), n=17)
     with pytest.raises(openai.BadRequestError, match="unknown model 'gpt-4o'"):
         server.client.chat.completions.create(model="gpt-4o", messages=messages(url, question))
-    assert server.metric("himap_request_errors_total", status="400") - before == 10
+    assert server.metric("himap_request_errors_total", status="400") - before == 17
 
 
 def test_oversized_body_gets_413(server, cases):

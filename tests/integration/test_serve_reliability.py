@@ -193,8 +193,8 @@ def usable(case, positive: bool) -> None:
 
     Every case: a string ``model`` becomes the served one, an integer ``max_tokens`` at most 3, a string
     image URL a real PNG (type-preserving, so a negative case keeps its violation). Positive cases
-    also get one user message with one image and the generated text (a LLaVA prompt holds no more),
-    ``n`` 1 and no unsupported options, so that the other fields' random values are really served.
+    keep their generated conversation, made servable by :func:`conversation_of`, ``n`` at most 2
+    and no unsupported options, so that the other fields' random values are really served.
     """
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
@@ -216,12 +216,45 @@ def usable(case, positive: bool) -> None:
     if positive:
         from himap_trt.serve.protocol import UNSUPPORTED
 
-        texts = [m["content"] for m in messages_ if isinstance(m.get("content"), str)]
-        body["messages"] = messages(URL, (texts[0] if texts else "") + " What?")
-        if "n" in body:
-            body["n"] = 1
+        body["messages"] = conversation_of(messages_)
+        if isinstance(body.get("n"), int):
+            body["n"] = min(max(body["n"], 1), 2)
+        if body.get("top_logprobs"):
+            body["logprobs"] = True
+        if isinstance(body.get("min_tokens"), int):
+            body["min_tokens"] = min(body["min_tokens"], 3)
         for name in UNSUPPORTED:
             body.pop(name, None)
+
+
+def conversation_of(generated: list) -> list[dict]:
+    """A generated ``messages`` array made into a conversation this LLaVA export serves, its shape kept
+    where it can be (bounded: the last 5 messages): a leading system / developer message stays, the
+    others alternate so that the last is a user message, images only in user messages and at most
+    one, blank content becomes text. So generated conversations (several turns, string or parts
+    content, text-only) reach the model."""
+    kept = [m for m in generated if isinstance(m, dict)][-5:]
+    out, image_used = [], False
+    for i, message in enumerate(kept):
+        role = message.get("role")
+        if not (i == 0 and role in ("system", "developer")):
+            role = "user" if (len(kept) - 1 - i) % 2 == 0 else "assistant"
+        content = message.get("content")
+        parts = []
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") == "text" and isinstance(part.get("text"), str) and part["text"].strip():
+                parts.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image_url" and role == "user" and not image_used:
+                parts.append({"type": "image_url", "image_url": {"url": URL}})
+                image_used = True
+        if isinstance(content, str) and content.strip():
+            parts = content
+        elif not parts or (role != "user" and not any(p["type"] == "text" for p in parts)):
+            parts = (parts if isinstance(parts, list) else []) + [{"type": "text", "text": "What?"}]
+        out.append({"role": role, "content": parts})
+    if not out or out[-1]["role"] != "user":
+        out.append({"role": "user", "content": "What?"})
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,12 @@ def test_parse_request_names_the_bad_input(image_bytes, tmp_path):
     video = parse_request(getter(image=clip, question=b"What moves?"), 8).image
     assert isinstance(video, Video) and len(video.frames) == 4
     cases = [
-        (dict(question=b"What?"), "input 'image' is missing"),
+        (dict(question=b"What?"), "inputs 'image' and 'question' are missing"),
+        (dict(messages=b"[{\"role\": \"assistant\", \"content\": \"x\"}]"),
+         "input 'messages': messages[0].role: an assistant message before any user message"),
+        (dict(messages=b'[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/x"}}]}]'),
+         "image_url.url: expected a data: URL"),
+        (dict(messages=b"[]", question=b"What?"), "either input 'messages' or inputs 'image' and 'question'"),
         (dict(image=b"not an image", question=b"What?"), "input 'image' is neither an image"),
         (dict(image=image_bytes[:200], question=b"What?"), "input 'image' is truncated"),
         (dict(image=image_bytes, question=b"  "), "input 'question' is empty"),
@@ -229,7 +234,43 @@ def test_serve_names_what_is_missing(monkeypatch, tmp_path):
     assert "pip install --no-deps nvidia-pytriton==0.7.0" in lines[0]
 
 
+def _data_url(image_bytes: bytes) -> str:
+    import base64
+
+    return "data:image/jpeg;base64," + base64.b64encode(image_bytes).decode()
+
+
+def _turns(image_bytes: bytes) -> list[dict]:
+    return [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image_bytes)}},
+                                         {"type": "text", "text": "What is shown?"}]},
+            {"role": "assistant", "content": "A person."}, {"role": "user", "content": "What colour is the uniform?"}]
+
+
+def test_parse_request_takes_a_conversation(image_bytes):
+    parsed = parse_request(lambda name: np.array([json.dumps(_turns(image_bytes)).encode()]) if name == "messages"
+                           else None, 8)
+    assert [m.role for m in parsed.conversation.messages] == ["system", "user", "assistant", "user"]
+    assert len(parsed.visuals) == 1 and parsed.visuals[0].size == (512, 600)
+
+
 # ---- against the real tritonserver --------------------------------------------------------------
+@needs_triton
+def test_conversation_equals_the_pipeline(server, local_pipeline, photo, image_bytes):
+    """The conversation serve answers (tests/integration/test_serve.py: the same pipeline call)."""
+    import tritonclient.http as httpclient
+
+    from himap_trt.chat import parse_messages
+    from himap_trt.runtime.sampling import GenerationConfig
+
+    turns = _turns(image_bytes)
+    expected = local_pipeline.generate(local_pipeline.prepare_conversation(parse_messages(turns), [photo]),
+                                       GenerationConfig(max_new_tokens=8))
+    answer = Answer()
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        answer.add(client.infer("himap_unary", make_inputs(httpclient, None, None, messages=turns, max_tokens=8)).as_numpy)
+    assert answer.token_ids == expected.tokens[0] and answer.text == expected.texts[0]
+    assert answer.kept_image_positions == [s.kept_image_positions[0] for s in expected.stages]
 @needs_triton
 def test_grpc_stream_and_http_equal_run(server, tiny_export, photo_path, image_bytes):
     import tritonclient.http as httpclient

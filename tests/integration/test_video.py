@@ -172,8 +172,8 @@ def test_server_video_url(tmp_path_factory, clip, tmp_path):
              "larger than the limit"),
             ([{"type": "video_url", "video_url": {"url": _data_url(clip, "image/png")}}, {"type": "text", "text": "?"}],
              "data:video/mp4"),
-            ([video, image, {"type": "text", "text": "?"}], "one image or one video"),
-            ([video, video, {"type": "text", "text": "?"}], "2 videos"),
+            # a video and an image are one conversation's pooled visual inputs (issue 30): each is checked
+            ([video, image, {"type": "text", "text": "?"}], "messages[0].content[1].image_url.url: the data is not a PNG"),
         ]:
             response = _post(state, content)
             assert response.status_code == 400, response.text

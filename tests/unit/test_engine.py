@@ -55,6 +55,7 @@ class FakePipeline:
     def __init__(self, eos=True, max_seq_len=64, step_delay=0.0):
         self.processor = SimpleNamespace(tokenizer=FakeTokenizer())
         self.eos_token_ids = [EOS]
+        self.pad_token_id = 0
         self.max_seq_len = max_seq_len
         self.device = torch.device("cpu")
         self.plan = SimpleNamespace(image_tokens_per_segment=[4, 2])
@@ -69,6 +70,9 @@ class FakePipeline:
     def allocate(self, max_batch, *, max_seq_len=None):
         self.allocated_len = max_seq_len
         return FakeCache(max_batch)
+
+    def capacity(self, batch):
+        return self.max_seq_len
 
     def prepare(self, images, questions, processor=None):
         (question,) = questions

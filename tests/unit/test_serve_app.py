@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from himap_trt.serve.app import ApiError, ServeConfig, ServerState, create_app, image_and_question, parse_request
+from himap_trt.serve.app import ApiError, ServeConfig, ServerState, conversation, create_app, parse_request, sampling_params
 
 
 def call(app, method: str, path: str, body=None):
@@ -46,7 +46,13 @@ def _body(**kw):
     (b"[1, 2]", "JSON object"),
     (_body(stop=["a", "b", "c", "d", "e"]), "stop"),
     (_body(stop=""), "stop"),
-    (_body(logprobs=True), "logprobs"),
+    (_body(top_logprobs=21), "top_logprobs"),
+    (_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (_body(response_format={"type": "json_object"}), "response_format"),
+    (_body(logit_bias={"1": 5}), "logit_bias"),
+    (_body(audio={"voice": "alloy"}), "audio"),
+    (_body(presence_penalty=2.5), "presence_penalty"),
+    (_body(n=0), "n"),
     (_body(top_p=0), "top_p"),
     (_body(messages=None), "messages"),
     (_body(content=[{"type": "audio", "data": "x"}]), "messages[0].content"),
@@ -57,19 +63,54 @@ def test_parse_errors_name_the_field(body, fragment):
     assert info.value.status == 400 and fragment in info.value.message
 
 
-def test_one_user_message_with_one_image():
-    request = parse_request(_body(content=[{"type": "text", "text": "Look:"},
-                                           {"type": "image_url", "image_url": {"url": "data:x"}},
-                                           {"type": "text", "text": "what is it?"}]))
-    assert image_and_question(request) == ("data:x", "messages[0].content[1].image_url.url", "Look:\nwhat is it?")
-    two = parse_request(_body(content=[{"type": "image_url", "image_url": {"url": "data:x"}}] * 2
-                              + [{"type": "text", "text": "?"}]))
-    with pytest.raises(ApiError, match="2 images"):
-        image_and_question(two)
-    turns = parse_request(json.dumps({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
-                                                                    {"role": "user", "content": "hi"}]}).encode())
-    with pytest.raises(ApiError, match="one user message"):
-        image_and_question(turns)
+def _messages(*messages):
+    return parse_request(json.dumps({"model": "tiny", "messages": list(messages)}).encode())
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:x"}}
+
+
+def test_conversations_are_parsed_in_order():
+    request = _messages({"role": "developer", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "Look:"}, IMAGE]},
+                        {"role": "assistant", "content": "A cat."},
+                        {"role": "user", "content": [IMAGE, {"type": "text", "text": "and this?"}]})
+    chat = conversation(request, 2)
+    assert [m.role for m in chat.messages] == ["developer", "user", "assistant", "user"]
+    assert [p.where for p in chat.visual_parts] == ["messages[1].content[1].image_url.url",
+                                                    "messages[3].content[0].image_url.url"]
+    assert chat.template_messages()[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert conversation(_messages({"role": "user", "content": "hi"}), 1).visual_parts == []      # text-only
+
+
+@pytest.mark.parametrize("messages,fragment", [
+    ([{"role": "user", "content": [IMAGE, IMAGE]}], "messages[0].content[1].image_url.url: 2 visual inputs"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages[1].role: the last message is"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1].role: two user messages"),
+    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}], "messages[0].role: an assistant message before"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+     "messages[1].role: a system message after a user message"),
+    ([{"role": "user", "content": "  "}], "messages[0].content is empty"),
+    ([{"role": "user", "content": []}], "messages[0].content: empty"),
+    ([{"role": "user", "content": None}], "messages[0].content: empty"),
+    ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": [IMAGE]},
+      {"role": "user", "content": "b"}], "messages[2].content[0].image_url.url: an image in an assistant message"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "messages[1].role: expected one of"),
+])
+def test_bad_conversations_name_the_message(messages, fragment):
+    with pytest.raises(ApiError) as info:
+        conversation(_messages(*messages), 1)
+    assert info.value.status == 400 and fragment in info.value.message, info.value.message
+
+
+def test_sampling_fields():
+    params = sampling_params(parse_request(_body(max_completion_tokens=7, max_tokens=3, logprobs=True, top_logprobs=5,
+                                                 presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.3,
+                                                 min_tokens=2, n=3, seed=1)))
+    assert (params.max_tokens, params.logprobs, params.top_logprobs, params.presence_penalty, params.frequency_penalty,
+            params.repetition_penalty, params.min_tokens, params.n) == (7, True, 5, 0.5, -0.5, 1.3, 2, 3)
+    with pytest.raises(Exception, match="top_logprobs: needs logprobs"):
+        sampling_params(parse_request(_body(top_logprobs=2)))
 
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -123,3 +164,17 @@ def test_api_key_405_and_openapi_without_a_model():
     assert "security" not in schema["paths"]["/health"]["get"]
     response = call(app, "PUT", "/health")
     assert response.status_code == 405 and response.headers["allow"] == "GET"
+
+
+def test_bench_serve_conversations_file(tmp_path):
+    from himap_trt.errors import HimapError
+    from himap_trt.serve.bench import read_conversations
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('[{"role": "user", "content": "a"}]\n\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert read_conversations(path) == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    for text, fragment in [("{", "c.jsonl:1: not JSON"), ('{"x": 1}', "c.jsonl:1: expected a non-empty array"),
+                           ("\n", "holds no conversations")]:
+        path.write_text(text)
+        with pytest.raises(HimapError, match=fragment):
+            read_conversations(path)

@@ -194,17 +194,7 @@ class SegmentComposer:
         """
         import numpy as np
 
-        def node(op: str, args: list, name: str, **attrs) -> ir.Value:
-            attributes = [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()]
-            n = ir.Node("", op, args, attributes=attributes, name=f"attention/{name}")
-            n.outputs[0].name = f"attention/{name}/out"
-            graph.append(n)
-            return n.outputs[0]
-
-        def const(name: str, array) -> ir.Value:
-            value = ir.Value(name=f"attention/{name}", const_value=ir.tensor(array, name=f"attention/{name}"))
-            graph.register_initializer(value)
-            return value
+        node, const = _graph_builders(graph, "attention")
 
         seq = node("Shape", [inputs["hidden_states"]], "seq", start=1, end=2)                       # [1]
         nonpad = node("Add", [inputs["cache_position"], seq], "nonpad_kv_seqlen")                    # [B]
@@ -266,17 +256,7 @@ class SegmentComposer:
         GroupQueryAttention reads (left-padded prompts need it; at decode it masks nothing a row
         reads except a free slot's dummy position).
         """
-        def node(op: str, args: list, name: str, **attrs) -> ir.Value:
-            attributes = [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()]
-            n = ir.Node("", op, args, attributes=attributes, name=f"gqa/{name}")
-            n.outputs[0].name = f"gqa/{name}/out"
-            graph.append(n)
-            return n.outputs[0]
-
-        def const(name: str, array) -> ir.Value:
-            value = ir.Value(name=f"gqa/{name}", const_value=ir.tensor(array, name=f"gqa/{name}"))
-            graph.register_initializer(value)
-            return value
+        node, const = _graph_builders(graph, "gqa")
 
         import numpy as np
 
@@ -417,6 +397,25 @@ class SegmentComposer:
         if self.quantization is not None:
             model = quantize_model(model, self.quantization)
         return save_model(model, spec, path, weight_bytes)
+
+def _graph_builders(graph: ir.Graph, prefix: str):
+    """``(node, const)`` appending to ``graph``: ``node(op, args, name, **int_attrs)`` adds one node named
+    ``{prefix}/{name}`` (output ``{prefix}/{name}/out``) and returns its output; ``const(name, array)``
+    registers an initializer ``{prefix}/{name}``. Shared by the gqa and attention preludes."""
+    def node(op: str, args: list, name: str, **attrs) -> ir.Value:
+        attributes = [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()]
+        n = ir.Node("", op, args, attributes=attributes, name=f"{prefix}/{name}")
+        n.outputs[0].name = f"{prefix}/{name}/out"
+        graph.append(n)
+        return n.outputs[0]
+
+    def const(name: str, array) -> ir.Value:
+        value = ir.Value(name=f"{prefix}/{name}", const_value=ir.tensor(array, name=f"{prefix}/{name}"))
+        graph.register_initializer(value)
+        return value
+
+    return node, const
+
 
 def _deepstack(graph: ir.Graph, hidden: ir.Value, inputs: dict[str, ir.Value], layer: int) -> ir.Value:
     """``hidden + deepstack.{layer}`` where the segment takes that input (Qwen3-VL's DeepStack,

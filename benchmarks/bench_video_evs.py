@@ -142,7 +142,8 @@ def main() -> None:
                     counts = list(state.image_tokens[0])
                     plan = pipes[method].plan
                     dropped = base_tokens - counts[0]
-                    _, full = request_flops(plan, dims, base_tokens, base_prompt)
+                    temporal = int(batches["none"].image_grid_thw[0][0])     # vision attention per temporal patch
+                    _, full = request_flops(plan, dims, base_tokens, base_prompt, vision_blocks=temporal)
                     _, ours = request_flops(plan, dims, counts[0], base_prompt - dropped)
                     whole = full.vision + ours.decoder + ours.scoring + ours.lm_head
                     ttft = statistics.median(t[0] for t in times[name])

@@ -39,11 +39,11 @@ from himap_trt.runtime.loader import open_pipeline
 from himap_trt.video import frames_video, load_video, moving_shapes_clip
 
 QUESTION = "What moves in this video?"
-BOUND = 512
 
 
-def static_frames(count: int, seed: int = 1):
-    """A mostly static scene: its shapes stay, a small extra square moves one pixel per frame."""
+def static_frames(count: int, seed: int = 1, size: int = 96):
+    """A mostly static scene (``size`` px): its shapes stay, a small extra square moves one pixel per
+    frame (of the 96 px scene, scaled with it)."""
     from PIL import ImageDraw
 
     scene = render(random_scene(np.random.default_rng(seed), num_shapes=3))
@@ -52,18 +52,18 @@ def static_frames(count: int, seed: int = 1):
         image = scene.copy()
         x = 4 + (t * 1) % 80
         ImageDraw.Draw(image).rectangle([x, 84, x + 8, 92], fill=(250, 250, 250))
-        frames.append(image)
+        frames.append(image.resize((size, size)) if size != image.width else image)
     return frames
 
 
-def exports(model: str, work: Path) -> dict[str, Path]:
+def exports(model: str, work: Path, bound: int, max_seq_len: int) -> dict[str, Path]:
     loaded, dirs = None, {}
     for method in ("none", "himap"):
-        target = work / f"{model}-{method}"
+        target = work / f"{model}-{method}-{bound}"
         if not (target / "manifest.json").is_file():
             loaded = loaded or load_model(model)
-            plan = build_plan(method, num_layers=loaded.dims.num_layers, num_image_tokens=BOUND)
-            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=2048))
+            plan = build_plan(method, num_layers=loaded.dims.num_layers, num_image_tokens=bound)
+            export_model(loaded, plan, ExportOptions(out=target, validate=False, max_seq_len=max_seq_len))
         dirs[method] = target
     return dirs
 
@@ -83,19 +83,24 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-qwen2.5-vl,tiny-qwen3-vl")
     parser.add_argument("--evs-rate", type=float, default=0.75)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=96, help="frame side (px) of both clips")
+    parser.add_argument("--bound", type=int, default=512, help="the exports' --max-image-tokens")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--clips", default="moving,static")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     frames = [int(f) for f in args.frames.split(",")]
-    moving = moving_shapes_clip(args.work_dir / "moving.mp4", frames=256, fps=8)
-    still = static_frames(256)
+    moving = moving_shapes_clip(args.work_dir / f"moving-{args.size}.mp4", frames=256, fps=8, size=args.size)
+    still = static_frames(256, size=args.size)
     clips = {"moving": lambda n: load_video(moving, fps=8, max_frames=n),
              "static": lambda n: frames_video(still[:: 256 // n][:n], fps=8 * n / 256, max_frames=n)}
+    clips = {name: clips[name] for name in args.clips.split(",")}
     rows = []
     q = args.evs_rate
     for model in args.models.split(","):
-        dirs = exports(model, args.work_dir)
+        dirs = exports(model, args.work_dir, args.bound, args.max_seq_len)
         pipes = {m: open_pipeline(export_dir=d, backend="onnxruntime").pipeline for m, d in dirs.items()}
         # one slot cache per pipeline, allocated once (as the serving engine does): TTFT without allocation
         caches = {m: p.allocate(1) for m, p in pipes.items()}
@@ -137,7 +142,8 @@ def main() -> None:
                     counts = list(state.image_tokens[0])
                     plan = pipes[method].plan
                     dropped = base_tokens - counts[0]
-                    _, full = request_flops(plan, dims, base_tokens, base_prompt)
+                    temporal = int(batches["none"].image_grid_thw[0][0])     # vision attention per temporal patch
+                    _, full = request_flops(plan, dims, base_tokens, base_prompt, vision_blocks=temporal)
                     _, ours = request_flops(plan, dims, counts[0], base_prompt - dropped)
                     whole = full.vision + ours.decoder + ours.scoring + ours.lm_head
                     ttft = statistics.median(t[0] for t in times[name])
@@ -161,7 +167,7 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         models = args.models.split(",")
-        fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False)
+        fig, axes = plt.subplots(len(models), len(clips), figsize=(5 * len(clips), 4 * len(models)), squeeze=False)
         for i, model in enumerate(models):
             for j, clip in enumerate(clips):
                 ax = axes[i][j]

@@ -56,12 +56,18 @@ def _decoder_layer(n: int, dims: ModelDims) -> int:
     return projections + attention + ffn
 
 
-def _vision(dims: ModelDims) -> int:
-    """Real FLOPs of the vision tower up to the feature layer, and of the projector."""
+def _vision(dims: ModelDims, blocks: int = 1) -> int:
+    """Real FLOPs of the vision tower up to the feature layer, and of the projector.
+
+    ``blocks``: equal groups the vision tokens attend within (1: one image, all tokens together; a
+    Qwen video's temporal patches, whose attention is per temporal patch: transformers' ``cu_seqlens``,
+    the project's per-frame vision graphs). Qwen2.5-VL's windowed layers attend within smaller windows;
+    they are counted per temporal patch too, so for them this is an upper bound.
+    """
     n, dv, mv = dims.vision_tokens, dims.vision_hidden_size, dims.vision_intermediate_size
     patches = n - 1
     patch_embed = 2 * patches * 3 * dims.patch_size ** 2 * dv
-    layer = 2 * 4 * n * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv
+    layer = 2 * 4 * n * dv * dv + 2 * 2 * (n * n // max(1, blocks)) * dv + 2 * 2 * n * dv * mv
     projector = 2 * dims.num_image_tokens * (dv * dims.hidden_size + dims.hidden_size * dims.hidden_size)
     return patch_embed + dims.vision_layers_used * layer + projector
 
@@ -82,8 +88,11 @@ class PromptFlops:
         return self.vision + self.decoder + self.scoring + self.lm_head
 
 
-def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> PromptFlops:
-    """Prefill FLOPs of one prompt of ``prompt_tokens`` tokens (image tokens included) under ``plan``.
+def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int, *,
+                 vision_blocks: int = 1) -> PromptFlops:
+    """Prefill FLOPs of one prompt of ``prompt_tokens`` tokens (image tokens included) under ``plan``;
+    ``vision_blocks``: the groups the vision tower attends within (a video's temporal patches; see
+    :func:`_vision`).
 
     Raises:
         HimapError: if the prompt cannot hold the image tokens and at least one text token.
@@ -102,7 +111,7 @@ def prompt_flops(plan: PruningPlan, dims: ModelDims, prompt_tokens: int) -> Prom
             scoring += 2 * rows * (text + n_img) * dims.num_heads * dims.head_dim
     return PromptFlops(
         prompt_tokens=prompt_tokens,
-        vision=_vision(dims),
+        vision=_vision(dims, vision_blocks),
         decoder=decoder,
         scoring=scoring,
         lm_head=2 * dims.hidden_size * dims.vocab_size,
@@ -148,8 +157,8 @@ def flops_report(model: str, plan: PruningPlan, dims: ModelDims, prompt_tokens: 
     )
 
 
-def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_tokens: int
-                  ) -> tuple[float, PromptFlops]:
+def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_tokens: int, *,
+                  vision_blocks: int = 1) -> tuple[float, PromptFlops]:
     """Eq. 10 and whole-prompt prefill FLOPs of one request with its own |V| (``image_tokens``, e.g. a
     video's visual tokens) under a plan with per-request keep counts (METHODS.md's rounding,
     :meth:`PruningPlan.image_tokens_for`).
@@ -158,6 +167,7 @@ def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_
         plan: a ratio plan (``none``, ``himap``, ``fastv``, ``random``).
         dims: the model's dimensions (its |V| bound is replaced by ``image_tokens``).
         image_tokens: |V| of the request (tokens); prompt_tokens: its real prompt length (tokens).
+        vision_blocks: groups the vision tower attends within (a video: its temporal patches).
 
     Returns:
         (Eq. 10 FLOPs, :class:`PromptFlops`).
@@ -172,4 +182,5 @@ def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_
                   stages=tuple(replace(s, keep=k) for s, k in zip(plan.stages, counts[1:])))
     merge = max(1, dims.spatial_merge_size)
     own_dims = replace(dims, num_image_tokens=image_tokens, vision_tokens=image_tokens * merge * merge)
-    return image_token_flops(own, dims.hidden_size, dims.intermediate_size), prompt_flops(own, own_dims, prompt_tokens)
+    eq10 = image_token_flops(own, dims.hidden_size, dims.intermediate_size)
+    return eq10, prompt_flops(own, own_dims, prompt_tokens, vision_blocks=vision_blocks)

@@ -189,13 +189,13 @@ def video_flops(batch, manifests, contenders) -> dict[str, dict]:
     """Per contender: the video request's visual tokens per segment and its prefill FLOPs
     (:func:`himap_trt.flops.request_flops`: Eq. 10, decoder, whole prompt)."""
     n, length = batch.image_tokens[0], batch.prompt_lengths[0]
+    t, h, w = (int(v) for v in batch.image_grid_thw[0])      # the vision tower attends per temporal patch
     result = {}
     for manifest, contender in zip(manifests, contenders):
         plan, dims = manifest.plan, manifest.dims
-        eq10, prompt = request_flops(plan, dims, n, length)
+        eq10, prompt = request_flops(plan, dims, n, length, vision_blocks=t)
         kept = n
         if plan.evs_rate:      # EVS before the LLM: the decoder sees its kept tokens; the vision tower all
-            t, h, w = (int(v) for v in batch.image_grid_thw[0])
             merge = dims.spatial_merge_size
             kept = evs_mod.evs_keep_count(t, h // merge, w // merge, plan.evs_rate)
             vision = prompt.vision

@@ -1,5 +1,6 @@
-"""The built-in ``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl``: deterministic random-weight Qwen2.5-VL and
-Qwen3-VL checkpoints (``tiny-qwen3-vl``: the same decoder sizes with Qwen3's q/k norms and
+"""The built-in ``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl`` (and the video benchmark models
+``medium-qwen2.5-vl`` / ``medium-qwen3-vl``, :data:`TINY_QWEN_MODELS`): deterministic random-weight
+Qwen2.5-VL and Qwen3-VL checkpoints (``tiny-qwen3-vl``: the same decoder sizes with Qwen3's q/k norms and
 interleaved M-RoPE sections (4, 2, 2); a 4-block vision tower of 16 px patches with an 8x8 learned
 position table and DeepStack from blocks 1-3; image processor with mean/std 0.5, 4..64 tokens).
 
@@ -77,6 +78,8 @@ class TinyQwenSpec:
     seed: int = 3
     init_std: float = 0.2
     family: str = "qwen2_5_vl"
+    max_positions: int = 2048
+    vision_heads: int = 2
 
 
 TINY_QWEN_MODELS: dict[str, TinyQwenSpec] = {
@@ -84,6 +87,16 @@ TINY_QWEN_MODELS: dict[str, TinyQwenSpec] = {
     # Qwen3-VL: interleaved M-RoPE over 8 frequencies (T 0,3,6,7; H 1,4; W 2,5), DeepStack from
     # vision blocks 1, 2, 3 into decoder layers 0, 1, 2 (so HiMAP's default K1 = 2 falls inside)
     "tiny-qwen3-vl": TinyQwenSpec("tiny-qwen3-vl", mrope_section=(4, 2, 2), seed=5, family="qwen3_vl"),
+    # The video benchmark models (issue 29): decoder like ``medium`` (hidden 512, 12 layers, 8 query /
+    # 2 KV heads of 64, FFN 1408) and a vision tower of hidden 128 (~6% of the decoder's FLOPs per visual
+    # token, near Qwen2.5-VL-7B's ~15%), so a long video's prefill is decoder work as in the real models;
+    # 64 tokens per frame, 4,096 positions.
+    "medium-qwen2.5-vl": TinyQwenSpec("medium-qwen2.5-vl", hidden_size=512, num_heads=8, num_key_value_heads=2,
+                                      intermediate_size=1408, mrope_section=(8, 12, 12), vision_hidden=128,
+                                      vision_heads=4, seed=7, init_std=0.05, max_positions=4096),
+    "medium-qwen3-vl": TinyQwenSpec("medium-qwen3-vl", hidden_size=512, num_heads=8, num_key_value_heads=2,
+                                    intermediate_size=1408, mrope_section=(12, 10, 10), vision_hidden=128,
+                                    vision_heads=4, seed=9, init_std=0.05, max_positions=4096, family="qwen3_vl"),
 }
 
 #: Qwen3-VL's conversation format (no default system message, as the published template), with
@@ -149,7 +162,8 @@ def _config_qwen3(spec: TinyQwenSpec, vocab_size: int):
         text_config=dict(
             hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_key_value_heads,
-            head_dim=spec.hidden_size // spec.num_heads, vocab_size=vocab_size, max_position_embeddings=2048,
+            head_dim=spec.hidden_size // spec.num_heads, vocab_size=vocab_size,
+            max_position_embeddings=spec.max_positions,
             rms_norm_eps=1e-6, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section),
                              "mrope_interleaved": True},
@@ -157,7 +171,8 @@ def _config_qwen3(spec: TinyQwenSpec, vocab_size: int):
         ),
         vision_config=dict(
             depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-            num_heads=2, in_channels=3, out_hidden_size=spec.hidden_size, patch_size=16, spatial_merge_size=2,
+            num_heads=spec.vision_heads, in_channels=3, out_hidden_size=spec.hidden_size, patch_size=16,
+            spatial_merge_size=2,
             temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1, 2, 3],
             hidden_act="gelu_pytorch_tanh",
         ),
@@ -173,13 +188,14 @@ def _config(spec: TinyQwenSpec, vocab_size: int):
         text_config=dict(
             hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_key_value_heads, vocab_size=vocab_size,
-            max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            max_position_embeddings=spec.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)},
             bos_token_id=ENDOFTEXT_ID, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID,
         ),
         vision_config=dict(
             depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-            num_heads=2, in_chans=3, out_hidden_size=spec.hidden_size, patch_size=14, spatial_merge_size=2,
+            num_heads=spec.vision_heads, in_chans=3, out_hidden_size=spec.hidden_size, patch_size=14,
+            spatial_merge_size=2,
             temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2,
         ),
         image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID, vision_start_token_id=VISION_START_ID,

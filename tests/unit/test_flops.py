@@ -2,7 +2,7 @@
 
 import pytest
 
-from himap_trt.flops import flops_report, format_tflops, image_token_flops, prompt_flops
+from himap_trt.flops import flops_report, format_tflops, image_token_flops, prompt_flops, request_flops
 from himap_trt.models import load_config, model_dims
 from himap_trt.plan import build_plan
 
@@ -75,3 +75,17 @@ def test_visipruner_eq10_for_n_kept(kept):
     report = flops_report("llava-1.5-7b", plan, dims, 640, kept=kept)
     assert report.image_tokens_ratio == pytest.approx(expected / _eq10(dims.hidden_size, dims.intermediate_size, 32, []))
     assert report.prompt_plan.total < report.prompt_baseline.total
+
+
+def test_video_vision_attention_is_counted_per_temporal_patch():
+    """A Qwen2.5-VL-7B video of 8 temporal patches x 16x16 merged tokens: the vision tower's attention
+    is a square per temporal patch (8 squares of 1,024 patches), not one of 8,192."""
+    dims = model_dims(load_config("qwen2.5-vl-7b"))
+    plan = build_plan("none", num_layers=dims.num_layers, num_image_tokens=2048)
+    tokens, t = 8 * 256, 8
+    _, dense = request_flops(plan, dims, tokens, tokens + 20)
+    _, blocked = request_flops(plan, dims, tokens, tokens + 20, vision_blocks=t)
+    patches, dv = tokens * 4, dims.vision_hidden_size
+    square = 4 * dv * dims.vision_layers_used          # 2 FLOPs x (q.k and p.v) per pair and channel, per layer
+    assert dense.vision - blocked.vision == square * (patches * patches - t * (patches // t) ** 2)
+    assert blocked.decoder == dense.decoder

@@ -178,8 +178,9 @@ def bench(
             out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}): {parts}; sum {total * 1e3:.1f} ms")
     for name, f in (flops or {}).items():
         evs = f" -> {f['evs_kept']} (EVS)" if f["evs_kept"] != f["image_tokens"] else ""
-        out.print(f"prefill FLOPs of the video request, {name}: {f['image_tokens']}{evs} -> "
-                  f"{' -> '.join(map(str, f['kept']))} visual tokens; Eq. 10 {f['eq10'] / 1e9:.3f} GFLOPs, "
+        stages = "".join(f" -> {k}" for k in f["kept"])
+        out.print(f"prefill FLOPs of the video request, {name}: {f['image_tokens']}{evs}{stages} "
+                  f"visual tokens; Eq. 10 {f['eq10'] / 1e9:.3f} GFLOPs, "
                   f"decoder {f['decoder'] / 1e9:.3f} GFLOPs, whole prompt {f['total'] / 1e9:.3f} GFLOPs")
     if plot_path:
         out.print(f"plot: {plot_path}")

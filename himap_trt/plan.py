@@ -98,14 +98,18 @@ class PruningPlan:
         ``n1 = round_half_up((1 - R1)·|V|)``, ``n2 = round_half_up((1 - R2)·n1)``), at least 1.
         For ``|V| = num_image_tokens`` this is :attr:`image_tokens_per_segment`.
 
-        Raises:
-            HimapError: for a VisiPruner plan (its static form has no per-request counts here).
+        VisiPruner: the middle stage's count is its *slots* ``min(C, |V|)``, an upper bound (the
+        scoring graph masks the slots whose score is not above tau, so a request uses ``n <= C``);
+        the deep stage's is 0.
         """
         counts = [int(image_tokens)]
         for stage in self.stages:
-            if stage.criterion in ("value_norm", "drop_all"):
-                raise HimapError("per-request image-token counts are not implemented for --method visipruner")
-            counts.append(max(1, keep_count(stage.ratio, counts[-1])))
+            if stage.criterion == "value_norm":
+                counts.append(min(stage.keep, counts[-1]))
+            elif stage.criterion == "drop_all":
+                counts.append(0)
+            else:
+                counts.append(max(1, keep_count(stage.ratio, counts[-1])))
         return counts
 
     def describe(self) -> str:
@@ -265,9 +269,8 @@ def with_evs(plan: PruningPlan, prune_before: str, evs_rate: float) -> PruningPl
         evs_rate: q in [0, 1): the fraction of a video's visual tokens EVS drops.
 
     Raises:
-        HimapError: naming the flag, for an unknown ``--prune-before``, a rate outside [0, 1), a rate
-            without ``--prune-before evs``, or EVS with VisiPruner (whose static form has no
-            per-request counts).
+        HimapError: naming the flag, for an unknown ``--prune-before``, a rate outside [0, 1), or a
+            rate without ``--prune-before evs``.
     """
     if prune_before not in PRUNE_BEFORE:
         raise HimapError(f"--prune-before must be one of {', '.join(PRUNE_BEFORE)}, got {prune_before!r}")
@@ -277,9 +280,6 @@ def with_evs(plan: PruningPlan, prune_before: str, evs_rate: float) -> PruningPl
         if evs_rate:
             raise HimapError("--evs-rate needs --prune-before evs")
         return plan
-    if plan.method == "visipruner":
-        raise HimapError("--prune-before evs does not compose with --method visipruner (its static form keeps "
-                         "fixed counts, not per-request ones)")
     return PruningPlan(plan.method, plan.num_layers, plan.num_image_tokens, plan.stages, float(evs_rate))
 
 

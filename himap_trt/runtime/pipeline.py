@@ -66,7 +66,8 @@ class PrefillResult:
         stages: one :class:`StageOutput` per pruning stage.
         cache: the slot cache the prompts were written into.
         slots: the slot of each prompt row.
-        image_tokens: per row, the image tokens each segment saw (models with per-request counts).
+        image_tokens: per row, the image tokens each segment saw (models with per-request counts;
+            after VisiPruner's middle stage, the tokens the row uses, not its min(C, |V|) slots).
         evs_kept: per row, the visual tokens EVS kept ([keep] int64 indices into the row's visual
             tokens, before the decoder; ``image_tokens`` then counts from them); None without EVS.
     """

@@ -6,7 +6,8 @@
   (``output_attentions=True``) and the layer's own value projection, on transformers' own padded batch
   of three image sizes, and on one short clip (video). Rows keep different counts, one capped at C, the
   others fewer (masked slots); at K_E no image token is left. K_M = 2 so that on Qwen3-VL the DeepStack
-  addition after layer 2 comes after the middle stage (gathered with its kept indices).
+  addition after layer 2 comes after the middle stage (gathered with its kept indices). A 2-image
+  conversation (Qwen2.5-VL): both images' tokens ranked together, as transformers' encoding gives.
 - EVS + VisiPruner (Qwen2.5-VL): the kept tokens = the criterion on transformers' decoder given EVS's
   output, at the unpruned positions.
 - ONNX Runtime = the PyTorch reference, token for token and kept index for kept index.
@@ -202,3 +203,36 @@ def test_onnxruntime_equals_torch_on_a_clip_and_two_images(tmp_path_factory, mod
     kept = [c[1] for c in theirs.image_tokens_per_row]
     assert ours.image_tokens_per_row == theirs.image_tokens_per_row
     assert len(set(kept)) > 1 and min(kept) < 10, kept        # rows keep different counts, with masked slots
+
+
+def test_two_image_conversation_pools_both_images(photo):
+    """Qwen2.5-VL, a 2-turn conversation with two images of different sizes: VisiPruner ranks both
+    images' tokens together (one |V|, one cap C), as transformers' eager attention on the processor's
+    own encoding of the rendered conversation gives."""
+    from himap_trt.chat import parse_messages
+
+    loaded = tiny("tiny-qwen2.5-vl")
+    rgb = photo.convert("RGB")
+    images = [rgb.resize((100, 120)), rgb.convert("L").resize((150, 90)).convert("RGB")]
+    conversation = parse_messages([
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a"}},
+                                     {"type": "text", "text": "What is in this picture?"}]},
+        {"role": "assistant", "content": "A person."},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image_url", "image_url": {"url": "b"}}]},
+    ])
+    batch = reference_pipeline(loaded, _plan(loaded)).prepare_conversation(conversation, images)
+    enc = loaded.processor(images=images, text=batch.prompts, return_tensors="pt")
+    assert batch.input_ids.tolist() == enc["input_ids"].tolist() and len(enc["image_grid_thw"]) == 2
+    visual = enc["input_ids"] == loaded.model.config.image_token_id
+    scores = hand_scores(loaded, enc)
+    row = scores[0][visual[0]].sort(descending=True).values
+    tau, cap = float(row[7] + row[8]) / 2, 6                                     # 8 above tau, capped at 6
+    expected = hand_kept(scores, visual, enc["attention_mask"], tau, cap)
+    pipe = reference_pipeline(loaded, _plan(loaded, threshold=tau, max_keep=cap))
+    with torch.inference_mode():
+        state = pipe.prefill(batch)
+    assert state.stages[0].kept_image_positions == expected and len(expected[0]) == cap
+    first, second = (int(g.prod()) // 4 for g in enc["image_grid_thw"])
+    image = torch.nonzero(visual[0]).reshape(-1).tolist()
+    assert batch.image_tokens == [first + second]
+    assert {p in image[:first] for p in expected[0]} == {True, False}, "the kept tokens should span both images"

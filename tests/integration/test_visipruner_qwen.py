@@ -124,7 +124,8 @@ def test_one_clip_equals_transformers_eager_attention(model, clip):
     assert batch.media == ["video"]
     ids = torch.where(batch.input_ids == config.image_token_id, config.video_token_id, batch.input_ids)
     extra = {"second_per_grid_ts": torch.tensor([2 / video.fps])} if model == "tiny-qwen2.5-vl" else {}
-    inputs = dict(input_ids=ids, attention_mask=batch.attention_mask, mm_token_type_ids=(ids == config.video_token_id).long() * 2,
+    inputs = dict(input_ids=ids, attention_mask=batch.attention_mask,
+                  mm_token_type_ids=(ids == config.video_token_id).long() * 2,
                   pixel_values_videos=batch.pixel_values, video_grid_thw=batch.image_grid_thw, **extra)
     counts, cap = _check(loaded, batch, hand_scores(loaded, inputs), ids == config.video_token_id,
                          batch.attention_mask)
@@ -173,7 +174,8 @@ def test_evs_then_visipruner_equals_transformers_eager_attention(clip):
 #: the ORT exports' tau and C (the Qwen3-VL one is also built by test_tensorrt_rtx_build.py): rows keep
 #: different counts. CI exports Qwen3-VL only (~30 s an export; it has DeepStack and the same scoring
 #: graphs as Qwen2.5-VL); ``HIMAP_TRT_QWEN25_VISIPRUNER_ONNX=1`` adds Qwen2.5-VL's.
-EXPORT_PLANS = {"tiny-qwen2.5-vl": dict(threshold=0.05, max_keep=10), "tiny-qwen3-vl": dict(threshold=0.1, max_keep=10)}
+EXPORT_PLANS = {"tiny-qwen2.5-vl": dict(threshold=0.05, max_keep=10),
+                "tiny-qwen3-vl": dict(threshold=0.1, max_keep=10)}
 ONNX_MODELS = ["tiny-qwen3-vl", pytest.param("tiny-qwen2.5-vl", marks=pytest.mark.skipif(
     os.environ.get("HIMAP_TRT_QWEN25_VISIPRUNER_ONNX") != "1",
     reason="CI time: set HIMAP_TRT_QWEN25_VISIPRUNER_ONNX=1 to export Qwen2.5-VL's VisiPruner too"))]
@@ -218,7 +220,8 @@ def test_two_image_conversation_pools_both_images(photo):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a"}},
                                      {"type": "text", "text": "What is in this picture?"}]},
         {"role": "assistant", "content": "A person."},
-        {"role": "user", "content": [{"type": "text", "text": "And here?"}, {"type": "image_url", "image_url": {"url": "b"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"},
+                                     {"type": "image_url", "image_url": {"url": "b"}}]},
     ])
     batch = reference_pipeline(loaded, _plan(loaded)).prepare_conversation(conversation, images)
     enc = loaded.processor(images=images, text=batch.prompts, return_tensors="pt")

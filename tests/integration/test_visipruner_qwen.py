@@ -8,6 +8,8 @@
   others fewer (masked slots); at K_E no image token is left. K_M = 2 so that on Qwen3-VL the DeepStack
   addition after layer 2 comes after the middle stage (gathered with its kept indices). A 2-image
   conversation (Qwen2.5-VL): both images' tokens ranked together, as transformers' encoding gives.
+- Qwen3-VL's DeepStack after the stage: the prefill's logits = transformers' decoder run piecewise on
+  the kept tokens with the kept image tokens' DeepStack features (a wrong gather changes them).
 - EVS + VisiPruner (Qwen2.5-VL): the kept tokens = the criterion on transformers' decoder given EVS's
   output, at the unpruned positions.
 - ONNX Runtime = the PyTorch reference, token for token and kept index for kept index.
@@ -15,11 +17,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import repeat_kv
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
 from conftest import entering_hidden_states, exported, tiny
 from himap_trt.plan import build_plan, with_evs
@@ -239,3 +243,69 @@ def test_two_image_conversation_pools_both_images(photo):
     image = torch.nonzero(visual[0]).reshape(-1).tolist()
     assert batch.image_tokens == [first + second]
     assert {p in image[:first] for p in expected[0]} == {True, False}, "the kept tokens should span both images"
+
+
+def _sub_model(lm, start, end, *, final):
+    """transformers' own Qwen3-VL decoder layers [start, end) (eager), its final norm only if ``final``."""
+    cfg = copy.deepcopy(lm.config)
+    cfg.num_hidden_layers = end - start
+    cfg._attn_implementation = "eager"
+    sub = Qwen3VLTextModel(cfg).eval()
+    for i in range(cfg.num_hidden_layers):
+        sub.layers[i].load_state_dict(lm.layers[start + i].state_dict())
+    if final:
+        sub.norm.load_state_dict(lm.norm.state_dict())
+    else:
+        sub.norm = torch.nn.Identity()
+    return sub
+
+
+def test_qwen3_deepstack_gathered_with_the_kept_tokens_logits_equal_transformers(qwen_requests):
+    """Qwen3-VL, one image, K_M = 2 (DeepStack adds layer 2's features after the stage), K_E = 5: the
+    prefill's next-token logits = transformers' decoder run in three pieces: layers [0, K_M) on the
+    whole prompt, [K_M, K_E) on the kept tokens with layer 2's DeepStack features of the *kept* image
+    tokens, [K_E, L) on the text tokens; positions of transformers' ``get_rope_index``, gathered."""
+    loaded = tiny("tiny-qwen3-vl")
+    model = loaded.model
+    lm = model.model.language_model
+    images, questions = qwen_requests
+    batch = reference_pipeline(loaded, _plan(loaded)).prepare(images[:1], questions[:1])
+    enc = loaded.processor(images=images[:1], text=batch.prompts, return_tensors="pt")
+    visual = enc["input_ids"] == model.config.image_token_id
+    scores = hand_scores(loaded, enc)
+    row = scores[0][visual[0]].sort(descending=True).values
+    tau = float(row[11] + row[12]) / 2
+    kept = hand_kept(scores, visual, enc["attention_mask"], tau, 8)[0]          # 12 above tau, capped at 8
+    pipe = reference_pipeline(loaded, _plan(loaded, threshold=tau, max_keep=8))
+    with torch.inference_mode():
+        state = pipe.prefill(batch)
+    assert state.stages[0].kept_image_positions == [kept]
+    ids = enc["input_ids"][0]
+    positions, _ = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], enc["image_grid_thw"],
+                                               attention_mask=enc["attention_mask"])
+    image_pos = torch.nonzero(visual[0]).reshape(-1).tolist()
+    with torch.no_grad():
+        deep = torch.cat(model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).deepstack_features[2])
+        with entering_hidden_states(lm.layers, [MID]) as entering:
+            model(**enc, position_ids=positions)
+        middle = torch.tensor(sorted(set(range(len(ids))) - set(image_pos) | set(kept)))
+        is_image = torch.tensor([[int(p) in image_pos for p in middle]])
+        hidden = _sub_model(lm, MID, DEEP, final=False)(
+            inputs_embeds=entering[MID][:, middle], position_ids=positions[:, :, middle],
+            attention_mask=torch.ones(1, len(middle)), visual_pos_masks=is_image,
+            deepstack_visual_embeds=[deep[[image_pos.index(p) for p in kept]]]).last_hidden_state
+        text = (~is_image[0]).nonzero().reshape(-1)
+        out = _sub_model(lm, DEEP, lm.config.num_hidden_layers, final=True)(
+            inputs_embeds=hidden[:, text], position_ids=positions[:, :, middle[text]],
+            attention_mask=torch.ones(1, len(text))).last_hidden_state
+        expected = model.lm_head(out[:, -1])
+    torch.testing.assert_close(state.logits, expected, rtol=1e-4, atol=1e-4)
+    # without layer 2's DeepStack addition the logits differ: the comparison can see a wrong gather
+    with torch.no_grad():
+        plain = _sub_model(lm, MID, DEEP, final=False)(
+            inputs_embeds=entering[MID][:, middle], position_ids=positions[:, :, middle],
+            attention_mask=torch.ones(1, len(middle))).last_hidden_state
+        other = model.lm_head(_sub_model(lm, DEEP, lm.config.num_hidden_layers, final=True)(
+            inputs_embeds=plain[:, text], position_ids=positions[:, :, middle[text]],
+            attention_mask=torch.ones(1, len(text))).last_hidden_state[:, -1])
+    assert (other - expected).abs().max() > 1e-2

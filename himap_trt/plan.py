@@ -43,8 +43,9 @@ class Stage:
             seeded random permutation of the entering image tokens, the same for every prompt; see
             :func:`himap_trt.graphs.modules.random_score_table`).
         keep: image tokens kept after this stage (tokens). For ``value_norm`` it is the cap C: the
-            stage always outputs C image *slots*, of which each request uses its own count
-            ``n <= C`` (0 allowed); the others are masked (attention mask 0).
+            stage always outputs C image *slots* (models with per-request counts: the batch's largest
+            ``min(C, |V|_b)``), of which each request uses its own count ``n <= C`` (0 allowed); the
+            others are masked (attention mask 0).
         ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
             the stage that is dropped), kept for display.
         threshold: ``value_norm`` only: tau, the score a token must exceed.

@@ -157,6 +157,17 @@ def flops_report(model: str, plan: PruningPlan, dims: ModelDims, prompt_tokens: 
     )
 
 
+def plan_for_request(plan: PruningPlan, image_tokens: int) -> PruningPlan:
+    """``plan`` as one request with its own |V| (``image_tokens``) runs it: |V| replaced and every
+    stage's keep count the request's own (:meth:`PruningPlan.image_tokens_for`; VisiPruner's middle
+    stage: its ``min(C, |V|)`` slots). Not re-validated (a count may be below a ratio stage's 1)."""
+    from dataclasses import replace
+
+    counts = plan.image_tokens_for(image_tokens)
+    return replace(plan, num_image_tokens=image_tokens,
+                   stages=tuple(replace(s, keep=k) for s, k in zip(plan.stages, counts[1:])))
+
+
 def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_tokens: int, *,
                   vision_blocks: int = 1) -> tuple[float, PromptFlops]:
     """Eq. 10 and whole-prompt prefill FLOPs of one request with its own |V| (``image_tokens``, e.g. a
@@ -164,7 +175,8 @@ def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_
     :meth:`PruningPlan.image_tokens_for`).
 
     Args:
-        plan: a ratio plan (``none``, ``himap``, ``fastv``, ``random``).
+        plan: any plan; VisiPruner's middle stage counts its ``min(C, |V|)`` slots (what the graphs
+            compute, masked slots included).
         dims: the model's dimensions (its |V| bound is replaced by ``image_tokens``).
         image_tokens: |V| of the request (tokens); prompt_tokens: its real prompt length (tokens).
         vision_blocks: groups the vision tower attends within (a video: its temporal patches).
@@ -173,13 +185,11 @@ def request_flops(plan: PruningPlan, dims: ModelDims, image_tokens: int, prompt_
         (Eq. 10 FLOPs, :class:`PromptFlops`).
 
     Raises:
-        HimapError: a VisiPruner plan, or a prompt no longer than its image tokens.
+        HimapError: a prompt no longer than its image tokens.
     """
     from dataclasses import replace
 
-    counts = plan.image_tokens_for(image_tokens)
-    own = replace(plan, num_image_tokens=image_tokens,
-                  stages=tuple(replace(s, keep=k) for s, k in zip(plan.stages, counts[1:])))
+    own = plan_for_request(plan, image_tokens)
     merge = max(1, dims.spatial_merge_size)
     own_dims = replace(dims, num_image_tokens=image_tokens, vision_tokens=image_tokens * merge * merge)
     eq10 = image_token_flops(own, dims.hidden_size, dims.intermediate_size)

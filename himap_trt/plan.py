@@ -43,8 +43,9 @@ class Stage:
             seeded random permutation of the entering image tokens, the same for every prompt; see
             :func:`himap_trt.graphs.modules.random_score_table`).
         keep: image tokens kept after this stage (tokens). For ``value_norm`` it is the cap C: the
-            stage always outputs C image *slots*, of which each request uses its own count
-            ``n <= C`` (0 allowed); the others are masked (attention mask 0).
+            stage always outputs C image *slots* (models with per-request counts: the batch's largest
+            ``min(C, |V|_b)``), of which each request uses its own count ``n <= C`` (0 allowed); the
+            others are masked (attention mask 0).
         ratio: the pruning ratio R this stage was built from (fraction of the image tokens entering
             the stage that is dropped), kept for display.
         threshold: ``value_norm`` only: tau, the score a token must exceed.
@@ -98,14 +99,18 @@ class PruningPlan:
         ``n1 = round_half_up((1 - R1)·|V|)``, ``n2 = round_half_up((1 - R2)·n1)``), at least 1.
         For ``|V| = num_image_tokens`` this is :attr:`image_tokens_per_segment`.
 
-        Raises:
-            HimapError: for a VisiPruner plan (its static form has no per-request counts here).
+        VisiPruner: the middle stage's count is its *slots* ``min(C, |V|)``, an upper bound (the
+        scoring graph masks the slots whose score is not above tau, so a request uses ``n <= C``);
+        the deep stage's is 0.
         """
         counts = [int(image_tokens)]
         for stage in self.stages:
-            if stage.criterion in ("value_norm", "drop_all"):
-                raise HimapError("per-request image-token counts are not implemented for --method visipruner")
-            counts.append(max(1, keep_count(stage.ratio, counts[-1])))
+            if stage.criterion == "value_norm":
+                counts.append(min(stage.keep, counts[-1]))
+            elif stage.criterion == "drop_all":
+                counts.append(0)
+            else:
+                counts.append(max(1, keep_count(stage.ratio, counts[-1])))
         return counts
 
     def describe(self) -> str:
@@ -265,9 +270,8 @@ def with_evs(plan: PruningPlan, prune_before: str, evs_rate: float) -> PruningPl
         evs_rate: q in [0, 1): the fraction of a video's visual tokens EVS drops.
 
     Raises:
-        HimapError: naming the flag, for an unknown ``--prune-before``, a rate outside [0, 1), a rate
-            without ``--prune-before evs``, or EVS with VisiPruner (whose static form has no
-            per-request counts).
+        HimapError: naming the flag, for an unknown ``--prune-before``, a rate outside [0, 1), or a
+            rate without ``--prune-before evs``.
     """
     if prune_before not in PRUNE_BEFORE:
         raise HimapError(f"--prune-before must be one of {', '.join(PRUNE_BEFORE)}, got {prune_before!r}")
@@ -277,9 +281,6 @@ def with_evs(plan: PruningPlan, prune_before: str, evs_rate: float) -> PruningPl
         if evs_rate:
             raise HimapError("--evs-rate needs --prune-before evs")
         return plan
-    if plan.method == "visipruner":
-        raise HimapError("--prune-before evs does not compose with --method visipruner (its static form keeps "
-                         "fixed counts, not per-request ones)")
     return PruningPlan(plan.method, plan.num_layers, plan.num_image_tokens, plan.stages, float(evs_rate))
 
 

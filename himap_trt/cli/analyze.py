@@ -15,7 +15,6 @@ from himap_trt.cli.lazy import lazy_import
 # Library modules, imported when a command first uses them (himap_trt/cli/lazy.py: --help stays fast).
 analysis_report = lazy_import("himap_trt.analysis.analyze.report")
 analyze_lib = lazy_import("himap_trt.analysis.analyze")
-arch = lazy_import("himap_trt.arch")
 loading = lazy_import("himap_trt.models.loading")
 models = lazy_import("himap_trt.models")
 prompt = lazy_import("himap_trt.prompt")
@@ -98,7 +97,7 @@ def _summary(console: Any, document: dict) -> None:
         f"[bold]VisiPruner[/]: --mid-layer {v['mid_layer']} --deep-layer {v['deep_layer']} "
         f"--threshold {v['threshold']} --max-keep {v['max_keep']}  (Eq. 10 with the measured mean kept "
         f"{v['kept_mean']:.1f}: {v['eq10_flops'] / 1e12:.3g} TFLOPs, {v['eq10_ratio']:.1%}; as computed, "
-        f"padded to {v['max_keep']}: {v['eq10_ratio_padded']:.1%})",
+        f"padded to min(C, |V|) slots: {v['eq10_ratio_padded']:.1%})",
         f"  K_M: {escape(v['mid_rule'])}",
         f"  K_E: {escape(v['deep_rule'])}",
         f"  kept: {escape(v['kept_rule'])}",
@@ -179,8 +178,4 @@ def analyze(
         print(json.dumps(document, indent=1))
         return
     _summary(out, document)
-    if arch.get_architecture(dims.architecture).variable_image_tokens:
-        out.print(f"note: the VisiPruner line is a diagnostic here: --method visipruner is not exported for "
-                  f"{dims.architecture} (its threshold-selected counts are not combined with per-request "
-                  "image-token counts yet; docs/QWEN3VL.md)", highlight=False)
     out.print(f"wrote {out_dir / 'analysis.json'} and {', '.join(p.name for p in plots)}", highlight=False)

@@ -11,7 +11,8 @@ from torch import nn
 from himap_trt.graphs.modules import DecoderSegment, StageScorer, TokenEmbedding, deepstack_layers
 from himap_trt.graphs.spec import GraphSpec
 from himap_trt.graphs.variable import VariableStageScorer
-from himap_trt.graphs.visipruner import DropImageTokens, ValueNormScorer
+from himap_trt.graphs.visipruner import (DropImageTokens, ValueNormScorer, VariableDropImageTokens,
+                                         VariableValueNormScorer)
 
 
 def build_module(llava: nn.Module, spec: GraphSpec, arch: Any) -> nn.Module:
@@ -33,8 +34,12 @@ def build_module(llava: nn.Module, spec: GraphSpec, arch: Any) -> nn.Module:
                                 emit_query=not spec.attrs["final"], deepstack_layers=deepstack_layers(spec))
     elif spec.kind == "scoring" and spec.attrs["criterion"] in ("value_norm", "drop_all"):
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
-        module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else
-                  ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
+        if spec.attrs.get("variable"):     # per-request counts (Qwen families): shape inputs E, C'
+            module = (VariableDropImageTokens() if spec.attrs["criterion"] == "drop_all" else
+                      VariableValueNormScorer(spec.attrs["threshold"], scaling))
+        else:
+            module = (DropImageTokens(spec.attrs["entering"]) if spec.attrs["criterion"] == "drop_all" else
+                      ValueNormScorer(spec.attrs["keep"], spec.attrs["entering"], spec.attrs["threshold"], scaling))
     elif spec.kind == "scoring" and spec.attrs.get("variable"):
         scaling = llava.model.language_model.layers[spec.layers[0]].self_attn.scaling
         module = VariableStageScorer(spec.attrs["criterion"], scaling, entering=spec.attrs["entering"],

@@ -205,9 +205,6 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32", *, a
     if arch.name != dims.architecture:
         raise HimapError(f"graph_specs: the dims are of a {dims.architecture!r} model, the family passed is {arch.name!r}")
     variable = arch.variable_image_tokens
-    if variable and any(st.criterion in ("value_norm", "drop_all") for st in plan.stages):
-        raise HimapError(f"--method {plan.method} is not implemented for models with per-request image-token counts "
-                         f"({dims.architecture}); use himap, fastv, random or none")
     d, kv, h, hd = dims.hidden_size, dims.num_kv_heads, dims.num_heads, dims.head_dim
     b, s, m = "batch", "sequence", "cache_sequence"
     i64 = "int64"
@@ -254,6 +251,8 @@ def graph_specs(dims: ModelDims, plan: PruningPlan, dtype: str = "float32", *, a
                       TensorSpec("kept_slots", i64, ("kept_slots",))) if variable else ()
             if variable:
                 kept = "sequence - image_slots + kept_slots"
+            if variable and stage.criterion == "drop_all":     # VisiPruner's deep stage: every slot goes
+                counts, kept = counts[1:2], "sequence - image_slots"
             scored = end - 1
             # what the criterion reads of layer K-1: queries and keys; VisiPruner's value_norm also
             # the values; drop_all nothing (it drops every image slot)

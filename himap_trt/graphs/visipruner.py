@@ -14,6 +14,15 @@ Both output the same five tensors as :class:`himap_trt.graphs.modules.StageScore
 constant number of dropped positions (|V| - C, then C), so the output length is a shape
 expression of the input length. A masked slot's key is never attended (attention mask 0), so it
 changes no real token's output; its own hidden state is computed and ignored.
+
+Per-request image-token counts (Qwen2.5-VL, Qwen3-VL; the batch layout of
+:mod:`himap_trt.graphs.variable`): :class:`VariableValueNormScorer` and
+:class:`VariableDropImageTokens` take the shape inputs ``image_slots`` [E] and ``kept_slots`` [C']
+of the ratio stages' variable graph. E image slots enter (row b's first ``E - |V|_b`` masked); the
+middle stage keeps C' = max_b min(C, |V|_b) slots per row (ranked by score, real tokens first), of
+which row b uses those of rank < ``keep_counts[b]`` = min(C, |V|_b) whose score exceeds tau and
+that are not masked slots (a masked slot never passes the threshold test); the deep stage drops
+every image slot of every row (``sequence - image_slots``).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from himap_trt.graphs.modules import kept_indices
+from himap_trt.graphs.variable import variable_kept
 from himap_trt.prompt import TOKEN_IMAGE
 
 _MASKED = torch.finfo(torch.float32).min
@@ -103,3 +113,58 @@ class DropImageTokens(nn.Module):
         index = kept_indices(zeros, token_type_ids, 0, self.entering)
         real = torch.ones_like(attention_mask)
         return _gather_outputs(index, real, attention_mask, token_type_ids, hidden_states, position_ids)
+
+
+def _gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` [B,S] or [3,B,S] (M-RoPE) at ``index`` [B,S'] (every axis)."""
+    if position_ids.dim() == 3:
+        return torch.gather(position_ids, 2, index[None].expand(position_ids.shape[0], -1, -1))
+    return torch.gather(position_ids, 1, index)
+
+
+def _gather_variable(index, mask, token_type_ids, hidden_states, position_ids):
+    gathered = torch.gather(hidden_states, 1, index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
+    return index, gathered, _gather_positions(position_ids, index), mask, torch.gather(token_type_ids, 1, index)
+
+
+class VariableValueNormScorer(nn.Module):
+    """The middle-stage scoring graph with per-request image-token counts (module docstring).
+
+    Inputs (spec order): ``query.{K-1}`` [B,H,S,Dh], ``present.{K-1}.key`` and ``.value``
+    [B,Hkv,S,Dh], attention_mask [B,S] int64, token_type_ids [B,S] int64, hidden_states [B,S,D],
+    position_ids [3,B,S] (or [B,S]) int64, keep_counts [B] int64 (min(C, |V|_b)), image_slots [E]
+    and kept_slots [C'] int64 (only their lengths are read). Outputs: kept_indices [B,S'] (C'
+    image slots plus every other position, ascending), the kept hidden states, position ids
+    (original, every axis), attention mask (0 at unused and masked slots) and token types;
+    S' = S - E + C'.
+    """
+
+    def __init__(self, threshold: float, scaling: float):
+        super().__init__()
+        self.threshold, self.scaling = threshold, scaling
+
+    def forward(self, query, key, value, attention_mask, token_type_ids, hidden_states, position_ids, keep_counts,
+                image_slots, kept_slots):
+        entering, kept = image_slots.shape[0], kept_slots.shape[0]
+        scores = value_norm_scores(query, key, value, attention_mask, self.scaling)          # 0 at masked slots
+        index, mask = variable_kept(scores, token_type_ids, attention_mask, keep_counts, kept, entering - kept)
+        # the threshold test: real image tokens only (a masked slot never passes it)
+        passes = (token_type_ids != TOKEN_IMAGE) | ((scores > self.threshold) & attention_mask.bool())
+        mask = mask * torch.gather(passes.to(mask.dtype), 1, index)
+        return _gather_variable(index, mask, token_type_ids, hidden_states, position_ids)
+
+
+class VariableDropImageTokens(nn.Module):
+    """The deep-stage graph with per-request counts: drops the E image slots (real or masked) of every row.
+
+    Inputs: attention_mask [B,S], token_type_ids [B,S], hidden_states [B,S,D], position_ids
+    [3,B,S] (or [B,S]), image_slots [E] (its length is read). Outputs: as
+    :class:`VariableValueNormScorer`, S' = S - E.
+    """
+
+    def forward(self, attention_mask, token_type_ids, hidden_states, position_ids, image_slots):
+        entering = image_slots.shape[0]
+        zeros = torch.zeros(token_type_ids.shape, dtype=torch.float32, device=token_type_ids.device)
+        none = torch.zeros(token_type_ids.shape[:1], dtype=torch.int64, device=token_type_ids.device)
+        index, mask = variable_kept(zeros, token_type_ids, attention_mask, none, 0, entering)
+        return _gather_variable(index, mask, token_type_ids, hidden_states, position_ids)

@@ -66,7 +66,8 @@ class PrefillResult:
         stages: one :class:`StageOutput` per pruning stage.
         cache: the slot cache the prompts were written into.
         slots: the slot of each prompt row.
-        image_tokens: per row, the image tokens each segment saw (models with per-request counts).
+        image_tokens: per row, the image tokens each segment saw (models with per-request counts;
+            after VisiPruner's middle stage, the tokens the row uses, not its min(C, |V|) slots).
         evs_kept: per row, the visual tokens EVS kept ([keep] int64 indices into the row's visual
             tokens, before the decoder; ``image_tokens`` then counts from them); None without EVS.
     """
@@ -414,6 +415,7 @@ class Pipeline:
                   for n in self.arch.image_token_counts(batch, self.num_image_tokens)]
         if not visual:
             counts = [[0] * len(self.segments) for _ in range(size)]
+        reported = [list(c) for c in counts]      # what each row's segments see (counts: the slots fed)
         start = torch.zeros(size, dtype=torch.int64, device=dev)
         for j, seg in enumerate(self.segments):
             length = mask.shape[1]
@@ -475,6 +477,10 @@ class Pipeline:
             # masked slots (VisiPruner rows keeping fewer than C tokens) are not kept tokens
             image_positions = [origin[row][(types[row] == TOKEN_IMAGE) & (mask[row] == 1)].tolist()
                                for row in range(origin.shape[0])]
+            if self.plan.stages[j].criterion == "value_norm" and self.arch.variable_image_tokens:
+                # VisiPruner: the row's count was its slots min(C, |V|); report the tokens it uses
+                for used, p in zip(reported, image_positions):
+                    used[j + 1] = len(p)
             stages.append(StageOutput(index, origin, image_positions))
         for slot in slots:
             cache.occupied[slot] = True
@@ -484,7 +490,7 @@ class Pipeline:
             timings["prefill"] = time.perf_counter() - t1
         next_positions = self.arch.next_positions(unpruned).to(dev)        # the unpruned prompt's (METHODS.md)
         return PrefillResult(logits, next_positions, stages, cache, slots,
-                             counts if self.arch.variable_image_tokens or not visual else None, evs_kept)
+                             reported if self.arch.variable_image_tokens or not visual else None, evs_kept)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,

@@ -161,3 +161,49 @@ def test_analyze_bad_input_one_line(args, fragment):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_analyze_recommends_visipruner_for_qwen_and_its_counts_are_the_pipelines(tmp_path, photo):
+    """Qwen2.5-VL (issue 31): two images of different sizes (own |V|). The recommended K_M / K_E are
+    the rule's quantile of the per-request triggers; Eq. 10 counts each request's own |V| (the
+    processor's, as the pipeline prepares it); and the recommended plan runs: the pipeline's middle
+    stage keeps, per request, min(C, the analysis' count of image tokens with s_{K_M-1}(v) > tau)."""
+    from himap_trt.flops import omega
+    from himap_trt.plan import build_plan
+    from himap_trt.runtime import reference_pipeline
+
+    rgb = photo.convert("RGB")
+    images = [rgb.resize((100, 120)), rgb.resize((150, 90))]
+    questions = ["What is shown?", "Who is it?"]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"image{i}.png")
+        image.save(paths[-1])
+    data = tmp_path / "requests.jsonl"
+    data.write_text("".join(json.dumps({"image": str(p), "question": q}) + "\n" for p, q in zip(paths, questions)))
+    out, cap, tau = tmp_path / "analysis", 8, 0.1
+    result = CliRunner().invoke(app, ["analyze", "--model", "tiny-qwen2.5-vl", "--data", str(data), "--out", str(out),
+                                      "--json", "--threads", "1", "--max-keep", str(cap), "--threshold", str(tau)])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    L, rec = doc["num_layers"], doc["recommended"]["visipruner"]
+    loaded = tiny("tiny-qwen2.5-vl")
+    d = loaded.dims
+    pipe = reference_pipeline(loaded, build_plan("visipruner", num_layers=L, num_image_tokens=d.num_image_tokens,
+                                                 mid_layer=rec["mid_layer"], deep_layer=rec["deep_layer"],
+                                                 threshold=tau, max_keep=cap))
+    own = [pipe.prepare([image], [q]).image_tokens[0] for image, q in zip(images, questions)]
+    assert [r["image_tokens"] for r in doc["per_request"]] == own
+    assert len(set(own)) == 2 and max(own) < d.num_image_tokens
+    middles = [m for m in doc["triggers"]["middle_layer"] if m is not None]
+    if middles:                                  # two requests: the 90% nearest-rank quantile is the larger
+        assert rec["mid_layer"] == min(L - 2, max(1, max(middles)))
+    assert 1 <= rec["mid_layer"] < rec["deep_layer"] <= L - 1
+    baseline = sum(L * omega(n, d.hidden_size, d.intermediate_size) for n in own) / 2
+    assert doc["recommended"]["baseline_eq10_flops"] == pytest.approx(baseline)
+    expected = [min(cap, r["value_scores_above"][rec["mid_layer"] - 1]) for r in doc["per_request"]]
+    assert rec["kept_mean"] == pytest.approx(sum(expected) / 2)
+    with torch.inference_mode():
+        kept = [len(pipe.prefill(pipe.prepare([image], [q])).stages[0].kept_image_positions[0])
+                for image, q in zip(images, questions)]
+    assert kept == expected and 0 < min(kept) < cap in kept, (kept, own)      # one capped, one not

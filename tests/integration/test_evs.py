@@ -251,8 +251,8 @@ def test_plan_flags():
                            (("tome", 0.5), "--prune-before must be one of")]:
         with pytest.raises(HimapError, match=fragment):
             with_evs(plan, *args)
-    with pytest.raises(HimapError, match="visipruner"):
-        with_evs(build_plan("visipruner", num_layers=12, num_image_tokens=64), "evs", 0.5)
+    visi = with_evs(build_plan("visipruner", num_layers=12, num_image_tokens=64), "evs", 0.5)   # composes (issue 31)
+    assert visi.evs_rate == 0.5 and visi.method == "visipruner"
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -2,7 +2,7 @@
 parsed and built by TensorRT-RTX's ONNX parser and builder, on this CPU machine, ahead of time for
 SM86 (Ampere), with small profiles (batch <= 2, <= 256 tokens).
 
-Variants: LLaVA (tiny, tiny-gqa), Qwen2.5-VL (tiny-qwen2.5-vl) and Qwen3-VL (tiny-qwen3-vl); none, FastV, HiMAP, VisiPruner,
+Variants: LLaVA (tiny, tiny-gqa), Qwen2.5-VL (tiny-qwen2.5-vl) and Qwen3-VL (tiny-qwen3-vl, VisiPruner included); none, FastV, HiMAP, VisiPruner,
 random; fp32, fp16, bf16; every TensorRT ``--kv-write`` (``TENSORRT_KV_WRITES``). The exports are
 the session's cached ones (tests/conftest.py ``exported``), so this file adds builds, not exports,
 to CI when the whole suite runs. Graphs identical across exports (vision and embed graphs of one
@@ -57,6 +57,10 @@ VARIANTS = [
     (QWEN, "himap", "fp32", "scatternd", True, {}),
     (QWEN, "himap", "fp16", "scatternd", True, {}),
     ("tiny-qwen3-vl", "himap", "fp32", "scatternd", True, {}),       # test_qwen3_vl.py's export
+    # VisiPruner with per-request counts (issue 31): test_visipruner_qwen.py's export; its variable middle and
+    # deep scoring graphs take the image-slot shape inputs
+    ("tiny-qwen3-vl", "visipruner", "fp32", "scatternd", True, dict(mid_layer=2, deep_layer=5, threshold=0.1,
+                                                                     max_keep=10)),
 ]
 # --kv-write attention (static caches of the export's max_seq_len) is built, with its layers asserted, by
 # tests/integration/test_attention_form.py on its own exports

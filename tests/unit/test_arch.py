@@ -54,8 +54,17 @@ def test_qwen_graph_declarations():
     assert scoring.output("kept_position_ids").shape == (3, "batch", "sequence - image_slots + kept_slots")
     assert (scoring.attrs["entering"], scoring.attrs["keep"]) == (256, 128)
     assert specs["vision"].input("pixel_values").shape == ("num_patches", 1176)
-    with pytest.raises(HimapError, match="visipruner is not implemented for models with per-request"):
-        graph_specs(dims, build_plan("visipruner", num_layers=dims.num_layers, num_image_tokens=256), "float16", arch=get_architecture(dims.architecture))
+    # VisiPruner (issue 31): the middle stage takes the image-slot inputs and the values, the deep one only E
+    visi = build_plan("visipruner", num_layers=dims.num_layers, num_image_tokens=256, max_keep=64)
+    specs = {s.name: s for s in graph_specs(dims, visi, "float16", arch=get_architecture(dims.architecture))}
+    middle, deep = specs["scoring_0"], specs["scoring_1"]
+    assert middle.input_names[:3] == ["query.17", "present.17.key", "present.17.value"]
+    assert middle.input_names[-3:] == ["keep_counts", "image_slots", "kept_slots"]
+    assert middle.output("kept_position_ids").shape == (3, "batch", "sequence - image_slots + kept_slots")
+    assert deep.input_names == ["attention_mask", "token_type_ids", "hidden_states", "position_ids", "image_slots"]
+    assert deep.output("kept_hidden_states").shape == ("batch", "sequence - image_slots", 2048)
+    assert (deep.attrs["entering"], deep.attrs["keep"], deep.attrs["variable"]) == (64, 0, True)
+    assert visi.image_tokens_for(300) == [300, 64, 0] and visi.image_tokens_for(20) == [20, 20, 0]
 
 
 def test_llava_graph_declarations_unchanged():

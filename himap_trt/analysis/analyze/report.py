@@ -11,6 +11,10 @@ Recommendation rules (heuristics stated with their evidence; the papers tune by 
 - VisiPruner K_M, K_E: the 90th percentile (nearest rank) of the reference's per-request middle
   layer m + 1 and deep layer (METHODS.md: the static form prunes every request at fixed layers, so
   take layers by which most requests have fused); K_E > K_M is enforced; no trigger: L/2, 3L/4.
+
+Eq. 10 figures are means over requests, each with its own |V| (Qwen2.5-VL / Qwen3-VL: the
+request's image or video tokens, with the plan's per-request counts; LLaVA: always |V|), against
+the mean unpruned count.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from himap_trt.analysis.analyze.measure import MASS_KEYS, MASS_ROWS, RequestAnalysis
-from himap_trt.flops import image_token_flops, omega
+from himap_trt.flops import image_token_flops, omega, plan_for_request
 from himap_trt.plan import DEFAULT_R1, DEFAULT_R2, build_plan
 
 QUANTILE = 0.9
@@ -72,7 +76,8 @@ def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any,
               max_keep: int) -> dict[str, Any]:
     """The recommended HiMAP and VisiPruner plans with rule, evidence and Eq. 10 FLOPs."""
     L, V, d, m = dims.num_layers, dims.num_image_tokens, dims.hidden_size, dims.intermediate_size
-    baseline = L * omega(V, d, m)
+    own = [r.image_tokens for r in requests]               # each request's |V| (LLaVA: V)
+    baseline = _mean([L * omega(n, d, m) for n in own])
 
     # HiMAP K1: half of the visual->instruction saliency flow has happened before K1.
     s_vt = [v or 0.0 for v in means["s_vt"]]
@@ -97,7 +102,7 @@ def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any,
             k2 = min(L - 1, max(k1 + 1, round(8 * L / 32)))
             k2_rule = "no layer after K1 has D_l > 0 or S_vv > S_vt; the paper's K2 = 8 scaled to L layers"
     himap = build_plan("himap", num_layers=L, num_image_tokens=V, k1=k1, r1=DEFAULT_R1, k2=k2, r2=DEFAULT_R2)
-    himap_flops = image_token_flops(himap, d, m)
+    himap_flops = _mean([image_token_flops(plan_for_request(himap, n), d, m) for n in own])
 
     # VisiPruner K_M, K_E: high quantiles of the reference's per-request trigger layers.
     middles = [r.reference["middle_layer"] for r in requests if r.reference["middle_layer"] is not None]
@@ -117,8 +122,8 @@ def recommend(requests: list[RequestAnalysis], means: dict[str, Any], dims: Any,
     kept = [min(r.value_scores_above[k_m - 1], max_keep) for r in requests]
     visi = build_plan("visipruner", num_layers=L, num_image_tokens=V, mid_layer=k_m, deep_layer=k_e,
                       threshold=tau, max_keep=max_keep)
-    visi_flops = _mean([image_token_flops(visi, d, m, kept=n) for n in kept])
-    padded_flops = image_token_flops(visi, d, m)
+    visi_flops = _mean([image_token_flops(plan_for_request(visi, n), d, m, kept=k) for n, k in zip(own, kept)])
+    padded_flops = _mean([image_token_flops(plan_for_request(visi, n), d, m) for n in own])
     return {
         "himap": {
             "k1": k1, "r1": DEFAULT_R1, "k2": k2, "r2": DEFAULT_R2, "plan": himap.describe(),

@@ -33,6 +33,7 @@ from himap_trt.graphs.build import build_module
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs, segment_cache_lengths, static_cache_specs
 from himap_trt.manifest import (
     FORMAT_VERSION,
+    KV_WRITE_OPSETS,
     KV_WRITES,
     MANIFEST_NAME,
     TARGETS,
@@ -61,7 +62,9 @@ class ExportOptions:
         out: the export directory.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (graphs are exported in this precision; scoring and
             softmax compute in float32 inside them).
-        opset: ONNX opset (18-20).
+        opset: ONNX opset (18-20) of the graphs; None: 18 (:data:`DEFAULT_OPSET`). The segment graphs of the
+            ``tensorscatter`` and ``attention`` forms are at opset 24 whatever it is
+            (:data:`himap_trt.manifest.KV_WRITE_OPSETS`), so those forms refuse an explicit ``opset`` below 24.
         max_seq_len: most tokens (prompt + generated) per sequence (tokens); None: the model's
             ``max_position_embeddings``, capped at 2048.
         validate: compare every graph with PyTorch in ONNX Runtime after export.
@@ -92,7 +95,7 @@ class ExportOptions:
 
     out: Path
     dtype: str = "fp32"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None
     max_seq_len: int | None = None
     validate: bool = True
     kv_write: str | None = None
@@ -108,8 +111,10 @@ class ExportOptions:
         check_device(self.device)
         if self.dtype not in DTYPE_NAMES:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        form = "--kv-write"
         if self.kv_write is None:       # the target's form (manifest.target_kv_write)
             object.__setattr__(self, "kv_write", target_kv_write(self.target, DTYPE_NAMES[self.dtype]))
+            form = f"--target {self.target}'s --kv-write"
         elif self.target not in TARGETS:
             raise HimapError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.validate_chunk_layers is not None and self.validate_chunk_layers < 0:
@@ -117,6 +122,13 @@ class ExportOptions:
 
         if self.kv_write not in KV_WRITES:
             raise HimapError(f"--kv-write must be one of {', '.join(KV_WRITES)}, got {self.kv_write!r}")
+        needed = KV_WRITE_OPSETS.get(self.kv_write)
+        if self.opset is None:
+            object.__setattr__(self, "opset", DEFAULT_OPSET)
+        elif needed is not None and self.opset < needed:
+            raise HimapError(f"{form} {self.kv_write} needs ONNX opset {needed} in its segment graphs, got --opset "
+                             f"{self.opset}: leave --opset out (segment graphs at opset {needed}, the others at "
+                             f"{DEFAULT_OPSET}), or export --kv-write scatternd at --opset {self.opset}")
         if self.opset not in OPSETS:
             raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {self.opset}")
         if self.dtype not in DTYPE_NAMES:

@@ -200,20 +200,52 @@ def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path_facto
 
 
 def test_build_refuses_what_it_cannot_build_or_would_run_badly(tmp_path_factory, tmp_path):
-    """fp32 attention (no TensorRT-RTX kernel) and a --max-seq-len beyond the static caches: one line each,
-    nothing written; an fp16 scatternd export builds with a one-line note naming the fixing export."""
+    """fp32 attention (no TensorRT-RTX kernel), a --max-seq-len beyond the static caches, and TensorRT proper,
+    whose parser support table lacks the opset-24 Attention operator: one line each, nothing written."""
     from typer.testing import CliRunner
 
     from himap_trt.cli import app
 
-    out, _, _ = _export(tmp_path_factory, *CASES[0].values)                  # fp32, attention, 320 tokens
-    for extra, message in (([], "--dtype fp16"), (["--max-seq-len", "400"], "--max-seq-len 400")):
+    out, manifest, _ = _export(tmp_path_factory, *CASES[0].values)            # fp32, attention, 320 tokens
+    for extra, messages in ((["--tensorrt", "rtx"], ["--dtype fp16"]),
+                            (["--tensorrt", "rtx", "--max-seq-len", "400"], ["--max-seq-len 400"]),
+                            (["--tensorrt", "tensorrt"], ["Attention (opset 24)", "export --kv-write scatternd"])):
         engines = tmp_path / "engines"
         result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--engines", str(engines),
-                                          "--tensorrt", "rtx", "--compute-capability", "8.6", *extra])
-        assert result.exit_code != 0 and message in result.stderr, result.stderr
+                                          "--compute-capability", "8.6", *extra])
+        assert result.exit_code != 0 and all(m in result.stderr for m in messages), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not engines.exists()
+
+
+def test_flavour_check_follows_the_support_table():
+    """The TensorRT-proper refusal is the table's verdict, not a constant: a table whose ``since`` lists
+    Attention at opset 24 passes the export, one without TensorScatter names only that, an opset-23 entry is
+    not enough; TensorRT-RTX (whose parser builds the form in CI) is never refused by it."""
+    import copy
+    from types import SimpleNamespace
+
+    from himap_trt.engines.build import check_flavour_parses
+    from himap_trt.engines.compat import missing_operators, support_table
+    from himap_trt.errors import HimapError
+
+    form = SimpleNamespace(kv_write="attention")
+    assert missing_operators({"Attention": 24, "TensorScatter": 24}) == ["Attention (opset 24)"]
+    assert missing_operators({"MatMul": 18, "Softmax": 20}) == []          # the 10.1 matrix, within 9..20
+    assert missing_operators({"MatMul": 21}) == ["MatMul (opset 21)"]
+    taking = copy.deepcopy(support_table())
+    taking["since"]["ops"]["Attention"] = dict(taking["since"]["ops"]["TensorScatter"], opset=24)
+    check_flavour_parses(form, "tensorrt", taking)
+    check_flavour_parses(form, "rtx")
+    check_flavour_parses(SimpleNamespace(kv_write="scatternd"), "tensorrt")
+    lacking = copy.deepcopy(taking)
+    del lacking["since"]["ops"]["TensorScatter"]
+    with pytest.raises(HimapError, match=r"use TensorScatter \(opset 24\), which"):
+        check_flavour_parses(form, "tensorrt", lacking)
+    old = copy.deepcopy(taking)
+    old["since"]["ops"]["Attention"]["opset"] = 23
+    with pytest.raises(HimapError, match=r"use Attention \(opset 24\), which"):
+        check_flavour_parses(form, "tensorrt", old)
 
 
 def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
@@ -227,7 +259,7 @@ def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
     from himap_trt.cli import app
     from himap_trt.engines.build import attention_note
     from himap_trt.errors import HimapError
-    from himap_trt.export import ExportOptions
+    from himap_trt.export import DEFAULT_OPSET, ExportOptions
     from himap_trt.manifest import DEFAULT_KV_WRITE
 
     assert ExportOptions(out=tmp_path / "a").kv_write == DEFAULT_KV_WRITE
@@ -235,13 +267,20 @@ def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="bf16").kv_write == "attention"
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="fp32").kv_write == "scatternd"
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", kv_write="gqa").kv_write == "gqa"   # explicit wins
+    # --opset: by default 18 (the segment graphs of the opset-24 forms at 24); explicit values hold for the others
+    assert ExportOptions(out=tmp_path / "a", kv_write="attention").opset == DEFAULT_OPSET == 18
+    assert ExportOptions(out=tmp_path / "a", kv_write="scatternd", opset=20).opset == 20
     with pytest.raises(HimapError, match="--target must be one of"):
         ExportOptions(out=tmp_path / "a", target="tpu")
     assert "--target tensorrt" in attention_note(SimpleNamespace(kv_write="scatternd", dtype="float16"))
     assert attention_note(SimpleNamespace(kv_write="scatternd", dtype="float32")) is None
     assert attention_note(SimpleNamespace(kv_write="attention", dtype="float16")) is None
     for args, message in ((["--target", "tpu"], "--target must be one of"),
-                          (["--kv-write", "attention", "--max-seq-len", "100"], "--max-seq-len must be in")):
+                          (["--kv-write", "attention", "--max-seq-len", "100"], "--max-seq-len must be in"),
+                          (["--kv-write", "attention", "--opset", "18"], "--kv-write attention needs ONNX opset 24"),
+                          (["--kv-write", "tensorscatter", "--opset", "20"], "tensorscatter needs ONNX opset 24"),
+                          (["--target", "tensorrt", "--dtype", "fp16", "--opset", "19"],
+                           "--target tensorrt's --kv-write attention needs ONNX opset 24")):
         out = tmp_path / "export"
         result = CliRunner().invoke(app, ["export", "--model", "tiny", "--out", str(out), *args])
         assert result.exit_code != 0 and message in result.stderr, result.stderr

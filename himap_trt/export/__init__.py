@@ -51,7 +51,7 @@ from himap_trt.runtime.kv_cache import torch_dtype
 from himap_trt.runtime.loader import check_device
 from himap_trt.signing import check_private_key, sign_directory
 
-__all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
+__all__ = ["ExportOptions", "export_model", "export_specs", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
 
 @dataclass(frozen=True)
@@ -218,10 +218,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     arch = get_architecture(dims.architecture)
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
-    specs = graph_specs(dims, plan, dtype, arch=arch)
-    if options.kv_write == "attention":     # TensorRT's KV-cache update needs a cache of static length
-        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
-                                                                variable_image_tokens=arch.variable_image_tokens))
+    specs = export_specs(loaded.dims, plan, dtype, options.kv_write, max_seq_len)
     quantization = options.quantization(dims)
     specs = recorded_specs(specs, quantization.to_dict() if quantization is not None else {})
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
@@ -312,6 +309,26 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             sign_directory(tmp, options.sign_key, "--sign")
             write_point("export:signature")
     return manifest, checks
+
+
+def export_specs(dims, plan: PruningPlan, dtype: str, kv_write: str, max_seq_len: int) -> list[GraphSpec]:
+    """The graphs an export of ``plan`` declares, in execution order (before quantization is recorded on them).
+
+    Args:
+        dims: the model's :class:`~himap_trt.dims.ModelDims` (its image-token bound set from ``plan`` here).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        kv_write: the export's form; ``attention`` fixes every segment's cache axis to its static length
+            (TensorRT's KV-cache update needs a cache of static length;
+            :func:`himap_trt.graphs.spec.segment_cache_lengths`).
+        max_seq_len: tokens (prompt + generated) per sequence, already checked.
+    """
+    dims = plan_dims(dims, plan)
+    arch = get_architecture(dims.architecture)
+    specs = graph_specs(dims, plan, dtype, arch=arch)
+    if kv_write == "attention":
+        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
+                                                                variable_image_tokens=arch.variable_image_tokens))
+    return specs
 
 
 def check_reference_device(device: str) -> None:

@@ -4,9 +4,15 @@ length fixed at export, written by ``TensorScatter`` in place.
 - The graphs hold what the form says: per segment one Attention and two TensorScatter nodes per layer,
   no Softmax, no repeat_kv (Expand) of the cache; the cache axis is static.
 - ONNX Runtime = the PyTorch reference token for token (padded batch of 3 and batch 1, grouped-query
-  heads), kept indices of HiMAP, FastV and VisiPruner included; slots joining and leaving = solo runs.
+  heads), HiMAP's kept indices included; slots joining and leaving = solo runs.
 - The write is in place: ONNX Runtime's TensorScatter warns when it copies the cache, and does not
   when the ``present`` output is bound to the ``past`` buffer (the pipeline's binding).
+
+CI time: one validated export per family (LLaVA tiny-gqa HiMAP, shared by every LLaVA test here and by
+test_triton.py; Qwen2.5-VL; Qwen3-VL). FastV and VisiPruner have no case of their own: the form changes
+only the segment graphs, and a scoring graph reads the same segment outputs whatever its criterion
+(``query.{K-1}`` and ``present.{K-1}.key``, sliced to the prompt by the pipeline), which the HiMAP case's
+kept indices check. The TensorRT-RTX builds compose only the segment graphs (the export's composer).
 """
 
 import onnx
@@ -24,8 +30,6 @@ MAX_SEQ_LEN = 320
 NEW_TOKENS = 12
 CASES = [
     pytest.param("tiny-gqa", "himap", dict(k1=2, r1=0.5, k2=8, r2=0.75), id="tiny-gqa-himap"),
-    pytest.param("tiny", "fastv", dict(k=2, r=0.5), id="tiny-fastv"),
-    pytest.param("tiny-gqa", "visipruner", dict(mid_layer=4, deep_layer=8), id="tiny-gqa-visipruner"),
 ]
 
 
@@ -63,7 +67,7 @@ def test_attention_form_equals_reference(tmp_path_factory, name, method, kw, req
     images, questions = requests_3
     pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     ref = reference_pipeline(tiny(name), manifest.plan)
-    for size in (3, 1) if method == "himap" else (3,):     # batch 1 once (CI time)
+    for size in (3, 1):
         batch = ref.prepare(images[:size], questions[:size])
         if size == 3:
             assert (batch.attention_mask == 0).any(), "the batch should be padded"
@@ -168,34 +172,45 @@ RTX_VARIANTS = [("tiny-gqa", "fp16"), ("tiny-qwen2.5-vl", "bf16"), ("tiny-qwen3-
 
 
 @pytest.mark.parametrize("name,dtype", RTX_VARIANTS, ids=[f"{n}-{d}" for n, d in RTX_VARIANTS])
-def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path_factory, name, dtype):
+def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path, name, dtype):
     """The real TensorRT-RTX parser makes one attention (ATTENTION_INPUT/OUTPUT) and two KV_CACHE_UPDATE
     layers per decoder layer of every segment and no SOFTMAX (no MatMul-Softmax-MatMul left); the
-    builder builds each segment for SM86 with the export's profiles."""
+    builder builds each segment for SM86 with the export's profiles. The segment graphs are written by the
+    export's own composer (``export_specs`` + ``SegmentComposer``, what ``export_model`` runs per segment)
+    without the other graphs, which TensorRT builds the same in every form (CI time)."""
     pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (`make install`; TRT_RTX=0 skips it)")
     from collections import Counter
+    from types import SimpleNamespace
 
     from himap_trt.engines.build import BuildTarget, build_engine_bytes, check_buildable
     from himap_trt.engines.flavour import RTX, rtx_header_capabilities
     from himap_trt.engines.parser import parse_network
     from himap_trt.engines.profiles import graph_profiles
+    from himap_trt.export import DEFAULT_OPSET, export_specs
+    from himap_trt.export.compose import SegmentComposer
+    from himap_trt.graphs.spec import DTYPE_NAMES
+    from himap_trt.models import load_model
+    from himap_trt.models.loading import DTYPES
+    from himap_trt.plan import build_plan
 
-    out, manifest, _ = exported(tmp_path_factory, name, "himap", dtype=dtype, validate=False, kv_write="attention",
-                                max_seq_len=MAX_SEQ_LEN)
-    check_buildable(manifest, out)
+    loaded = load_model(name, dtype=DTYPES[dtype])
+    plan = build_plan("himap", num_layers=loaded.dims.num_layers, num_image_tokens=loaded.dims.num_image_tokens)
+    segments = [spec for spec in export_specs(loaded.dims, plan, DTYPE_NAMES[dtype], "attention", MAX_SEQ_LEN)
+                if spec.kind == "segment"]
+    check_buildable(SimpleNamespace(kv_write="attention", dtype=DTYPE_NAMES[dtype], quantize="none"), tmp_path)
+    composer = SegmentComposer(loaded.model, DTYPE_NAMES[dtype], DEFAULT_OPSET, "attention")
     trt = RTX.module()
-    for spec in manifest.graphs:
-        if spec.kind != "segment":
-            continue
+    for spec in segments:
+        path = composer.export(spec, tmp_path / f"{spec.name}.onnx")
         logger = trt.Logger(trt.Logger.ERROR)
-        network, _parser = parse_network(trt, trt.Builder(logger), logger, out / spec.file)
+        network, _parser = parse_network(trt, trt.Builder(logger), logger, path)
         types = Counter(network.get_layer(i).type.name for i in range(network.num_layers))
         layers = spec.layers[1] - spec.layers[0]
         assert (types["ATTENTION_INPUT"], types["ATTENTION_OUTPUT"], types["KV_CACHE_UPDATE"]) == \
             (layers, layers, 2 * layers), (spec.name, dict(types))
         assert types["SOFTMAX"] == 0, (spec.name, dict(types))
-        profiles = graph_profiles(spec, manifest.plan, max_batch=2, max_seq_len=256)
-        engine = build_engine_bytes(BuildTarget(RTX, ("8.6",)), out / spec.file, profiles, optimization_level=0)
+        profiles = graph_profiles(spec, plan, max_batch=2, max_seq_len=256)
+        engine = build_engine_bytes(BuildTarget(RTX, ("8.6",)), path, profiles, optimization_level=0)
         assert rtx_header_capabilities(engine) == ("8.6",), spec.name
 
 

@@ -321,3 +321,30 @@ def test_serving_engine_runs_the_attention_form_like_run(tmp_path_factory, reque
     finally:
         engine.stop(timeout=10)
     assert done == solo
+
+
+def test_bench_table_is_legible_when_piped(tmp_path_factory):
+    """`bench`'s table printed to a pipe (not a terminal: rich would cut it to 80 columns) is at its natural
+    width: every header and figure whole, the load average in its title, and each row's TTFT ratio the row's
+    TTFT over the base's (the first contender here)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    out, _, _ = _export(tmp_path_factory, *CASES[0].values)
+    result = CliRunner().invoke(app, ["bench", "--export-dir", str(out), "--export-dir", str(out), "--max-new-tokens",
+                                      "2", "--repeats", "1", "--full-cache"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout and "load_average(1/5/15 min)=" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "TTFT ms" in line)
+    assert "TTFT/base" in header and "peak RSS +MiB" in header and len(header) > 80
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("│") and "himap (attention)" in line]
+    assert len(rows) == 2 and rows[1][0] == f"himap (attention) ({out})"
+    columns = [cell.strip() for cell in header.split("┃")[1:-1]]
+    ttft, ratio = columns.index("TTFT ms"), columns.index("TTFT/base")
+    assert rows[0][ratio] == "1.00x"
+    assert float(rows[1][ratio].rstrip("x")) == pytest.approx(float(rows[1][ttft]) / float(rows[0][ttft]), rel=0.01, abs=0.01)
+    assert re.search(r"prefill per graph, himap \(attention\) \(batch 1, 2 new\): .*segment_0 [\d.]+ ms", result.stdout)

@@ -65,6 +65,11 @@ def target_kv_write(target: str, dtype: str) -> str:
 #: ONNX opset of the ``attention`` form's segment graphs (``Attention`` with ``nonpad_kv_seqlen``,
 #: ``TensorScatter``).
 ATTENTION_OPSET = 24
+#: The ONNX opset the segment graphs of a ``kv_write`` form need (its cache-write / attention operators); the
+#: forms not named here hold at any ``--opset``. An export of such a form takes no explicit ``--opset`` below it
+#: (its segment graphs could not be at that opset); by default its segment graphs are at this opset and its
+#: other graphs at the default opset (docs/ARCHITECTURE.md "The attention form").
+KV_WRITE_OPSETS = {"tensorscatter": 24, "attention": ATTENTION_OPSET}
 #: Floating dtypes TensorRT-RTX 1.7.1 builds the ``attention`` form in (fp32: "Attention operation was not
 #: supported by a dedicated kernel"; ../shared/TENSORRT-RTX.md).
 TENSORRT_ATTENTION_DTYPES = ("float16", "bfloat16")
@@ -158,7 +163,8 @@ class Manifest:
         model_hash: ``blake2b-128:<hex>`` of the model config and every weight tensor.
         plan: the pruning plan the graphs implement.
         dtype: floating dtype of the graphs (``float32``, ``float16``, ``bfloat16``).
-        opset: ONNX opset of every graph.
+        opset: ONNX opset of the graphs (``--opset``); the segment graphs of a form in :data:`KV_WRITE_OPSETS`
+            are at that form's opset.
         max_seq_len: most tokens (prompt + generated) per sequence the export is meant for.
         dims: the model's dimensions.
         image_token_id / eos_token_ids / pad_token_id: token ids the runtime needs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -147,11 +148,14 @@ def bench(
     factory = ((lambda size: pipe.prepare([clip] * size, [question] * size)) if clip else
                (lambda size: bench_lib.sample_batch(pipe, size)))
     flops = video_flops(pipe.prepare([clip], [question]), manifests, contenders) if clip else None
+    load_before = os.getloadavg()
     figures = bench_lib.run_bench(contenders, factory, batch_sizes=sizes, new_tokens=lengths,
                         repeats=repeats, progress=lambda text: err.print(f"[dim]{text}[/]"))
     setup = {"backend": first[1].backend, "device": first[1].device, "model": first[0].source_model,
              "dtype": first[0].dtype, "threads": torch.get_num_threads(), "repeats": repeats,
-             "ignore_eos": ignore_eos, "exports": [str(d) for d in export_dirs]}
+             "ignore_eos": ignore_eos, "full_cache": full_cache,
+             "load_average": {"start": _load(load_before), "end": _load(os.getloadavg())},
+             "exports": [str(d) for d in export_dirs]}
     if clip:
         setup["video"] = {"file": str(video), "frames": len(clip.frames), "fps": clip.fps, "prefill_flops": flops}
     if plot_path:
@@ -159,23 +163,35 @@ def bench(
     if as_json:
         print(json.dumps(bench_lib.figures_to_json(figures, setup), indent=1))
         return
+    from rich.measure import Measurement
     from rich.table import Table
 
-    table = Table(title=" ".join(f"{k}={v}" for k, v in setup.items() if k != "exports"), title_justify="left")
-    for column in ("contender", "batch", "new", "prompt", "TTFT ms", "TPOT ms", "ITL p50", "ITL p99", "tok/s",
-                   "peak RSS +MiB", "KV MiB"):
+    load = setup["load_average"]
+    title = " ".join(f"{k}={v}" for k, v in setup.items() if k not in ("exports", "load_average"))
+    title += f" load_average(1/5/15 min)={'/'.join(load['start'])} at start, {'/'.join(load['end'])} at end"
+    table = Table(title=title, title_justify="left")
+    # ratios: each contender's median over the base's at the same batch size and answer length (< 1: faster)
+    base = contenders[-1].name if vs_transformers else contenders[0].name
+    for column in ("contender", "batch", "new", "prompt", "TTFT ms", "TPOT ms", "TTFT/base", "TPOT/base", "ITL p50",
+                   "ITL p99", "tok/s", "peak RSS +MiB", "KV MiB"):
         table.add_column(column, justify="left" if column == "contender" else "right")
     for f in figures:
+        ref = next(g for g in figures if g.contender == base and (g.batch_size, g.new_tokens) == (f.batch_size, f.new_tokens))
         table.add_row(f.contender, str(f.batch_size), str(f.new_tokens), str(f.prompt_tokens), f"{f.ttft_s * 1e3:.1f}",
-                      f"{f.tpot_s * 1e3:.2f}", f"{f.itl_p50_s * 1e3:.2f}", f"{f.itl_p99_s * 1e3:.2f}",
+                      f"{f.tpot_s * 1e3:.2f}", _ratio(f.ttft_s, ref.ttft_s), _ratio(f.tpot_s, ref.tpot_s),
+                      f"{f.itl_p50_s * 1e3:.2f}", f"{f.itl_p99_s * 1e3:.2f}",
                       f"{f.tokens_per_s:.1f}", f"{f.peak_rss_delta_bytes / 2**20:.1f}",
                       "-" if f.kv_cache_bytes is None else f"{f.kv_cache_bytes / 2**20:.1f}")
+    if not out.is_terminal:   # piped: the table at its natural width, not cut to rich's 80-column default
+        out.width = max(out.width, Measurement.get(out, out.options.update_width(10_000), table).maximum)
     out.print(table)
+    out.print(f"base of the ratios: {base}")
     for f in figures:
         if f.prefill_graph_s:
             total = sum(f.prefill_graph_s.values())
             parts = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.1%})" for k, v in f.prefill_graph_s.items())
-            out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}): {parts}; sum {total * 1e3:.1f} ms")
+            out.print(f"prefill per graph, {f.contender} (batch {f.batch_size}, {f.new_tokens} new): {parts}; "
+                      f"sum {total * 1e3:.1f} ms", soft_wrap=True)
     for name, f in (flops or {}).items():
         evs = f" -> {f['evs_kept']} (EVS)" if f["evs_kept"] != f["image_tokens"] else ""
         stages = "".join(f" -> {k}" for k in f["kept"])
@@ -184,6 +200,15 @@ def bench(
                   f"decoder {f['decoder'] / 1e9:.3f} GFLOPs, whole prompt {f['total'] / 1e9:.3f} GFLOPs")
     if plot_path:
         out.print(f"plot: {plot_path}")
+
+
+def _load(values: tuple[float, float, float]) -> list[str]:
+    """``os.getloadavg()`` as printed by ``uptime`` (1, 5 and 15 minutes)."""
+    return [f"{v:.2f}" for v in values]
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
 
 
 def video_flops(batch, manifests, contenders) -> dict[str, dict]:

@@ -224,6 +224,8 @@ def build(
     if manifest.kv_write == "attention" and length > manifest.max_seq_len:
         raise HimapError(f"--max-seq-len {length} exceeds what the caches of this --kv-write attention export hold "
                          f"({manifest.max_seq_len} tokens, fixed at export); re-export with --max-seq-len {length}")
+    chosen = installed_flavour() if tensorrt == "auto" else None       # auto: the flavour it would pick
+    engine_build.check_flavour_parses(manifest, chosen.key if chosen else tensorrt)
     engine_build.check_buildable(manifest, export_dir)
     note = engine_build.attention_note(manifest)
     if note:

@@ -79,7 +79,11 @@ def export(
     max_seq_len: Annotated[Optional[int], typer.Option(
         "--max-seq-len", help="Most tokens (prompt + generated) per sequence; sizes the TensorRT profiles.",
         show_default="the model's positions, at most 2048")] = None,
-    opset: Annotated[int, typer.Option("--opset", metavar="[18|19|20]", help="ONNX opset.")] = 18,
+    opset: Annotated[Optional[int], typer.Option(
+        "--opset", metavar="[18|19|20]",
+        help="ONNX opset of the graphs. The segment graphs of --kv-write tensorscatter and attention are at "
+             "opset 24 (their TensorScatter and Attention operators), so those forms refuse an explicit --opset.",
+        show_default="18; 24 for the segment graphs of --kv-write tensorscatter/attention")] = None,
     kv_write: Annotated[Optional[str], typer.Option(
         "--kv-write", metavar="[scatternd|tensorscatter|gqa|attention]",
         help="How segment graphs write KV caches in place: scatternd (ScatterND; ONNX Runtime, every "

@@ -27,7 +27,8 @@ from himap_trt.confine import load_onnx_proto, record_files
 # gpu_identity and has_gpu live in engines/environment.py (engines/manifest.py needs them too); imported
 # here for build_engines and for callers that import them from this module.
 from himap_trt.engines.environment import gpu_identity, has_gpu  # noqa: F401
-from himap_trt.engines.flavour import CURRENT, Flavour, has_fp32_gemms, parse_capabilities, select_flavour
+from himap_trt.engines.compat import missing_operators
+from himap_trt.engines.flavour import CURRENT, TENSORRT, Flavour, has_fp32_gemms, parse_capabilities, select_flavour
 from himap_trt.engines.chunks import layers_per_chunk, segment_chunks
 from himap_trt.engines.manifest import (
     ENGINES_FORMAT_VERSION,
@@ -132,6 +133,31 @@ def check_buildable(manifest, export_dir: Path) -> None:
         raise HimapError(f"{str(export_dir)!r} is a {manifest.dtype} export with --kv-write attention, which "
                          "TensorRT-RTX 1.7.1 cannot build (its Attention layer has no fp32 kernel); re-export with "
                          "--dtype fp16 (or bf16), or with --kv-write scatternd for fp32")
+
+
+#: The operators (and the opset they are used at) a TensorRT-parsable ``kv_write`` form adds to the segment graphs
+#: beyond the explicit form's, which a flavour's ONNX parser must take (:func:`check_flavour_parses`).
+FORM_OPERATORS = {"attention": {"Attention": 24, "TensorScatter": 24}}
+
+
+def check_flavour_parses(manifest, flavour_key: str, table: dict | None = None) -> None:
+    """Refuse, before anything is parsed or written, an export whose ``kv_write`` form needs operators the
+    flavour's ONNX parser does not take. TensorRT proper (``flavour_key`` ``tensorrt``): the operators of
+    :data:`FORM_OPERATORS` checked against its support table (``engines/tensorrt_onnx_support.json``, or
+    ``table``), which lists ``TensorScatter`` (opset 24, TensorRT 10.15) but not ``Attention``. TensorRT-RTX
+    (``rtx``): its 1.7.1 parser takes the ``attention`` form (built in CI), so nothing is checked.
+
+    Raises:
+        HimapError: one line naming the missing operators and the export that TensorRT builds.
+    """
+    if flavour_key != TENSORRT.key or manifest.kv_write not in FORM_OPERATORS:
+        return
+    missing = missing_operators(FORM_OPERATORS[manifest.kv_write], table)
+    if missing:
+        raise HimapError(f"--tensorrt tensorrt: this --kv-write {manifest.kv_write} export's segment graphs use "
+                         f"{', '.join(missing)}, which TensorRT's ONNX parser does not take according to its support "
+                         "table (himap_trt/engines/tensorrt_onnx_support.json); re-export with `himap-trt export "
+                         "--kv-write scatternd`, or build with --tensorrt rtx")
 
 
 def attention_note(manifest) -> str | None:
@@ -387,6 +413,7 @@ def build_engines(export_dir: Path, engines_dir: Path, manifest, *, max_batch: i
         check_private_key(sign_key, "--sign")
     target = target or resolve_target("auto", fp32_gemms=has_fp32_gemms(manifest.dtype, manifest.plan))
     flavour = target.flavour
+    check_flavour_parses(manifest, flavour.key)
     form = resolve_profile_form(profiles, flavour.key)
     version = flavour.version
 

@@ -165,6 +165,26 @@ def check_onnx_file(path: str | Path, table: dict[str, Any] | None = None) -> Co
     return CompatReport(path.name, len(graph.node), opset, tuple(offenses), unchecked, min_tensorrt)
 
 
+def missing_operators(operators: dict[str, int], table: dict[str, Any] | None = None) -> list[str]:
+    """The operators of ``operators`` (``{op_type: opset it is used at}``) that TensorRT's ONNX parser does not
+    take at that opset according to ``table`` (default :func:`support_table`): neither in the matrix (``supported``,
+    up to its opset maximum) nor in ``since`` (a later parser, up to the opset it brings).
+
+    Returns:
+        ``["Attention (opset 24)", ...]`` in the order given; empty when the table takes all of them.
+    """
+    table = table or support_table()
+    since = table.get("since", {}).get("ops", {})
+    missing = []
+    for op_type, opset in operators.items():
+        if op_type in table["supported"] and opset <= table["opset"]["max"]:
+            continue
+        if op_type in since and opset <= since[op_type]["opset"]:
+            continue
+        missing.append(f"{op_type} (opset {opset})")
+    return missing
+
+
 def check_export(export_dir: Path, manifest) -> list[CompatReport]:
     """Check every graph of an export (see :func:`check_onnx_file`)."""
     return [check_onnx_file(Path(export_dir) / spec.file) for spec in manifest.graphs]

@@ -33,6 +33,7 @@ from himap_trt.graphs.build import build_module
 from himap_trt.graphs.spec import DTYPE_NAMES, GraphSpec, graph_specs, segment_cache_lengths, static_cache_specs
 from himap_trt.manifest import (
     FORMAT_VERSION,
+    KV_WRITE_OPSETS,
     KV_WRITES,
     MANIFEST_NAME,
     TARGETS,
@@ -50,7 +51,7 @@ from himap_trt.runtime.kv_cache import torch_dtype
 from himap_trt.runtime.loader import check_device
 from himap_trt.signing import check_private_key, sign_directory
 
-__all__ = ["ExportOptions", "export_model", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
+__all__ = ["ExportOptions", "export_model", "export_specs", "check_reference_device", "default_max_seq_len", "check_max_seq_len", "DEFAULT_OPSET", "OPSETS"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class ExportOptions:
         out: the export directory.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (graphs are exported in this precision; scoring and
             softmax compute in float32 inside them).
-        opset: ONNX opset (18-20).
+        opset: ONNX opset (18-20) of the graphs; None: 18 (:data:`DEFAULT_OPSET`). The segment graphs of the
+            ``tensorscatter`` and ``attention`` forms are at opset 24 whatever it is
+            (:data:`himap_trt.manifest.KV_WRITE_OPSETS`), so those forms refuse an explicit ``opset`` below 24.
         max_seq_len: most tokens (prompt + generated) per sequence (tokens); None: the model's
             ``max_position_embeddings``, capped at 2048.
         validate: compare every graph with PyTorch in ONNX Runtime after export.
@@ -92,7 +95,7 @@ class ExportOptions:
 
     out: Path
     dtype: str = "fp32"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None
     max_seq_len: int | None = None
     validate: bool = True
     kv_write: str | None = None
@@ -108,8 +111,10 @@ class ExportOptions:
         check_device(self.device)
         if self.dtype not in DTYPE_NAMES:
             raise HimapError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        form = "--kv-write"
         if self.kv_write is None:       # the target's form (manifest.target_kv_write)
             object.__setattr__(self, "kv_write", target_kv_write(self.target, DTYPE_NAMES[self.dtype]))
+            form = f"--target {self.target}'s --kv-write"
         elif self.target not in TARGETS:
             raise HimapError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.validate_chunk_layers is not None and self.validate_chunk_layers < 0:
@@ -117,6 +122,13 @@ class ExportOptions:
 
         if self.kv_write not in KV_WRITES:
             raise HimapError(f"--kv-write must be one of {', '.join(KV_WRITES)}, got {self.kv_write!r}")
+        needed = KV_WRITE_OPSETS.get(self.kv_write)
+        if self.opset is None:
+            object.__setattr__(self, "opset", DEFAULT_OPSET)
+        elif needed is not None and self.opset < needed:
+            raise HimapError(f"{form} {self.kv_write} needs ONNX opset {needed} in its segment graphs, got --opset "
+                             f"{self.opset}: leave --opset out (segment graphs at opset {needed}, the others at "
+                             f"{DEFAULT_OPSET}), or export --kv-write scatternd at --opset {self.opset}")
         if self.opset not in OPSETS:
             raise HimapError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {self.opset}")
         if self.dtype not in DTYPE_NAMES:
@@ -206,10 +218,7 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
     arch = get_architecture(dims.architecture)
     dtype = DTYPE_NAMES[options.dtype]
     max_seq_len = check_max_seq_len(dims, options.max_seq_len)
-    specs = graph_specs(dims, plan, dtype, arch=arch)
-    if options.kv_write == "attention":     # TensorRT's KV-cache update needs a cache of static length
-        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
-                                                                variable_image_tokens=arch.variable_image_tokens))
+    specs = export_specs(loaded.dims, plan, dtype, options.kv_write, max_seq_len)
     quantization = options.quantization(dims)
     specs = recorded_specs(specs, quantization.to_dict() if quantization is not None else {})
     eos, pad = generation_token_ids(loaded.model.generation_config, loaded.processor.tokenizer)
@@ -300,6 +309,26 @@ def export_model(loaded, plan: PruningPlan, options: ExportOptions, progress: Pr
             sign_directory(tmp, options.sign_key, "--sign")
             write_point("export:signature")
     return manifest, checks
+
+
+def export_specs(dims, plan: PruningPlan, dtype: str, kv_write: str, max_seq_len: int) -> list[GraphSpec]:
+    """The graphs an export of ``plan`` declares, in execution order (before quantization is recorded on them).
+
+    Args:
+        dims: the model's :class:`~himap_trt.dims.ModelDims` (its image-token bound set from ``plan`` here).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        kv_write: the export's form; ``attention`` fixes every segment's cache axis to its static length
+            (TensorRT's KV-cache update needs a cache of static length;
+            :func:`himap_trt.graphs.spec.segment_cache_lengths`).
+        max_seq_len: tokens (prompt + generated) per sequence, already checked.
+    """
+    dims = plan_dims(dims, plan)
+    arch = get_architecture(dims.architecture)
+    specs = graph_specs(dims, plan, dtype, arch=arch)
+    if kv_write == "attention":
+        specs = static_cache_specs(specs, segment_cache_lengths(plan, max_seq_len,
+                                                                variable_image_tokens=arch.variable_image_tokens))
+    return specs
 
 
 def check_reference_device(device: str) -> None:

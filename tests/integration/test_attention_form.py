@@ -4,9 +4,15 @@ length fixed at export, written by ``TensorScatter`` in place.
 - The graphs hold what the form says: per segment one Attention and two TensorScatter nodes per layer,
   no Softmax, no repeat_kv (Expand) of the cache; the cache axis is static.
 - ONNX Runtime = the PyTorch reference token for token (padded batch of 3 and batch 1, grouped-query
-  heads), kept indices of HiMAP, FastV and VisiPruner included; slots joining and leaving = solo runs.
+  heads), HiMAP's kept indices included; slots joining and leaving = solo runs.
 - The write is in place: ONNX Runtime's TensorScatter warns when it copies the cache, and does not
   when the ``present`` output is bound to the ``past`` buffer (the pipeline's binding).
+
+CI time: one validated export per family (LLaVA tiny-gqa HiMAP, shared by every LLaVA test here and by
+test_triton.py; Qwen2.5-VL; Qwen3-VL). FastV and VisiPruner have no case of their own: the form changes
+only the segment graphs, and a scoring graph reads the same segment outputs whatever its criterion
+(``query.{K-1}`` and ``present.{K-1}.key``, sliced to the prompt by the pipeline), which the HiMAP case's
+kept indices check. The TensorRT-RTX builds compose only the segment graphs (the export's composer).
 """
 
 import onnx
@@ -24,8 +30,6 @@ MAX_SEQ_LEN = 320
 NEW_TOKENS = 12
 CASES = [
     pytest.param("tiny-gqa", "himap", dict(k1=2, r1=0.5, k2=8, r2=0.75), id="tiny-gqa-himap"),
-    pytest.param("tiny", "fastv", dict(k=2, r=0.5), id="tiny-fastv"),
-    pytest.param("tiny-gqa", "visipruner", dict(mid_layer=4, deep_layer=8), id="tiny-gqa-visipruner"),
 ]
 
 
@@ -63,7 +67,7 @@ def test_attention_form_equals_reference(tmp_path_factory, name, method, kw, req
     images, questions = requests_3
     pipe = open_pipeline(export_dir=out, backend="onnxruntime").pipeline
     ref = reference_pipeline(tiny(name), manifest.plan)
-    for size in (3, 1) if method == "himap" else (3,):     # batch 1 once (CI time)
+    for size in (3, 1):
         batch = ref.prepare(images[:size], questions[:size])
         if size == 3:
             assert (batch.attention_mask == 0).any(), "the batch should be padded"
@@ -168,52 +172,95 @@ RTX_VARIANTS = [("tiny-gqa", "fp16"), ("tiny-qwen2.5-vl", "bf16"), ("tiny-qwen3-
 
 
 @pytest.mark.parametrize("name,dtype", RTX_VARIANTS, ids=[f"{n}-{d}" for n, d in RTX_VARIANTS])
-def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path_factory, name, dtype):
+def test_tensorrt_rtx_builds_attention_and_kv_cache_update_layers(tmp_path, name, dtype):
     """The real TensorRT-RTX parser makes one attention (ATTENTION_INPUT/OUTPUT) and two KV_CACHE_UPDATE
     layers per decoder layer of every segment and no SOFTMAX (no MatMul-Softmax-MatMul left); the
-    builder builds each segment for SM86 with the export's profiles."""
+    builder builds each segment for SM86 with the export's profiles. The segment graphs are written by the
+    export's own composer (``export_specs`` + ``SegmentComposer``, what ``export_model`` runs per segment)
+    without the other graphs, which TensorRT builds the same in every form (CI time)."""
     pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (`make install`; TRT_RTX=0 skips it)")
     from collections import Counter
+    from types import SimpleNamespace
 
     from himap_trt.engines.build import BuildTarget, build_engine_bytes, check_buildable
     from himap_trt.engines.flavour import RTX, rtx_header_capabilities
     from himap_trt.engines.parser import parse_network
     from himap_trt.engines.profiles import graph_profiles
+    from himap_trt.export import DEFAULT_OPSET, export_specs
+    from himap_trt.export.compose import SegmentComposer
+    from himap_trt.graphs.spec import DTYPE_NAMES
+    from himap_trt.models import load_model
+    from himap_trt.models.loading import DTYPES
+    from himap_trt.plan import build_plan
 
-    out, manifest, _ = exported(tmp_path_factory, name, "himap", dtype=dtype, validate=False, kv_write="attention",
-                                max_seq_len=MAX_SEQ_LEN)
-    check_buildable(manifest, out)
+    loaded = load_model(name, dtype=DTYPES[dtype])
+    plan = build_plan("himap", num_layers=loaded.dims.num_layers, num_image_tokens=loaded.dims.num_image_tokens)
+    segments = [spec for spec in export_specs(loaded.dims, plan, DTYPE_NAMES[dtype], "attention", MAX_SEQ_LEN)
+                if spec.kind == "segment"]
+    check_buildable(SimpleNamespace(kv_write="attention", dtype=DTYPE_NAMES[dtype], quantize="none"), tmp_path)
+    composer = SegmentComposer(loaded.model, DTYPE_NAMES[dtype], DEFAULT_OPSET, "attention")
     trt = RTX.module()
-    for spec in manifest.graphs:
-        if spec.kind != "segment":
-            continue
+    for spec in segments:
+        path = composer.export(spec, tmp_path / f"{spec.name}.onnx")
         logger = trt.Logger(trt.Logger.ERROR)
-        network, _parser = parse_network(trt, trt.Builder(logger), logger, out / spec.file)
+        network, _parser = parse_network(trt, trt.Builder(logger), logger, path)
         types = Counter(network.get_layer(i).type.name for i in range(network.num_layers))
         layers = spec.layers[1] - spec.layers[0]
         assert (types["ATTENTION_INPUT"], types["ATTENTION_OUTPUT"], types["KV_CACHE_UPDATE"]) == \
             (layers, layers, 2 * layers), (spec.name, dict(types))
         assert types["SOFTMAX"] == 0, (spec.name, dict(types))
-        profiles = graph_profiles(spec, manifest.plan, max_batch=2, max_seq_len=256)
-        engine = build_engine_bytes(BuildTarget(RTX, ("8.6",)), out / spec.file, profiles, optimization_level=0)
+        profiles = graph_profiles(spec, plan, max_batch=2, max_seq_len=256)
+        engine = build_engine_bytes(BuildTarget(RTX, ("8.6",)), path, profiles, optimization_level=0)
         assert rtx_header_capabilities(engine) == ("8.6",), spec.name
 
 
 def test_build_refuses_what_it_cannot_build_or_would_run_badly(tmp_path_factory, tmp_path):
-    """fp32 attention (no TensorRT-RTX kernel) and a --max-seq-len beyond the static caches: one line each,
-    nothing written; an fp16 scatternd export builds with a one-line note naming the fixing export."""
+    """fp32 attention (no TensorRT-RTX kernel), a --max-seq-len beyond the static caches, and TensorRT proper,
+    whose parser support table lacks the opset-24 Attention operator: one line each, nothing written."""
     from typer.testing import CliRunner
 
     from himap_trt.cli import app
 
-    out, _, _ = _export(tmp_path_factory, *CASES[0].values)                  # fp32, attention, 320 tokens
-    for extra, message in (([], "--dtype fp16"), (["--max-seq-len", "400"], "--max-seq-len 400")):
+    out, manifest, _ = _export(tmp_path_factory, *CASES[0].values)            # fp32, attention, 320 tokens
+    for extra, messages in ((["--tensorrt", "rtx"], ["--dtype fp16"]),
+                            (["--tensorrt", "rtx", "--max-seq-len", "400"], ["--max-seq-len 400"]),
+                            (["--tensorrt", "tensorrt"], ["Attention (opset 24)", "export --kv-write scatternd"])):
         engines = tmp_path / "engines"
         result = CliRunner().invoke(app, ["build", "--export-dir", str(out), "--engines", str(engines),
-                                          "--tensorrt", "rtx", "--compute-capability", "8.6", *extra])
-        assert result.exit_code != 0 and message in result.stderr, result.stderr
+                                          "--compute-capability", "8.6", *extra])
+        assert result.exit_code != 0 and all(m in result.stderr for m in messages), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not engines.exists()
+
+
+def test_flavour_check_follows_the_support_table():
+    """The TensorRT-proper refusal is the table's verdict, not a constant: a table whose ``since`` lists
+    Attention at opset 24 passes the export, one without TensorScatter names only that, an opset-23 entry is
+    not enough; TensorRT-RTX (whose parser builds the form in CI) is never refused by it."""
+    import copy
+    from types import SimpleNamespace
+
+    from himap_trt.engines.build import check_flavour_parses
+    from himap_trt.engines.compat import missing_operators, support_table
+    from himap_trt.errors import HimapError
+
+    form = SimpleNamespace(kv_write="attention")
+    assert missing_operators({"Attention": 24, "TensorScatter": 24}) == ["Attention (opset 24)"]
+    assert missing_operators({"MatMul": 18, "Softmax": 20}) == []          # the 10.1 matrix, within 9..20
+    assert missing_operators({"MatMul": 21}) == ["MatMul (opset 21)"]
+    taking = copy.deepcopy(support_table())
+    taking["since"]["ops"]["Attention"] = dict(taking["since"]["ops"]["TensorScatter"], opset=24)
+    check_flavour_parses(form, "tensorrt", taking)
+    check_flavour_parses(form, "rtx")
+    check_flavour_parses(SimpleNamespace(kv_write="scatternd"), "tensorrt")
+    lacking = copy.deepcopy(taking)
+    del lacking["since"]["ops"]["TensorScatter"]
+    with pytest.raises(HimapError, match=r"use TensorScatter \(opset 24\), which"):
+        check_flavour_parses(form, "tensorrt", lacking)
+    old = copy.deepcopy(taking)
+    old["since"]["ops"]["Attention"]["opset"] = 23
+    with pytest.raises(HimapError, match=r"use Attention \(opset 24\), which"):
+        check_flavour_parses(form, "tensorrt", old)
 
 
 def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
@@ -227,7 +274,7 @@ def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
     from himap_trt.cli import app
     from himap_trt.engines.build import attention_note
     from himap_trt.errors import HimapError
-    from himap_trt.export import ExportOptions
+    from himap_trt.export import DEFAULT_OPSET, ExportOptions
     from himap_trt.manifest import DEFAULT_KV_WRITE
 
     assert ExportOptions(out=tmp_path / "a").kv_write == DEFAULT_KV_WRITE
@@ -235,13 +282,20 @@ def test_target_picks_the_form_and_bad_inputs_are_one_line(tmp_path):
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="bf16").kv_write == "attention"
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", dtype="fp32").kv_write == "scatternd"
     assert ExportOptions(out=tmp_path / "a", target="tensorrt", kv_write="gqa").kv_write == "gqa"   # explicit wins
+    # --opset: by default 18 (the segment graphs of the opset-24 forms at 24); explicit values hold for the others
+    assert ExportOptions(out=tmp_path / "a", kv_write="attention").opset == DEFAULT_OPSET == 18
+    assert ExportOptions(out=tmp_path / "a", kv_write="scatternd", opset=20).opset == 20
     with pytest.raises(HimapError, match="--target must be one of"):
         ExportOptions(out=tmp_path / "a", target="tpu")
     assert "--target tensorrt" in attention_note(SimpleNamespace(kv_write="scatternd", dtype="float16"))
     assert attention_note(SimpleNamespace(kv_write="scatternd", dtype="float32")) is None
     assert attention_note(SimpleNamespace(kv_write="attention", dtype="float16")) is None
     for args, message in ((["--target", "tpu"], "--target must be one of"),
-                          (["--kv-write", "attention", "--max-seq-len", "100"], "--max-seq-len must be in")):
+                          (["--kv-write", "attention", "--max-seq-len", "100"], "--max-seq-len must be in"),
+                          (["--kv-write", "attention", "--opset", "18"], "--kv-write attention needs ONNX opset 24"),
+                          (["--kv-write", "tensorscatter", "--opset", "20"], "tensorscatter needs ONNX opset 24"),
+                          (["--target", "tensorrt", "--dtype", "fp16", "--opset", "19"],
+                           "--target tensorrt's --kv-write attention needs ONNX opset 24")):
         out = tmp_path / "export"
         result = CliRunner().invoke(app, ["export", "--model", "tiny", "--out", str(out), *args])
         assert result.exit_code != 0 and message in result.stderr, result.stderr
@@ -267,3 +321,30 @@ def test_serving_engine_runs_the_attention_form_like_run(tmp_path_factory, reque
     finally:
         engine.stop(timeout=10)
     assert done == solo
+
+
+def test_bench_table_is_legible_when_piped(tmp_path_factory):
+    """`bench`'s table printed to a pipe (not a terminal: rich would cut it to 80 columns) is at its natural
+    width: every header and figure whole, the load average in its title, and each row's TTFT ratio the row's
+    TTFT over the base's (the first contender here)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from himap_trt.cli import app
+
+    out, _, _ = _export(tmp_path_factory, *CASES[0].values)
+    result = CliRunner().invoke(app, ["bench", "--export-dir", str(out), "--export-dir", str(out), "--max-new-tokens",
+                                      "2", "--repeats", "1", "--full-cache"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout and "load_average(1/5/15 min)=" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "TTFT ms" in line)
+    assert "TTFT/base" in header and "peak RSS +MiB" in header and len(header) > 80
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("│") and "himap (attention)" in line]
+    assert len(rows) == 2 and rows[1][0] == f"himap (attention) ({out})"
+    columns = [cell.strip() for cell in header.split("┃")[1:-1]]
+    ttft, ratio = columns.index("TTFT ms"), columns.index("TTFT/base")
+    assert rows[0][ratio] == "1.00x"
+    assert float(rows[1][ratio].rstrip("x")) == pytest.approx(float(rows[1][ttft]) / float(rows[0][ttft]), rel=0.01, abs=0.01)
+    assert re.search(r"prefill per graph, himap \(attention\) \(batch 1, 2 new\): .*segment_0 [\d.]+ ms", result.stdout)

@@ -7,6 +7,7 @@ code path `run` takes), token for token. One server serves the module; it is alw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -58,8 +59,10 @@ def repository(tiny_export, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(repository, tmp_path_factory):
+@contextlib.contextmanager
+def serving(repository, tmp_path_factory):
+    """A tritonserver on loopback ports serving ``repository`` (KIND_CPU), stopped on leaving; it must stop
+    cleanly, no stub crashed."""
     from himap_trt.triton.server import TritonServer, free_port
 
     log_path = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
@@ -71,6 +74,7 @@ def server(repository, tmp_path_factory):
             server.wait_ready(240)
         except HimapError:
             log.flush()
+            server.stop()
             pytest.fail(f"tritonserver did not become ready:\n{log_path.read_text()[-4000:]}")
         try:
             yield server
@@ -78,6 +82,12 @@ def server(repository, tmp_path_factory):
             code = server.stop()
     assert code == 0, log_path.read_text()[-4000:]
     assert "terminate called" not in log_path.read_text(), "a stub crashed"
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    with serving(repository, tmp_path_factory) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +361,28 @@ def test_malformed_requests_get_triton_errors(server, image_bytes):
         assert len(answer.token_ids) >= 1
     with grpcclient.InferenceServerClient(server.grpc_url) as grpc:
         assert grpc.is_server_live() and grpc.is_server_ready()
+
+
+@needs_triton
+def test_attention_form_served_like_run(tmp_path_factory, photo, image_bytes):
+    """``--kv-write attention`` (issue 28) in Triton: the model's continuous-batching engine over the export's
+    static slot caches (TensorScatter written in place through the pipeline's I/O binding), four requests at
+    once on one gRPC stream, each answers as ``run``'s pipeline alone (text, tokens, kept image positions).
+    The export is test_attention_form.py's (tiny-gqa: grouped-query heads; same session key)."""
+    from himap_trt.runtime.loader import open_pipeline
+
+    export = exported(tmp_path_factory, "tiny-gqa", "himap", kv_write="attention", max_seq_len=320,
+                      k1=2, r1=0.5, k2=8, r2=0.75)[0]
+    repository = tmp_path_factory.mktemp("triton-attention") / "model_repository"
+    write_repository(export, repository, RepositoryOptions(max_batch=4, default_max_tokens=8))
+    requests = [dict(image=image_bytes, question=QUESTIONS[i], max_tokens=5 + i) for i in range(4)]
+    opened = open_pipeline(export_dir=export, backend="onnxruntime", device="cpu")
+    try:
+        expected = [solo(opened.pipeline, photo, r["question"], r["max_tokens"]) for r in requests]
+    finally:
+        opened.pipeline.close()
+    with serving(repository, tmp_path_factory) as running:
+        answers, errors = stream(running.grpc_url, requests)
+    assert not errors and len(answers) == 4
+    for i, (text, ids, kept) in enumerate(expected):
+        assert (answers[str(i)].text, answers[str(i)].token_ids, answers[str(i)].kept_image_positions) == (text, ids, kept)

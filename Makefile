@@ -55,6 +55,9 @@ demo: $(VENV)/.installed
 	$(BIN)/himap-trt export --model shapes --out export
 	$(BIN)/python -m himap_trt.data.shapes --out demo-scenes --n 4 --seed 1
 	$(BIN)/himap-trt run --batch demo-scenes/questions.jsonl --export-dir export
+	$(BIN)/himap-trt export --model motion --out export-motion
+	$(BIN)/python -m himap_trt.data.motion --out demo-clips --n 1 --seed 1
+	$(BIN)/himap-trt run --batch demo-clips/questions.jsonl --export-dir export-motion
 	$(BIN)/himap-trt export --model tiny --out export-tiny
 	$(BIN)/himap-trt run "$(PHOTO)" "What is the woman in the photo wearing?" --export-dir export-tiny
 
@@ -64,4 +67,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf export export-tiny demo-scenes engines eval.png .pytest_cache
+	rm -rf export export-tiny export-motion demo-scenes demo-clips engines eval.png .pytest_cache

@@ -18,13 +18,17 @@ analyze_lib = lazy_import("himap_trt.analysis.analyze")
 loading = lazy_import("himap_trt.models.loading")
 models = lazy_import("himap_trt.models")
 prompt = lazy_import("himap_trt.prompt")
+video_defaults = lazy_import("himap_trt.video")
 
 #: Parameters below which ``--threads 0`` runs PyTorch on one CPU thread.
 SMALL_MODEL = 100_000_000
 
 
 def read_requests(data: Optional[Path], image: Optional[Path], question: Optional[str], limit: Optional[int]):
-    """(image path, question, answer or None) triples from ``--data`` JSONL or IMAGE QUESTION.
+    """(image path, question, answer or None, video sampling or None) from ``--data`` JSONL or IMAGE
+    QUESTION. A line may name a ``video`` instead of an ``image`` (Qwen families), with optional
+    ``fps`` and ``max_frames`` (defaults: ``run``'s ``--video-fps`` / ``--max-frames``); its
+    sampling is then ``{"fps": .., "max_frames": ..}``.
 
     Raises:
         HimapError: naming the file and line for malformed input.
@@ -40,17 +44,22 @@ def read_requests(data: Optional[Path], image: Optional[Path], question: Optiona
                 continue
             try:
                 item = json.loads(line)
-                path, text = Path(item["image"]), str(item["question"])
+                path, text = Path(item["video"] if "video" in item else item["image"]), str(item["question"])
                 answer = item.get("answer")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise HimapError(f"{data}:{number}: expected a JSON object with \"image\" and \"question\" "
+                sampling = None
+                if "video" in item:
+                    sampling = {"fps": float(item.get("fps", video_defaults.DEFAULT_FPS)),
+                                "max_frames": int(item.get("max_frames", video_defaults.DEFAULT_MAX_FRAMES))}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+                raise HimapError(f"{data}:{number}: expected a JSON object with \"image\" (or \"video\", with "
+                                 f"optional numbers \"fps\" and \"max_frames\") and \"question\" "
                                  f"(and optionally \"answer\")") from None
             items.append((path if path.is_absolute() else data.parent / path, text,
-                          None if answer is None else str(answer)))
+                          None if answer is None else str(answer), sampling))
         if not items:
             raise HimapError(f"--data file {str(data)!r} holds no requests")
     elif image is not None and question is not None:
-        items = [(image, question, None)]
+        items = [(image, question, None, None)]
     else:
         raise HimapError("pass an IMAGE and a QUESTION, or --data FILE with one JSON request per line")
     if limit is not None:
@@ -115,8 +124,9 @@ def analyze(
         "--model", help="Hugging Face hub id, local checkpoint directory, or built-in 'tiny' / 'tiny-gqa'.")] = "tiny",
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="JSONL file, one {\"image\": path, \"question\": text, \"answer\": text (optional)} per "
-                       "line (relative paths: relative to the file). Without an answer, the model's greedy "
-                       "next token is the target of the saliency.")] = None,
+                       "line, or {\"video\": path, \"fps\"?, \"max_frames\"?, ...} for a clip (Qwen families) (relative "
+                       "paths: relative to the file). Without an answer, the model's greedy next token is the "
+                       "target of the saliency.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for analysis.json and the PNG plots.")] = Path("analysis"),
     limit: Annotated[Optional[int], typer.Option("--limit", help="Analyze only the first N requests.",
                                                  show_default=False)] = None,
@@ -151,7 +161,9 @@ def analyze(
         raise HimapError(f"--out {str(out_dir)!r} exists and is not a directory")
     items = read_requests(data, image, question, limit)
     torch_dtype = loading.parse_dtype(dtype)
-    requests = [analyze_lib.Request(prompt.load_image(path), q, answer) for path, q, answer in items]
+    requests = [analyze_lib.Request(prompt.load_image(path) if sampling is None else
+                                    video_defaults.load_video(path, name=str(path), **sampling), q, answer)
+                for path, q, answer, sampling in items]
     err.print(f"loading {model} ({dtype}, {device})")
     loaded = models.load_model(model, dtype=torch_dtype, device=device)
     dims = loaded.dims

@@ -68,14 +68,15 @@ def _open_methods(export_dirs: list[Path], model: Optional[str], methods: list[s
 def eval_command(
     data: Annotated[str, typer.Option(
         "--data", help="Questions: a JSONL file (one {\"image\", \"question\", \"answers\": [..], \"choices\": [..]?} per "
-                       "line; images relative to the file) or shapes:N (N generated held-out questions).",
+                       "line, or {\"video\", \"fps\"?, \"max_frames\"?, ...} for a clip; paths relative to the file), "
+                       "shapes:N (N generated held-out questions about images) or motion:N (about clips and images).",
         show_default=False)],
     export_dirs: Annotated[Optional[list[Path]], typer.Option(
         "--export-dir", help="An export to evaluate (repeat for each method; a 'none' export gives the agreement "
                              "column).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Instead of exports: run these --method plans with the PyTorch reference from this "
-                        "checkpoint (e.g. shapes).", show_default=False)] = None,
+                        "checkpoint (e.g. shapes, motion).", show_default=False)] = None,
     methods: Annotated[Optional[list[str]], typer.Option(
         "--method", help="With --model: a plan to run (repeat): none, fastv, himap, random "
                          "(default: all four).", show_default=False)] = None,
@@ -92,7 +93,7 @@ def eval_command(
                                                   show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N questions.",
                                                  show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated questions (shapes:N).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated questions (shapes:N, motion:N).")] = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")] = 16,
     plot_path: Annotated[Optional[Path], typer.Option(
         "--plot", help="PNG of accuracy against prefill-FLOPs ratio (default: eval.png).", show_default=False)] = None,

@@ -18,6 +18,7 @@ from himap_trt.confine import refuse_custom_code
 from himap_trt.dims import ModelDims
 from himap_trt.errors import HimapError
 from himap_trt.models.loaded import LoadedModel  # noqa: F401  (re-exported: himap_trt.models.LoadedModel)
+from himap_trt.models.motion import MOTION_MODELS, motion_model_dir
 from himap_trt.models.shapes import SHAPES_MODELS, shapes_model_dir
 from himap_trt.models.tiny import TINY_MODELS, tiny_model_dir
 from himap_trt.models.tiny_qwen import TINY_QWEN_MODELS, tiny_qwen_model_dir
@@ -33,7 +34,7 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 
 def _model_choices() -> str:
-    return ", ".join([*TINY_MODELS, *TINY_QWEN_MODELS, *SHAPES_MODELS, *known_models()])
+    return ", ".join([*TINY_MODELS, *TINY_QWEN_MODELS, *SHAPES_MODELS, *MOTION_MODELS, *known_models()])
 
 
 def canonical_dtype(name: str, flag: str = "--dtype") -> str:
@@ -118,6 +119,8 @@ def _resolve(model: str) -> tuple[str, bool]:
         return str(tiny_qwen_model_dir(model)), True
     if model in SHAPES_MODELS:
         return str(shapes_model_dir(model)), True
+    if model in MOTION_MODELS:
+        return str(motion_model_dir(model)), True
     if model in known_models():
         return known_models()[model][0], False
     if os.path.isdir(model):
@@ -193,7 +196,7 @@ def load_model(model: str, *, dtype: torch.dtype = torch.float32, device: str | 
 
     Args:
         model: hub id (e.g. ``llava-hf/llava-1.5-7b-hf``), local directory, a built-in tiny model
-            (``tiny``, ``tiny-gqa``), the built-in trained ``shapes`` model, or a known short name
+            (``tiny``, ``tiny-gqa``), the built-in trained ``shapes`` and ``motion`` models, or a known short name
             (``llava-1.5-7b``).
         dtype: parameter dtype.
         device: where to put the parameters.

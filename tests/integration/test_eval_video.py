@@ -1,0 +1,52 @@
+"""``himap-trt eval`` on clips: a question file of MP4 clips and still images through a Qwen3-VL
+export (the session's tiny-qwen3-vl HiMAP export), scores, kept tokens per media and per-request
+FLOPs checked by hand."""
+
+import json
+
+import pytest
+
+from conftest import exported
+from himap_trt.analysis import evaluate
+from himap_trt.data import motion
+from himap_trt.runtime.loader import open_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_on_clips_and_images_scores_and_counts_each_request(tmp_path_factory, tmp_path):
+    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "himap")
+    path = motion.write_jsonl(tmp_path, 7, seed=4)              # one question per template: 5 clips, 2 images
+    items = evaluate.load_items(str(path))
+    opened = open_pipeline(export_dir=out, backend="onnxruntime")
+    method = evaluate.Method(label="himap", opened=opened, dims=manifest.dims, source=str(out))
+    try:
+        evaluate.run_items(items, [method], max_new_tokens=4)
+    finally:
+        opened.pipeline.close()
+    result = evaluate.report(items, [method], str(path))
+    [row] = result["methods"]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [p["media"] for p in result["predictions"]] == ["video" if "video" in x else "image" for x in lines]
+    by_hand = [float(p["himap"]["answer"].strip().lower() == x["answers"][0]) for p, x in zip(result["predictions"], lines)]
+    assert [p["himap"]["score"] for p in result["predictions"]] == by_hand
+    # 96 px frames: 3 x 3 merged tokens per temporal patch; a clip's 8 frames are 4 patches (36
+    # tokens), an image 9. HiMAP keeps half after layer 2, a quarter of that after layer 8 (halves rounded up).
+    media = row["by_media"]
+    assert media["video"]["items"] == 5 and media["image"]["items"] == 2
+    assert media["video"]["mean_visual_tokens"] == 36 and media["image"]["mean_visual_tokens"] == 9
+    assert media["video"]["mean_image_tokens_kept_per_stage"] == [18, 5]
+    assert media["image"]["mean_image_tokens_kept_per_stage"] == [5, 1]
+    d, m = manifest.dims.hidden_size, manifest.dims.intermediate_size
+
+    def omega(n):  # HiMAP Eq. 10, per layer
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+    layers = manifest.dims.num_layers                        # 12: layers 0-1 all, 2-7 half, 8-11 a quarter
+    kept = {36: (18, 5), 9: (5, 1)}
+    counts = [36 if "video" in x else 9 for x in lines]
+    pruned = [2 * omega(n) + 6 * omega(kept[n][0]) + (layers - 8) * omega(kept[n][1]) for n in counts]
+    full = [layers * omega(n) for n in counts]
+    assert row["flops_eq10"] == pytest.approx(sum(pruned) / 7)
+    assert row["flops_eq10_ratio"] == pytest.approx(sum(pruned) / sum(full))
+    assert 0 < row["flops_prompt_ratio"] < 1

@@ -180,7 +180,7 @@ def main() -> None:
                 ax.set_xlabel("frames")
                 ax.set_ylabel("TTFT (ms, ONNX Runtime CPU)")
                 ax.legend()
-        fig.suptitle(f"TTFT vs frames (shared 2-core machine, load {os.getloadavg()[0]:.1f})")
+        fig.suptitle(f"TTFT vs frames (2-core CPU, load {os.getloadavg()[0]:.1f})")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=90)
 

@@ -354,7 +354,7 @@ def report(items: list[EvalItem], methods: list[Method], data: str) -> dict:
         plan, dims = m.plan, m.dims
         baseline = PruningPlan("none", plan.num_layers, plan.num_image_tokens, ())
         d, f = dims.hidden_size, dims.intermediate_size
-        if m.requests and len(m.requests) == len(m.scores) and plan.method != "visipruner":
+        if m.requests and len(m.requests) == len(m.scores):     # VisiPruner too: its middle stage's slots
             eq10, whole, eq10_base, whole_base = _request_flops(m)
         else:
             eq10, eq10_base = image_token_flops(plan, d, f), image_token_flops(baseline, d, f)

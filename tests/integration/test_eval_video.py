@@ -50,3 +50,30 @@ def test_eval_on_clips_and_images_scores_and_counts_each_request(tmp_path_factor
     assert row["flops_eq10"] == pytest.approx(sum(pruned) / 7)
     assert row["flops_eq10_ratio"] == pytest.approx(sum(pruned) / sum(full))
     assert 0 < row["flops_prompt_ratio"] < 1
+
+
+def test_eval_visipruner_on_clips_counts_each_request_by_its_slots(tmp_path_factory, tmp_path):
+    """VisiPruner on a Qwen3-VL export (test_visipruner_qwen.py's, shared): eval's per-request Eq. 10
+    counts |V| in layers < K_M, the middle stage's min(C, |V|) slots in K_M..K_E-1 and nothing after."""
+    mid, deep, keep = 2, 5, 10
+    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "visipruner", mid_layer=mid, deep_layer=deep,
+                                threshold=0.1, max_keep=keep)
+    path = motion.write_jsonl(tmp_path, 7, seed=4)
+    items = evaluate.load_items(str(path))
+    opened = open_pipeline(export_dir=out, backend="onnxruntime")
+    method = evaluate.Method(label="visipruner", opened=opened, dims=manifest.dims, source=str(out))
+    try:
+        evaluate.run_items(items, [method], max_new_tokens=4)
+    finally:
+        opened.pipeline.close()
+    [row] = evaluate.report(items, [method], str(path))["methods"]
+    d, m = manifest.dims.hidden_size, manifest.dims.intermediate_size
+
+    def omega(n):
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+    counts = [36 if "video" in json.loads(line) else 9 for line in path.read_text().splitlines()]
+    pruned = [mid * omega(n) + (deep - mid) * omega(min(keep, n)) for n in counts]
+    full = [manifest.dims.num_layers * omega(n) for n in counts]
+    assert row["flops_eq10"] == pytest.approx(sum(pruned) / len(counts))
+    assert row["flops_eq10_ratio"] == pytest.approx(sum(pruned) / sum(full))

@@ -25,11 +25,9 @@ back through the same code path as any checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from himap_trt.errors import HimapError
-from himap_trt.models.tiny import cache_root, cached_model_dir
+from himap_trt.models.tiny import trained_model_dir
 from himap_trt.models.tiny_qwen import (
     ENDOFTEXT_ID, IM_END_ID, TinyQwenSpec, _config_qwen3, _processor, _tokenizer)
 
@@ -73,9 +71,9 @@ def new_motion_model(spec: TinyQwenSpec = MOTION_SPEC, seed: int = 0):
 
 
 def motion_model_dir(name: str = "motion") -> Path:
-    """The cache directory of the trained motion model, written from the shipped weights on first use.
-
-    The directory name carries a hash of the weights file, so new weights get a new directory.
+    """The cache directory of the trained motion model, written from the shipped weights on first use
+    (:func:`himap_trt.models.tiny.trained_model_dir`; tokenizer and image processor files side by side,
+    the hub's layout).
 
     Raises:
         KeyError: ``name`` is not one of :data:`MOTION_MODELS`.
@@ -83,22 +81,10 @@ def motion_model_dir(name: str = "motion") -> Path:
     """
     if name not in MOTION_MODELS:
         raise KeyError(name)
-    if not WEIGHTS.is_file():
-        raise HimapError(f"the trained weights of --model {name} are missing ({WEIGHTS}); "
-                         "train them with scripts/train_motion.py")
-    digest = hashlib.blake2b(WEIGHTS.read_bytes(), digest_size=8).hexdigest()
 
-    def build(tmp: Path) -> None:
-        from safetensors.torch import load_file
-
-        model = new_motion_model()
-        missing, unexpected = model.load_state_dict(load_file(WEIGHTS), strict=False)
-        if missing or unexpected:
-            raise HimapError(f"{WEIGHTS} does not match the motion model (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); retrain with scripts/train_motion.py")
-        model.eval().save_pretrained(tmp)
+    def save_processor(tmp: Path) -> None:
         processor = motion_processor()
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
 
-    return cached_model_dir(cache_root() / "models" / f"{name}-{digest}", build)
+    return trained_model_dir(name, WEIGHTS, new_motion_model, save_processor, "scripts/train_motion.py")

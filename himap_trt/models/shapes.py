@@ -17,11 +17,9 @@ back through the same code path as any checkpoint (like ``tiny``).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from himap_trt.errors import HimapError
-from himap_trt.models.tiny import PAD_ID, TinySpec, _config, _processor, _tokenizer, cache_root, cached_model_dir
+from himap_trt.models.tiny import PAD_ID, TinySpec, _config, _processor, _tokenizer, trained_model_dir
 
 SHAPES_MODELS: tuple[str, ...] = ("shapes",)
 
@@ -60,29 +58,14 @@ def new_shapes_model(spec: TinySpec = SHAPES_SPEC, seed: int = 0):
 
 
 def shapes_model_dir(name: str = "shapes") -> Path:
-    """The cache directory of the trained shapes model, written from the shipped weights on first use.
-
-    The directory name carries a hash of the weights file, so new weights get a new directory.
+    """The cache directory of the trained shapes model, written from the shipped weights on first use
+    (:func:`himap_trt.models.tiny.trained_model_dir`).
 
     Raises:
-        HimapError: if the weights file is missing from the installation.
+        KeyError: ``name`` is not one of :data:`SHAPES_MODELS`.
+        HimapError: the weights file is missing from the installation or does not fit the model.
     """
     if name not in SHAPES_MODELS:
         raise KeyError(name)
-    if not WEIGHTS.is_file():
-        raise HimapError(f"the trained weights of --model {name} are missing ({WEIGHTS}); "
-                         "train them with scripts/train_shapes.py")
-    digest = hashlib.blake2b(WEIGHTS.read_bytes(), digest_size=8).hexdigest()
-
-    def build(tmp: Path) -> None:
-        from safetensors.torch import load_file
-
-        model = new_shapes_model()
-        missing, unexpected = model.load_state_dict(load_file(WEIGHTS), strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]:
-            raise HimapError(f"{WEIGHTS} does not match the shapes model (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); retrain with scripts/train_shapes.py")
-        model.eval().save_pretrained(tmp)
-        shapes_processor().save_pretrained(tmp)
-
-    return cached_model_dir(cache_root() / "models" / f"{name}-{digest}", build)
+    return trained_model_dir(name, WEIGHTS, new_shapes_model,
+                             lambda tmp: shapes_processor().save_pretrained(tmp), "scripts/train_shapes.py")

@@ -19,6 +19,7 @@ The weights are random: generated text is meaningless. Shapes (``tiny``):
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from himap_trt.errors import HimapError
 from himap_trt.fsutil import cache_root  # noqa: F401  (re-exported: models.tiny.cache_root)
 from himap_trt.models.loaded import LoadedModel
 
@@ -202,6 +204,41 @@ def cached_model_dir(target: Path, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def trained_model_dir(name: str, weights: Path, new_model, save_processor, script: str) -> Path:
+    """The cache directory of a trained built-in model (``shapes``, ``motion``), written from its
+    shipped weights on first use: the untrained model from ``new_model()`` with ``weights`` loaded,
+    saved with ``save_processor(directory)``'s files beside it. The directory name carries a hash of
+    the weights file, so new weights get a new directory.
+
+    Args:
+        name: the model's name (``--model``); weights: its safetensors file in the package;
+        new_model: builds the untrained model; save_processor: writes the processor files into a
+        directory; script: the training script named in errors.
+
+    Raises:
+        HimapError: the weights file is missing from the installation or does not fit the model
+            (a missing ``lm_head.weight`` is accepted only where the config ties it to the embeddings).
+    """
+    if not weights.is_file():
+        raise HimapError(f"the trained weights of --model {name} are missing ({weights}); "
+                         f"train them with {script}")
+    digest = hashlib.blake2b(weights.read_bytes(), digest_size=8).hexdigest()
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import load_file
+
+        model = new_model()
+        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        untied = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+        if unexpected or untied:
+            raise HimapError(f"{weights} does not match the {name} model (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); retrain with {script}")
+        model.eval().save_pretrained(tmp)
+        save_processor(tmp)
+
+    return cached_model_dir(cache_root() / "models" / f"{name}-{digest}", build)
 
 
 def random_model(config, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -261,10 +261,7 @@ def run(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    if not streaming:
-        for i, request in enumerate(report["requests"]):
-            prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
-            out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
+    _print_answers(report, streaming)
 
     if report["model"] in tiny.TINY_MODELS or report["model"] in tiny_qwen.TINY_QWEN_MODELS:
         out.print(f"[dim]note: {report['model']} is a built-in model with random weights; its text is meaningless[/]")
@@ -301,11 +298,17 @@ def _run_conversations(opened, conversations, visuals, paths, questions, config,
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    if not streaming:
-        for i, request in enumerate(report["requests"]):
-            prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
-            out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
+    _print_answers(report, streaming)
     _print_run_stats(report)
+
+
+def _print_answers(report: dict, streaming: bool) -> None:
+    """Each request's answer, numbered when there are several (nothing when it was streamed)."""
+    if streaming:
+        return
+    for i, request in enumerate(report["requests"]):
+        prefix = escape(f"[{i}] ") if len(report["requests"]) > 1 else ""
+        out.print(f"[bold]{prefix}answer:[/] {escape(request['answer'])}")
 
 
 def _run_report(opened, paths, questions, result) -> dict:

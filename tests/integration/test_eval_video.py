@@ -14,17 +14,23 @@ from himap_trt.runtime.loader import open_pipeline
 pytestmark = pytest.mark.slow
 
 
-def test_eval_on_clips_and_images_scores_and_counts_each_request(tmp_path_factory, tmp_path):
-    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "himap")
-    path = motion.write_jsonl(tmp_path, 7, seed=4)              # one question per template: 5 clips, 2 images
+def _eval(out, manifest, label, tmp_path):
+    """``eval``'s run and report of one export on 7 generated questions (one per template: 5 clips,
+    2 images): the question file and the report."""
+    path = motion.write_jsonl(tmp_path, 7, seed=4)
     items = evaluate.load_items(str(path))
     opened = open_pipeline(export_dir=out, backend="onnxruntime")
-    method = evaluate.Method(label="himap", opened=opened, dims=manifest.dims, source=str(out))
+    method = evaluate.Method(label=label, opened=opened, dims=manifest.dims, source=str(out))
     try:
         evaluate.run_items(items, [method], max_new_tokens=4)
     finally:
         opened.pipeline.close()
-    result = evaluate.report(items, [method], str(path))
+    return path, evaluate.report(items, [method], str(path))
+
+
+def test_eval_on_clips_and_images_scores_and_counts_each_request(tmp_path_factory, tmp_path):
+    out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "himap")
+    path, result = _eval(out, manifest, "himap", tmp_path)
     [row] = result["methods"]
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [p["media"] for p in result["predictions"]] == ["video" if "video" in x else "image" for x in lines]
@@ -58,15 +64,8 @@ def test_eval_visipruner_on_clips_counts_each_request_by_its_slots(tmp_path_fact
     mid, deep, keep = 2, 5, 10
     out, manifest, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "visipruner", mid_layer=mid, deep_layer=deep,
                                 threshold=0.1, max_keep=keep)
-    path = motion.write_jsonl(tmp_path, 7, seed=4)
-    items = evaluate.load_items(str(path))
-    opened = open_pipeline(export_dir=out, backend="onnxruntime")
-    method = evaluate.Method(label="visipruner", opened=opened, dims=manifest.dims, source=str(out))
-    try:
-        evaluate.run_items(items, [method], max_new_tokens=4)
-    finally:
-        opened.pipeline.close()
-    [row] = evaluate.report(items, [method], str(path))["methods"]
+    path, result = _eval(out, manifest, "visipruner", tmp_path)
+    [row] = result["methods"]
     d, m = manifest.dims.hidden_size, manifest.dims.intermediate_size
 
     def omega(n):

@@ -62,7 +62,12 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyQwenSpec:
-    """Dimensions of a built-in tiny Qwen2.5-VL."""
+    """Dimensions of a built-in random-weight Qwen2.5-VL / Qwen3-VL (``family``).
+
+    ``max_positions``: the decoder's ``max_position_embeddings`` (tokens); ``vision_heads``: the vision
+    tower's attention heads (its head size ``vision_hidden / vision_heads`` must be a multiple of 4 for
+    the 2-D rotary embedding); ``min_image_tokens`` / ``max_image_tokens``: the processor's bounds per
+    image or frame pair (merged tokens)."""
 
     name: str
     num_layers: int = 12

@@ -41,6 +41,18 @@ err = Console(stderr=True)
 out = Console(highlight=False)
 
 
+def print_table(table, console: Console | None = None) -> None:
+    """Print a rich ``table`` on ``console`` (default :data:`out`); when the console is not a terminal
+    (piped, redirected, a script capturing it) at the table's natural width, so that no cell is
+    wrapped or cut to rich's 80-column default."""
+    from rich.measure import Measurement
+
+    console = console or out
+    if not console.is_terminal:
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    console.print(table)
+
+
 def plain(line: str) -> None:
     """Print a line as is (no rich markup: '[I]' and user text stay literal)."""
     out.print(escape(line), soft_wrap=True, highlight=False)

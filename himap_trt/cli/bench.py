@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from himap_trt.cli.app import app, err, out, user_errors
+from himap_trt.cli.app import app, err, out, print_table, user_errors
 from himap_trt.cli.options import KernelSpecializationOpt
 from himap_trt.errors import HimapError
 from himap_trt.flops import request_flops
@@ -163,7 +163,6 @@ def bench(
     if as_json:
         print(json.dumps(bench_lib.figures_to_json(figures, setup), indent=1))
         return
-    from rich.measure import Measurement
     from rich.table import Table
 
     load = setup["load_average"]
@@ -182,9 +181,7 @@ def bench(
                       f"{f.itl_p50_s * 1e3:.2f}", f"{f.itl_p99_s * 1e3:.2f}",
                       f"{f.tokens_per_s:.1f}", f"{f.peak_rss_delta_bytes / 2**20:.1f}",
                       "-" if f.kv_cache_bytes is None else f"{f.kv_cache_bytes / 2**20:.1f}")
-    if not out.is_terminal:   # piped: the table at its natural width, not cut to rich's 80-column default
-        out.width = max(out.width, Measurement.get(out, out.options.update_width(10_000), table).maximum)
-    out.print(table)
+    print_table(table)
     out.print(f"base of the ratios: {base}")
     for f in figures:
         if f.prefill_graph_s:

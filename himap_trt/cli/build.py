@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from himap_trt import signing
-from himap_trt.cli.app import app, out, user_errors
+from himap_trt.cli.app import app, out, print_table, user_errors
 from himap_trt.cli.engines import build_with_progress, print_built, require_tensorrt
 from himap_trt.cli.options import (
     DeepOpt,
@@ -105,7 +105,7 @@ def _dry_run(specs, plan, max_batch, max_seq_len, title, as_json, form: str = "p
         rows = _profile_rows(profiles[spec.name])
         for i, (profile, label, low, opt, high) in enumerate(rows):
             table.add_row(spec.name if i == 0 else "", profile, label, low, opt, high, end_section=i == len(rows) - 1)
-    out.print(table)
+    print_table(table)
     out.print(f"KV caches at the maxima (batch {max_batch}, {max_seq_len} tokens): {kv / 2**20:.1f} MiB "
               f"(tokens per segment cache: {', '.join(map(str, per_segment))})")
     if built != form:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from himap_trt.cli.app import app, err, out, progress_bar, user_errors
+from himap_trt.cli.app import app, err, print_table, progress_bar, user_errors
 from himap_trt.errors import HimapError
 from himap_trt.plan import DEFAULT_K, DEFAULT_K1, DEFAULT_K2, DEFAULT_R, DEFAULT_R1, DEFAULT_R2
 from himap_trt.plan import build_plan
@@ -134,7 +134,24 @@ def eval_command(
         agreement = "" if row["agreement_with_none"] is None else f"{row['agreement_with_none']:.3f}"
         table.add_row(row["label"], f"{row['accuracy']:.3f}", agreement, kept, f"{row['flops_eq10_ratio']:.3f}",
                       f"{row['flops_prompt_ratio']:.3f}", f"{row['ttft_median_s'] * 1e3:.1f} ms")
-    out.print(table)
+    print_table(table)
+    media = list(result["methods"][0]["by_media"])
+    if len(media) > 1:   # clips and still images: accuracy and tokens kept per stage of each
+        by_media = Table(title="per media (tokens: into the decoder -> kept per stage)", title_justify="left")
+        by_media.add_column("method")
+        for name in media:
+            by_media.add_column(f"{name}s ({result['methods'][0]['by_media'][name]['items']})", justify="right")
+            by_media.add_column(f"{name} tokens", justify="left")
+        for row in result["methods"]:
+            cells = []
+            for name in media:
+                entry = row["by_media"][name]
+                first = entry.get("mean_visual_tokens_into_decoder")
+                tokens = [] if first is None else [f"{first:.3g}"]
+                tokens += [f"{n:.3g}" for n in entry["mean_image_tokens_kept_per_stage"]]
+                cells += [f"{entry['accuracy']:.3f}", " -> ".join(tokens) or "-"]
+            by_media.add_row(row["label"], *cells)
+        print_table(by_media)
     if result["groups"]:
         groups = Table(title="accuracy per template / category", title_justify="left")
         groups.add_column("group")
@@ -142,6 +159,5 @@ def eval_command(
             groups.add_column(row["label"], justify="right")
         for g in result["groups"]:
             groups.add_row(g, *(f"{row['accuracy_by_group'][g]:.3f}" for row in result["methods"]))
-        table = groups
-    out.print(table)
+        print_table(groups)
     err.print(f"FLOPs are ratios to no pruning; plot: {png}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from himap_trt.cli.app import app, err, out, progress_bar, user_errors
+from himap_trt.cli.app import app, err, out, progress_bar, print_table, user_errors
 from himap_trt.cli.engines import build_with_progress, print_built, require_tensorrt
 from himap_trt.engines.flavour import has_fp32_gemms
 from himap_trt.cli.options import (
@@ -209,5 +209,5 @@ def _print_checks(checks) -> None:
         worst = max(items, key=lambda c: c.max_abs_diff)
         status = "ok" if all(c.ok for c in items) else "[red]FAIL[/]"
         table.add_row(graph, phase, worst.backend, str(len(items)), worst.output, f"{worst.max_abs_diff:.2e}", status)
-    out.print(table)
+    print_table(table)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from himap_trt.cli.app import app, out, user_errors
+from himap_trt.cli.app import app, out, print_table, user_errors
 from himap_trt.cli.options import (
     DeepOpt,
     JsonOpt,
@@ -108,4 +108,4 @@ def flops(
                   f"{pp.total / 1e12:.3f}", f"{report.prompt_ratio:.3f}")
     table.add_row("  of which decoder", f"{pb.decoder / 1e12:.3f}", f"{pp.decoder / 1e12:.3f}", "")
     table.add_row("  vision tower + projector", f"{pb.vision / 1e12:.3f}", f"{pp.vision / 1e12:.3f}", "")
-    out.print(table)
+    print_table(table)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from himap_trt.cli.app import app, err, out, user_errors
+from himap_trt.cli.app import app, err, out, print_table, user_errors
 from rich.markup import escape
 
 from himap_trt import signing
@@ -358,5 +358,5 @@ def _print_run_stats(report: dict) -> None:
     table.add_row("TPOT", f"{stats['tpot_s'] * 1e3:.1f} ms")
     table.add_row("tokens/s", f"{stats['tokens_per_s']:.1f}")
     table.add_row("KV cache", f"{stats['kv_cache_bytes'] / 1e6:.2f} MB ({stats['batch_size']} request(s))")
-    out.print(table)
+    print_table(table)
 

@@ -76,3 +76,30 @@ def test_eval_visipruner_on_clips_counts_each_request_by_its_slots(tmp_path_fact
     full = [manifest.dims.num_layers * omega(n) for n in counts]
     assert row["flops_eq10"] == pytest.approx(sum(pruned) / len(counts))
     assert row["flops_eq10_ratio"] == pytest.approx(sum(pruned) / sum(full))
+
+
+def test_eval_text_report_piped_has_full_width_tables_and_a_row_per_media(tmp_path_factory, tmp_path):
+    """The tables ``eval`` prints when piped: each once, no cell cut to 80 columns, and the per-media
+    table's accuracy and tokens equal the JSON report's (into the decoder -> kept per stage)."""
+    import subprocess
+    import sys
+
+    out, _, _ = exported(tmp_path_factory, "tiny-qwen3-vl", "himap")
+    path = motion.write_jsonl(tmp_path, 7, seed=4)
+
+    def cli(*extra):
+        proc = subprocess.run([sys.executable, "-m", "himap_trt.cli", "eval", "--data", str(path), "--export-dir",
+                               str(out), "--max-new-tokens", "4", "--plot", str(tmp_path / "p.png"), *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    [row] = json.loads(cli("--json"))["methods"]
+    text = cli()
+    assert "…" not in text                                  # rich's mark of a cut cell
+    assert text.count("onnxruntime on cpu") == 1 and text.count("accuracy per template") == 1
+    [line] = [x for x in text.splitlines()[text.splitlines().index(next(
+        x for x in text.splitlines() if x.startswith("per media"))):] if x.startswith("│ himap")]
+    cells = [c.strip() for c in line.strip("│").split("│")]
+    image, video = row["by_media"]["image"], row["by_media"]["video"]
+    assert cells == ["himap", f"{image['accuracy']:.3f}", "9 -> 5 -> 1", f"{video['accuracy']:.3f}", "36 -> 18 -> 5"]

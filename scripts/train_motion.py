@@ -21,9 +21,14 @@ Two stages, as scripts/train_shapes.py (whose recipe this follows; see there for
 1. **Vision** (``--vision-steps``): the vision tower alone learns an auxiliary per-token task: a
    linear probe on each visual token (the merger's output, one per 32 x 32 px cell of a temporal
    patch) predicts, from the clip description, the colour, kind and direction of motion of the shape
-   covering most of the cell at the patch's first frame (or background). No decoder runs.
+   covering most of the cell at the patch's first frame (or background), and per colour whether it
+   is present in the cell and whether it overlaps another shape there (:func:`token_flags`; the
+   contact flags are what a ``meet`` question needs). No decoder runs.
 2. **Full model** (``--steps``): the cross-entropy of the answer tokens and ``<|im_end|>``, plus the
    same auxiliary loss.
+
+Training items are drawn with template weights (:data:`TRAIN_TEMPLATE_WEIGHTS`); the dev and
+held-out sets are uniform over templates.
 
 Dev accuracy is exact match under teacher forcing: every answer token and the EOS are the argmax
 given the right prefix, which is exactly when greedy decoding produces the answer.
@@ -57,9 +62,27 @@ from himap_trt.video import frames_video  # noqa: E402
 IGNORE = -100
 #: Per-token auxiliary classes: colour (5 + background), kind (3 + background), direction (5 + background).
 AUX_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(DIRECTIONS) + 1)
+#: Per-token auxiliary flags (:func:`token_flags`): each colour present in the cell, each colour in contact.
+AUX_FLAGS = 2 * len(COLORS)
+#: Weight of a positive contact flag in its binary cross-entropy (contacts are rare: without it the
+#: probe learned to say "no contact" everywhere within 100 steps).
+CONTACT_POS_WEIGHT = 4.0
+#: How often training draws each template (relative; the dev and held-out sets are uniform). The
+#: templates the first model got wrong most (meet at chance, how many move, the still-image ones)
+#: are drawn more, first colour (1.000 held out) less.
+TRAIN_TEMPLATE_WEIGHTS: dict[str, float] = {"direction": 1.0, "first_color": 0.5, "last_color": 1.0,
+                                            "count_moving": 1.5, "meet": 2.0, "image_color": 1.5,
+                                            "image_count": 1.5}
 #: Visual tokens the training prompts may hold (the exports' --max-image-tokens for this model).
 MAX_VISUAL_TOKENS = 64
 ARCH = Qwen3_VL()
+
+
+def draw_items(rng: np.random.Generator, n: int) -> list:
+    """``n`` fresh training items, templates drawn by :data:`TRAIN_TEMPLATE_WEIGHTS`."""
+    names = list(TEMPLATES)
+    weights = np.array([TRAIN_TEMPLATE_WEIGHTS[t] for t in names])
+    return [random_item(rng, names[int(i)]) for i in rng.choice(len(names), size=n, p=weights / weights.sum())]
 
 
 def visual(item):
@@ -90,6 +113,38 @@ def token_labels(clip, grid: tuple[int, int, int], cell: int) -> torch.Tensor:
                         labels[k * h * w + r * w + c] = torch.tensor(
                             [list(COLORS).index(s.color), SHAPES.index(s.kind), list(DIRECTIONS).index(s.direction)])
     return labels
+
+
+def _cells_hit(x0: int, y0: int, x1: int, y1: int, h: int, w: int, cell: int) -> list[tuple[int, int]]:
+    """(row, col) of the ``cell`` px cells of an h x w grid that the box [x0, x1) x [y0, y1) covers (area > 0)."""
+    return [(r, c) for r in range(h) for c in range(w)
+            if min(x1, (c + 1) * cell) > max(x0, c * cell) and min(y1, (r + 1) * cell) > max(y0, r * cell)]
+
+
+def token_flags(clip, grid: tuple[int, int, int], cell: int) -> torch.Tensor:
+    """[t·h·w, 2·colours] float32 auxiliary flags of one visual input, per temporal patch k (frames
+    2k and 2k+1; frame 0 for a still image) and merged cell (row-major, ``cell`` px square): columns
+    0..4 whether a shape of that colour (:data:`COLORS` order) covers part of the cell in either
+    frame, columns 5..9 whether a shape of that colour overlaps another shape there (their boxes'
+    intersection covers part of the cell), which is what a ``meet`` question asks about."""
+    t, h, w = grid
+    colors = list(COLORS)
+    flags = torch.zeros(t * h * w, AUX_FLAGS)
+    for k in range(t):
+        for frame in ((0,) if clip.still else (2 * k, 2 * k + 1)):
+            shown = clip.shown(frame)
+            boxes = [(*s.box(frame), s.size) for s in shown]
+            for s, (x, y, size) in zip(shown, boxes):
+                for r, c in _cells_hit(x, y, x + size, y + size, h, w, cell):
+                    flags[k * h * w + r * w + c, colors.index(s.color)] = 1
+            for i, (a, (ax, ay, asz)) in enumerate(zip(shown, boxes)):
+                for b, (bx, by, bsz) in zip(shown[i + 1:], boxes[i + 1:]):
+                    x0, y0, x1, y1 = max(ax, bx), max(ay, by), min(ax + asz, bx + bsz), min(ay + asz, by + bsz)
+                    if x1 > x0 and y1 > y0:
+                        for r, c in _cells_hit(x0, y0, x1, y1, h, w, cell):
+                            for s in (a, b):
+                                flags[k * h * w + r * w + c, len(colors) + colors.index(s.color)] = 1
+    return flags
 
 
 def fast_pixels(items, processor) -> torch.Tensor:
@@ -139,7 +194,7 @@ def make_batch(items, processor, fast: bool = True) -> dict[str, torch.Tensor]:
         input_ids, attention_mask, labels [B, T] int64 (labels[t] is the target of position t),
         position_ids [3, B, T] int64, pixel_values [patches, C·T·P·P] float32, image_grid_thw
         [B, 3] int64, token_labels [visual tokens, 3] int64 (:func:`token_labels`, in the merger's
-        output order).
+        output order), token_flags [visual tokens, 10] float32 (:func:`token_flags`).
     """
     if fast:
         prompts = [_prompt(it, processor) for it in items]
@@ -170,10 +225,11 @@ def make_batch(items, processor, fast: bool = True) -> dict[str, torch.Tensor]:
         position_ids[:, b, :len(row)] = pos
     merge = processor.image_processor.merge_size
     cell = processor.image_processor.patch_size * merge
-    aux = torch.cat([token_labels(it.clip, (int(g[0]), int(g[1]) // merge, int(g[2]) // merge), cell)
-                     for it, g in zip(items, grids)])
+    cells = [(int(g[0]), int(g[1]) // merge, int(g[2]) // merge) for g in grids]
+    aux = torch.cat([token_labels(it.clip, grid, cell) for it, grid in zip(items, cells)])
+    flags = torch.cat([token_flags(it.clip, grid, cell) for it, grid in zip(items, cells)])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "position_ids": position_ids,
-            "pixel_values": pixel_values, "image_grid_thw": grids, "token_labels": aux}
+            "pixel_values": pixel_values, "image_grid_thw": grids, "token_labels": aux, "token_flags": flags}
 
 
 def batched_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
@@ -205,12 +261,18 @@ def use_batched_vision_attention(model) -> None:
         block.attn.forward = types.MethodType(batched_vision_attention, block.attn)
 
 
-def aux_loss(probe, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the three per-token heads: ``probe`` on ``features`` [N, hidden] against
-    ``targets`` [N, 3]."""
+def aux_loss(probe, features: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """The per-token auxiliary loss: ``probe`` on ``features`` [N, hidden]; the mean of the three
+    heads' cross-entropies against ``targets`` [N, 3] and the binary cross-entropies of the presence
+    and contact flags against ``flags`` [N, 10]."""
     logits = probe(features)
-    return sum(torch.nn.functional.cross_entropy(part, target)
-               for part, target in zip(logits.split(AUX_CLASSES, dim=-1), targets.unbind(-1))) / len(AUX_CLASSES)
+    *heads, flag_logits = logits.split((*AUX_CLASSES, AUX_FLAGS), dim=-1)
+    terms = [torch.nn.functional.cross_entropy(part, target) for part, target in zip(heads, targets.unbind(-1))]
+    (presence, contact), (present, touching) = flag_logits.split(len(COLORS), dim=-1), flags.split(len(COLORS), dim=-1)
+    terms.append(torch.nn.functional.binary_cross_entropy_with_logits(presence, present))
+    terms.append(torch.nn.functional.binary_cross_entropy_with_logits(
+        contact, touching, pos_weight=torch.tensor(CONTACT_POS_WEIGHT)))
+    return sum(terms) / len(terms)
 
 
 def visual_features(model, batch) -> torch.Tensor:
@@ -240,7 +302,7 @@ def forward_loss(model, batch, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
     exact = ((logits.argmax(-1) == labels) | (labels == IGNORE)).all(-1)
     if probe is not None:
-        loss = loss + aux_loss(probe, captured["features"], batch["token_labels"])
+        loss = loss + aux_loss(probe, captured["features"], batch["token_labels"], batch["token_flags"])
     return loss, exact
 
 
@@ -252,25 +314,28 @@ def pretrain_vision(model, probe, processor, *, steps: int, batch_size: int, lr:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20), 0.1))
     started, running = time.perf_counter(), []
     for step in range(1, steps + 1):
-        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor)
+        batch = make_batch(draw_items(rng, batch_size), processor)
         features = visual_features(model, batch)
-        loss = aux_loss(probe, features, batch["token_labels"])
+        loss = aux_loss(probe, features, batch["token_labels"], batch["token_flags"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            predicted = [p.argmax(-1) for p in probe(features).split(AUX_CLASSES, dim=-1)]
-            targets = batch["token_labels"]
+            *heads, flag_logits = probe(features).split((*AUX_CLASSES, AUX_FLAGS), dim=-1)
+            targets, contact = batch["token_labels"], batch["token_flags"][:, len(COLORS):]
             on = targets[:, 0] != len(COLORS)
-            accs = [(p == targets[:, i])[on].float().mean().item() for i, p in enumerate(predicted)]
-        running.append((loss.item(), *accs))
+            accs = [(p.argmax(-1) == targets[:, i])[on].float().mean().item() for i, p in enumerate(heads)]
+            hits = (flag_logits[:, len(COLORS):] > 0)[contact > 0]
+            recall = hits.float().mean().item() if len(hits) else float("nan")
+        running.append((loss.item(), *accs, recall))
         if step % 50 == 0 or step == steps:
-            loss_avg, color_acc, kind_acc, dir_acc = np.mean(running, axis=0)
+            loss_avg, color_acc, kind_acc, dir_acc, contact_recall = np.nanmean(running, axis=0)
             running.clear()
             log(f"vision step {step}/{steps} aux-loss {loss_avg:.4f} color-acc {color_acc:.3f} kind-acc {kind_acc:.3f} "
-                f"direction-acc {dir_acc:.3f} (tokens on a shape) {time.perf_counter() - started:.0f}s wall")
+                f"direction-acc {dir_acc:.3f} (tokens on a shape) contact-recall {contact_recall:.3f} "
+                f"{time.perf_counter() - started:.0f}s wall")
 
 
 @torch.no_grad()
@@ -306,7 +371,7 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
     use_batched_vision_attention(model)
     model.train()
     processor = motion_processor(spec)
-    probe = torch.nn.Linear(spec.hidden_size, sum(AUX_CLASSES))
+    probe = torch.nn.Linear(spec.hidden_size, sum(AUX_CLASSES) + AUX_FLAGS)
     if vision_steps:
         pretrain_vision(model, probe, processor, steps=vision_steps, batch_size=batch_size, lr=vision_lr,
                         rng=np.random.default_rng([seed, SPLITS["train"], 1]), log=log)
@@ -322,7 +387,7 @@ def train(*, steps: int, batch_size: int = 32, lr: float = 2e-3, warmup: int = 1
     acc: dict[str, float] = {}
     running = []
     for step in range(1, steps + 1):
-        batch = make_batch([random_item(rng) for _ in range(batch_size)], processor)
+        batch = make_batch(draw_items(rng, batch_size), processor)
         loss, exact = forward_loss(model, batch, probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -348,19 +413,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="safetensors file to write (default: write nothing)")
     parser.add_argument("--checkpoint", type=Path, help="safetensors file rewritten after every dev evaluation")
-    parser.add_argument("--steps", type=int, default=1200, help="stage 2 optimizer steps, full model (default 1200)")
+    parser.add_argument("--steps", type=int, default=2700, help="stage 2 optimizer steps, full model (default 2700)")
     parser.add_argument("--batch-size", type=int, default=32, help="items per step (default 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     parser.add_argument("--final-lr", type=float, default=0.1,
                         help="learning rate at the last step, as a fraction of the peak (cosine decay; default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and data (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core machine 2 threads ran 2-3x slower)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (default 2, the machine's cores; on a loaded machine 1 ran faster)")
     parser.add_argument("--dev-items", type=int, default=280, help="held-out dev items (default 280)")
     parser.add_argument("--eval-every", type=int, default=200, help="dev evaluation period in steps (default 200)")
-    parser.add_argument("--vision-steps", type=int, default=300,
-                        help="stage 1: steps training only the vision tower on the auxiliary loss (default 300)")
+    parser.add_argument("--vision-steps", type=int, default=800,
+                        help="stage 1: steps training only the vision tower on the auxiliary loss (default 800)")
     parser.add_argument("--vision-lr", type=float, default=3e-3, help="stage 1 peak learning rate (default 3e-3)")
     parser.add_argument("--init", type=Path, help="continue from this weights file (fresh optimizer and schedule)")
     parser.add_argument("--spec", type=json.loads, default={},

@@ -28,7 +28,9 @@ template            question                                answer
 ``last_color``      Which color appears last?               the colour of the latest shape (2-3)
 ``count_moving``    How many shapes move?                   zero / one / two / three
 ``meet``            Do the {color} and {other} shapes       yes / no (their boxes overlap in a frame
-                    meet?                                   where both are shown; half each)
+                    meet?                                   where both are shown; half each; asked
+                                                            only where the answer is clear:
+                                                            :func:`clear_meet`)
 ``image_color``     What color is the {shape}?              the colour (still image; exactly one
                                                             {shape})
 ``image_count``     How many shapes are there?              one / two / three / four (still image)
@@ -54,11 +56,16 @@ from himap_trt.data.shapes import COLORS, NUMBERS, SHAPES
 FRAME_SIZE = 96
 FRAMES = 8
 FPS = 4
-MIN_SIZE, MAX_SIZE = 14, 24
+MIN_SIZE, MAX_SIZE = 16, 26
 MIN_SPEED, MAX_SPEED = 4, 5
 MAX_CLIP_SHAPES = 3
 MAX_IMAGE_SHAPES = 4
 GAP = 2  # least distance between two still-image shapes' boxes (px)
+#: A ``meet`` question is asked only about a pair whose answer is clear at this resolution: "yes" when
+#: their boxes overlap by at least MEET_DEPTH px on both axes in some frame showing both, "no" when
+#: they stay at least MEET_GAP px apart in every such frame (grazing contacts and near misses are
+#: a pixel or two either way, below what 16 px patches resolve; such pairs get no meet question).
+MEET_DEPTH, MEET_GAP = 4, 6
 APPEAR_FRAMES: tuple[int, ...] = (0, 2, 4, 6)
 #: Latest appearance frame of a shape a ``direction`` question names (visible in >= 2 temporal patches).
 DIRECTION_LATEST = 4
@@ -170,6 +177,23 @@ def _touch(a: tuple[int, int, int], b: tuple[int, int, int], gap: int = 0) -> bo
 def meet(clip: Clip, a: Mover, b: Mover) -> bool:
     """Whether the boxes of ``a`` and ``b`` overlap in some frame showing both."""
     return any(_touch((*a.box(f), a.size), (*b.box(f), b.size)) for f in range(max(a.appear, b.appear), FRAMES))
+
+
+def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int]:
+    """Signed overlap (x, y) of boxes (x, y, size) in px: > 0 the depth of overlap on that axis, <= 0
+    minus the gap between them along it."""
+    (ax, ay, asz), (bx, by, bsz) = a, b
+    return min(ax + asz, bx + bsz) - max(ax, bx), min(ay + asz, by + bsz) - max(ay, by)
+
+
+def clear_meet(clip: Clip, a: Mover, b: Mover) -> bool:
+    """Whether the ``meet`` answer for ``a`` and ``b`` is clear: their boxes overlap by >=
+    :data:`MEET_DEPTH` px on both axes in some frame showing both (a clear "yes"), or stay >=
+    :data:`MEET_GAP` px apart in every such frame (a clear "no")."""
+    overlaps = [_overlap((*a.box(f), a.size), (*b.box(f), b.size)) for f in range(max(a.appear, b.appear), FRAMES)]
+    if meet(clip, a, b):
+        return any(min(o) >= MEET_DEPTH for o in overlaps)
+    return all(max(-ox, -oy) >= MEET_GAP for ox, oy in overlaps)
 
 
 def _random_mover(rng: np.random.Generator, color: str, appear: int, still: bool) -> Mover:
@@ -299,7 +323,7 @@ def answer(clip: Clip, question: Question) -> str:
 
 def applicable_questions(clip: Clip) -> dict[str, list[Question]]:
     """Every question of every template that has one right answer for ``clip``, by template
-    (``meet`` lists each pair of shapes once, in clip order)."""
+    (``meet`` lists each pair of shapes whose answer is clear (:func:`clear_meet`) once, in clip order)."""
     empty = {t: [] for t in TEMPLATES}
     if clip.still:
         kinds = Counter(s.kind for s in clip.shapes)
@@ -312,7 +336,8 @@ def applicable_questions(clip: Clip) -> dict[str, list[Question]]:
             "first_color": [_make("first_color")] if several else [],
             "last_color": [_make("last_color")] if several else [],
             "count_moving": [_make("count_moving")],
-            "meet": [_make("meet", color=a.color, other=b.color) for i, a in enumerate(shapes) for b in shapes[i + 1:]]}
+            "meet": [_make("meet", color=a.color, other=b.color) for i, a in enumerate(shapes) for b in shapes[i + 1:]
+                     if clear_meet(clip, a, b)]}
 
 
 def random_item(rng: np.random.Generator, template: str | None = None) -> Item:

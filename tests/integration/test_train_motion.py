@@ -109,3 +109,42 @@ def test_a_few_training_steps_change_the_weights_and_save_loadable_safetensors(t
     fresh.load_state_dict(load_file(path), strict=True)
     assert torch.equal(fresh.state_dict()["model.language_model.norm.weight"], after["model.language_model.norm.weight"])
     assert sum(p.numel() for p in fresh.parameters()) < 2_000_000 and MOTION_SPEC.num_layers == 10
+
+
+def test_token_flags_are_presence_and_contact_per_cell_computed_from_pixel_masks():
+    """token_flags against box masks drawn pixel by pixel: a colour is present in a cell when its box
+    covers a pixel of it in either frame of the temporal patch, in contact where two boxes share one."""
+    import numpy as np
+
+    train = _script()
+    colors = list(motion.COLORS)
+    items = [it for it in motion.generate(42, seed=2, split="train") if it.template in ("meet", "image_count")]
+    assert any(it.answer == "yes" for it in items)
+    touching = 0
+    for item in items:
+        clip, t = item.clip, (1 if item.clip.still else motion.FRAMES // 2)
+        flags = train.token_flags(clip, (t, 3, 3), 32)
+        want = np.zeros((t, 3, 3, 10))
+        for k in range(t):
+            for frame in ((0,) if clip.still else (2 * k, 2 * k + 1)):
+                masks = []                                   # (colour, box mask) per shape shown
+                for s in clip.shapes:
+                    if s.appear <= frame:
+                        mask = np.zeros((motion.FRAME_SIZE, motion.FRAME_SIZE), bool)
+                        x, y = s.box(frame)
+                        mask[y:y + s.size, x:x + s.size] = True
+                        masks.append((s.color, mask))
+                for i, (color, mask) in enumerate(masks):
+                    both = np.zeros_like(mask)
+                    for j, (_, mask2) in enumerate(masks):
+                        if j != i:
+                            both |= mask & mask2
+                    for r in range(3):
+                        for c in range(3):
+                            cell = (slice(32 * r, 32 * r + 32), slice(32 * c, 32 * c + 32))
+                            for column, hit in ((colors.index(color), mask[cell].any()),
+                                                (5 + colors.index(color), both[cell].any())):
+                                want[k, r, c, column] = max(want[k, r, c, column], hit)
+        assert flags.tolist() == want.reshape(-1, 10).tolist(), item
+        touching += int(want[..., 5:].any())
+    assert touching >= 3

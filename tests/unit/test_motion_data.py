@@ -68,6 +68,23 @@ def test_answers_follow_from_the_clip_description():
     assert {i.answer for i in items if i.template == "image_count"} == {"one", "two", "three", "four"}
     for template in ("first_color", "last_color", "image_color"):
         assert {i.answer for i in items if i.template == template} == set(M.COLORS)
+    # a meet question is asked only where the answer is clear: a deep overlap or a wide gap
+    for item in items:
+        if item.template == "meet":
+            m = re.fullmatch(r"Do the (\w+) and (\w+) shapes meet\?", item.question)
+            [a] = [s for s in item.clip.shapes if s.color == m[1]]
+            [b] = [s for s in item.clip.shapes if s.color == m[2]]
+            depths, gaps = [], []
+            for frame in range(max(a.appear, b.appear), M.FRAMES):
+                (ax, ay), (bx, by) = _position(a, frame), _position(b, frame)
+                ox = min(ax + a.size, bx + b.size) - max(ax, bx)
+                oy = min(ay + a.size, by + b.size) - max(ay, by)
+                depths.append(min(ox, oy))
+                gaps.append(max(-ox, -oy))
+            if item.answer == "yes":
+                assert max(depths) >= M.MEET_DEPTH, item
+            else:
+                assert min(gaps) >= M.MEET_GAP, item
     # a direction question names a shape seen in two temporal patches at least
     for item in items:
         if item.template == "direction":

@@ -261,14 +261,20 @@ def use_batched_vision_attention(model) -> None:
         block.attn.forward = types.MethodType(batched_vision_attention, block.attn)
 
 
+def probe_outputs(probe, features: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``probe`` on ``features`` [N, hidden], split into its heads: the three class heads' logits
+    ([N, c] for each c of :data:`AUX_CLASSES`), then the presence and contact flags' logits [N, 5] each."""
+    *heads, presence, contact = probe(features).split((*AUX_CLASSES, len(COLORS), len(COLORS)), dim=-1)
+    return heads, presence, contact
+
+
 def aux_loss(probe, features: torch.Tensor, targets: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """The per-token auxiliary loss: ``probe`` on ``features`` [N, hidden]; the mean of the three
     heads' cross-entropies against ``targets`` [N, 3] and the binary cross-entropies of the presence
     and contact flags against ``flags`` [N, 10]."""
-    logits = probe(features)
-    *heads, flag_logits = logits.split((*AUX_CLASSES, AUX_FLAGS), dim=-1)
+    heads, presence, contact = probe_outputs(probe, features)
     terms = [torch.nn.functional.cross_entropy(part, target) for part, target in zip(heads, targets.unbind(-1))]
-    (presence, contact), (present, touching) = flag_logits.split(len(COLORS), dim=-1), flags.split(len(COLORS), dim=-1)
+    present, touching = flags.split(len(COLORS), dim=-1)
     terms.append(torch.nn.functional.binary_cross_entropy_with_logits(presence, present))
     terms.append(torch.nn.functional.binary_cross_entropy_with_logits(
         contact, touching, pos_weight=torch.tensor(CONTACT_POS_WEIGHT)))
@@ -323,11 +329,11 @@ def pretrain_vision(model, probe, processor, *, steps: int, batch_size: int, lr:
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            *heads, flag_logits = probe(features).split((*AUX_CLASSES, AUX_FLAGS), dim=-1)
+            heads, _, contact_logits = probe_outputs(probe, features)
             targets, contact = batch["token_labels"], batch["token_flags"][:, len(COLORS):]
             on = targets[:, 0] != len(COLORS)
             accs = [(p.argmax(-1) == targets[:, i])[on].float().mean().item() for i, p in enumerate(heads)]
-            hits = (flag_logits[:, len(COLORS):] > 0)[contact > 0]
+            hits = (contact_logits > 0)[contact > 0]
             recall = hits.float().mean().item() if len(hits) else float("nan")
         running.append((loss.item(), *accs, recall))
         if step % 50 == 0 or step == steps:

@@ -168,17 +168,6 @@ class Item:
         return render_frames(self.clip)
 
 
-def _touch(a: tuple[int, int, int], b: tuple[int, int, int], gap: int = 0) -> bool:
-    """Whether boxes (x, y, size) come closer than ``gap`` px (gap 0: they overlap)."""
-    (ax, ay, asz), (bx, by, bsz) = a, b
-    return not (ax + asz + gap <= bx or bx + bsz + gap <= ax or ay + asz + gap <= by or by + bsz + gap <= ay)
-
-
-def meet(clip: Clip, a: Mover, b: Mover) -> bool:
-    """Whether the boxes of ``a`` and ``b`` overlap in some frame showing both."""
-    return any(_touch((*a.box(f), a.size), (*b.box(f), b.size)) for f in range(max(a.appear, b.appear), FRAMES))
-
-
 def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int]:
     """Signed overlap (x, y) of boxes (x, y, size) in px: > 0 the depth of overlap on that axis, <= 0
     minus the gap between them along it."""
@@ -186,14 +175,29 @@ def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int
     return min(ax + asz, bx + bsz) - max(ax, bx), min(ay + asz, by + bsz) - max(ay, by)
 
 
+def _touch(a: tuple[int, int, int], b: tuple[int, int, int], gap: int = 0) -> bool:
+    """Whether boxes (x, y, size) come closer than ``gap`` px (gap 0: they overlap)."""
+    return min(_overlap(a, b)) > -gap
+
+
+def _overlaps(a: Mover, b: Mover) -> list[tuple[int, int]]:
+    """:func:`_overlap` of the boxes of ``a`` and ``b`` in each frame showing both."""
+    return [_overlap((*a.box(f), a.size), (*b.box(f), b.size)) for f in range(max(a.appear, b.appear), FRAMES)]
+
+
+def meet(clip: Clip, a: Mover, b: Mover) -> bool:
+    """Whether the boxes of ``a`` and ``b`` overlap in some frame showing both."""
+    return any(min(o) > 0 for o in _overlaps(a, b))
+
+
 def clear_meet(clip: Clip, a: Mover, b: Mover) -> bool:
     """Whether the ``meet`` answer for ``a`` and ``b`` is clear: their boxes overlap by >=
     :data:`MEET_DEPTH` px on both axes in some frame showing both (a clear "yes"), or stay >=
     :data:`MEET_GAP` px apart in every such frame (a clear "no")."""
-    overlaps = [_overlap((*a.box(f), a.size), (*b.box(f), b.size)) for f in range(max(a.appear, b.appear), FRAMES)]
-    if meet(clip, a, b):
+    overlaps = _overlaps(a, b)
+    if any(min(o) > 0 for o in overlaps):
         return any(min(o) >= MEET_DEPTH for o in overlaps)
-    return all(max(-ox, -oy) >= MEET_GAP for ox, oy in overlaps)
+    return all(-min(o) >= MEET_GAP for o in overlaps)
 
 
 def _random_mover(rng: np.random.Generator, color: str, appear: int, still: bool) -> Mover:
